@@ -1,0 +1,39 @@
+# featcache: `make heads` runs the main job (extract, then heads), `make test` the tests.
+# Both install what they need into .venv first.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+SHARED   := ../shared
+# Local copies in ../shared are used when present; otherwise Keras downloads CIFAR-10 and the weights.
+DATA     ?= $(if $(wildcard $(SHARED)/datasets/cifar10-jpeg),$(SHARED)/datasets/cifar10-jpeg,cifar10)
+WEIGHTS  ?= $(if $(wildcard $(SHARED)/weights/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5),$(SHARED)/weights/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5,imagenet)
+LAYER    ?= block3_pool
+CACHE_DIR ?= cache
+EXTRACT_ARGS ?=
+export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
+
+.DEFAULT_GOAL := help
+.PHONY: help install extract test clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: DATA=$(DATA) WEIGHTS=$(WEIGHTS) LAYER=$(LAYER) CACHE_DIR=$(CACHE_DIR)"
+
+install: $(VENV)/.installed ## create .venv and install featcache with its dev tools
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+extract: install ## cache VGG16 features of DATA at LAYER (a second run is an instant cache hit)
+	$(BIN)/featcache extract --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER) $(EXTRACT_ARGS)
+
+test: install ## run the test suite (a few minutes on 2 cores)
+	$(BIN)/pytest -q
+
+clean: ## remove caches, runs and build leftovers (keeps .venv)
+	find $(CACHE_DIR) -mindepth 1 ! -name .gitignore -delete
+	rm -rf runs .pytest_cache *.egg-info
