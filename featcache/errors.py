@@ -1,0 +1,25 @@
+"""The exceptions featcache raises for problems a user can fix.
+
+Every message reads "expected X, got Y; fix: Z" (or close to it) and names the file or option
+involved, so the CLI can print it as one line and exit with code 2.
+"""
+
+
+class FeatcacheError(Exception):
+    """Base class of the errors caused by input the user can correct."""
+
+
+class BadInputError(FeatcacheError, ValueError):
+    """An option, dataset or file has the wrong content or shape."""
+
+
+class MissingInputError(FeatcacheError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class DownloadError(FeatcacheError, OSError):
+    """A download failed (most often: this machine has no internet)."""
+
+
+class CacheError(FeatcacheError):
+    """A cache file is not usable: foreign, corrupt, stale, or of another format version."""

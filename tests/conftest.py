@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny synthetic datasets in every source format, and the real data when present."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL_DATA = SHARED / "datasets" / "cifar10-jpeg"
+REAL_WEIGHTS = SHARED / "weights" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+CLASSES = ("ant", "bee", "cow")
+
+
+def random_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def write_folder(root: Path, n_train: int = 4, n_test: int = 2, size: int = 32, seed: int = 0) -> Path:
+    """ROOT/{train,test}/<class>/NN.png with random RGB pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in CLASSES:
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_folder(tmp_path / "tiny")
+
+
+@pytest.fixture
+def npz_file(tmp_path) -> Path:
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=random_images(12, seed=1), y_train=np.arange(12) % 3,
+             x_test=random_images(6, seed=2), y_test=np.arange(6) % 3, class_names=np.array(CLASSES))
+    return path
+
+
+def write_cifar_py(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
+    """A cifar-10-batches-py folder in the original pickle layout, with few rows."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+
+    def dump(name, obj):
+        with open(root / name, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        dump(name, {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+                    b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                    b"filenames": [b"x.png"] * per_batch})
+    dump("batches.meta", {b"label_names": [c.encode() for c in ("airplane", "automobile", "bird", "cat", "deer",
+                                                               "dog", "frog", "horse", "ship", "truck")],
+                          b"num_cases_per_batch": per_batch, b"num_vis": 3072})
+    return root
+
+
+@pytest.fixture
+def cifar_py(tmp_path) -> Path:
+    return write_cifar_py(tmp_path / "cifar-10-batches-py")
+
+
+@pytest.fixture
+def cifar_tgz(tmp_path) -> Path:
+    folder = write_cifar_py(tmp_path / "src" / "cifar-10-batches-py")
+    path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return path
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "cache"
+    monkeypatch.setenv("FEATCACHE_CACHE_DIR", str(d))
+    return d
+
+
+needs_shared = pytest.mark.skipif(not (REAL_DATA.is_dir() and REAL_WEIGHTS.is_file()),
+                                  reason="../shared (real CIFAR-10 images and VGG16 weights) is absent")

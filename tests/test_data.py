@@ -1,0 +1,144 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLASSES, random_images, write_folder
+from featcache.data import load_dataset
+from featcache.errors import BadInputError, DownloadError, MissingInputError
+
+
+def test_image_folder_rows_are_ordered_by_class_then_file(image_folder):
+    ds = load_dataset(image_folder)
+    assert ds.class_names == CLASSES
+    assert ds.name == "tiny" and ds.source == f"folder:{image_folder}"
+    assert ds.train.paths[:5] == ("train/ant/00.png", "train/ant/01.png", "train/ant/02.png",
+                                  "train/ant/03.png", "train/bee/00.png")
+    assert list(ds.train.labels) == [0] * 4 + [1] * 4 + [2] * 4
+    assert len(ds.test) == 6
+    pixels = ds.train.load(4, 5, (32, 32))
+    expected = np.asarray(Image.open(image_folder / "train/bee/00.png"))
+    np.testing.assert_array_equal(pixels[0], expected)
+
+
+def test_grayscale_palette_rgba_and_odd_sizes_become_rgb(tmp_path):
+    root = write_folder(tmp_path / "mixed", n_train=1, n_test=1)
+    folder = root / "train" / "ant"
+    Image.fromarray(np.full((40, 50), 200, np.uint8), "L").save(folder / "gray.png")
+    Image.fromarray(random_images(1, 33)[0]).convert("P").save(folder / "pal.gif")
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 128
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    ds = load_dataset(root)
+    batch = ds.train.load(0, 4, (48, 48))
+    assert batch.shape == (4, 48, 48, 3) and batch.dtype == np.uint8
+    assert (batch[1] == 200).all()                      # gray.png: gray replicated to R, G, B
+    assert (batch[3][..., 0] == 255).all() and (batch[3][..., 1:] == 0).all()   # rgba.png: alpha dropped
+    with pytest.raises(BadInputError, match=r"differ in size.*gray.png.*--input-size"):
+        ds.train.load(0, 4, (32, 32), require_native=(32, 32))
+
+
+def test_npz_source(npz_file):
+    ds = load_dataset(npz_file)
+    assert ds.class_names == CLASSES and len(ds.train) == 12 and len(ds.test) == 6
+    assert ds.train.load(0, 12, (32, 32)).shape == (12, 32, 32, 3)
+    assert ds.default_input_size() == (32, 32)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(x_train=random_images(3), y_train=np.arange(2)), "3 rows but y_train has 2"),
+    (dict(x_train=random_images(3), y_train=np.array([0, 1, 7])), "outside 0..2"),
+    (dict(x_train=np.zeros((3, 32, 32, 3), np.float32), y_train=np.arange(3)), "uint8"),
+    (dict(x_train=np.array([{"a": 1}] * 3, dtype=object), y_train=np.arange(3)), "object arrays"),
+])
+def test_bad_npz_is_refused(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    base = dict(x_train=random_images(3), y_train=np.arange(3), x_test=random_images(3), y_test=np.arange(3),
+                class_names=np.array(CLASSES))
+    np.savez(path, **{**base, **arrays})
+    with pytest.raises(BadInputError, match=message):
+        load_dataset(path)
+
+
+def test_cifar_python_folder_and_tarball_give_the_same_dataset(cifar_py, cifar_tgz):
+    a, b = load_dataset(cifar_py), load_dataset(cifar_tgz)
+    assert len(a.train) == 20 and len(a.test) == 4 and a.class_names[0] == "airplane"
+    assert a.fingerprint == b.fingerprint
+    with open(cifar_py / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    np.testing.assert_array_equal(a.train.pixels[0], raw[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def test_cifar_python_refuses_foreign_pickles(cifar_py):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(cifar_py / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil()}, f, protocol=2)
+    with pytest.raises(BadInputError, match=r"test_batch.*refusing to load posix.system"):
+        load_dataset(cifar_py)
+
+
+def test_cifar_python_refuses_wrong_payload(cifar_py):
+    with open(cifar_py / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": [1, 2, 3], b"labels": [0]}, f, protocol=2)
+    with pytest.raises(BadInputError, match="data_batch_2 is not a CIFAR-10 batch"):
+        load_dataset(cifar_py)
+
+
+def test_fingerprint_follows_content(image_folder, tmp_path):
+    before = load_dataset(image_folder).fingerprint
+    assert load_dataset(image_folder).fingerprint == before
+    assert load_dataset(image_folder, limit=2).fingerprint != before
+    img = image_folder / "test" / "cow" / "01.png"
+    pixels = np.asarray(Image.open(img)).copy()
+    pixels[0, 0, 0] ^= 1
+    Image.fromarray(pixels).save(img)
+    assert load_dataset(image_folder).fingerprint != before
+    (image_folder / "test" / "cow" / "01.png").rename(image_folder / "test" / "bee" / "99.png")   # relabel
+    assert len({before, load_dataset(image_folder).fingerprint}) == 2
+
+
+def test_limit_keeps_first_rows(image_folder):
+    ds = load_dataset(image_folder, limit=5)
+    assert len(ds.train) == 5 and len(ds.test) == 5 and ds.limit == 5
+    assert ds.train.paths[-1] == "train/bee/00.png"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: None, "no dataset at"),
+    (lambda root: root.mkdir(), "neither an image folder"),
+    (lambda root: write_folder(root) and (root / "test" / "ant").rename(root / "test" / "ape"),
+     r"class folders differ.*only in train \['ant'\], only in test \['ape'\]"),
+    (lambda root: write_folder(root) and [(root / s / "dog").mkdir() for s in ("train", "test")],
+     r"train/dog has no images"),
+    (lambda root: write_folder(root) and (root / "train" / "ant" / "notes.txt").write_text("hi"),
+     r"notes.txt is not an image file"),
+])
+def test_bad_folders_are_named(tmp_path, make, message):
+    root = tmp_path / "data"
+    make(root)
+    with pytest.raises((BadInputError, MissingInputError), match=message):
+        load_dataset(root)
+
+
+def test_corrupt_image_is_named_when_read(image_folder):
+    (image_folder / "train" / "bee" / "02.png").write_bytes(b"not a png at all")
+    ds = load_dataset(image_folder)
+    with pytest.raises(BadInputError, match=r"cannot read image .*train/bee/02.png"):
+        ds.train.load(0, len(ds.train), (32, 32))
+
+
+def test_cifar10_download_failure_says_offline(monkeypatch):
+    import keras
+
+    def offline():
+        raise Exception("URL fetch failure on https://www.cs.toronto.edu/...: None -- [Errno -3] "
+                        "Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
+    with pytest.raises(DownloadError, match=r"offline; fix: pass a local copy with --data"):
+        load_dataset("cifar10")
