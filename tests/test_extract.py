@@ -1,0 +1,176 @@
+import numpy as np
+import pytest
+
+import featcache
+from conftest import REAL_DATA, REAL_WEIGHTS, needs_shared, write_folder
+from featcache import backbone as bb
+from featcache import store
+from featcache.data import load_dataset
+from featcache.errors import BadInputError, CacheError
+from featcache.extract import extract, plan
+
+
+def direct_features(data, layer="block3_pool", size=32, weights="random", limit=None):
+    """Reference: a plain Keras VGG16 forward pass, built independently of featcache."""
+    import keras
+
+    ds = load_dataset(data, limit=limit)
+    if weights == "random":
+        keras.utils.set_random_seed(0)
+        base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+    else:
+        base = keras.applications.VGG16(weights=str(weights), include_top=False, input_shape=(size, size, 3))
+    model = keras.Model(base.input, base.get_layer(layer).output)
+    out = {}
+    for name, split in (("train", ds.train), ("test", ds.test)):
+        x = split.load(0, len(split), (size, size))
+        out[name] = model.predict(keras.applications.vgg16.preprocess_input(x.astype("float32")), verbose=0)
+    return out
+
+
+def test_features_equal_a_direct_forward_pass(image_folder, cache_dir):
+    path = extract(data=image_folder, weights="random", dtype="float32", batch_size=5, cache_dir=cache_dir,
+                   progress=False)
+    expected = direct_features(image_folder)
+    c = featcache.open_cache(path)
+    for split in ("train", "test"):
+        x, y = c.load(split)
+        np.testing.assert_allclose(x, expected[split], rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(y, load_dataset(image_folder).__getattribute__(split).labels)
+    assert c.paths("train")[0] == "train/ant/00.png"
+    assert c.meta.random_weights and c.meta.feature_shape == (4, 4, 256)
+
+
+def test_float16_within_rounding_and_resized_input(image_folder, cache_dir):
+    path = extract(data=image_folder, weights="random", input_size=40, cache_dir=cache_dir, progress=False)
+    x, _ = featcache.open_cache(path).load("test")
+    expected = direct_features(image_folder, size=40)["test"]
+    assert x.dtype == np.float16 and x.shape == (6, 5, 5, 256)
+    np.testing.assert_allclose(x.astype(np.float32), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_every_source_extracts(npz_file, cifar_py, cache_dir):
+    for data in (npz_file, cifar_py):
+        c = featcache.open_cache(extract(data=data, weights="random", layer="block1_pool", cache_dir=cache_dir,
+                                         progress=False))
+        assert c.splits["train"].shape[1:] == (16, 16, 64) and c.complete
+
+
+def test_second_run_is_a_cache_hit_and_force_recomputes(image_folder, cache_dir, monkeypatch):
+    path = extract(data=image_folder, weights="random", cache_dir=cache_dir, progress=False)
+    stamp = path.stat().st_mtime_ns
+    with monkeypatch.context() as m:
+        m.setattr(bb, "build", lambda **kw: pytest.fail("a cache hit must not build the backbone"))
+        assert extract(data=image_folder, weights="random", cache_dir=cache_dir, progress=False) == path
+    assert path.stat().st_mtime_ns == stamp
+    assert extract(data=image_folder, weights="random", cache_dir=cache_dir, force=True, progress=False) == path
+    assert path.stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in cache_dir.iterdir()) == [path.name, path.name + ".lock"]
+
+
+def count_calls(monkeypatch, stop_after=None):
+    calls = []
+    original = bb.Backbone.__call__
+
+    def counted(self, images):
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(len(images))
+        return original(self, images)
+
+    monkeypatch.setattr(bb.Backbone, "__call__", counted)
+    return calls
+
+
+def test_interrupted_run_resumes_without_recomputing(image_folder, tmp_path, monkeypatch):
+    reference = extract(data=image_folder, weights="random", batch_size=4, cache_dir=tmp_path / "a",
+                        progress=False)
+    with monkeypatch.context() as m:
+        count_calls(m, stop_after=4)          # train has 12 rows: 3 batches, then 1 of test
+        with pytest.raises(KeyboardInterrupt):
+            extract(data=image_folder, weights="random", batch_size=4, cache_dir=tmp_path / "b", progress=False)
+    partial = next((tmp_path / "b").glob("*.partial"))
+    assert featcache.open_cache(partial, require_complete=False).progress == (12, 4)
+    with monkeypatch.context() as m:
+        calls = count_calls(m)
+        resumed = extract(data=image_folder, weights="random", batch_size=4, cache_dir=tmp_path / "b",
+                          progress=False)
+    assert calls == [2], "only the last test batch may be computed again"
+    assert not partial.exists() and resumed.name == reference.name
+    a, b = featcache.open_cache(reference), featcache.open_cache(resumed)
+    assert a.meta.key == b.meta.key and a.max_abs_activation == b.max_abs_activation
+    for split in ("train", "test"):
+        for x, y in zip(a.load(split), b.load(split)):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_float16_overflow_is_refused_not_stored_as_inf(image_folder, cache_dir, monkeypatch):
+    monkeypatch.setattr(bb.Backbone, "__call__", lambda self, x: np.full((len(x), 4, 4, 256), 7e4, np.float32))
+    with pytest.raises(BadInputError, match=r"activations reach 7e\+04, beyond float16.*--dtype float32"):
+        extract(data=image_folder, weights="random", cache_dir=cache_dir, progress=False)
+    assert [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == []
+    path = extract(data=image_folder, weights="random", dtype="float32", cache_dir=cache_dir, progress=False)
+    assert featcache.open_cache(path).max_abs_activation == 7e4
+
+
+def test_foreign_file_at_the_cache_name_is_not_overwritten(image_folder, cache_dir):
+    _, meta = plan(data=image_folder, weights="random")
+    cache_dir.mkdir()
+    target = cache_dir / store.cache_filename(meta)
+    target.write_bytes(b"precious")
+    with pytest.raises(CacheError, match="not a readable HDF5 file.*--force"):
+        extract(data=image_folder, weights="random", cache_dir=cache_dir, progress=False)
+    assert target.read_bytes() == b"precious"
+
+
+def test_changed_inputs_never_reuse_a_cache(image_folder, tmp_path):
+    def key(**kw):
+        opts = dict(data=image_folder, weights="random")
+        return plan(**{**opts, **kw})[1].key
+
+    base = key()
+    variants = [key(layer="block2_pool"), key(input_size=48), key(dtype="float32"), key(limit=3),
+                key(weights=str(REAL_WEIGHTS)) if REAL_WEIGHTS.exists() else "w", key(seed=1)]
+    other = write_folder(tmp_path / "other", seed=0)
+    from PIL import Image
+    img = other / "train" / "ant" / "00.png"
+    Image.fromarray(255 - np.asarray(Image.open(img))).save(img)
+    variants.append(key(data=other))
+    assert base not in variants and len(set(variants)) == len(variants)
+
+
+def test_mixed_sizes_need_input_size(tmp_path, cache_dir):
+    from PIL import Image
+
+    root = write_folder(tmp_path / "mixed", n_train=2, n_test=1)
+    Image.new("RGB", (48, 40)).save(root / "train" / "bee" / "big.png")
+    with pytest.raises(BadInputError, match=r"big.png is 48x40.*--input-size"):
+        extract(data=root, weights="random", cache_dir=cache_dir, progress=False)
+    path = extract(data=root, weights="random", input_size=32, cache_dir=cache_dir, progress=False)
+    assert featcache.open_cache(path).splits["train"].n == 7
+
+
+def test_small_images_are_upsampled_to_32(tmp_path, cache_dir):
+    root = write_folder(tmp_path / "small", n_train=1, n_test=1, size=28)
+    c = featcache.open_cache(extract(data=root, weights="random", cache_dir=cache_dir, progress=False))
+    assert c.meta.input_shape == (32, 32, 3)
+
+
+def test_bad_batch_size(image_folder, cache_dir):
+    with pytest.raises(BadInputError, match="--batch-size must be at least 1"):
+        extract(data=image_folder, weights="random", batch_size=0, cache_dir=cache_dir)
+
+
+@needs_shared
+def test_real_images_and_weights_match_keras(cache_dir):
+    """Integration: 300 real CIFAR-10 images (150 per split) through the real ImageNet weights."""
+    path = extract(data=REAL_DATA, weights=str(REAL_WEIGHTS), limit=150, cache_dir=cache_dir, progress=False)
+    c = featcache.open_cache(path)
+    assert c.meta.weights == "sha256:5ffcc3e2b95af5308e66dbecb80d746dc9161e354eea851fbeab09a6fe1287d2"
+    assert c.class_names[:3] == ("airplane", "automobile", "bird")
+    expected = direct_features(REAL_DATA, weights=REAL_WEIGHTS, limit=150)
+    for split in ("train", "test"):
+        x, _ = c.load(split)
+        assert np.isfinite(x).all()
+        np.testing.assert_allclose(x.astype(np.float32), expected[split], rtol=2e-3, atol=0.05)
+    assert 1000 < c.max_abs_activation < 65504

@@ -1,0 +1,91 @@
+import dataclasses
+
+import h5py
+import numpy as np
+import pytest
+
+from featcache import store
+from featcache.errors import CacheError
+
+
+def make_meta(**changes) -> store.CacheMeta:
+    meta = store.CacheMeta(
+        backbone="vgg16", layer="block3_pool", weights="random:seed=0", weights_source="random",
+        input_shape=(32, 32, 3), feature_shape=(4, 4, 256), preprocessing="caffe", resize="PIL bilinear",
+        dtype="float16", dataset_name="tiny", dataset_source="folder:/tmp/tiny", dataset_fingerprint="ab" * 32,
+        limit=0, n_train=3, n_test=2, versions={"numpy": "2"}, created="2026-01-01T00:00:00+00:00")
+    return dataclasses.replace(meta, **changes)
+
+
+def write_cache(path, meta=None, complete=True):
+    meta = meta or make_meta()
+    f = store.create(path, meta, labels={"train": [0, 1, 2], "test": [1, 0]},
+                     paths={"train": ["a", "b", "c"], "test": None}, class_names=["x", "y", "z"], rows_per_chunk=2)
+    with f:
+        f["train/features"][...] = np.ones((3, 4, 4, 256))
+        f["progress"][0] = 3
+        if complete:
+            store.finish(f, max_abs_activation=1.0)
+    return path
+
+
+def test_meta_round_trip(tmp_path):
+    meta = make_meta()
+    path = write_cache(tmp_path / "c.h5", meta)
+    c = store.open_cache(path)
+    assert c.meta == meta and c.meta.key == meta.key
+    assert c.class_names == ("x", "y", "z") and c.complete and c.progress == (3, 0)
+    assert c.splits["train"].shape == (3, 4, 4, 256)
+    x, y = c.load("train")
+    assert x.dtype == np.float16 and (x == 1).all() and list(y) == [0, 1, 2]
+    assert c.paths("train") == ["a", "b", "c"] and c.paths("test") is None
+
+
+def test_key_depends_on_key_fields_only():
+    base = make_meta()
+    assert make_meta(created="2030-01-01", versions={"numpy": "3"}).key == base.key
+    for change in (dict(layer="block2_pool"), dict(dtype="float32"), dict(limit=10), dict(weights="sha256:1"),
+                   dict(input_shape=(64, 64, 3)), dict(dataset_fingerprint="cd" * 32)):
+        assert make_meta(**change).key != base.key, change
+
+
+def test_differences_name_the_field():
+    assert store.differences(make_meta(), {"layer": "block3_pool"}) == []
+    assert store.differences(make_meta(), {"weights": "sha256:9"}) == [
+        "weights: cache has 'random:seed=0', asked for 'sha256:9'"]
+
+
+def test_chunks_hold_whole_rows_within_1mib():
+    assert store.chunk_rows((4, 4, 256), "float16", 128) == 128          # 1 MiB exactly
+    assert store.chunk_rows((8, 8, 256), "float32", 128) == 16
+    assert store.chunk_rows((4, 4, 256), "float16", 32) == 32
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "not a readable HDF5 file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:3000]), "not a readable HDF5 file|damaged"),
+    (lambda p: h5py.File(p, "w").close(), "HDF5 file but not a featcache cache"),
+])
+def test_foreign_or_corrupt_files_are_refused(tmp_path, damage, message):
+    path = write_cache(tmp_path / "c.h5")
+    damage(path)
+    with pytest.raises(CacheError, match=f"c.h5.*({message}).*--force"):
+        store.open_cache(path)
+
+
+def test_future_format_is_refused(tmp_path):
+    path = write_cache(tmp_path / "c.h5", make_meta(format_version=store.FORMAT_VERSION + 1))
+    with pytest.raises(CacheError, match="cache format 2, this featcache reads up to 1; fix: upgrade"):
+        store.open_cache(path)
+
+
+def test_incomplete_cache_is_refused_unless_asked(tmp_path):
+    path = write_cache(tmp_path / "c.h5", complete=False)
+    with pytest.raises(CacheError, match="incomplete.*resume"):
+        store.open_cache(path)
+    assert not store.open_cache(path, require_complete=False).complete
+
+
+def test_missing_cache_file(tmp_path):
+    with pytest.raises(CacheError, match="no cache file at .*nope.h5"):
+        store.open_cache(tmp_path / "nope.h5")
