@@ -1,0 +1,243 @@
+"""The `featcache` command: a thin click layer over featcache and heads.
+
+Results meant for scripts (a cache path, a run folder, JSON) go to stdout; messages and progress
+bars go to stderr. Errors a user can fix print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from featcache.errors import FeatcacheError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's start-up chatter off stderr
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FeatcacheError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; rerun the same command to resume where it stopped", err=True)
+            ctx.exit(130)
+        except OSError as e:
+            click.echo(f"error: {e}; an interrupted extraction resumes when rerun", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-q", "--quiet", is_flag=True, help="Only print results and errors.")
+def main(quiet: bool) -> None:
+    """Cache frozen VGG16 features once in HDF5, then train heads on them in seconds.
+
+    \b
+    featcache extract --data ROOT --weights FILE     build (or reuse) a feature cache
+    featcache info cache/NAME.h5                     what produced a cache
+    """
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr, force=True)
+
+
+def selection_options(f):
+    """The options that select a cache: shared by `extract` and `train-head`."""
+    options = [
+        click.option("--data", default="cifar10", show_default=True,
+                     help="'cifar10' (Keras download), an image folder ROOT/{train,test}/<class>/, a "
+                          "cifar-10-batches-py folder or cifar-10-python.tar.gz, or an .npz "
+                          "(x_train, y_train, x_test, y_test)."),
+        click.option("--weights", default="imagenet", show_default=True,
+                     help="'imagenet' (Keras download), a path to vgg16_weights_tf_dim_ordering_tf_kernels"
+                          "_notop.h5, or 'random' (tests only; flagged everywhere)."),
+        click.option("--layer", default="block3_pool", show_default=True, help="VGG16 layer to cut at."),
+        click.option("--input-size", type=int, default=None,
+                     help="Resize images to NxN (N >= 32). Default: the images' own size (32 for CIFAR-10)."),
+        click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+                     help="Storage dtype; float16 halves the file and refuses activations beyond its range."),
+        click.option("--limit", type=click.IntRange(min=1), default=None,
+                     help="Keep only the first N images of each split (quick tries; part of the cache key)."),
+        click.option("--cache-dir", envvar="FEATCACHE_CACHE_DIR", default="cache", show_default=True,
+                     type=click.Path(file_okay=False), help="Cache folder (env FEATCACHE_CACHE_DIR)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command()
+@selection_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--force", is_flag=True, help="Recompute even if a matching cache exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def extract(data, weights, layer, input_size, dtype, limit, cache_dir, batch_size, force, no_progress):
+    """Run the frozen backbone over DATA once and cache the features; print the cache path.
+
+    A complete matching cache is reused at once; an interrupted run resumes where it stopped.
+    """
+    from featcache.extract import extract as run
+
+    path = run(data=data, weights=weights, layer=layer, input_size=input_size, batch_size=batch_size,
+               dtype=dtype, cache_dir=cache_dir, limit=limit, force=force, progress=not no_progress)
+    click.echo(str(path))
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def info(path, as_json):
+    """Show what produced a cache, its shapes, size and completeness."""
+    from featcache.store import open_cache
+
+    c = open_cache(path, require_complete=False)
+    summary = {
+        "path": str(c.path), "complete": c.complete, "layer": c.meta.layer, "dtype": c.meta.dtype,
+        "size_bytes": c.size_bytes, "random_weights": c.meta.random_weights,
+        "progress": {"train": c.progress[0], "test": c.progress[1]},
+        "max_abs_activation": c.max_abs_activation, "class_names": list(c.class_names),
+        "splits": {s: {"n": i.n, "shape": list(i.shape)} for s, i in c.splits.items()},
+        "meta": {k: (list(v) if isinstance(v, tuple) else v) for k, v in c.meta.__dict__.items()},
+    }
+    summary["meta"]["key"] = c.meta.key
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    m = c.meta
+    lines = [
+        f"path          {c.path}",
+        f"complete      {'yes' if c.complete else f'NO (train {c.progress[0]}/{m.n_train}, test {c.progress[1]}/{m.n_test}; rerun extract to resume)'}",
+        f"dataset       {m.dataset_name} ({m.dataset_source}), limit {m.limit or 'none'}",
+        f"fingerprint   {m.dataset_fingerprint[:16]}...",
+        f"backbone      {m.backbone} -> {m.layer}, input {m.input_shape}",
+        f"weights       {m.weights} ({m.weights_source})" + ("   RANDOM WEIGHTS: not ImageNet features" if m.random_weights else ""),
+        f"preprocessing {m.preprocessing}; resize {m.resize}",
+        f"features      {m.dtype}, train {c.splits['train'].shape}, test {c.splits['test'].shape}",
+        f"max |act|     {c.max_abs_activation}",
+        f"classes       {', '.join(c.class_names)}",
+        f"size          {c.size_bytes / 1e6:.1f} MB",
+        f"created       {m.created} with " + ", ".join(f"{k} {v}" for k, v in m.versions.items()),
+        f"key           {m.key}",
+    ]
+    click.echo("\n".join(lines))
+
+
+class UnitsType(click.ParamType):
+    """`400,256,256` -> (400, 256, 256): positive integers, at least one."""
+
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = [p.strip() for p in str(value).split(",")]
+        if not parts or any(not p.isdigit() or int(p) <= 0 for p in parts):
+            self.fail(f"expected positive integers separated by commas such as 400,256,256, got {value!r}",
+                      param, ctx)
+        return tuple(int(p) for p in parts)
+
+
+def training_options(f):
+    """The options of heads.train.TrainConfig, shared by `train-head` and `train-baseline`."""
+    options = [
+        click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True),
+        click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
+                     help="Early stopping: epochs without a better validation loss (best weights restored)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Learning rate [default: 1e-3 for Adam models, 1e-2 for the SGD ann]."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+                     show_default=True, help="Share of the training split held out for validation (stratified)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True),
+        click.option("--name", default=None, help="Run name (default: the model name)."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _train_config(**kw):
+    from heads.train import TrainConfig
+
+    return TrainConfig(**kw)
+
+
+@main.command("train-head")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
+              help="A cache file. Default: the cache the selection options below lead to (built if missing).")
+@selection_options
+@click.option("--head", type=click.Choice(["dense", "linear"]), default="dense", show_default=True,
+              help="dense: pooling -> BatchNorm -> Dense(units) -> Dropout -> softmax; linear: a linear probe.")
+@click.option("--units", type=UnitsType(), default="400,256,256", show_default=True,
+              help="Dense layer sizes of the dense head.")
+@click.option("--pooling", type=click.Choice(["gap", "flatten", "max"]), default="gap", show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
+@click.option("--no-batchnorm", is_flag=True, help="Leave out the dense head's BatchNormalization.")
+@training_options
+@click.pass_context
+def train_head(ctx, cache_path, data, weights, layer, input_size, dtype, limit, cache_dir, head, units, pooling,
+               dropout, no_batchnorm, epochs, patience, batch_size, lr, val_fraction, seed, runs_dir, name,
+               no_progress):
+    """Train a head on cached features; evaluate once on the test split; print the run folder."""
+    from featcache.extract import check_cache, extract
+    from heads.train import train_head as run
+
+    config = _train_config(model=head, units=units, pooling=pooling, dropout=dropout, batchnorm=not no_batchnorm,
+                           epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
+                           val_fraction=val_fraction, seed=seed, name=name)
+    selection = dict(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit)
+    if cache_path:
+        given = {k: v for k, v in selection.items()
+                 if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+        check_cache(cache_path, **given)
+    else:
+        cache_path = extract(cache_dir=cache_dir, progress=not no_progress, **selection)
+    result = run(cache_path, runs_dir=runs_dir, progress=not no_progress, **config.__dict__)
+    click.echo(str(result.run_dir))
+
+
+@main.command("train-baseline")
+@click.argument("model", type=click.Choice(["ann", "cnn"]))
+@click.option("--data", default="cifar10", show_default=True, help="Dataset source, as for `extract`.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N images of each split.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="cnn only.")
+@training_options
+def train_baseline(model, data, limit, dropout, epochs, patience, batch_size, lr, val_fraction, seed, runs_dir,
+                   name, no_progress):
+    """Train a scratch ANN or CNN on raw pixels (same split and evaluation as heads); print the run folder."""
+    from heads.train import train_baseline as run
+
+    config = _train_config(model=model, dropout=dropout, epochs=epochs, patience=patience, batch_size=batch_size,
+                           lr=lr, val_fraction=val_fraction, seed=seed, name=name)
+    result = run(model, data=data, limit=limit, runs_dir=runs_dir, progress=not no_progress,
+                 **{k: v for k, v in config.__dict__.items() if k != "model"})
+    click.echo(str(result.run_dir))
+
+
+@main.command()
+@click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list on stdout.")
+@click.option("--markdown", is_flag=True, help="A Markdown table.")
+def runs(runs_dir, as_json, markdown):
+    """Compare runs, best validation accuracy first (never ordered by test accuracy)."""
+    from heads.reports import collect_runs, format_table
+
+    rows = collect_runs(runs_dir)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo(f"no runs in {runs_dir}", err=True)
+    else:
+        click.echo(format_table(rows, markdown=markdown))
+
+
+if __name__ == "__main__":
+    main()

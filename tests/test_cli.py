@@ -1,0 +1,69 @@
+import json
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from featcache.cli import main
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def test_extract_prints_only_the_path_and_info_describes_it(image_folder, cache_dir):
+    r = run("extract", "--data", image_folder, "--weights", "random", "--no-progress")
+    assert r.exit_code == 0, r.output
+    path = r.stdout.strip()
+    assert path.startswith(str(cache_dir)) and path.endswith(".h5") and "\n" not in path
+    assert "images/s" in r.stderr and "MB" in r.stderr
+    info = json.loads(run("info", path, "--json").stdout)
+    assert info["complete"] is True and info["layer"] == "block3_pool" and info["dtype"] == "float16"
+    assert info["splits"] == {"train": {"n": 12, "shape": [12, 4, 4, 256]}, "test": {"n": 6, "shape": [6, 4, 4, 256]}}
+    assert info["size_bytes"] > 12 * 4096 and info["meta"]["weights"] == "random:seed=0"
+    human = run("info", path).stdout
+    assert "RANDOM WEIGHTS" in human and "complete      yes" in human
+    again = run("extract", "--data", image_folder, "--weights", "random", "--no-progress")
+    assert again.stdout.strip() == path and "cache hit" in again.stderr
+
+
+def test_cache_dir_option_beats_env(image_folder, cache_dir, tmp_path):
+    r = run("extract", "--data", image_folder, "--weights", "random", "--no-progress", "--limit", "2",
+            "--cache-dir", tmp_path / "elsewhere")
+    assert r.stdout.startswith(str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layer", "block9_pool"], "unknown layer 'block9_pool'; expected one of"),
+    (["--input-size", "31"], "--input-size must be at least 32"),
+    (["--data", "/nonexistent/data"], "no dataset at /nonexistent/data"),
+    (["--weights", "/nonexistent/w.h5"], "weights file /nonexistent/w.h5 does not exist"),
+])
+def test_bad_input_gives_one_line_and_exit_2(image_folder, cache_dir, args, message):
+    r = run("extract", "--data", image_folder, "--weights", "random", "--no-progress", *args)
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1 and message in r.stderr and r.stdout == ""
+
+
+def test_batch_size_zero_is_refused(image_folder, cache_dir):
+    r = run("extract", "--data", image_folder, "--batch-size", "0")
+    assert r.exit_code == 2 and "--batch-size" in r.stderr
+
+
+def test_info_on_a_foreign_file(tmp_path):
+    path = tmp_path / "x.h5"
+    h5py.File(path, "w").close()
+    r = run("info", path)
+    assert r.exit_code == 2 and "not a featcache cache" in r.stderr
+
+
+def test_unwritable_cache_dir(image_folder, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = run("extract", "--data", image_folder, "--weights", "random", "--cache-dir", blocker / "sub")
+    assert r.exit_code == 2 and "cannot create cache folder" in r.stderr
+
+
+def test_help_is_fast_and_explains():
+    r = run("extract", "--help")
+    assert "--input-size" in r.stdout and "FEATCACHE_CACHE_DIR" in r.stdout
