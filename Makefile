@@ -11,10 +11,13 @@ WEIGHTS  ?= $(if $(wildcard $(SHARED)/weights/vgg16_weights_tf_dim_ordering_tf_k
 LAYER    ?= block3_pool
 CACHE_DIR ?= cache
 EXTRACT_ARGS ?=
+RUNS_DIR ?= runs
+BASELINE_EPOCHS ?= 15
+SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER)
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 .DEFAULT_GOAL := help
-.PHONY: help install extract test clean
+.PHONY: help install extract heads test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,7 +32,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 extract: install ## cache VGG16 features of DATA at LAYER (a second run is an instant cache hit)
-	$(BIN)/featcache extract --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER) $(EXTRACT_ARGS)
+	$(BIN)/featcache extract $(SELECT) $(EXTRACT_ARGS)
+
+heads: extract ## train the reference head (gap, flatten), a linear probe, the ANN and CNN baselines; print the table
+	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name dense-gap
+	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name dense-flatten --pooling flatten
+	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name linear --head linear
+	$(BIN)/featcache train-baseline ann --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name ann
+	$(BIN)/featcache train-baseline cnn --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name cnn
+	$(BIN)/featcache runs --runs-dir $(RUNS_DIR) --markdown | tee $(RUNS_DIR)/summary.md
 
 test: install ## run the test suite (a few minutes on 2 cores)
 	$(BIN)/pytest -q

@@ -67,3 +67,58 @@ def test_unwritable_cache_dir(image_folder, tmp_path):
 def test_help_is_fast_and_explains():
     r = run("extract", "--help")
     assert "--input-size" in r.stdout and "FEATCACHE_CACHE_DIR" in r.stdout
+
+
+@pytest.fixture
+def tiny_cache(image_folder, cache_dir):
+    return run("extract", "--data", image_folder, "--weights", "random", "--no-progress").stdout.strip()
+
+
+def test_train_head_end_to_end(tiny_cache, tmp_path):
+    r = run("train-head", "--cache", tiny_cache, "--epochs", "2", "--units", "8,8", "--runs-dir", tmp_path / "runs",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    run_dir = tmp_path / "runs" / r.stdout.strip().split("/")[-1]
+    assert r.stdout.strip() == str(run_dir) and (run_dir / "model.keras").exists()
+    assert "RANDOM backbone weights" in r.stderr
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["units"] == [8, 8] and config["random_weights"] is True
+    assert config["data"]["cache_meta"]["layer"] == "block3_pool"
+    table = run("runs", "--runs-dir", tmp_path / "runs")
+    assert "RANDOM WEIGHTS" in table.stdout and "dense" in table.stdout
+    rows = json.loads(run("runs", "--runs-dir", tmp_path / "runs", "--json").stdout)
+    assert rows[0]["model"] == "dense"
+
+
+def test_train_head_builds_the_cache_from_selection_options(image_folder, cache_dir, tmp_path):
+    r = run("train-head", "--data", image_folder, "--weights", "random", "--head", "linear", "--epochs", "1",
+            "--runs-dir", tmp_path / "runs", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert len(list(cache_dir.glob("*.h5"))) == 1
+
+
+def test_train_head_names_what_differs_from_the_cache(tiny_cache, tmp_path):
+    r = run("train-head", "--cache", tiny_cache, "--layer", "block2_pool", "--runs-dir", tmp_path)
+    assert r.exit_code == 2 and "layer: cache has 'block3_pool', asked for 'block2_pool'" in r.stderr
+    r = run("train-head", "--cache", tiny_cache, "--limit", "2", "--runs-dir", tmp_path)
+    assert r.exit_code == 2 and "dataset_fingerprint: cache has" in r.stderr and "limit" in r.stderr
+
+
+def test_train_baseline_ann_on_pixels(image_folder, tmp_path):
+    r = run("train-baseline", "ann", "--data", image_folder, "--epochs", "1", "--runs-dir", tmp_path, "--no-progress")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / r.stdout.strip().split("/")[-1] / "metrics.json").read_text())
+    assert metrics["n_test"] == 6 and metrics["random_weights"] is False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--units", ""], "--units"), (["--units", "400,0"], "--units"), (["--units", "400,-2"], "--units"),
+    (["--units", "4a"], "--units"), (["--units", "400,,256"], "--units"),
+    (["--dropout", "1"], "--dropout"), (["--dropout", "-0.1"], "--dropout"),
+    (["--val-fraction", "0"], "--val-fraction"), (["--val-fraction", "1"], "--val-fraction"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_bad_training_options_exit_2(tiny_cache, tmp_path, args, message):
+    r = run("train-head", "--cache", tiny_cache, "--runs-dir", tmp_path / "runs", *args)
+    assert r.exit_code == 2 and message in r.stderr
+    assert not (tmp_path / "runs").exists(), "nothing may be written"

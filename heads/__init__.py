@@ -1,0 +1,1 @@
+"""Heads and scratch baselines, one training loop, run reports."""

@@ -1,0 +1,103 @@
+"""Model builders: each returns an uncompiled keras.Model; `MODELS` is the one registry.
+
+`dense` and `linear` read cached features; `ann` and `cnn` are the scratch baselines on raw
+uint8 pixels (they rescale to [0, 1] themselves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+POOLINGS = ("gap", "flatten", "max")
+
+
+def _pool(x, pooling: str):
+    import keras
+
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    layer = {"gap": keras.layers.GlobalAveragePooling2D, "flatten": keras.layers.Flatten,
+             "max": keras.layers.GlobalMaxPooling2D}[pooling]
+    return layer(name=f"pool_{pooling}")(x)
+
+
+def dense_head(input_shape, n_classes: int, *, units=(400, 256, 256), pooling: str = "gap",
+               batchnorm: bool = True, dropout: float = 0.2):
+    """The reference head: pooling -> BatchNorm -> Dense(units, relu)... -> Dropout -> softmax."""
+    import keras
+
+    inputs = keras.Input(input_shape, name="features")
+    x = _pool(inputs, pooling)
+    if batchnorm:
+        x = keras.layers.BatchNormalization(name="batchnorm")(x)
+    for i, n in enumerate(units):
+        x = keras.layers.Dense(n, activation="relu", name=f"dense_{i}")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="classes")(x)
+    return keras.Model(inputs, outputs, name="dense_head")
+
+
+def linear_probe(input_shape, n_classes: int, *, pooling: str = "gap"):
+    """Multinomial logistic regression on pooled features.
+
+    BatchNormalization standardises the features (they reach ~25,000); at inference it is an affine
+    map, so the model stays linear in the pooled features.
+    """
+    import keras
+
+    inputs = keras.Input(input_shape, name="features")
+    x = keras.layers.BatchNormalization(name="standardise")(_pool(inputs, pooling))
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="classes")(x)
+    return keras.Model(inputs, outputs, name="linear_probe")
+
+
+def ann(input_shape, n_classes: int, *, units=(512, 256, 128)):
+    """Scratch baseline: Flatten -> three Dense(relu) -> softmax, on pixels scaled to [0, 1]."""
+    import keras
+
+    inputs = keras.Input(input_shape, name="pixels")
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    for i, n in enumerate(units):
+        x = keras.layers.Dense(n, activation="relu", name=f"dense_{i}")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="classes")(x)
+    return keras.Model(inputs, outputs, name="ann")
+
+
+def cnn(input_shape, n_classes: int, *, dropout: float = 0.2, seed: int = 0):
+    """Scratch baseline: augmentation -> Conv64+pool -> Conv128+pool -> Dropout -> Dense(200) -> softmax."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(input_shape, name="pixels")
+    x = layers.RandomFlip("horizontal", seed=seed)(inputs)       # augmentation is active in training only
+    x = layers.RandomRotation(0.1, seed=seed)(x)
+    x = layers.RandomZoom(0.1, seed=seed)(x)
+    x = layers.Rescaling(1 / 255)(x)
+    x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(128, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Dropout(dropout)(x)
+    x = layers.Dense(200, activation="relu")(layers.Flatten()(x))
+    outputs = layers.Dense(n_classes, activation="softmax", name="classes")(x)
+    return keras.Model(inputs, outputs, name="cnn")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable
+    input: str            # "features" (from a cache) or "pixels" (raw images)
+    optimizer: str        # "adam" or "sgd"
+    lr: float
+    options: tuple        # TrainConfig fields this builder takes
+
+
+MODELS = {
+    "dense": ModelSpec(dense_head, "features", "adam", 1e-3, ("units", "pooling", "batchnorm", "dropout")),
+    "linear": ModelSpec(linear_probe, "features", "adam", 1e-3, ("pooling",)),
+    "ann": ModelSpec(ann, "pixels", "sgd", 1e-2, ()),
+    "cnn": ModelSpec(cnn, "pixels", "adam", 1e-3, ("dropout", "seed")),
+}
+HEADS = tuple(k for k, v in MODELS.items() if v.input == "features")
+BASELINES = tuple(k for k, v in MODELS.items() if v.input == "pixels")

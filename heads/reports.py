@@ -1,0 +1,127 @@
+"""Run records on disk (runs/<id>/) and the table that compares runs.
+
+Each run folder holds config.json (enough to rerun it, plus the data's provenance),
+metrics.json, history.csv, classification_report.txt, confusion_matrix.png, curves.png and
+model.keras. Runs are compared by validation accuracy, never by test accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+RANDOM_FLAG = "RANDOM BACKBONE WEIGHTS (not ImageNet features)"
+
+
+def write_run(runs_dir: Path, result, data) -> Path:
+    """Write every record of `result` into a new folder under `runs_dir`; return the folder."""
+    run_dir = _new_run_dir(runs_dir, result.config.name or result.config.model)
+    m = result.metrics
+    config = {**asdict(result.config), "units": list(result.config.units), "learning_rate": result.config.learning_rate,
+              "data": data.source, "random_weights": data.random_weights, "class_names": list(data.class_names)}
+    _write_json(run_dir / "config.json", config)
+    _write_json(run_dir / "metrics.json", {k: v for k, v in m.items() if k != "classification_report"})
+    with open(run_dir / "history.csv", "w", newline="") as f:
+        keys = ["loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
+        w = csv.writer(f)
+        w.writerow(["epoch", *keys])
+        for i in range(len(result.history["loss"])):
+            w.writerow([i + 1, *(f"{result.history[k][i]:.6g}" for k in keys)])
+    header = (f"{RANDOM_FLAG}\n\n" if data.random_weights else "") + \
+        (f"Held-out test split, evaluated once after training (n={m['n_test']}); model chosen by validation "
+         f"loss at epoch {m['best_epoch']} of {m['epochs_run']}.\n"
+         f"test accuracy {m['test_accuracy']:.4f}, validation accuracy {m['val_accuracy']:.4f}\n\n")
+    (run_dir / "classification_report.txt").write_text(header + m["classification_report"])
+    title = f"{run_dir.name}" + ("\n" + RANDOM_FLAG if data.random_weights else "")
+    plot_confusion(m["confusion_matrix"], data.class_names, run_dir / "confusion_matrix.png", title)
+    plot_curves(result.history, m["best_epoch"], run_dir / "curves.png", title)
+    result.model.save(run_dir / "model.keras")
+    return run_dir
+
+
+def plot_confusion(matrix, class_names, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(class_names)).plot(
+        ax=ax, xticks_rotation=45, colorbar=False, values_format="d")
+    ax.set_title(f"{title}\nconfusion matrix, held-out test split", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(history: dict, best_epoch: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = range(1, len(history["loss"]) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, history[key], label=f"train {key}")
+        ax.plot(epochs, history[f"val_{key}"], label=f"validation {key}")
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def collect_runs(runs_dir: str | Path) -> list[dict]:
+    """One row per finished run under `runs_dir`, best validation accuracy first."""
+    rows = []
+    for run in sorted(Path(runs_dir).glob("*/metrics.json")):
+        m = json.loads(run.read_text())
+        c = json.loads((run.parent / "config.json").read_text())
+        opts = {"dense": f"{c['pooling']} bn={'on' if c['batchnorm'] else 'off'} units={','.join(map(str, c['units']))} "
+                         f"drop={c['dropout']}",
+                "linear": f"{c['pooling']}", "cnn": f"drop={c['dropout']}"}.get(c["model"], "")
+        rows.append({"run": run.parent.name, "model": c["model"], "options": opts,
+                     "epochs": f"{m['epochs_run']}/{m['best_epoch']}", "val_accuracy": m["val_accuracy"],
+                     "test_accuracy": m["test_accuracy"], "seconds": m["seconds"],
+                     "seconds_per_epoch": m["seconds_per_epoch"], "random_weights": m.get("random_weights", False)})
+    return sorted(rows, key=lambda r: -r["val_accuracy"])
+
+
+def format_table(rows: list[dict], *, markdown: bool = False) -> str:
+    head = ["run", "model", "options", "epochs run/best", "val acc", "test acc", "seconds", "s/epoch"]
+    body = [[r["run"] + (" [RANDOM WEIGHTS]" if r["random_weights"] else ""), r["model"], r["options"], r["epochs"],
+             f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}", f"{r['seconds']:.1f}",
+             f"{r['seconds_per_epoch']:.2f}"] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines) + "\n\nOrdered by validation accuracy; test accuracy is the held-out split, used once.\n"
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*row) for row in [head, *body])
+
+
+def _new_run_dir(runs_dir: Path, name: str) -> Path:
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
+    for i in range(1000):
+        run_dir = runs_dir / (stem if i == 0 else f"{stem}-{i}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a new run folder under {runs_dir}")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")

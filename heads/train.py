@@ -1,0 +1,256 @@
+"""One training function for every model: heads on cached features and scratch baselines alike.
+
+The validation split is carved from the training split (stratified, seeded); early stopping
+watches validation loss and restores the best epoch's weights; the test split is predicted
+exactly once, after training, and nothing is chosen by it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import BadInputError
+from heads.builders import MODELS, POOLINGS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "dense"
+    units: tuple[int, ...] = (400, 256, 256)
+    pooling: str = "gap"
+    batchnorm: bool = True
+    dropout: float = 0.2
+    epochs: int = 50
+    patience: int = 5
+    batch_size: int = 256
+    lr: float | None = None          # None: the model's default (MODELS[model].lr)
+    val_fraction: float = 0.1
+    seed: int = 0
+    name: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "units", tuple(self.units))
+        checks = [
+            (self.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {self.model!r}"),
+            (len(self.units) > 0 and all(isinstance(u, int) and u > 0 for u in self.units),
+             f"--units must be positive integers like 400,256,256, got {self.units}"),
+            (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.patience >= 0, f"--patience must be at least 0, got {self.patience}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadInputError(message)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else MODELS[self.model].lr
+
+
+@dataclass
+class TrainData:
+    """Arrays to train on, with a description of where they came from (recorded in config.json)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    kind: str                      # "features" or "pixels"
+    source: dict = field(default_factory=dict)
+    random_weights: bool = False
+
+
+def data_from_cache(cache) -> TrainData:
+    """Both splits of a complete cache (a path or an opened FeatureCache), read once into RAM."""
+    from featcache.store import FeatureCache, open_cache
+
+    cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
+    (x_train, y_train), (x_test, y_test) = cache.load("train"), cache.load("test")
+    meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cache.meta).items()}
+    return TrainData(x_train, y_train, x_test, y_test, cache.class_names, "features",
+                     source={"cache": str(cache.path), "cache_key": cache.meta.key, "cache_meta": meta},
+                     random_weights=cache.meta.random_weights)
+
+
+def data_from_dataset(ds) -> TrainData:
+    """Raw uint8 pixels of both splits of a featcache Dataset (for the scratch baselines)."""
+    x_train = ds.train.all_pixels()
+    x_test = ds.test.all_pixels(x_train.shape[1:3])
+    return TrainData(x_train, ds.train.labels, x_test, ds.test.labels, ds.class_names, "pixels",
+                     source={"dataset": ds.source, "dataset_name": ds.name, "dataset_fingerprint": ds.fingerprint,
+                             "limit": ds.limit or 0})
+
+
+@dataclass
+class RunResult:
+    run_dir: Path | None
+    config: TrainConfig
+    metrics: dict
+    history: dict
+    model: object = field(repr=False, default=None)
+
+
+def split_indices(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded (train, validation) row indices into the training split."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 and round(val_fraction * len(y)) >= len(counts) else None
+    tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=stratify)
+    return np.sort(tr), np.sort(va)
+
+
+def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str | Path | None = "runs",
+          progress: bool = True) -> RunResult:
+    """Train `config.model` on `data`, evaluate once on the test split, and record the run.
+
+    With `runs_dir=None` nothing is written (the result still carries metrics and model).
+    """
+    import keras
+
+    spec = MODELS[config.model]
+    if spec.input != data.kind:
+        raise BadInputError(f"model {config.model!r} trains on {spec.input}, but the data holds {data.kind}")
+    if data.random_weights:
+        log.warning("WARNING: these features come from RANDOM backbone weights, not ImageNet")
+    keras.utils.set_random_seed(config.seed)
+    tr, va = split_indices(data.y_train, config.val_fraction, config.seed)
+    n_classes = len(data.class_names)
+    options = {k: getattr(config, k) for k in spec.options}
+    model = spec.build(data.x_train.shape[1:], n_classes, **options)
+    optimizer = (keras.optimizers.Adam(config.learning_rate) if spec.optimizer == "adam"
+                 else keras.optimizers.SGD(config.learning_rate, momentum=0.9))
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    x_all, y_all = _as_tensors(data.x_train, data.y_train)
+    train_ds = _batches(x_all, y_all, tr, config.batch_size, shuffle=True, seed=config.seed)
+    val_ds = _batches(x_all, y_all, va, config.batch_size, shuffle=False)
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
+                                            restore_best_weights=True)
+    timer = _EpochLog(config.epochs, progress)
+    t0 = time.perf_counter()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[stopper, timer],
+                        shuffle=False, verbose=0).history   # shuffled by _batches
+    fit_seconds = time.perf_counter() - t0
+    history["seconds"] = timer.seconds
+    best = int(np.argmin(history["val_loss"]))
+    probs = predict(model, data.x_test, config.batch_size)    # the one and only look at the test split
+    metrics = _metrics(probs, data.y_test, data.class_names)
+    metrics.update(
+        val_accuracy=float(history["val_accuracy"][best]), val_loss=float(history["val_loss"][best]),
+        best_epoch=best + 1, epochs_run=len(history["val_loss"]), n_train=len(tr), n_val=len(va),
+        n_test=len(data.y_test), seconds=round(fit_seconds, 3),
+        seconds_per_epoch=round(float(np.mean(timer.seconds)), 4), random_weights=data.random_weights,
+        params=int(model.count_params()))
+    result = RunResult(None, config, metrics, history, model)
+    if runs_dir is not None:
+        from heads.reports import write_run
+
+        result.run_dir = write_run(Path(runs_dir), result, data)
+    log.info("%s: val accuracy %.4f (best epoch %d of %d), test accuracy %.4f, %.1f s",
+             config.name or config.model, metrics["val_accuracy"], metrics["best_epoch"], metrics["epochs_run"],
+             metrics["test_accuracy"], fit_seconds)
+    return result
+
+
+def train_head(cache, *, runs_dir="runs", progress=True, **options) -> RunResult:
+    """Train a head (`model="dense"` or `"linear"`) on a cache path or FeatureCache."""
+    options.setdefault("model", "dense")
+    return train(data_from_cache(cache), TrainConfig(**options), runs_dir=runs_dir, progress=progress)
+
+
+def train_baseline(model: str, *, data="cifar10", limit=None, runs_dir="runs", progress=True,
+                   **options) -> RunResult:
+    """Train a scratch baseline (`ann` or `cnn`) on the raw pixels of a dataset source."""
+    from featcache.data import load_dataset
+
+    ds = load_dataset(data, limit=limit)
+    return train(data_from_dataset(ds), TrainConfig(model=model, **options), runs_dir=runs_dir,
+                 progress=progress)
+
+
+def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities, cast to float32 batch by batch (x may be float16 or uint8)."""
+    out = [model.predict_on_batch(x[i:i + batch_size].astype(np.float32)) for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
+
+
+def _metrics(probs: np.ndarray, y: np.ndarray, class_names) -> dict:
+    from sklearn.metrics import classification_report, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = np.arange(len(class_names))
+    pred = probs.argmax(axis=1)
+    p, r, f, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    return {
+        "test_accuracy": float(np.mean(pred == y)),
+        "test_loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)))),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "per_class": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                             "support": int(support[i])} for i, name in enumerate(class_names)},
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        "classification_report": classification_report(y, pred, labels=labels, target_names=list(class_names),
+                                                       digits=4, zero_division=0),
+    }
+
+
+def _as_tensors(x, y):
+    import tensorflow as tf
+
+    return tf.convert_to_tensor(x), tf.convert_to_tensor(y.astype(np.int64))
+
+
+def _batches(x, y, idx, batch_size, *, shuffle, seed=0):
+    """Batches gathered from tensors held in RAM in their stored dtype, cast to float32 per batch.
+
+    Shuffling whole-row indices (not rows) keeps the per-epoch cost to one gather per batch.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(idx)
+    if shuffle:
+        ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda i: (tf.cast(tf.gather(x, i), tf.float32), tf.gather(y, i)),
+                                  num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+class _EpochLog:
+    """Keras callback: per-epoch seconds, and a one-line tqdm bar of epochs on stderr."""
+
+    def __new__(cls, epochs, progress):
+        import keras
+        from tqdm import tqdm
+
+        class EpochLog(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.seconds = []
+                self.bar = tqdm(total=epochs, unit="epoch", desc="train", disable=not progress, file=sys.stderr,
+                                dynamic_ncols=True)
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.t0 = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds.append(time.perf_counter() - self.t0)
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", val_loss=f"{logs['val_loss']:.3f}",
+                                     val_acc=f"{logs['val_accuracy']:.3f}", refresh=False)
+                self.bar.update(1)
+
+            def on_train_end(self, logs=None):
+                self.bar.close()
+
+        return EpochLog()
