@@ -12,12 +12,12 @@ LAYER    ?= block3_pool
 CACHE_DIR ?= cache
 EXTRACT_ARGS ?=
 RUNS_DIR ?= runs
-BASELINE_EPOCHS ?= 15
+BASELINE_EPOCHS ?= 10
 SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER)
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 .DEFAULT_GOAL := help
-.PHONY: help install extract heads test clean
+.PHONY: help install extract heads bench test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,6 +41,10 @@ heads: extract ## train the reference head (gap, flatten), a linear probe, the A
 	$(BIN)/featcache train-baseline ann --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name ann
 	$(BIN)/featcache train-baseline cnn --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name cnn
 	$(BIN)/featcache runs --runs-dir $(RUNS_DIR) --markdown | tee $(RUNS_DIR)/summary.md
+
+bench: extract ## measure speed, size and memory side by side; writes docs/benchmarks.{md,json} (~15 min)
+	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \
+		--cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 
 test: install ## run the test suite (a few minutes on 2 cores)
 	$(BIN)/pytest -q

@@ -146,7 +146,7 @@ def _run(ds, meta, partial, start, *, batch_size, weights, seed, progress, requi
     todo = [(i, name, split, s) for i, (name, split) in enumerate((("train", ds.train), ("test", ds.test)))
             for s in range(start[i], len(split), batch_size)]
     done = sum(start)
-    bar = tqdm(total=meta.n_train + meta.n_test, initial=done, unit="img", disable=not progress,
+    bar = tqdm(total=meta.n_train + meta.n_test, initial=done, unit="img", disable=None if progress else True,
                desc="extract", file=sys.stderr, dynamic_ncols=True)
     t0, n = time.perf_counter(), 0
     try:
@@ -177,7 +177,8 @@ def _run(ds, meta, partial, start, *, batch_size, weights, seed, progress, requi
         f.close()
     seconds = time.perf_counter() - t0
     if n:
-        log.info("extracted %d images in %.1f s (%.0f images/s)", n, seconds, n / seconds)
+        log.info("extracted %d images in %.1f s (%.0f images/s)", n, seconds, n / seconds,
+                 extra={"images": n, "seconds": seconds})
 
 
 def _peak(f, start: tuple[int, int], batch_size: int) -> float:
