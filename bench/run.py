@@ -130,7 +130,7 @@ def bench_cached_vs_end_to_end(args, data) -> dict:
     from heads.builders import dense_head
 
     tr, _ = ht.split_indices(data.y_train, 0.1, 0)
-    head, x_fit = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), data.x_train)   # as train() does
+    head, (x_fit,) = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), [data.x_train])  # as train()
     head.compile("adam", "sparse_categorical_crossentropy", steps_per_execution=ht.STEPS_PER_EXECUTION,
                  jit_compile=False)
     x_all, y_all = ht._as_tensors(x_fit, data.y_train)
@@ -165,13 +165,13 @@ def bench_head_vs_floor(args, data) -> dict:
 
     tr, _ = ht.split_indices(data.y_train, 0.1, 0)
     t0 = time.perf_counter()
-    _, x_fit = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), data.x_train)
+    _, (x_fit,) = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), [data.x_train])
     pool_seconds = time.perf_counter() - t0
     x_all, y_all = ht._as_tensors(x_fit, data.y_train)
     rows = []
     for bs in args.floor_batch_sizes:
         batches = ht._batches(x_all, y_all, tr, bs, shuffle=True)
-        head, _ = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), data.x_train[:1])
+        head, _ = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), [data.x_train[:1]])
         head.compile("adam", "sparse_categorical_crossentropy", steps_per_execution=ht.STEPS_PER_EXECUTION,
                      jit_compile=False)
         head.fit(batches.take(2), verbose=0)

@@ -30,21 +30,21 @@ VGG16_LAYERS = (
 
 @dataclass(frozen=True)
 class Backbone:
-    model: Any                     # keras.Model from the image to `layer`, frozen
-    layer: str
+    model: Any                     # keras.Model from the image to each of `layers`, frozen
+    layers: tuple[str, ...]
     weights_id: str                # what the features depend on, e.g. "sha256:5ffc..." or "random:seed=0"
     input_size: tuple[int, int]
 
     @property
-    def output_shape(self) -> tuple[int, ...]:
-        return tuple(self.model.output.shape[1:])
+    def output_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(t.shape[1:]) for t in self.model.outputs]
 
-    def __call__(self, images_uint8):
-        """Features of a uint8 RGB batch, as a float32 numpy array."""
+    def __call__(self, images_uint8) -> list:
+        """Features of a uint8 RGB batch: one float32 numpy array per layer, in `layers` order."""
         from keras.applications.vgg16 import preprocess_input
 
-        x = preprocess_input(images_uint8.astype("float32"))
-        return self.model.predict_on_batch(x)
+        out = self.model.predict_on_batch(preprocess_input(images_uint8.astype("float32")))
+        return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 def check_layer(layer: str) -> str:
@@ -78,12 +78,14 @@ def weights_identity(weights: str, *, seed: int = 0) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def build(*, layer: str = DEFAULT_LAYER, weights: str = "imagenet", input_size: tuple[int, int] = (32, 32),
-          seed: int = 0) -> Backbone:
-    """VGG16 without its top, truncated at `layer`, frozen."""
+def build(*, layer: str | tuple[str, ...] = DEFAULT_LAYER, weights: str = "imagenet",
+          input_size: tuple[int, int] = (32, 32), seed: int = 0) -> Backbone:
+    """VGG16 without its top, frozen, with one output per layer (several layers share one forward pass)."""
     import keras
 
-    check_layer(layer)
+    layers = (layer,) if isinstance(layer, str) else tuple(layer)
+    for name in layers:
+        check_layer(name)
     check_input_size(min(input_size))
     wid = weights_identity(weights, seed=seed)
     shape = (*input_size, 3)
@@ -105,6 +107,7 @@ def build(*, layer: str = DEFAULT_LAYER, weights: str = "imagenet", input_size: 
             raise BadInputError(f"weights file {weights} does not fit VGG16 without top ({e}); expected "
                                 "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 or a file of the same "
                                 "layout") from e
-    model = keras.Model(base.input, base.get_layer(layer).output, name=f"vgg16_{layer}")
+    outputs = [base.get_layer(name).output for name in layers]
+    model = keras.Model(base.input, outputs if len(outputs) > 1 else outputs[0], name=f"vgg16_{'_'.join(layers)}")
     model.trainable = False
-    return Backbone(model=model, layer=layer, weights_id=wid, input_size=tuple(input_size))
+    return Backbone(model=model, layers=layers, weights_id=wid, input_size=tuple(input_size))

@@ -56,7 +56,9 @@ def selection_options(f):
         click.option("--weights", default="imagenet", show_default=True,
                      help="'imagenet' (Keras download), a path to vgg16_weights_tf_dim_ordering_tf_kernels"
                           "_notop.h5, or 'random' (tests only; flagged everywhere)."),
-        click.option("--layer", default="block3_pool", show_default=True, help="VGG16 layer to cut at."),
+        click.option("--layer", default="block3_pool", show_default=True,
+                     help="VGG16 layer to cut at; several, comma-separated, share one forward pass (one cache "
+                          "file each; train-head concatenates their pooled features)."),
         click.option("--input-size", type=int, default=None,
                      help="Resize images to NxN (N >= 32). Default: the images' own size (32 for CIFAR-10)."),
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
@@ -65,6 +67,11 @@ def selection_options(f):
                      help="Keep only the first N images of each split (quick tries; part of the cache key)."),
         click.option("--cache-dir", envvar="FEATCACHE_CACHE_DIR", default="cache", show_default=True,
                      type=click.Path(file_okay=False), help="Cache folder (env FEATCACHE_CACHE_DIR)."),
+        click.option("--views", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Feature views per training image: the original plus VIEWS-1 augmented copies."),
+        click.option("--augment", default="flip,crop", show_default=True,
+                     help="Augmentations of views 2.. (flip: horizontal flip; crop: pad 1/8 and random crop)."),
+        click.option("--augment-seed", type=int, default=0, show_default=True, help="Seed of the augmented views."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -76,16 +83,18 @@ def selection_options(f):
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--force", is_flag=True, help="Recompute even if a matching cache exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def extract(data, weights, layer, input_size, dtype, limit, cache_dir, batch_size, force, no_progress):
-    """Run the frozen backbone over DATA once and cache the features; print the cache path.
+def extract(data, weights, layer, input_size, dtype, limit, cache_dir, views, augment, augment_seed, batch_size,
+            force, no_progress):
+    """Run the frozen backbone over DATA once and cache the features; print the cache path (one per layer).
 
     A complete matching cache is reused at once; an interrupted run resumes where it stopped.
     """
-    from featcache.extract import extract as run
+    from featcache.extract import extract_all
 
-    path = run(data=data, weights=weights, layer=layer, input_size=input_size, batch_size=batch_size,
-               dtype=dtype, cache_dir=cache_dir, limit=limit, force=force, progress=not no_progress)
-    click.echo(str(path))
+    paths = extract_all(data=data, weights=weights, layer=layer, input_size=input_size, batch_size=batch_size,
+                        dtype=dtype, cache_dir=cache_dir, limit=limit, force=force, progress=not no_progress,
+                        views=views, augment=augment, augment_seed=augment_seed)
+    click.echo("\n".join(map(str, paths)))
 
 
 @main.command()
@@ -118,6 +127,8 @@ def info(path, as_json):
         f"weights       {m.weights} ({m.weights_source})" + ("   RANDOM WEIGHTS: not ImageNet features" if m.random_weights else ""),
         f"preprocessing {m.preprocessing}; resize {m.resize}",
         f"features      {m.dtype}, train {c.splits['train'].shape}, test {c.splits['test'].shape}",
+        f"views         {m.views} per training image" + (f" (augment {m.augment}, seed {m.augment_seed})"
+                                                          if m.views > 1 else " (originals only)"),
         f"max |act|     {c.max_abs_activation}",
         f"classes       {', '.join(c.class_names)}",
         f"size          {c.size_bytes / 1e6:.1f} MB",
@@ -170,11 +181,17 @@ def _train_config(**kw):
 
 
 @main.command("train-head")
-@click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
-              help="A cache file. Default: the cache the selection options below lead to (built if missing).")
+@click.option("--cache", "cache_paths", type=click.Path(dir_okay=False), multiple=True,
+              help="A cache file (repeat for several layers of the same images). Default: the caches the "
+                   "selection options below lead to (built if missing).")
 @selection_options
-@click.option("--head", type=click.Choice(["dense", "linear"]), default="dense", show_default=True,
-              help="dense: pooling -> BatchNorm -> Dense(units) -> Dropout -> softmax; linear: a linear probe.")
+@click.option("--head", type=click.Choice(["dense", "linear", "conv"]), default="dense", show_default=True,
+              help="dense: pooling -> BatchNorm -> Dense(units) -> Dropout -> softmax; linear: a linear probe; "
+                   "conv: BatchNorm -> 1x1 Conv(filters) -> Flatten -> Dense(units) -> softmax.")
+@click.option("--filters", type=click.IntRange(min=1), default=128, show_default=True, help="conv head only.")
+@click.option("--views-mode", type=click.Choice(["sample", "all", "original"]), default="sample",
+              show_default=True, help="With cached views: one random view per image per epoch, every view, or "
+                                      "the originals only.")
 @click.option("--units", type=UnitsType(), default="400,256,256", show_default=True,
               help="Dense layer sizes of the dense head.")
 @click.option("--pooling", type=click.Choice(["gap", "flatten", "max"]), default="gap", show_default=True)
@@ -182,24 +199,28 @@ def _train_config(**kw):
 @click.option("--no-batchnorm", is_flag=True, help="Leave out the dense head's BatchNormalization.")
 @training_options
 @click.pass_context
-def train_head(ctx, cache_path, data, weights, layer, input_size, dtype, limit, cache_dir, head, units, pooling,
-               dropout, no_batchnorm, epochs, patience, batch_size, lr, val_fraction, seed, runs_dir, name,
-               no_progress):
+def train_head(ctx, cache_paths, data, weights, layer, input_size, dtype, limit, cache_dir, views, augment,
+               augment_seed, head, filters, views_mode, units, pooling, dropout, no_batchnorm, epochs, patience,
+               batch_size, lr, val_fraction, seed, runs_dir, name, no_progress):
     """Train a head on cached features; evaluate once on the test split; print the run folder."""
-    from featcache.extract import check_cache, extract
+    from featcache.extract import check_cache, extract_all
     from heads.train import train_head as run
 
     config = _train_config(model=head, units=units, pooling=pooling, dropout=dropout, batchnorm=not no_batchnorm,
-                           epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
-                           val_fraction=val_fraction, seed=seed, name=name)
-    selection = dict(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit)
-    if cache_path:
-        given = {k: v for k, v in selection.items()
-                 if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
-        check_cache(cache_path, **given)
+                           epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, filters=filters,
+                           views_mode=views_mode, val_fraction=val_fraction, seed=seed, name=name)
+    selection = dict(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
+                     views=views, augment=augment, augment_seed=augment_seed)
+    if cache_paths:
+        given = {k: v for k, v in selection.items() if k in ("data", "weights", "input_size", "dtype", "limit")
+                 and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+        if ctx.get_parameter_source("layer") != click.core.ParameterSource.DEFAULT and len(cache_paths) == 1:
+            given["layer"] = layer
+        for path in cache_paths:
+            check_cache(path, **given)
     else:
-        cache_path = extract(cache_dir=cache_dir, progress=not no_progress, **selection)
-    result = run(cache_path, runs_dir=runs_dir, progress=not no_progress, **config.__dict__)
+        cache_paths = extract_all(cache_dir=cache_dir, progress=not no_progress, **selection)
+    result = run(list(cache_paths), runs_dir=runs_dir, progress=not no_progress, **config.__dict__)
     click.echo(str(result.run_dir))
 
 

@@ -13,15 +13,18 @@ import fcntl
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from featcache import augment as aug
 from featcache import backbone as bb
 from featcache import store
 from featcache.data import Dataset, load_dataset
@@ -44,14 +47,28 @@ def feature_shape(layer: str, input_size: tuple[int, int]) -> tuple[int, int, in
     return h, w, _CHANNELS[block]
 
 
-def plan(*, data: str | Dataset = "cifar10", weights: str = "imagenet", layer: str = bb.DEFAULT_LAYER,
-         input_size: int | None = None, dtype: str = "float16", limit: int | None = None,
-         seed: int = 0) -> tuple[Dataset, store.CacheMeta]:
-    """Validate the options and describe the cache they lead to, without running the backbone."""
-    bb.check_layer(layer)
+def parse_layers(layer: str | Sequence[str]) -> tuple[str, ...]:
+    """'block3_pool,block4_pool' or a sequence -> validated tuple of layer names."""
+    layers = tuple(x.strip() for x in layer.split(",")) if isinstance(layer, str) else tuple(layer)
+    if not layers or len(set(layers)) != len(layers):
+        raise BadInputError(f"--layer must name distinct VGG16 layers separated by commas, got {layer!r}")
+    for name in layers:
+        bb.check_layer(name)
+    return layers
+
+
+def plan(*, data: str | Dataset = "cifar10", weights: str = "imagenet", layer: str | Sequence[str] = bb.DEFAULT_LAYER,
+         input_size: int | None = None, dtype: str = "float16", limit: int | None = None, seed: int = 0,
+         views: int = 1, augment: str = aug.DEFAULT_AUGMENT, augment_seed: int = 0
+         ) -> tuple[Dataset, list[store.CacheMeta]]:
+    """Validate the options and describe the cache of each layer, without running the backbone."""
+    layers = parse_layers(layer)
     bb.check_input_size(input_size)
     if dtype not in DTYPES:
         raise BadInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if views < 1:
+        raise BadInputError(f"--views must be at least 1 (1: the original images only), got {views}")
+    augment = ",".join(aug.parse(augment)) if views > 1 else ""
     ds = data if isinstance(data, Dataset) else load_dataset(data, limit=limit)
     if input_size:
         size = (input_size, input_size)
@@ -60,45 +77,65 @@ def plan(*, data: str | Dataset = "cifar10", weights: str = "imagenet", layer: s
         if ds.test.pixels is not None and ds.test.native_size() != ds.train.native_size():
             raise BadInputError(f"train images are {ds.train.native_size()} but test images are "
                                 f"{ds.test.native_size()}; fix: pass --input-size N")
-    meta = store.CacheMeta(
-        backbone=bb.BACKBONE, layer=layer, weights=bb.weights_identity(weights, seed=seed),
-        weights_source=str(weights), input_shape=(*size, 3), feature_shape=feature_shape(layer, size),
-        preprocessing=bb.PREPROCESSING, resize=bb.RESIZE, dtype=dtype, dataset_name=ds.name,
-        dataset_source=ds.source, dataset_fingerprint=ds.fingerprint, limit=ds.limit or 0,
+    common = dict(
+        backbone=bb.BACKBONE, weights=bb.weights_identity(weights, seed=seed), weights_source=str(weights),
+        input_shape=(*size, 3), preprocessing=bb.PREPROCESSING, resize=bb.RESIZE, dtype=dtype,
+        dataset_name=ds.name, dataset_source=ds.source, dataset_fingerprint=ds.fingerprint, limit=ds.limit or 0,
         n_train=len(ds.train), n_test=len(ds.test), versions=_versions(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    return ds, meta
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        views=views, augment=augment, augment_seed=augment_seed if views > 1 else 0)
+    return ds, [store.CacheMeta(layer=name, feature_shape=feature_shape(name, size), **common) for name in layers]
 
 
-def extract(*, data: str | Dataset = "cifar10", weights: str = "imagenet", layer: str = bb.DEFAULT_LAYER,
-            input_size: int | None = None, batch_size: int = 128, dtype: str = "float16",
-            cache_dir: str | Path = "cache", limit: int | None = None, force: bool = False,
-            progress: bool = True, seed: int = 0) -> Path:
-    """Extract features of `data` at `layer` into `cache_dir` and return the cache's path.
+def expected_bytes(meta: store.CacheMeta) -> int:
+    """Bytes the features of a cache take on disk (labels, paths and metadata excluded)."""
+    row = int(np.prod(meta.feature_shape)) * np.dtype(meta.dtype).itemsize
+    return row * (meta.n_train * meta.views + meta.n_test)
 
-    A complete cache with the same key is reused at once; `force` recomputes it.
+
+def extract(*, layer: str = bb.DEFAULT_LAYER, **options) -> Path:
+    """Extract the features of one layer and return its cache's path; see `extract_all` for the options."""
+    paths = extract_all(layer=layer, **options)
+    if len(paths) != 1:
+        raise BadInputError(f"extract() takes one layer, got {layer!r}; use extract_all() for several")
+    return paths[0]
+
+
+def extract_all(*, data: str | Dataset = "cifar10", weights: str = "imagenet",
+                layer: str | Sequence[str] = bb.DEFAULT_LAYER, input_size: int | None = None, batch_size: int = 128,
+                dtype: str = "float16", cache_dir: str | Path = "cache", limit: int | None = None,
+                force: bool = False, progress: bool = True, seed: int = 0, views: int = 1,
+                augment: str = aug.DEFAULT_AUGMENT, augment_seed: int = 0) -> list[Path]:
+    """Extract features of `data` at each layer (one forward pass for all) into `cache_dir`.
+
+    Returns one cache path per layer. A complete cache with the same key is reused at once; `force`
+    recomputes it. With `views` > 1 the training split also gets views - 1 augmented copies
+    (`augment`, seeded by `augment_seed`) per image; test features are always of the original images.
     """
     if batch_size < 1:
         raise BadInputError(f"--batch-size must be at least 1, got {batch_size}")
-    ds, meta = plan(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype,
-                    limit=limit, seed=seed)
-    final = _cache_dir(cache_dir) / store.cache_filename(meta)
-    partial = final.with_name(final.name + ".partial")
-    with _exclusive(final.with_name(final.name + ".lock"), final):
-        if final.exists() and not force:
-            cached = store.open_cache(final)
-            if cached.meta.key != meta.key:
-                raise CacheError(f"{final} holds another extraction ({'; '.join(store.differences(cached.meta, {k: getattr(meta, k) for k in store.KEY_FIELDS}))}); "
-                                 "fix: rerun with --force to rebuild it")
-            log.info("cache hit: %s (%s)", final, _mb(final.stat().st_size))
-            return final
-        start = _resume_point(partial, meta, force)
-        native = None if input_size else ds.train.native_size()
-        _run(ds, meta, partial, start, batch_size=batch_size, weights=weights, seed=seed, progress=progress,
-             require_native=native)
-        os.replace(partial, final)
-    log.info("cache: %s (%s)", final, _mb(final.stat().st_size))
-    return final
+    ds, metas = plan(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
+                     seed=seed, views=views, augment=augment, augment_seed=augment_seed)
+    folder = _cache_dir(cache_dir)
+    finals = [folder / store.cache_filename(meta) for meta in metas]
+    with contextlib.ExitStack() as locks:
+        for final in sorted(finals):   # one order for every process: no deadlock between layer sets
+            locks.enter_context(_exclusive(final.with_name(final.name + ".lock"), final))
+        jobs = []
+        for meta, final in zip(metas, finals):
+            if final.exists() and not force:
+                _check_hit(final, meta)
+                log.info("cache hit: %s (%s)", final, _mb(final.stat().st_size))
+            else:
+                jobs.append((meta, final, _resume_point(_partial(final), meta, force)))
+        if jobs:
+            _check_disk_space(folder, jobs)
+            _run(ds, jobs, batch_size=batch_size, weights=weights, seed=seed, progress=progress,
+                 require_native=None if input_size else ds.train.native_size())
+            for _, final, _ in jobs:
+                os.replace(_partial(final), final)
+                log.info("cache: %s (%s)", final, _mb(final.stat().st_size))
+    return finals
 
 
 def check_cache(path: str | Path, *, data: str | None = None, weights: str | None = None, layer: str | None = None,
@@ -126,55 +163,79 @@ def check_cache(path: str | Path, *, data: str | None = None, weights: str | Non
     return cache
 
 
-def _run(ds, meta, partial, start, *, batch_size, weights, seed, progress, require_native):
+def _run(ds, jobs, *, batch_size, weights, seed, progress, require_native):
+    import h5py
     from tqdm import tqdm
 
-    model = bb.build(layer=meta.layer, weights=weights, input_size=meta.input_shape[:2], seed=seed)
-    assert model.output_shape == tuple(meta.feature_shape), (model.output_shape, meta.feature_shape)
-    if start is None:
-        f = store.create(partial, meta, labels={"train": ds.train.labels, "test": ds.test.labels},
-                         paths={"train": ds.train.paths, "test": ds.test.paths}, class_names=ds.class_names,
-                         rows_per_chunk=store.chunk_rows(meta.feature_shape, meta.dtype, batch_size))
-        start = (0, 0)
-    else:
-        import h5py
-
-        f = h5py.File(partial, "r+")
-        log.info("resuming %s from train row %d, test row %d", partial, *start)
-    peak = _peak(f, start, batch_size)
-    size = tuple(meta.input_shape[:2])
+    metas = [meta for meta, _, _ in jobs]
+    first = metas[0]
+    model = bb.build(layer=tuple(m.layer for m in metas), weights=weights, input_size=first.input_shape[:2],
+                     seed=seed)
+    assert model.output_shapes == [tuple(m.feature_shape) for m in metas], model.output_shapes
+    files, starts = [], []
+    for meta, final, start in jobs:
+        if start is None:
+            files.append(store.create(
+                _partial(final), meta, labels={"train": ds.train.labels, "test": ds.test.labels},
+                paths={"train": ds.train.paths, "test": ds.test.paths}, class_names=ds.class_names,
+                rows_per_chunk=store.chunk_rows(meta.feature_shape, meta.dtype, batch_size)))
+            starts.append((0, 0))
+        else:
+            files.append(h5py.File(_partial(final), "r+"))
+            starts.append(start)
+            log.info("resuming %s from train row %d, test row %d", _partial(final), *start)
+    begin = tuple(min(start[i] for start in starts) for i in range(2))
+    peaks = [_peak(f, start, batch_size) for f, start in zip(files, starts)]
+    size = tuple(first.input_shape[:2])
+    n_views = first.views
     todo = [(i, name, split, s) for i, (name, split) in enumerate((("train", ds.train), ("test", ds.test)))
-            for s in range(start[i], len(split), batch_size)]
-    done = sum(start)
-    bar = tqdm(total=meta.n_train + meta.n_test, initial=done, unit="img", disable=None if progress else True,
-               desc="extract", file=sys.stderr, dynamic_ncols=True)
+            for s in range(begin[i], len(split), batch_size)]
+
+    def load(job):
+        _, name, split, s = job
+        images = split.load(s, min(s + batch_size, len(split)), size, require_native=require_native)
+        views = [aug.views(images, range(s, s + len(images)), v, first.augment, first.augment_seed)
+                 for v in range(1, n_views)] if name == "train" else []
+        return images, views
+
+    passes = lambda name, n: n * (n_views if name == "train" else 1)   # noqa: E731
+    bar = tqdm(total=passes("train", first.n_train) + first.n_test, unit="img", desc="extract",
+               initial=passes("train", begin[0]) + begin[1], disable=None if progress else True,
+               file=sys.stderr, dynamic_ncols=True)
     t0, n = time.perf_counter(), 0
     try:
         with ThreadPoolExecutor(1) as pool:
-            def load(job):
-                _, _, split, s = job
-                return split.load(s, min(s + batch_size, len(split)), size, require_native=require_native)
-
             pending = pool.submit(load, todo[0]) if todo else None
             for k, job in enumerate(todo):
-                images = pending.result()
+                images, views = pending.result()
                 pending = pool.submit(load, todo[k + 1]) if k + 1 < len(todo) else None
                 i, name, _, s = job
-                feats = _checked(model(images), meta.dtype, name, s)
-                peak = max(peak, float(np.abs(feats).max()))
-                f[f"{name}/features"][s:s + len(feats)] = feats
-                f["progress"][i] = s + len(feats)
-                f.flush()
-                n += len(feats)
-                bar.update(len(feats))
-        store.finish(f, max_abs_activation=peak)
+                e = s + len(images)
+                feats = model(images)
+                view_feats = [model(v) for v in views]
+                for j, (f, meta) in enumerate(zip(files, metas)):
+                    out = _checked(feats[j], meta.dtype, name, s)
+                    f[f"{name}/features"][s:e] = out
+                    peaks[j] = max(peaks[j], float(np.abs(out).max()))
+                    for v, vf in enumerate(view_feats):
+                        out = _checked(vf[j], meta.dtype, f"{name} view {v + 1}", s)
+                        f["train/views"][s:e, v] = out
+                        peaks[j] = max(peaks[j], float(np.abs(out).max()))
+                    f["progress"][i] = max(int(f["progress"][i]), e)
+                    f.flush()
+                n += passes(name, len(images))
+                bar.update(passes(name, len(images)))
+        for f, peak in zip(files, peaks):
+            store.finish(f, max_abs_activation=peak)
     except BadInputError:
-        f.close()
-        partial.unlink(missing_ok=True)   # deterministic failure: a resume would fail the same way
+        for f, (_, final, _) in zip(files, jobs):
+            f.close()
+            _partial(final).unlink(missing_ok=True)   # deterministic failure: a resume would fail the same way
         raise
     finally:
         bar.close()
-        f.close()
+        for f in files:
+            f.close()
     seconds = time.perf_counter() - t0
     if n:
         log.info("extracted %d images in %.1f s (%.0f images/s)", n, seconds, n / seconds,
@@ -184,10 +245,36 @@ def _run(ds, meta, partial, start, *, batch_size, weights, seed, progress, requi
 def _peak(f, start: tuple[int, int], batch_size: int) -> float:
     """Largest |activation| among rows already written (only a resumed run has any)."""
     peak = 0.0
-    for name, rows in zip(store.SPLITS, start):
+    datasets = [("train/features", start[0]), ("test/features", start[1])]
+    if "train/views" in f:
+        datasets.append(("train/views", start[0]))
+    for name, rows in datasets:
         for s in range(0, rows, batch_size):
-            peak = max(peak, float(np.abs(f[f"{name}/features"][s:min(s + batch_size, rows)]).max()))
+            peak = max(peak, float(np.abs(f[name][s:min(s + batch_size, rows)]).max()))
     return peak
+
+
+def _check_hit(final: Path, meta: store.CacheMeta) -> None:
+    cached = store.open_cache(final)
+    if cached.meta.key != meta.key:
+        diffs = store.differences(cached.meta, meta.key_fields())
+        raise CacheError(f"{final} holds another extraction ({'; '.join(diffs)}); fix: rerun with --force to "
+                         "rebuild it")
+
+
+def _check_disk_space(folder: Path, jobs) -> None:
+    """Log the expected size; refuse before any work when it cannot fit the free space."""
+    need = sum(expected_bytes(meta) for meta, _, _ in jobs)
+    have = sum(_partial(final).stat().st_size for _, final, start in jobs if start is not None)
+    free = shutil.disk_usage(folder).free
+    log.info("expected cache size: %s", _mb(need))
+    if need - have > free:
+        raise BadInputError(f"the cache needs {need / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free; fix: "
+                            "free some space, pass another --cache-dir, or lower --input-size or --views")
+
+
+def _partial(final: Path) -> Path:
+    return final.with_name(final.name + ".partial")
 
 
 def _checked(features: np.ndarray, dtype: str, split: str, row: int) -> np.ndarray:

@@ -8,6 +8,8 @@ Layout of ``<cache-dir>/<dataset>-<layer>-<key12>.h5``::
     /<split>/features      (n, *feature_shape) float16|float32, chunks of whole rows up to 1 MiB
     /<split>/labels        (n,) int64
     /<split>/paths         (n,) utf-8, the image file of each row (image-folder sources only)
+    /train/views           (n, views - 1, *feature_shape): augmented views 1.. of each training row
+                           (only when views > 1; view 0 is /train/features)
 
 Every dataset is allocated in full when the file is created, so extraction only ever writes raw
 feature rows and the progress counter: the file's own structure is on disk from the start, and a
@@ -31,6 +33,8 @@ SPLITS = ("train", "test")
 #: The fields that decide whether a cache holds what was asked for (its key).
 KEY_FIELDS = ("format_version", "backbone", "layer", "weights", "input_shape", "dtype",
               "dataset_fingerprint", "limit")
+#: Key fields added later: left out of the key at their default, so older caches keep their names.
+OPTIONAL_KEY_FIELDS = {"views": 1, "augment": "", "augment_seed": 0}
 _JSON_FIELDS = ("input_shape", "feature_shape", "versions")
 _MAX_CHUNK_BYTES = 1 << 20
 
@@ -57,10 +61,19 @@ class CacheMeta:
     versions: dict
     created: str
     format_version: int = FORMAT_VERSION
+    views: int = 1             # feature views per training image: the original plus views - 1 augmented
+    augment: str = ""          # augmentations of views 1.., e.g. "flip,crop"
+    augment_seed: int = 0
 
     @property
     def key(self) -> str:
-        return cache_key({f: getattr(self, f) for f in KEY_FIELDS})
+        return cache_key(self.key_fields())
+
+    def key_fields(self) -> dict:
+        fields = {f: getattr(self, f) for f in KEY_FIELDS}
+        fields.update({f: getattr(self, f) for f, default in OPTIONAL_KEY_FIELDS.items()
+                       if getattr(self, f) != default})
+        return fields
 
     @property
     def random_weights(self) -> bool:
@@ -72,9 +85,11 @@ class CacheMeta:
 
     @classmethod
     def from_attrs(cls, attrs) -> "CacheMeta":
-        names = {f.name for f in dataclasses.fields(cls)}
         d = {}
-        for k in names:
+        for field in dataclasses.fields(cls):
+            k = field.name
+            if k not in attrs and field.default is not dataclasses.MISSING:
+                continue
             v = attrs[k]
             v = v.decode() if isinstance(v, bytes) else v
             if k in _JSON_FIELDS:
@@ -131,6 +146,13 @@ class FeatureCache:
 
         with h5py.File(self.path, "r") as f:
             return f[f"{split}/features"][...], f[f"{split}/labels"][...]
+
+    def load_views(self) -> np.ndarray | None:
+        """(n_train, views - 1, *feature_shape) augmented training views, or None without views."""
+        import h5py
+
+        with h5py.File(self.path, "r") as f:
+            return f["train/views"][...] if "train/views" in f else None
 
     def paths(self, split: str) -> list[str] | None:
         import h5py
@@ -213,6 +235,13 @@ def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_name
             f.create_dataset(f"{split}/labels", data=np.asarray(labels[split], np.int64))
             if paths.get(split) is not None:
                 f.create_dataset(f"{split}/paths", data=np.array(paths[split], dtype=h5py.string_dtype()))
+        if meta.views > 1:
+            n, k = len(labels["train"]), meta.views - 1
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            rows = max(1, min(n, rows_per_chunk // k))
+            f.create_dataset("train/views", shape=(n, k, *meta.feature_shape), dtype=meta.dtype,
+                             chunks=(rows, k, *meta.feature_shape), dcpl=dcpl, fill_time="never")
         f.flush()
     except BaseException:
         f.close()

@@ -13,8 +13,11 @@ POOLINGS = ("gap", "flatten", "max")
 
 
 def _pool(x, pooling: str):
+    """Global pooling of a feature map; vectors (pooled and concatenated layers) pass through."""
     import keras
 
+    if len(x.shape) == 2:
+        return x
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     layer = {"gap": keras.layers.GlobalAveragePooling2D, "flatten": keras.layers.Flatten,
@@ -84,6 +87,26 @@ def cnn(input_shape, n_classes: int, *, dropout: float = 0.2, seed: int = 0):
     return keras.Model(inputs, outputs, name="cnn")
 
 
+def conv_head(input_shape, n_classes: int, *, filters: int = 128, units=(400, 256, 256), dropout: float = 0.2):
+    """BN -> 1x1 Conv(filters, relu) -> Flatten -> Dropout -> Dense(units, relu)... -> softmax.
+
+    The 1x1 convolution shrinks the channels before flattening, so the head keeps where in the image
+    a feature fired (which GAP throws away) at a fraction of the flatten head's weights.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(input_shape, name="features")
+    x = layers.BatchNormalization(name="batchnorm")(inputs)
+    x = layers.Conv2D(filters, 1, activation="relu", name="conv1x1")(x)
+    x = layers.Dropout(dropout, name="dropout_maps")(layers.Flatten()(x))
+    for i, n in enumerate(units):
+        x = layers.Dense(n, activation="relu", name=f"dense_{i}")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", name="classes")(x)
+    return keras.Model(inputs, outputs, name="conv_head")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable
@@ -96,6 +119,7 @@ class ModelSpec:
 MODELS = {
     "dense": ModelSpec(dense_head, "features", "adam", 1e-3, ("units", "pooling", "batchnorm", "dropout")),
     "linear": ModelSpec(linear_probe, "features", "adam", 1e-3, ("pooling",)),
+    "conv": ModelSpec(conv_head, "features", "adam", 1e-3, ("filters", "units", "dropout")),
     "ann": ModelSpec(ann, "pixels", "sgd", 1e-2, ()),
     "cnn": ModelSpec(cnn, "pixels", "adam", 1e-3, ("dropout", "seed")),
 }

@@ -89,7 +89,11 @@ def collect_runs(runs_dir: str | Path) -> list[dict]:
         c = json.loads((run.parent / "config.json").read_text())
         opts = {"dense": f"{c['pooling']} bn={'on' if c['batchnorm'] else 'off'} units={','.join(map(str, c['units']))} "
                          f"drop={c['dropout']}",
-                "linear": f"{c['pooling']}", "cnn": f"drop={c['dropout']}"}.get(c["model"], "")
+                "linear": f"{c['pooling']}", "cnn": f"drop={c['dropout']}",
+                "conv": f"filters={c.get('filters')} units={','.join(map(str, c['units']))} drop={c['dropout']}",
+                }.get(c["model"], "")
+        if m.get("n_views", 1) > 1:
+            opts += f" views={m['n_views']} ({c.get('views_mode')})"
         rows.append({"run": run.parent.name, "model": c["model"], "options": opts,
                      "epochs": f"{m['epochs_run']}/{m['best_epoch']}", "val_accuracy": m["val_accuracy"],
                      "test_accuracy": m["test_accuracy"], "seconds": m["seconds"],

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 #: Training steps run per call into TensorFlow: a head step on cached features takes well under a
 #: millisecond of compute, so with one step per call Keras' per-call overhead dominates an epoch.
 STEPS_PER_EXECUTION = 32
+VIEWS_MODES = ("sample", "all", "original")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     name: str | None = None
+    filters: int = 128                # conv head: channels of its 1x1 convolution
+    views_mode: str = "sample"        # with cached views: "sample" one per image per epoch, "all", "original"
 
     def __post_init__(self):
         object.__setattr__(self, "units", tuple(self.units))
@@ -52,6 +55,9 @@ class TrainConfig:
             (self.patience >= 0, f"--patience must be at least 0, got {self.patience}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.filters >= 1, f"--filters must be at least 1, got {self.filters}"),
+            (self.views_mode in VIEWS_MODES, f"--views-mode must be one of {', '.join(VIEWS_MODES)}, "
+                                             f"got {self.views_mode!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -74,6 +80,11 @@ class TrainData:
     kind: str                      # "features" or "pixels"
     source: dict = field(default_factory=dict)
     random_weights: bool = False
+    x_views: np.ndarray | None = None   # (n_train, views - 1, ...) augmented training views, if cached
+
+    @property
+    def n_views(self) -> int:
+        return 1 if self.x_views is None else 1 + self.x_views.shape[1]
 
 
 def data_from_cache(cache) -> TrainData:
@@ -85,7 +96,34 @@ def data_from_cache(cache) -> TrainData:
     meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cache.meta).items()}
     return TrainData(x_train, y_train, x_test, y_test, cache.class_names, "features",
                      source={"cache": str(cache.path), "cache_key": cache.meta.key, "cache_meta": meta},
-                     random_weights=cache.meta.random_weights)
+                     random_weights=cache.meta.random_weights, x_views=cache.load_views())
+
+
+def data_from_caches(caches, pooling: str = "gap") -> TrainData:
+    """Several layers' caches of the same images: each pooled (gap or max), then concatenated per row."""
+    if len(caches) == 1:
+        return data_from_cache(caches[0])
+    if pooling not in ("gap", "max"):
+        raise BadInputError(f"concatenating layers needs --pooling gap or max, got {pooling!r}")
+    parts = [data_from_cache(c) for c in caches]
+    first = parts[0]
+    for p in parts[1:]:
+        same = (p.source["cache_meta"]["dataset_fingerprint"] == first.source["cache_meta"]["dataset_fingerprint"]
+                and p.source["cache_meta"]["input_shape"] == first.source["cache_meta"]["input_shape"]
+                and p.n_views == first.n_views)
+        if not same:
+            raise BadInputError(f"{p.source['cache']} and {first.source['cache']} hold different images, input "
+                                "sizes or views; fix: extract every layer with the same options")
+    reduce = np.mean if pooling == "gap" else np.max
+    pool = lambda x, axes: None if x is None else np.concatenate(   # noqa: E731
+        [reduce(x[i:i + 4096].astype(np.float32), axis=axes) for i in range(0, len(x), 4096)])
+    cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=-1)   # noqa: E731
+    return TrainData(
+        cat([pool(p.x_train, (1, 2)) for p in parts]), first.y_train,
+        cat([pool(p.x_test, (1, 2)) for p in parts]), first.y_test, first.class_names, "features",
+        source={"caches": [p.source for p in parts], "pooling": pooling},
+        random_weights=any(p.random_weights for p in parts),
+        x_views=cat([pool(p.x_views, (2, 3)) for p in parts]))
 
 
 def data_from_dataset(ds) -> TrainData:
@@ -137,13 +175,17 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
     model = spec.build(data.x_train.shape[1:], n_classes, **options)
     optimizer = (keras.optimizers.Adam(config.learning_rate) if spec.optimizer == "adam"
                  else keras.optimizers.SGD(config.learning_rate, momentum=0.9))
-    fit_model, x_fit = _fixed_pooling_split(model, data.x_train)
+    fit_model, (x_fit, views_fit) = _fixed_pooling_split(model, [data.x_train, data.x_views])
     fit_model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                       steps_per_execution=STEPS_PER_EXECUTION, jit_compile=False)   # XLA: 4x slower on CPU here
+    n_views = data.n_views if config.views_mode != "original" else 1
+    if n_views > 1:   # (n, views, ...): view 0 is the original image
+        x_fit = np.concatenate([x_fit[:, None], views_fit], axis=1)
     x_all, y_all = _as_tensors(x_fit, data.y_train)
-    train_ds = _batches(x_all, y_all, tr, config.batch_size, shuffle=True, seed=config.seed)
-    val_ds = _batches(x_all, y_all, va, config.batch_size, shuffle=False)
+    train_ds = _batches(x_all, y_all, tr, config.batch_size, shuffle=True, seed=config.seed, n_views=n_views,
+                        all_views=config.views_mode == "all")
+    val_ds = _batches(x_all, y_all, va, config.batch_size, shuffle=False, n_views=n_views)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                             restore_best_weights=True)
     timer = _EpochLog(config.epochs, progress)
@@ -160,7 +202,7 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
         best_epoch=best + 1, epochs_run=len(history["val_loss"]), n_train=len(tr), n_val=len(va),
         n_test=len(data.y_test), seconds=round(fit_seconds, 3),
         seconds_per_epoch=round(float(np.mean(timer.seconds)), 4), random_weights=data.random_weights,
-        params=int(model.count_params()))
+        params=int(model.count_params()), n_views=n_views)
     result = RunResult(None, config, metrics, history, model)
     if runs_dir is not None:
         from heads.reports import write_run
@@ -173,9 +215,14 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
 
 
 def train_head(cache, *, runs_dir="runs", progress=True, **options) -> RunResult:
-    """Train a head (`model="dense"` or `"linear"`) on a cache path or FeatureCache."""
+    """Train a head (`model="dense"`, `"linear"` or `"conv"`) on a cache path or FeatureCache.
+
+    A list of caches (several layers of the same images) trains on their pooled features, concatenated.
+    """
     options.setdefault("model", "dense")
-    return train(data_from_cache(cache), TrainConfig(**options), runs_dir=runs_dir, progress=progress)
+    config = TrainConfig(**options)
+    caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
+    return train(data_from_caches(caches, config.pooling), config, runs_dir=runs_dir, progress=progress)
 
 
 def train_baseline(model: str, *, data="cifar10", limit=None, runs_dir="runs", progress=True,
@@ -212,21 +259,28 @@ def _metrics(probs: np.ndarray, y: np.ndarray, class_names) -> dict:
     }
 
 
-def _fixed_pooling_split(model, x: np.ndarray):
-    """(model to fit, its training inputs): global pooling has no weights, so pool the features once.
+def _fixed_pooling_split(model, arrays: list):
+    """(model to fit, its inputs): global pooling has no weights, so pool the features once.
 
     When the model starts with a global pooling layer, the rest of it is fitted on pooled vectors
     (computed here once instead of every epoch); it shares its layers with `model`, which still
-    takes feature maps for evaluation and saving.
+    takes feature maps for evaluation and saving. `arrays` are (n, h, w, c) maps or
+    (n, views, h, w, c) views; None passes through.
     """
     import keras
 
     first = model.layers[1]
     if not isinstance(first, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
-        return model, x
+        return model, arrays
     reduce = np.mean if isinstance(first, keras.layers.GlobalAveragePooling2D) else np.max
-    pooled = np.concatenate([reduce(x[i:i + 4096].astype(np.float32), axis=(1, 2)) for i in range(0, len(x), 4096)])
-    return keras.Model(first.output, model.output), pooled
+
+    def pool(x):
+        if x is None:
+            return None
+        axes = (x.ndim - 3, x.ndim - 2)
+        return np.concatenate([reduce(x[i:i + 4096].astype(np.float32), axis=axes) for i in range(0, len(x), 4096)])
+
+    return keras.Model(first.output, model.output), [pool(x) for x in arrays]
 
 
 def _as_tensors(x, y):
@@ -235,17 +289,31 @@ def _as_tensors(x, y):
     return tf.convert_to_tensor(x), tf.convert_to_tensor(y.astype(np.int64))
 
 
-def _batches(x, y, idx, batch_size, *, shuffle, seed=0):
+def _batches(x, y, idx, batch_size, *, shuffle, seed=0, n_views=1, all_views=False):
     """Batches gathered from tensors held in RAM in their stored dtype, cast to float32 per batch.
 
-    Shuffling whole-row indices (not rows) keeps the per-epoch cost to one gather per batch.
+    Shuffling row indices (not rows) keeps the per-epoch cost to one gather per batch. With views,
+    x is (n, n_views, ...): training rows get a fresh random view each epoch (or every view once,
+    `all_views`); evaluation rows (shuffle=False) always get view 0, the original image.
     """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices(idx)
+    idx = np.asarray(idx, np.int64)
+    if n_views > 1 and all_views:
+        pairs = np.stack([np.repeat(idx, n_views), np.tile(np.arange(n_views), len(idx))], axis=1)
+        ds = tf.data.Dataset.from_tensor_slices(pairs)
+    elif n_views > 1 and shuffle:
+        choice = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).map(lambda r: r % n_views)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(idx), choice).map(lambda i, v: tf.stack([i, v]))
+    elif n_views > 1:
+        ds = tf.data.Dataset.from_tensor_slices(np.stack([idx, np.zeros_like(idx)], axis=1))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(idx)
     if shuffle:
-        ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda i: (tf.cast(tf.gather(x, i), tf.float32), tf.gather(y, i)),
+        ds = ds.shuffle(len(idx) * (n_views if all_views else 1), seed=seed, reshuffle_each_iteration=True)
+    take = (lambda i: tf.gather_nd(x, i)) if n_views > 1 else (lambda i: tf.gather(x, i))
+    rows = (lambda i: i[:, 0]) if n_views > 1 else (lambda i: i)
+    ds = ds.batch(batch_size).map(lambda i: (tf.cast(take(i), tf.float32), tf.gather(y, rows(i))),
                                   num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 

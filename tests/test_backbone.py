@@ -9,15 +9,23 @@ from featcache.extract import feature_shape
 @pytest.mark.parametrize("layer, size", [("block3_pool", 32), ("block2_conv2", 40), ("block5_pool", 64)])
 def test_feature_shape_matches_the_built_model(layer, size):
     model = bb.build(layer=layer, weights="random", input_size=(size, size))
-    assert model.output_shape == feature_shape(layer, (size, size))
+    assert model.output_shapes == [feature_shape(layer, (size, size))]
     assert model.model.layers[-1].name == layer
     assert not model.model.trainable and model.model.trainable_weights == []
 
 
+def test_several_layers_share_one_forward_pass():
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    both = bb.build(layer=("block3_pool", "block4_pool"), weights="random", seed=2)(x)
+    alone = bb.build(layer="block4_pool", weights="random", seed=2)(x)
+    assert [f.shape for f in both] == [(2, 4, 4, 256), (2, 2, 2, 512)]
+    np.testing.assert_allclose(both[1], alone[0], rtol=1e-5, atol=1e-5)
+
+
 def test_random_weights_are_seeded():
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    a = bb.build(weights="random", seed=1)(x)
-    b = bb.build(weights="random", seed=1)(x)
+    a = bb.build(weights="random", seed=1)(x)[0]
+    b = bb.build(weights="random", seed=1)(x)[0]
     np.testing.assert_array_equal(a, b)
     assert bb.weights_identity("random", seed=1) == "random:seed=1"
 

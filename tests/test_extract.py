@@ -105,7 +105,7 @@ def test_interrupted_run_resumes_without_recomputing(image_folder, tmp_path, mon
 
 
 def test_float16_overflow_is_refused_not_stored_as_inf(image_folder, cache_dir, monkeypatch):
-    monkeypatch.setattr(bb.Backbone, "__call__", lambda self, x: np.full((len(x), 4, 4, 256), 7e4, np.float32))
+    monkeypatch.setattr(bb.Backbone, "__call__", lambda self, x: [np.full((len(x), 4, 4, 256), 7e4, np.float32)])
     with pytest.raises(BadInputError, match=r"activations reach 7e\+04, beyond float16.*--dtype float32"):
         extract(data=image_folder, weights="random", cache_dir=cache_dir, progress=False)
     assert [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == []
@@ -114,7 +114,7 @@ def test_float16_overflow_is_refused_not_stored_as_inf(image_folder, cache_dir, 
 
 
 def test_foreign_file_at_the_cache_name_is_not_overwritten(image_folder, cache_dir):
-    _, meta = plan(data=image_folder, weights="random")
+    _, (meta,) = plan(data=image_folder, weights="random")
     cache_dir.mkdir()
     target = cache_dir / store.cache_filename(meta)
     target.write_bytes(b"precious")
@@ -126,11 +126,13 @@ def test_foreign_file_at_the_cache_name_is_not_overwritten(image_folder, cache_d
 def test_changed_inputs_never_reuse_a_cache(image_folder, tmp_path):
     def key(**kw):
         opts = dict(data=image_folder, weights="random")
-        return plan(**{**opts, **kw})[1].key
+        return plan(**{**opts, **kw})[1][0].key
 
     base = key()
     variants = [key(layer="block2_pool"), key(input_size=48), key(dtype="float32"), key(limit=3),
-                key(weights=str(REAL_WEIGHTS)) if REAL_WEIGHTS.exists() else "w", key(seed=1)]
+                key(weights=str(REAL_WEIGHTS)) if REAL_WEIGHTS.exists() else "w", key(seed=1), key(views=2),
+                key(views=2, augment="flip"), key(views=2, augment_seed=1), key(views=3)]
+    assert key(augment="flip") == base, "augmentation options without views change nothing"
     other = write_folder(tmp_path / "other", seed=0)
     from PIL import Image
     img = other / "train" / "ant" / "00.png"

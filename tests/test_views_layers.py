@@ -1,0 +1,139 @@
+"""Beyond one layer and one view: several layers in one pass, cached augmentation views, their heads."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featcache
+from featcache import augment as aug
+from featcache import backbone as bb
+from featcache.cli import main
+from featcache.errors import BadInputError
+from featcache.extract import extract, extract_all
+from heads import train as ht
+from heads.builders import MODELS
+from test_extract import count_calls
+
+
+def test_several_layers_in_one_pass_equal_separate_extractions(image_folder, tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        calls = count_calls(m)
+        p3, p4 = extract_all(data=image_folder, weights="random", layer="block3_pool,block4_pool", batch_size=6,
+                             cache_dir=tmp_path / "both", progress=False)
+    assert len(calls) == 3, "one forward pass per batch for both layers"
+    for layer, path in (("block3_pool", p3), ("block4_pool", p4)):
+        alone = extract(data=image_folder, weights="random", layer=layer, cache_dir=tmp_path / layer, progress=False)
+        assert path.name == alone.name
+        a, b = featcache.open_cache(path), featcache.open_cache(alone)
+        for split in ("train", "test"):
+            np.testing.assert_allclose(a.load(split)[0].astype(np.float32), b.load(split)[0].astype(np.float32),
+                                       rtol=1e-2, atol=1e-2)
+
+
+def test_views_are_seeded_augmentations_of_the_training_split_only(image_folder, cache_dir):
+    plain = featcache.open_cache(extract(data=image_folder, weights="random", cache_dir=cache_dir, progress=False))
+    path = extract(data=image_folder, weights="random", views=3, augment="flip,crop", augment_seed=7,
+                   cache_dir=cache_dir, progress=False)
+    c = featcache.open_cache(path)
+    assert c.meta.views == 3 and c.meta.augment == "flip,crop" and c.meta.augment_seed == 7
+    views = c.load_views()
+    assert views.shape == (12, 2, 4, 4, 256) and plain.load_views() is None
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(c.load(split)[0], plain.load(split)[0])
+    ds = featcache.load_dataset(image_folder)
+    images = ds.train.load(0, 12, (32, 32))
+    expected = bb.build(weights="random")(aug.views(images, range(12), 2, "flip,crop", 7))[0]
+    np.testing.assert_allclose(views[:, 1].astype(np.float32), expected, rtol=1e-3, atol=1e-2)
+    assert not np.array_equal(views[:, 0], views[:, 1])
+
+
+def test_augmentations_are_deterministic_per_row_and_view():
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    a = aug.views(images, range(4), 1, "flip,crop", 0)
+    np.testing.assert_array_equal(a, aug.views(images, range(4), 1, "flip,crop", 0))
+    assert not np.array_equal(a, aug.views(images, range(4), 2, "flip,crop", 0))
+    assert not np.array_equal(a, aug.views(images, range(4), 1, "flip,crop", 1))
+    flipped = aug.views(images, range(4), 1, "flip", 0)
+    for img, out in zip(images, flipped):
+        assert np.array_equal(out, img) or np.array_equal(out, img[:, ::-1])
+    with pytest.raises(BadInputError, match="--augment must name some of flip, crop"):
+        aug.parse("flip,rotate")
+
+
+def test_cache_that_cannot_fit_is_refused_before_any_work(image_folder, cache_dir, monkeypatch, caplog):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(bb, "build", lambda **kw: pytest.fail("no model may be built"))
+    with caplog.at_level("INFO"), pytest.raises(BadInputError, match=r"needs 0.00 GB but .* has 0.00 GB free"):
+        extract(data=image_folder, weights="random", views=2, cache_dir=cache_dir, progress=False)
+    assert "expected cache size: 0.2 MB" in caplog.text
+    assert not list(cache_dir.glob("*.h5")) + list(cache_dir.glob("*.partial"))
+
+
+def test_batches_give_validation_the_original_and_training_every_view():
+    import tensorflow as tf
+
+    n, k = 40, 3
+    x = np.zeros((n, k, 2), np.float16)
+    x[:, :, 0] = np.arange(n)[:, None]            # row number
+    x[:, :, 1] = np.arange(k)[None, :]            # view number
+    xt, yt = tf.constant(x), tf.constant(np.arange(n))
+    idx = np.arange(0, n, 2)
+    val = np.concatenate([b[0].numpy() for b in ht._batches(xt, yt, idx, 7, shuffle=False, n_views=k)])
+    assert (val[:, 1] == 0).all() and sorted(val[:, 0]) == list(idx)
+    every = np.concatenate([b[0].numpy() for b in ht._batches(xt, yt, idx, 7, shuffle=True, n_views=k,
+                                                              all_views=True)])
+    assert sorted(map(tuple, every.tolist())) == sorted((float(i), float(v)) for i in idx for v in range(k))
+    sampled = ht._batches(xt, yt, idx, 7, shuffle=True, n_views=k)
+    epochs = [np.concatenate([b[0].numpy() for b in sampled]) for _ in range(2)]
+    for e in epochs:
+        assert sorted(e[:, 0]) == list(idx) and set(e[:, 1]) <= {0, 1, 2}
+    assert set(epochs[0][:, 1]) | set(epochs[1][:, 1]) == {0, 1, 2}
+    labels = np.concatenate([b[1].numpy() for b in sampled])
+    assert sorted(labels) == list(idx)
+
+
+@pytest.mark.parametrize("mode", ["sample", "all", "original"])
+def test_heads_train_on_views(image_folder, cache_dir, mode):
+    path = extract(data=image_folder, weights="random", views=3, cache_dir=cache_dir, progress=False)
+    for head in ("dense", "conv"):
+        r = ht.train_head(path, model=head, units=(8,), epochs=2, views_mode=mode, runs_dir=None, progress=False)
+        assert r.metrics["n_views"] == (1 if mode == "original" else 3) and r.metrics["n_test"] == 6
+
+
+def test_concatenated_layers(image_folder, cache_dir, tmp_path):
+    paths = extract_all(data=image_folder, weights="random", layer="block3_pool,block4_pool", cache_dir=cache_dir,
+                        progress=False)
+    data = ht.data_from_caches(paths, "gap")
+    assert data.x_train.shape == (12, 256 + 512) and data.x_test.shape == (6, 768)
+    r = ht.train_head(paths, units=(8,), epochs=2, runs_dir=None, progress=False)
+    assert r.model.input_shape == (None, 768)
+    with pytest.raises(BadInputError, match="needs --pooling gap or max"):
+        ht.data_from_caches(paths, "flatten")
+    other = extract(data=image_folder, weights="random", layer="block4_pool", limit=5, cache_dir=cache_dir,
+                    progress=False)
+    with pytest.raises(BadInputError, match="hold different images"):
+        ht.data_from_caches([paths[0], other], "gap")
+
+
+def test_conv_head_shape():
+    model = MODELS["conv"].build((4, 4, 256), 10, filters=32, units=(64,), dropout=0.1)
+    assert [type(x).__name__ for x in model.layers] == ["InputLayer", "BatchNormalization", "Conv2D", "Flatten",
+                                                        "Dropout", "Dense", "Dropout", "Dense"]
+    assert model.count_params() == 4 * 256 + (256 * 32 + 32) + (4 * 4 * 32 * 64 + 64) + (64 * 10 + 10)
+
+
+def test_cli_several_layers_and_views(image_folder, cache_dir, tmp_path):
+    r = CliRunner().invoke(main, ["extract", "--data", str(image_folder), "--weights", "random", "--layer",
+                                  "block3_pool,block4_pool", "--views", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    paths = r.stdout.split()
+    assert len(paths) == 2 and "block4_pool" in paths[1] and "expected cache size" in r.stderr
+    r = CliRunner().invoke(main, ["train-head", "--cache", paths[0], "--cache", paths[1], "--epochs", "1",
+                                  "--views-mode", "all", "--runs-dir", str(tmp_path / "runs"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["extract", "--data", str(image_folder), "--layer", "block3_pool,block3_pool"])
+    assert r.exit_code == 2 and "distinct" in r.stderr
