@@ -17,7 +17,7 @@ SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER)
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 .DEFAULT_GOAL := help
-.PHONY: help install extract heads bench test clean
+.PHONY: help install extract heads bench study test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,6 +45,10 @@ heads: extract ## train the reference head (gap, flatten), a linear probe, the A
 bench: extract ## measure speed, size and memory side by side; writes docs/benchmarks.{md,json} (~15 min)
 	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
+
+study: install ## the accuracy study: input size x layer x views x head, chosen on validation (~1 h)
+	$(BIN)/python bench/study.py --data "$(DATA)" --weights "$(WEIGHTS)" --cache-dir $(CACHE_DIR) \
+		--runs-dir $(RUNS_DIR)/study
 
 test: install ## run the test suite (a few minutes on 2 cores)
 	$(BIN)/pytest -q

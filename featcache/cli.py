@@ -109,7 +109,8 @@ def info(path, as_json):
         "path": str(c.path), "complete": c.complete, "layer": c.meta.layer, "dtype": c.meta.dtype,
         "size_bytes": c.size_bytes, "random_weights": c.meta.random_weights,
         "progress": {"train": c.progress[0], "test": c.progress[1]},
-        "max_abs_activation": c.max_abs_activation, "class_names": list(c.class_names),
+        "max_abs_activation": c.max_abs_activation, "extract_seconds": c.extract_seconds,
+        "class_names": list(c.class_names),
         "splits": {s: {"n": i.n, "shape": list(i.shape)} for s, i in c.splits.items()},
         "meta": {k: (list(v) if isinstance(v, tuple) else v) for k, v in c.meta.__dict__.items()},
     }

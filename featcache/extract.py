@@ -226,7 +226,7 @@ def _run(ds, jobs, *, batch_size, weights, seed, progress, require_native):
                 n += passes(name, len(images))
                 bar.update(passes(name, len(images)))
         for f, peak in zip(files, peaks):
-            store.finish(f, max_abs_activation=peak)
+            store.finish(f, max_abs_activation=peak, extract_seconds=time.perf_counter() - t0)
     except BadInputError:
         for f, (_, final, _) in zip(files, jobs):
             f.close()

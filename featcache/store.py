@@ -139,6 +139,7 @@ class FeatureCache:
     progress: tuple[int, int]
     splits: dict
     max_abs_activation: float | None
+    extract_seconds: float | None = None
 
     def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of `split` read into memory in their stored dtype."""
@@ -197,7 +198,8 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCac
                 progress=tuple(int(v) for v in f["progress"][...]),
                 splits=splits,
                 max_abs_activation=(float(f.attrs["max_abs_activation"])
-                                    if "max_abs_activation" in f.attrs else None))
+                                    if "max_abs_activation" in f.attrs else None),
+                extract_seconds=(float(f.attrs["extract_seconds"]) if "extract_seconds" in f.attrs else None))
     except (KeyError, ValueError, OSError, TypeError) as e:
         raise CacheError(f"{path} is damaged or not a featcache cache ({_short(e)}); {fix}") from e
     if require_complete and not cache.complete:
@@ -249,8 +251,10 @@ def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_name
     return f
 
 
-def finish(f, *, max_abs_activation: float) -> None:
+def finish(f, *, max_abs_activation: float, extract_seconds: float | None = None) -> None:
     f.attrs["max_abs_activation"] = max_abs_activation
+    if extract_seconds is not None:   # of the run that completed the file (a resumed run: its part only)
+        f.attrs["extract_seconds"] = extract_seconds
     f.attrs["complete"] = True
     f.flush()
 

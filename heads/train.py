@@ -303,19 +303,23 @@ def _batches(x, y, idx, batch_size, *, shuffle, seed=0, n_views=1, all_views=Fal
         pairs = np.stack([np.repeat(idx, n_views), np.tile(np.arange(n_views), len(idx))], axis=1)
         ds = tf.data.Dataset.from_tensor_slices(pairs)
     elif n_views > 1 and shuffle:
-        choice = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).map(lambda r: r % n_views)
-        ds = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(idx), choice).map(lambda i, v: tf.stack([i, v]))
+        def pair(i, r):   # a fresh random view for row i each epoch
+            return tf.stack([i, r % n_views])
+
+        randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(idx), randoms).map(pair)
     elif n_views > 1:
         ds = tf.data.Dataset.from_tensor_slices(np.stack([idx, np.zeros_like(idx)], axis=1))
     else:
         ds = tf.data.Dataset.from_tensor_slices(idx)
     if shuffle:
         ds = ds.shuffle(len(idx) * (n_views if all_views else 1), seed=seed, reshuffle_each_iteration=True)
-    take = (lambda i: tf.gather_nd(x, i)) if n_views > 1 else (lambda i: tf.gather(x, i))
-    rows = (lambda i: i[:, 0]) if n_views > 1 else (lambda i: i)
-    ds = ds.batch(batch_size).map(lambda i: (tf.cast(take(i), tf.float32), tf.gather(y, rows(i))),
-                                  num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    def gather(i):   # i: row indices, or (row, view) pairs
+        if n_views > 1:
+            return tf.cast(tf.gather_nd(x, i), tf.float32), tf.gather(y, i[:, 0])
+        return tf.cast(tf.gather(x, i), tf.float32), tf.gather(y, i)
+
+    return ds.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 class _EpochLog:
