@@ -115,15 +115,21 @@ def data_from_caches(caches, pooling: str = "gap") -> TrainData:
             raise BadInputError(f"{p.source['cache']} and {first.source['cache']} hold different images, input "
                                 "sizes or views; fix: extract every layer with the same options")
     reduce = np.mean if pooling == "gap" else np.max
-    pool = lambda x, axes: None if x is None else np.concatenate(   # noqa: E731
-        [reduce(x[i:i + 4096].astype(np.float32), axis=axes) for i in range(0, len(x), 4096)])
     cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=-1)   # noqa: E731
     return TrainData(
-        cat([pool(p.x_train, (1, 2)) for p in parts]), first.y_train,
-        cat([pool(p.x_test, (1, 2)) for p in parts]), first.y_test, first.class_names, "features",
+        cat([_global_pool(p.x_train, reduce) for p in parts]), first.y_train,
+        cat([_global_pool(p.x_test, reduce) for p in parts]), first.y_test, first.class_names, "features",
         source={"caches": [p.source for p in parts], "pooling": pooling},
         random_weights=any(p.random_weights for p in parts),
-        x_views=cat([pool(p.x_views, (2, 3)) for p in parts]))
+        x_views=cat([_global_pool(p.x_views, reduce) for p in parts]))
+
+
+def _global_pool(x: np.ndarray | None, reduce) -> np.ndarray | None:
+    """Pool the two spatial axes of (..., h, w, c) maps, in float32, a few thousand rows at a time."""
+    if x is None:
+        return None
+    axes = (x.ndim - 3, x.ndim - 2)
+    return np.concatenate([reduce(x[i:i + 4096].astype(np.float32), axis=axes) for i in range(0, len(x), 4096)])
 
 
 def data_from_dataset(ds) -> TrainData:
@@ -273,14 +279,7 @@ def _fixed_pooling_split(model, arrays: list):
     if not isinstance(first, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
         return model, arrays
     reduce = np.mean if isinstance(first, keras.layers.GlobalAveragePooling2D) else np.max
-
-    def pool(x):
-        if x is None:
-            return None
-        axes = (x.ndim - 3, x.ndim - 2)
-        return np.concatenate([reduce(x[i:i + 4096].astype(np.float32), axis=axes) for i in range(0, len(x), 4096)])
-
-    return keras.Model(first.output, model.output), [pool(x) for x in arrays]
+    return keras.Model(first.output, model.output), [_global_pool(x, reduce) for x in arrays]
 
 
 def _as_tensors(x, y):
