@@ -142,7 +142,7 @@ def bench_cached_vs_end_to_end(args, data) -> dict:
     backbone = bb.build(weights=args.weights)
     inputs = keras.Input((32, 32, 3))
     feats = backbone.model(keras.applications.vgg16.preprocess_input(inputs), training=False)
-    seed_way = keras.Model(inputs, dense_head(backbone.output_shape, 10)(feats))
+    seed_way = keras.Model(inputs, dense_head(backbone.output_shapes[0], 10)(feats))
     seed_way.compile("adam", "sparse_categorical_crossentropy")
     raw = tf.data.Dataset.from_tensor_slices((pixels.astype("float32"), ds.train.labels)).batch(args.head_batch_size)
     head.fit(cached.take(2), verbose=0)
