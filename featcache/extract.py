@@ -4,6 +4,8 @@ Batches are decoded in a background thread while the model runs, written as soon
 computed, and counted in the file's `/progress`; the file is built under ``<name>.partial`` and
 renamed into place when complete, so an interrupted run resumes and a finished name is never
 half-written. A lock file keeps two processes from building the same cache at once.
+Several layers share one forward pass and get one cache file each; cached augmentation views of
+the training split are computed in the same loop.
 """
 
 from __future__ import annotations

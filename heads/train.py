@@ -194,7 +194,7 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
     val_ds = _batches(x_all, y_all, va, config.batch_size, shuffle=False, n_views=n_views)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                             restore_best_weights=True)
-    timer = _EpochLog(config.epochs, progress)
+    timer = _epoch_log(config.epochs, progress)
     t0 = time.perf_counter()
     history = fit_model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[stopper, timer],
                         shuffle=False, verbose=0).history   # shuffled by _batches
@@ -321,30 +321,30 @@ def _batches(x, y, idx, batch_size, *, shuffle, seed=0, n_views=1, all_views=Fal
     return ds.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-class _EpochLog:
-    """Keras callback: per-epoch seconds, and a one-line tqdm bar of epochs on stderr."""
+def _epoch_log(epochs: int, progress: bool):
+    """A Keras callback recording per-epoch seconds, with a one-line tqdm bar of epochs on stderr.
 
-    def __new__(cls, epochs, progress):
-        import keras
-        from tqdm import tqdm
+    Built in a function so that importing heads.train does not import Keras.
+    """
+    import keras
+    from tqdm import tqdm
 
-        class EpochLog(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.seconds = []
-                self.bar = tqdm(total=epochs, unit="epoch", desc="train", disable=None if progress else True,
-                                file=sys.stderr,
-                                dynamic_ncols=True)
+    class EpochLog(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.seconds = []
+            self.bar = tqdm(total=epochs, unit="epoch", desc="train", disable=None if progress else True,
+                            file=sys.stderr, dynamic_ncols=True)
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self.t0 = time.perf_counter()
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
 
-            def on_epoch_end(self, epoch, logs=None):
-                self.seconds.append(time.perf_counter() - self.t0)
-                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", val_loss=f"{logs['val_loss']:.3f}",
-                                     val_acc=f"{logs['val_accuracy']:.3f}", refresh=False)
-                self.bar.update(1)
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.t0)
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", val_loss=f"{logs['val_loss']:.3f}",
+                                 val_acc=f"{logs['val_accuracy']:.3f}", refresh=False)
+            self.bar.update(1)
 
-            def on_train_end(self, logs=None):
-                self.bar.close()
+        def on_train_end(self, logs=None):
+            self.bar.close()
 
-        return EpochLog()
+    return EpochLog()
