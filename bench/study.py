@@ -26,7 +26,7 @@ from heads.train import train_head  # noqa: E402
 
 HEAD_BUDGET_S = 60
 #: (input size, views): each one forward pass for block3_pool and block4_pool together.
-EXTRACTIONS = [(32, 1), (64, 1), (32, 4)]
+EXTRACTIONS = [(32, 1), (64, 1), (32, 4), (64, 4)]
 #: (input size, views) -> [(layers, head options)]
 CELLS = {
     (32, 1): [(("block3_pool",), dict(model="dense", pooling="gap")),
@@ -46,7 +46,18 @@ CELLS = {
               (("block3_pool",), dict(model="conv")),
               (("block4_pool",), dict(model="dense", pooling="flatten")),
               (("block4_pool",), dict(model="conv"))],
+    (64, 4): [(("block4_pool",), dict(model="dense", pooling="gap")),
+              (("block3_pool", "block4_pool"), dict(model="dense", pooling="gap")),
+              (("block4_pool",), dict(model="dense", pooling="flatten")),
+              (("block4_pool",), dict(model="conv"))],
 }
+#: The ideas of the study, in the order the curve adds them, each with a test of whether a row uses it.
+IDEAS = [
+    ("block4_pool or both layers", lambda r: r["layers"] != ["block3_pool"]),
+    ("64 px input", lambda r: r["input_size"] > 32),
+    ("spatial heads (flatten, 1x1 conv)", lambda r: not (r["model"] == "dense" and r.get("pooling") == "gap")),
+    ("4 cached views (flip, crop)", lambda r: r["views"] > 1),
+]
 TRAINING = dict(epochs=40, patience=3, seed=0)
 
 
@@ -60,7 +71,7 @@ def run(args) -> dict:
         seconds = {layer: open_cache(p).extract_seconds for layer, p in by_layer.items()}
         print(f"study: extraction {size}px views={views}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         for layers, head in CELLS[(size, views)]:
-            name = f"{size}px-{'+'.join(layers)}-v{views}-{head['model']}-{head.get('pooling', '')}".rstrip("-")
+            name = f"{size}px-{'+'.join(layers)}-v{views}-{_head_name(head)}"
             result = train_head([by_layer[layer] for layer in layers], runs_dir=args.runs_dir, name=name,
                                 progress=False, **head, **TRAINING)
             m = result.metrics
@@ -73,13 +84,50 @@ def run(args) -> dict:
                 "run_dir": str(result.run_dir)})
             print(f"study: {name}: val {m['val_accuracy']:.4f} test {m['test_accuracy']:.4f} "
                   f"{m['seconds']:.0f} s", file=sys.stderr, flush=True)
-    eligible = [r for r in rows if r["within_budget"]] or rows
-    chosen = max(eligible, key=lambda r: (r["val_accuracy"], -r["head_seconds"]))
+    chosen = choose(rows)
     return {"date": time.strftime("%Y-%m-%d"), "training": TRAINING, "head_budget_s": HEAD_BUDGET_S,
             "chosen": {k: chosen[k] for k in ("name", "input_size", "layers", "views", "views_mode", "model",
                                               "val_accuracy", "test_accuracy", "head_seconds")}
-            | {"pooling": chosen.get("pooling")},
-            "rows": rows}
+            | {k: chosen.get(k) for k in ("pooling", "filters", "units") if k in chosen or k == "pooling"},
+            "curve": curve(rows), "rows": rows}
+
+
+def choose(rows: list[dict]) -> dict:
+    """The row with the best validation accuracy among heads within the budget (faster wins a tie).
+
+    Test accuracy is never looked at here."""
+    eligible = [r for r in rows if r["within_budget"]] or rows
+    return max(eligible, key=lambda r: (r["val_accuracy"], -r["head_seconds"]))
+
+
+def _head_name(head: dict) -> str:
+    """dense-gap, conv, conv-f64-u256: the model, its pooling and any non-default width."""
+    parts = [head["model"], head.get("pooling")]
+    parts += [f"f{head['filters']}"] if "filters" in head else []
+    parts += ["u" + "x".join(map(str, head["units"]))] if "units" in head else []
+    return "-".join(p for p in parts if p)
+
+
+def curve(rows: list[dict]) -> list[dict]:
+    """What each idea added: the best row (by validation) using only the ideas enabled so far."""
+    steps = []
+    for i in range(len(IDEAS) + 1):
+        allowed = [r for r in rows if not any(uses(r) for _, uses in IDEAS[i:])]
+        best = lambda rs: max(rs, key=lambda r: r["val_accuracy"]) if rs else None   # noqa: E731
+        within, any_time = best([r for r in allowed if r["within_budget"]]), best(allowed)
+        steps.append({"added": IDEAS[i - 1][0] if i else "seed's configuration",
+                      "within_budget": within and {k: within[k] for k in ("name", "val_accuracy", "test_accuracy",
+                                                                          "head_seconds")},
+                      "any_time": any_time and {k: any_time[k] for k in ("name", "val_accuracy", "test_accuracy",
+                                                                         "head_seconds")}})
+    return steps
+
+
+def _head_label(row: dict) -> str:
+    """'dense flatten', 'conv (64 filters, units 256)': the head column of the table."""
+    widths = ([f"{row['filters']} filters"] if "filters" in row else []) + \
+             ([f"units {','.join(map(str, row['units']))}"] if "units" in row else [])
+    return f"{row['model']} {row.get('pooling') or ''}".strip() + (f" ({', '.join(widths)})" if widths else "")
 
 
 def write(study: dict, out: Path, command: str) -> None:
@@ -99,13 +147,22 @@ def write(study: dict, out: Path, command: str) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(study["rows"], key=lambda r: -r["val_accuracy"]):
-        head = r["model"] + (f" {r['pooling']}" if r.get("pooling") else "")
+        head = _head_label(r)
         ext = ", ".join(f"{k}: {v:.0f}" if v else f"{k}: n/a" for k, v in r["extract_seconds"].items())
         lines.append(f"| {r['input_size']} px | {'+'.join(r['layers'])} | {r['views']} | {head} | "
                      f"{r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['epochs_run']}/{r['best_epoch']} | "
                      f"{r['head_seconds']:.0f}{'' if r['within_budget'] else ' (over budget)'} | {ext} |")
     lines += ["", "Rows are ordered by validation accuracy. Test accuracy is shown for every row for transparency; "
-              "it was not used to choose anything.", ""]
+              "it was not used to choose anything.", "",
+              "## What each idea added", "",
+              "Each line enables one more idea and shows the best cell (by validation accuracy) that uses only the "
+              "ideas enabled so far: within the head budget, and regardless of time.", "",
+              f"| added | best within {study['head_budget_s']} s: val / test (head s) | best at any head time: "
+              "val / test (head s) |", "|---|---|---|"]
+    cell = lambda b: f"{b['val_accuracy']:.4f} / {b['test_accuracy']:.4f} ({b['head_seconds']:.0f} s)" if b else "-"
+    for step in study["curve"]:
+        lines.append(f"| {step['added']} | {cell(step['within_budget'])} | {cell(step['any_time'])} |")
+    lines.append("")
     (out / "study.md").write_text("\n".join(lines))
 
 
