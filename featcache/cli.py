@@ -194,7 +194,7 @@ def _train_config(**kw):
               show_default=True, help="With cached views: one random view per image per epoch, every view, or "
                                       "the originals only.")
 @click.option("--units", type=UnitsType(), default="400,256,256", show_default=True,
-              help="Dense layer sizes of the dense head.")
+              help="Dense layer sizes of the dense and conv heads.")
 @click.option("--pooling", type=click.Choice(["gap", "flatten", "max"]), default="gap", show_default=True)
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
 @click.option("--no-batchnorm", is_flag=True, help="Leave out the dense head's BatchNormalization.")
