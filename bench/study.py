@@ -88,9 +88,9 @@ def run(args) -> dict:
                   f"{m['seconds']:.0f} s", file=sys.stderr, flush=True)
     chosen = choose(rows)
     return {"date": time.strftime("%Y-%m-%d"), "training": TRAINING, "head_budget_s": HEAD_BUDGET_S,
-            "chosen": {k: chosen[k] for k in ("name", "input_size", "layers", "views", "views_mode", "model",
-                                              "val_accuracy", "test_accuracy", "head_seconds")}
-            | {k: chosen.get(k) for k in ("pooling", "filters", "units") if k in chosen or k == "pooling"},
+            "chosen": {k: chosen.get(k) for k in ("name", "input_size", "layers", "views", "views_mode", "model",
+                                                  "pooling", "filters", "units", "val_accuracy", "test_accuracy",
+                                                  "head_seconds")},
             "curve": curve(rows), "rows": rows}
 
 
@@ -98,8 +98,11 @@ def choose(rows: list[dict]) -> dict:
     """The row with the best validation accuracy among heads within the budget (faster wins a tie).
 
     Test accuracy is never looked at here."""
-    eligible = [r for r in rows if r["within_budget"]] or rows
-    return max(eligible, key=lambda r: (r["val_accuracy"], -r["head_seconds"]))
+    return _best([r for r in rows if r["within_budget"]] or rows)
+
+
+def _best(rows: list[dict]) -> dict | None:
+    return max(rows, key=lambda r: (r["val_accuracy"], -r["head_seconds"])) if rows else None
 
 
 def _head_name(head: dict) -> str:
@@ -112,16 +115,13 @@ def _head_name(head: dict) -> str:
 
 def curve(rows: list[dict]) -> list[dict]:
     """What each idea added: the best row (by validation) using only the ideas enabled so far."""
+    summary = lambda r: r and {k: r[k] for k in ("name", "val_accuracy", "test_accuracy", "head_seconds")}  # noqa: E731
     steps = []
     for i in range(len(IDEAS) + 1):
         allowed = [r for r in rows if not any(uses(r) for _, uses in IDEAS[i:])]
-        best = lambda rs: max(rs, key=lambda r: r["val_accuracy"]) if rs else None   # noqa: E731
-        within, any_time = best([r for r in allowed if r["within_budget"]]), best(allowed)
         steps.append({"added": IDEAS[i - 1][0] if i else "seed's configuration",
-                      "within_budget": within and {k: within[k] for k in ("name", "val_accuracy", "test_accuracy",
-                                                                          "head_seconds")},
-                      "any_time": any_time and {k: any_time[k] for k in ("name", "val_accuracy", "test_accuracy",
-                                                                         "head_seconds")}})
+                      "within_budget": summary(_best([r for r in allowed if r["within_budget"]])),
+                      "any_time": summary(_best(allowed))})
     return steps
 
 
