@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +105,13 @@ def data_from_caches(caches, pooling: str = "gap") -> TrainData:
         return data_from_cache(caches[0])
     if pooling not in ("gap", "max"):
         raise BadInputError(f"concatenating layers needs --pooling gap or max, got {pooling!r}")
-    parts = [data_from_cache(c) for c in caches]
+    reduce = np.mean if pooling == "gap" else np.max
+
+    def pooled(d: TrainData) -> TrainData:
+        return replace(d, x_train=_global_pool(d.x_train, reduce), x_test=_global_pool(d.x_test, reduce),
+                       x_views=_global_pool(d.x_views, reduce))
+
+    parts = [pooled(data_from_cache(c)) for c in caches]   # pooled as read: one layer's maps in RAM at a time
     first = parts[0]
     for p in parts[1:]:
         same = (p.source["cache_meta"]["dataset_fingerprint"] == first.source["cache_meta"]["dataset_fingerprint"]
@@ -114,14 +120,11 @@ def data_from_caches(caches, pooling: str = "gap") -> TrainData:
         if not same:
             raise BadInputError(f"{p.source['cache']} and {first.source['cache']} hold different images, input "
                                 "sizes or views; fix: extract every layer with the same options")
-    reduce = np.mean if pooling == "gap" else np.max
     cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=-1)   # noqa: E731
     return TrainData(
-        cat([_global_pool(p.x_train, reduce) for p in parts]), first.y_train,
-        cat([_global_pool(p.x_test, reduce) for p in parts]), first.y_test, first.class_names, "features",
-        source={"caches": [p.source for p in parts], "pooling": pooling},
-        random_weights=any(p.random_weights for p in parts),
-        x_views=cat([_global_pool(p.x_views, reduce) for p in parts]))
+        cat([p.x_train for p in parts]), first.y_train, cat([p.x_test for p in parts]), first.y_test,
+        first.class_names, "features", source={"caches": [p.source for p in parts], "pooling": pooling},
+        random_weights=any(p.random_weights for p in parts), x_views=cat([p.x_views for p in parts]))
 
 
 def _global_pool(x: np.ndarray | None, reduce) -> np.ndarray | None:
