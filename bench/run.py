@@ -214,7 +214,7 @@ def bench_size_and_load(args, cache_path: Path, tmp: Path) -> dict:
 
 def _write(path, meta, x, compression):
     f = store.create(path, meta, labels={"train": np.zeros(len(x), np.int64), "test": np.zeros(1, np.int64)},
-                     paths={}, class_names=["x"], rows_per_chunk=store.chunk_rows(meta.feature_shape, meta.dtype, 128),
+                     paths={}, class_names=["x"], batch_size=128,
                      compression=compression)
     with f:
         for s in range(0, len(x), 1024):

@@ -20,13 +20,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from featcache import open_cache  # noqa: E402
-from featcache.extract import extract_all  # noqa: E402
+from featcache import extract, open_cache  # noqa: E402
 from heads.train import train_head  # noqa: E402
 
 HEAD_BUDGET_S = 60
-#: (input size, views): each one forward pass for block3_pool and block4_pool together.
-EXTRACTIONS = [(32, 1), (64, 1), (32, 4), (64, 4)]
+#: (input size, views, layers): each one forward pass into one cache file.
+EXTRACTIONS = [(32, 1, "block3_pool,block4_pool"), (64, 1, "block3_pool,block4_pool"),
+               (32, 4, "block3_pool,block4_pool"), (64, 4, "block3_pool,block4_pool"),
+               (96, 1, "block3_pool,block4_pool,block5_pool")]
 #: (input size, views) -> [(layers, head options)]
 CELLS = {
     (32, 1): [(("block3_pool",), dict(model="dense", pooling="gap")),
@@ -65,24 +66,23 @@ TRAINING = dict(epochs=40, patience=3, seed=0)
 
 def run(args) -> dict:
     rows = []
-    for size, views in EXTRACTIONS:
+    for size, views, layers_extracted in EXTRACTIONS:
         t0 = time.perf_counter()
-        paths = extract_all(data=args.data, weights=args.weights, layer="block3_pool,block4_pool", input_size=size,
-                            views=views, cache_dir=args.cache_dir, progress=not args.no_progress)
-        by_layer = {open_cache(p).meta.layer: p for p in paths}
-        seconds = {layer: open_cache(p).extract_seconds for layer, p in by_layer.items()}
+        path = extract(data=args.data, weights=args.weights, layer=layers_extracted, input_size=size, views=views,
+                       cache_dir=args.cache_dir, progress=not args.no_progress)
+        seconds = open_cache(path).extract_seconds
         print(f"study: extraction {size}px views={views}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         for layers, head in CELLS[(size, views)]:
             name = f"{size}px-{'+'.join(layers)}-v{views}-{_head_name(head)}"
-            result = train_head([by_layer[layer] for layer in layers], runs_dir=args.runs_dir, name=name,
-                                progress=False, **head, **TRAINING)
+            result = train_head(path, layer=layers, runs_dir=args.runs_dir, name=name, progress=False, **head,
+                                **TRAINING)
             m = result.metrics
             rows.append({
                 "name": name, "input_size": size, "layers": list(layers), "views": views,
                 "views_mode": "sample" if views > 1 else None, **head, "val_accuracy": m["val_accuracy"],
                 "test_accuracy": m["test_accuracy"], "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
                 "head_seconds": m["seconds"], "within_budget": m["seconds"] <= HEAD_BUDGET_S,
-                "extract_seconds": {layer: seconds[layer] for layer in layers},
+                "extract_seconds": seconds,
                 "run_dir": str(result.run_dir)})
             print(f"study: {name}: val {m['val_accuracy']:.4f} test {m['test_accuracy']:.4f} "
                   f"{m['seconds']:.0f} s", file=sys.stderr, flush=True)
@@ -145,19 +145,20 @@ def write(study: dict, out: Path, command: str) -> None:
         f"**Chosen on validation accuracy alone** (among heads within the {study['head_budget_s']} s budget): "
         f"`{c['name']}`: validation {c['val_accuracy']:.4f}, **test {c['test_accuracy']:.4f}**, "
         f"head {c['head_seconds']:.0f} s.", "",
-        "| input | layer(s) | views | head | val acc | test acc | epochs run/best | head s | extract s (per layer) |",
+        "| input | layer(s) | views | head | val acc | test acc | epochs run/best | head s | extract s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(study["rows"], key=lambda r: -r["val_accuracy"]):
         head = _head_label(r)
-        ext = ", ".join(f"{k}: {v:.0f}" if v else f"{k}: n/a" for k, v in r["extract_seconds"].items())
+        ext = f"{r['extract_seconds']:.0f}" if r["extract_seconds"] else "n/a"
         lines.append(f"| {r['input_size']} px | {'+'.join(r['layers'])} | {r['views']} | {head} | "
                      f"{r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['epochs_run']}/{r['best_epoch']} | "
                      f"{r['head_seconds']:.0f}{'' if r['within_budget'] else ' (over budget)'} | {ext} |")
     lines += ["", "Rows are ordered by validation accuracy. Test accuracy is shown for every row for transparency; "
               "it was not used to choose anything. *head s*: the wall time of training (every epoch, with its "
               "validation pass), not of reading the cache. *extract s*: the wall time of the one forward pass that "
-              "produced the cache, shared by its layers (n/a: a cache written before the time was recorded).", "",
+              "produced the cache file, shared by all its layers (n/a: a cache written before the time was "
+              "recorded).", "",
               "## What each idea added", "",
               "Each line enables one more idea and shows the best cell (by validation accuracy) that uses only the "
               "ideas enabled so far: within the head budget, and regardless of time.", "",

@@ -2,9 +2,9 @@
 
 from featcache.data import Dataset, load_dataset
 from featcache.errors import BadInputError, CacheError, FeatcacheError
-from featcache.extract import extract, extract_all
+from featcache.extract import extract
 from featcache.store import CacheMeta, FeatureCache, open_cache
 
-__all__ = ["extract", "extract_all", "open_cache", "load_dataset", "Dataset", "CacheMeta", "FeatureCache",
+__all__ = ["extract", "open_cache", "load_dataset", "Dataset", "CacheMeta", "FeatureCache",
            "FeatcacheError", "BadInputError", "CacheError"]
 __version__ = "0.1.0"

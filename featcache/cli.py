@@ -57,8 +57,9 @@ def selection_options(f):
                      help="'imagenet' (Keras download), a path to vgg16_weights_tf_dim_ordering_tf_kernels"
                           "_notop.h5, or 'random' (tests only; flagged everywhere)."),
         click.option("--layer", default="block3_pool", show_default=True,
-                     help="VGG16 layer to cut at; several, comma-separated, share one forward pass (one cache "
-                          "file each; train-head concatenates their pooled features)."),
+                     help="VGG16 layer to cut at; several, comma-separated, share one forward pass and one "
+                          "cache file (train-head concatenates their pooled features; with --cache, picks "
+                          "these layers from the file)."),
         click.option("--input-size", type=int, default=None,
                      help="Resize images to NxN (N >= 32). Default: the images' own size (32 for CIFAR-10)."),
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
@@ -85,16 +86,17 @@ def selection_options(f):
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extract(data, weights, layer, input_size, dtype, limit, cache_dir, views, augment, augment_seed, batch_size,
             force, no_progress):
-    """Run the frozen backbone over DATA once and cache the features; print the cache path (one per layer).
+    """Run the frozen backbone over DATA once and cache the features; print the cache path.
 
-    A complete matching cache is reused at once; an interrupted run resumes where it stopped.
+    Several layers (--layer block3_pool,block4_pool) share one forward pass and one file. A complete
+    matching cache is reused at once; an interrupted run resumes where it stopped.
     """
-    from featcache.extract import extract_all
+    from featcache.extract import extract as run
 
-    paths = extract_all(data=data, weights=weights, layer=layer, input_size=input_size, batch_size=batch_size,
-                        dtype=dtype, cache_dir=cache_dir, limit=limit, force=force, progress=not no_progress,
-                        views=views, augment=augment, augment_seed=augment_seed)
-    click.echo("\n".join(map(str, paths)))
+    path = run(data=data, weights=weights, layer=layer, input_size=input_size, batch_size=batch_size, dtype=dtype,
+               cache_dir=cache_dir, limit=limit, force=force, progress=not no_progress, views=views,
+               augment=augment, augment_seed=augment_seed)
+    click.echo(str(path))
 
 
 @main.command()
@@ -111,7 +113,7 @@ def info(path, as_json):
         "progress": {"train": c.progress[0], "test": c.progress[1]},
         "max_abs_activation": c.max_abs_activation, "extract_seconds": c.extract_seconds,
         "class_names": list(c.class_names),
-        "splits": {s: {"n": i.n, "shape": list(i.shape)} for s, i in c.splits.items()},
+        "splits": {s: {"n": i.n, "shapes": {k: list(v) for k, v in i.shapes.items()}} for s, i in c.splits.items()},
         "meta": {k: (list(v) if isinstance(v, tuple) else v) for k, v in c.meta.__dict__.items()},
     }
     summary["meta"]["key"] = c.meta.key
@@ -127,7 +129,8 @@ def info(path, as_json):
         f"backbone      {m.backbone} -> {m.layer}, input {m.input_shape}",
         f"weights       {m.weights} ({m.weights_source})" + ("   RANDOM WEIGHTS: not ImageNet features" if m.random_weights else ""),
         f"preprocessing {m.preprocessing}; resize {m.resize}",
-        f"features      {m.dtype}, train {c.splits['train'].shape}, test {c.splits['test'].shape}",
+        *(f"features      {layer}: {m.dtype}, train {c.splits['train'].shapes[layer]}, "
+          f"test {c.splits['test'].shapes[layer]}" for layer in m.layers),
         f"views         {m.views} per training image" + (f" (augment {m.augment}, seed {m.augment_seed})"
                                                           if m.views > 1 else " (originals only)"),
         f"max |act|     {c.max_abs_activation}",
@@ -204,7 +207,7 @@ def train_head(ctx, cache_paths, data, weights, layer, input_size, dtype, limit,
                augment_seed, head, filters, views_mode, units, pooling, dropout, no_batchnorm, epochs, patience,
                batch_size, lr, val_fraction, seed, runs_dir, name, no_progress):
     """Train a head on cached features; evaluate once on the test split; print the run folder."""
-    from featcache.extract import check_cache, extract_all
+    from featcache.extract import check_cache, extract
     from heads.train import train_head as run
 
     config = _train_config(model=head, units=units, pooling=pooling, dropout=dropout, batchnorm=not no_batchnorm,
@@ -212,16 +215,19 @@ def train_head(ctx, cache_paths, data, weights, layer, input_size, dtype, limit,
                            views_mode=views_mode, val_fraction=val_fraction, seed=seed, name=name)
     selection = dict(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
                      views=views, augment=augment, augment_seed=augment_seed)
+    pick = None   # the layers to train on; None: every layer of the caches
     if cache_paths:
         given = {k: v for k, v in selection.items() if k in ("data", "weights", "input_size", "dtype", "limit")
                  and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
-        if ctx.get_parameter_source("layer") != click.core.ParameterSource.DEFAULT and len(cache_paths) == 1:
-            given["layer"] = layer
+        if ctx.get_parameter_source("layer") != click.core.ParameterSource.DEFAULT:
+            pick = layer
+            if len(cache_paths) == 1:
+                given["layer"] = layer
         for path in cache_paths:
             check_cache(path, **given)
     else:
-        cache_paths = extract_all(cache_dir=cache_dir, progress=not no_progress, **selection)
-    result = run(list(cache_paths), runs_dir=runs_dir, progress=not no_progress, **config.__dict__)
+        cache_paths = [extract(cache_dir=cache_dir, progress=not no_progress, **selection)]
+    result = run(list(cache_paths), layer=pick, runs_dir=runs_dir, progress=not no_progress, **config.__dict__)
     click.echo(str(result.run_dir))
 
 

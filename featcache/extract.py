@@ -4,13 +4,14 @@ Batches are decoded in a background thread while the model runs, written as soon
 computed, and counted in the file's `/progress`; the file is built under ``<name>.partial`` and
 renamed into place when complete, so an interrupted run resumes and a finished name is never
 half-written. A lock file keeps two processes from building the same cache at once.
-Several layers share one forward pass and get one cache file each; cached augmentation views of
-the training split are computed in the same loop.
+Several layers share one forward pass and one file; cached augmentation views of the training
+split are computed in the same loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -62,8 +63,8 @@ def parse_layers(layer: str | Sequence[str]) -> tuple[str, ...]:
 def plan(*, data: str | Dataset = "cifar10", weights: str = "imagenet", layer: str | Sequence[str] = bb.DEFAULT_LAYER,
          input_size: int | None = None, dtype: str = "float16", limit: int | None = None, seed: int = 0,
          views: int = 1, augment: str = aug.DEFAULT_AUGMENT, augment_seed: int = 0
-         ) -> tuple[Dataset, list[store.CacheMeta]]:
-    """Validate the options and describe the cache of each layer, without running the backbone."""
+         ) -> tuple[Dataset, store.CacheMeta]:
+    """Validate the options and describe the cache they lead to, without running the backbone."""
     layers = parse_layers(layer)
     bb.check_input_size(input_size)
     if dtype not in DTYPES:
@@ -79,65 +80,60 @@ def plan(*, data: str | Dataset = "cifar10", weights: str = "imagenet", layer: s
         if ds.test.pixels is not None and ds.test.native_size() != ds.train.native_size():
             raise BadInputError(f"train images are {ds.train.native_size()} but test images are "
                                 f"{ds.test.native_size()}; fix: pass --input-size N")
-    common = dict(
+    shapes = {name: feature_shape(name, size) for name in layers}
+    return ds, store.CacheMeta(
+        layer=",".join(layers), feature_shape=shapes if len(layers) > 1 else shapes[layers[0]],
         backbone=bb.BACKBONE, weights=bb.weights_identity(weights, seed=seed), weights_source=str(weights),
         input_shape=(*size, 3), preprocessing=bb.PREPROCESSING, resize=bb.RESIZE, dtype=dtype,
         dataset_name=ds.name, dataset_source=ds.source, dataset_fingerprint=ds.fingerprint, limit=ds.limit or 0,
         n_train=len(ds.train), n_test=len(ds.test), versions=_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         views=views, augment=augment, augment_seed=augment_seed if views > 1 else 0)
-    return ds, [store.CacheMeta(layer=name, feature_shape=feature_shape(name, size), **common) for name in layers]
 
 
 def expected_bytes(meta: store.CacheMeta) -> int:
     """Bytes the features of a cache take on disk (labels, paths and metadata excluded)."""
-    row = int(np.prod(meta.feature_shape)) * np.dtype(meta.dtype).itemsize
+    row = sum(int(np.prod(shape)) for shape in meta.shapes.values()) * np.dtype(meta.dtype).itemsize
     return row * (meta.n_train * meta.views + meta.n_test)
 
 
-def extract(*, layer: str = bb.DEFAULT_LAYER, **options) -> Path:
-    """Extract the features of one layer and return its cache's path; see `extract_all` for the options."""
-    paths = extract_all(layer=layer, **options)
-    if len(paths) != 1:
-        raise BadInputError(f"extract() takes one layer, got {layer!r}; use extract_all() for several")
-    return paths[0]
+def extract(*, data: str | Dataset = "cifar10", weights: str = "imagenet",
+            layer: str | Sequence[str] = bb.DEFAULT_LAYER, input_size: int | None = None, batch_size: int = 128,
+            dtype: str = "float16", cache_dir: str | Path = "cache", limit: int | None = None, force: bool = False,
+            progress: bool = True, seed: int = 0, views: int = 1, augment: str = aug.DEFAULT_AUGMENT,
+            augment_seed: int = 0) -> Path:
+    """Extract features of `data` at `layer` ("block3_pool", or several: "block3_pool,block4_pool") into
+    `cache_dir` and return the cache's path. Several layers share one forward pass and one file.
 
-
-def extract_all(*, data: str | Dataset = "cifar10", weights: str = "imagenet",
-                layer: str | Sequence[str] = bb.DEFAULT_LAYER, input_size: int | None = None, batch_size: int = 128,
-                dtype: str = "float16", cache_dir: str | Path = "cache", limit: int | None = None,
-                force: bool = False, progress: bool = True, seed: int = 0, views: int = 1,
-                augment: str = aug.DEFAULT_AUGMENT, augment_seed: int = 0) -> list[Path]:
-    """Extract features of `data` at each layer (one forward pass for all) into `cache_dir`.
-
-    Returns one cache path per layer. A complete cache with the same key is reused at once; `force`
-    recomputes it. With `views` > 1 the training split also gets views - 1 augmented copies
-    (`augment`, seeded by `augment_seed`) per image; test features are always of the original images.
+    A complete cache with the same key is reused at once; `force` recomputes it. With `views` > 1 the
+    training split also gets views - 1 augmented copies (`augment`, seeded by `augment_seed`) per image;
+    test features are always of the original images.
     """
     if batch_size < 1:
         raise BadInputError(f"--batch-size must be at least 1, got {batch_size}")
-    ds, metas = plan(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
-                     seed=seed, views=views, augment=augment, augment_seed=augment_seed)
+    ds, meta = plan(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
+                    seed=seed, views=views, augment=augment, augment_seed=augment_seed)
     folder = _cache_dir(cache_dir)
-    finals = [folder / store.cache_filename(meta) for meta in metas]
-    with contextlib.ExitStack() as locks:
-        for final in sorted(finals):   # one order for every process: no deadlock between layer sets
-            locks.enter_context(_exclusive(final.with_name(final.name + ".lock"), final))
-        jobs = []
-        for meta, final in zip(metas, finals):
-            if final.exists() and not force:
-                _check_hit(final, meta)
-                log.info("cache hit: %s (%s)", final, _mb(final.stat().st_size))
-            else:
-                jobs.append((meta, final, _resume_point(_partial(final), meta, force)))
-        if jobs:
-            _check_disk_space(folder, jobs)
-            _run(ds, jobs, batch_size=batch_size, weights=weights, seed=seed, progress=progress,
+    final = folder / store.cache_filename(meta)
+    with _exclusive(final.with_name(final.name + ".lock"), final):
+        if final.exists() and not force:
+            _check_hit(final, meta)
+            log.info("cache hit: %s (%s)", final, _mb(final.stat().st_size))
+            return final
+        singles = None if force else _single_layer_caches(folder, meta)
+        if singles:
+            log.info("combining %s into one file (rows copied, no forward pass)",
+                     ", ".join(str(c.path) for c in singles))
+            _check_disk_space(folder, meta, None, final)
+            store.combine(singles, _partial(final), batch_size=batch_size)
+        else:
+            start = _resume_point(_partial(final), meta, force)
+            _check_disk_space(folder, meta, start, final)
+            _run(ds, meta, final, start, batch_size=batch_size, weights=weights, seed=seed, progress=progress,
                  require_native=None if input_size else ds.train.native_size())
-            for _, final, _ in jobs:
-                os.replace(_partial(final), final)
-                log.info("cache: %s (%s)", final, _mb(final.stat().st_size))
-    return finals
+        os.replace(_partial(final), final)
+        log.info("cache: %s (%s)", final, _mb(final.stat().st_size))
+    return final
 
 
 def check_cache(path: str | Path, *, data: str | None = None, weights: str | None = None, layer: str | None = None,
@@ -153,7 +149,9 @@ def check_cache(path: str | Path, *, data: str | None = None, weights: str | Non
     if weights is not None:
         wanted["weights"] = bb.weights_identity(weights, seed=seed)
     if layer is not None:
-        wanted["layer"] = layer
+        missing = [name for name in parse_layers(layer) if name not in m.layers]
+        if missing:
+            wanted["layer"] = layer
     if input_size is not None:
         wanted["input_shape"] = (input_size, input_size, 3)
     if dtype is not None:
@@ -165,44 +163,35 @@ def check_cache(path: str | Path, *, data: str | None = None, weights: str | Non
     return cache
 
 
-def _run(ds, jobs, *, batch_size, weights, seed, progress, require_native):
+def _run(ds, meta, final, start, *, batch_size, weights, seed, progress, require_native):
     import h5py
     from tqdm import tqdm
 
-    metas = [meta for meta, _, _ in jobs]
-    first = metas[0]
-    model = bb.build(layer=tuple(m.layer for m in metas), weights=weights, input_size=first.input_shape[:2],
-                     seed=seed)
-    assert model.output_shapes == [tuple(m.feature_shape) for m in metas], model.output_shapes
-    files, starts = [], []
-    for meta, final, start in jobs:
-        if start is None:
-            files.append(store.create(
-                _partial(final), meta, labels={"train": ds.train.labels, "test": ds.test.labels},
-                paths={"train": ds.train.paths, "test": ds.test.paths}, class_names=ds.class_names,
-                rows_per_chunk=store.chunk_rows(meta.feature_shape, meta.dtype, batch_size)))
-            starts.append((0, 0))
-        else:
-            files.append(h5py.File(_partial(final), "r+"))
-            starts.append(start)
-            log.info("resuming %s from train row %d, test row %d", _partial(final), *start)
-    begin = tuple(min(start[i] for start in starts) for i in range(2))
-    peaks = [_peak(f, start, batch_size) for f, start in zip(files, starts)]
-    size = tuple(first.input_shape[:2])
-    n_views = first.views
+    model = bb.build(layer=meta.layers, weights=weights, input_size=meta.input_shape[:2], seed=seed)
+    assert model.output_shapes == list(meta.shapes.values()), model.output_shapes
+    if start is None:
+        f = store.create(_partial(final), meta, labels={"train": ds.train.labels, "test": ds.test.labels},
+                         paths={"train": ds.train.paths, "test": ds.test.paths}, class_names=ds.class_names,
+                         batch_size=batch_size)
+        start = (0, 0)
+    else:
+        f = h5py.File(_partial(final), "r+")
+        log.info("resuming %s from train row %d, test row %d", _partial(final), *start)
+    peak = _peak(f, meta, start, batch_size)
+    size = tuple(meta.input_shape[:2])
     todo = [(i, name, split, s) for i, (name, split) in enumerate((("train", ds.train), ("test", ds.test)))
-            for s in range(begin[i], len(split), batch_size)]
+            for s in range(start[i], len(split), batch_size)]
 
     def load(job):
         _, name, split, s = job
         images = split.load(s, min(s + batch_size, len(split)), size, require_native=require_native)
-        views = [aug.views(images, range(s, s + len(images)), v, first.augment, first.augment_seed)
-                 for v in range(1, n_views)] if name == "train" else []
+        views = [aug.views(images, range(s, s + len(images)), v, meta.augment, meta.augment_seed)
+                 for v in range(1, meta.views)] if name == "train" else []
         return images, views
 
-    passes = lambda name, n: n * (n_views if name == "train" else 1)   # noqa: E731
-    bar = tqdm(total=passes("train", first.n_train) + first.n_test, unit="img", desc="extract",
-               initial=passes("train", begin[0]) + begin[1], disable=None if progress else True,
+    passes = lambda name, n: n * (meta.views if name == "train" else 1)   # noqa: E731
+    bar = tqdm(total=passes("train", meta.n_train) + meta.n_test, unit="img", desc="extract",
+               initial=passes("train", start[0]) + start[1], disable=None if progress else True,
                file=sys.stderr, dynamic_ncols=True)
     t0, n = time.perf_counter(), 0
     try:
@@ -215,41 +204,41 @@ def _run(ds, jobs, *, batch_size, weights, seed, progress, require_native):
                 e = s + len(images)
                 feats = model(images)
                 view_feats = [model(v) for v in views]
-                for j, (f, meta) in enumerate(zip(files, metas)):
+                for j, layer in enumerate(meta.layers):
                     out = _checked(feats[j], meta.dtype, name, s)
-                    f[f"{name}/features"][s:e] = out
-                    peaks[j] = max(peaks[j], float(np.abs(out).max()))
+                    f[store.dataset_path(meta, name, layer)][s:e] = out
+                    peak = max(peak, float(np.abs(out).max()))
                     for v, vf in enumerate(view_feats):
                         out = _checked(vf[j], meta.dtype, f"{name} view {v + 1}", s)
-                        f["train/views"][s:e, v] = out
-                        peaks[j] = max(peaks[j], float(np.abs(out).max()))
-                    f["progress"][i] = max(int(f["progress"][i]), e)
-                    f.flush()
+                        f[store.dataset_path(meta, name, layer, views=True)][s:e, v] = out
+                        peak = max(peak, float(np.abs(out).max()))
+                f["progress"][i] = e
+                f.flush()
                 n += passes(name, len(images))
                 bar.update(passes(name, len(images)))
-        for f, peak in zip(files, peaks):
-            store.finish(f, max_abs_activation=peak, extract_seconds=time.perf_counter() - t0)
+        store.finish(f, max_abs_activation=peak, extract_seconds=time.perf_counter() - t0)
     except BadInputError:
-        for f, (_, final, _) in zip(files, jobs):
-            f.close()
-            _partial(final).unlink(missing_ok=True)   # deterministic failure: a resume would fail the same way
+        f.close()
+        _partial(final).unlink(missing_ok=True)   # deterministic failure: a resume would fail the same way
         raise
     finally:
         bar.close()
-        for f in files:
-            f.close()
+        f.close()
     seconds = time.perf_counter() - t0
     if n:
         log.info("extracted %d images in %.1f s (%.0f images/s)", n, seconds, n / seconds,
                  extra={"images": n, "seconds": seconds})
 
 
-def _peak(f, start: tuple[int, int], batch_size: int) -> float:
+def _peak(f, meta: store.CacheMeta, start: tuple[int, int], batch_size: int) -> float:
     """Largest |activation| among rows already written (only a resumed run has any)."""
     peak = 0.0
-    datasets = [("train/features", start[0]), ("test/features", start[1])]
-    if "train/views" in f:
-        datasets.append(("train/views", start[0]))
+    datasets = []
+    for layer in meta.layers:
+        datasets += [(store.dataset_path(meta, "train", layer), start[0]),
+                     (store.dataset_path(meta, "test", layer), start[1])]
+        if meta.views > 1:
+            datasets.append((store.dataset_path(meta, "train", layer, views=True), start[0]))
     for name, rows in datasets:
         for s in range(0, rows, batch_size):
             peak = max(peak, float(np.abs(f[name][s:min(s + batch_size, rows)]).max()))
@@ -264,10 +253,27 @@ def _check_hit(final: Path, meta: store.CacheMeta) -> None:
                          "rebuild it")
 
 
-def _check_disk_space(folder: Path, jobs) -> None:
+def _single_layer_caches(folder: Path, meta: store.CacheMeta) -> list[store.FeatureCache] | None:
+    """For several layers: complete one-layer caches of each, with the same options, if all exist."""
+    if len(meta.layers) == 1:
+        return None
+    found = []
+    for layer, shape in meta.shapes.items():
+        single = dataclasses.replace(meta, layer=layer, feature_shape=shape)
+        try:
+            cache = store.open_cache(folder / store.cache_filename(single))
+        except CacheError:
+            return None
+        if cache.meta.key != single.key:
+            return None
+        found.append(cache)
+    return found
+
+
+def _check_disk_space(folder: Path, meta: store.CacheMeta, start, final: Path) -> None:
     """Log the expected size; refuse before any work when it cannot fit the free space."""
-    need = sum(expected_bytes(meta) for meta, _, _ in jobs)
-    have = sum(_partial(final).stat().st_size for _, final, start in jobs if start is not None)
+    need = expected_bytes(meta)
+    have = _partial(final).stat().st_size if start is not None else 0
     free = shutil.disk_usage(folder).free
     log.info("expected cache size: %s", _mb(need))
     if need - have > free:

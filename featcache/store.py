@@ -1,6 +1,6 @@
 """The HDF5 cache format, in one place.
 
-Layout of ``<cache-dir>/<dataset>-<layer>-<key12>.h5``::
+Layout of ``<cache-dir>/<dataset>-<layer>-<key12>.h5`` (format 1, one layer)::
 
     /                      attributes: every CacheMeta field, plus `complete` and `max_abs_activation`
     /class_names           (n_classes,) utf-8
@@ -10,6 +10,12 @@ Layout of ``<cache-dir>/<dataset>-<layer>-<key12>.h5``::
     /<split>/paths         (n,) utf-8, the image file of each row (image-folder sources only)
     /train/views           (n, views - 1, *feature_shape): augmented views 1.. of each training row
                            (only when views > 1; view 0 is /train/features)
+
+Several layers from one forward pass share one file, ``<dataset>-<layer>+<layer>-<key12>.h5``
+(format 2): `layer` lists them ("block3_pool,block4_pool"), `feature_shape` maps each to its
+shape, and each features or views dataset above becomes a group with one dataset per layer
+(``/train/features/block4_pool``). Files of one layer are still written in format 1, so their keys
+and names did not change when format 2 was added.
 
 Every dataset is allocated in full when the file is created, so extraction only ever writes raw
 feature rows and the progress counter: the file's own structure is on disk from the start, and a
@@ -26,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import CacheError
+from featcache.errors import BadInputError, CacheError
 
-FORMAT_VERSION = 1
+#: The newest format this module reads; it writes 1 for one layer and 2 for several.
+FORMAT_VERSION = 2
 SPLITS = ("train", "test")
 #: The fields that decide whether a cache holds what was asked for (its key).
 KEY_FIELDS = ("format_version", "backbone", "layer", "weights", "input_shape", "dtype",
@@ -44,11 +51,11 @@ class CacheMeta:
     """What produced a cache; written as HDF5 attributes of the file's root."""
 
     backbone: str
-    layer: str
+    layer: str                 # one layer, or several joined by "," (one file, one forward pass)
     weights: str               # identity: "sha256:...", "imagenet:keras-3.x", "random:seed=0"
     weights_source: str        # what the user passed: a path, "imagenet" or "random"
     input_shape: tuple[int, int, int]
-    feature_shape: tuple[int, ...]
+    feature_shape: tuple[int, ...] | dict   # with several layers: {layer: shape}
     preprocessing: str
     resize: str
     dtype: str
@@ -60,10 +67,25 @@ class CacheMeta:
     n_test: int
     versions: dict
     created: str
-    format_version: int = FORMAT_VERSION
     views: int = 1             # feature views per training image: the original plus views - 1 augmented
     augment: str = ""          # augmentations of views 1.., e.g. "flip,crop"
     augment_seed: int = 0
+
+    @property
+    def format_version(self) -> int:
+        """The layout of the file: 1 for one layer, 2 for several (see the module's doc)."""
+        return 1 if len(self.layers) == 1 else 2
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self.layer.split(","))
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{layer: feature shape of one row}, for one layer or several."""
+        if isinstance(self.feature_shape, dict):
+            return {k: tuple(v) for k, v in self.feature_shape.items()}
+        return {self.layer: tuple(self.feature_shape)}
 
     @property
     def key(self) -> str:
@@ -80,7 +102,7 @@ class CacheMeta:
         return self.weights.startswith("random")
 
     def to_attrs(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {**dataclasses.asdict(self), "format_version": self.format_version}
         return {k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in d.items()}
 
     @classmethod
@@ -94,6 +116,8 @@ class CacheMeta:
             v = v.decode() if isinstance(v, bytes) else v
             if k in _JSON_FIELDS:
                 v = json.loads(v)
+                if k == "feature_shape" and isinstance(v, dict):   # several layers: {layer: shape}
+                    v = {name: tuple(shape) for name, shape in v.items()}
                 v = tuple(v) if isinstance(v, list) else v
             elif isinstance(v, np.generic):
                 v = v.item()
@@ -109,7 +133,13 @@ def cache_key(fields: dict) -> str:
 
 
 def cache_filename(meta: CacheMeta) -> str:
-    return f"{meta.dataset_name}-{meta.layer}-{meta.key[:12]}.h5"
+    return f"{meta.dataset_name}-{'+'.join(meta.layers)}-{meta.key[:12]}.h5"
+
+
+def dataset_path(meta: CacheMeta, split: str, layer: str, *, views: bool = False) -> str:
+    """Where a layer's features (or its training views) live in a file of `meta`'s format."""
+    base = "train/views" if views else f"{split}/features"
+    return base if meta.format_version == 1 else f"{base}/{layer}"
 
 
 def differences(meta: CacheMeta, wanted: dict) -> list[str]:
@@ -125,7 +155,7 @@ def differences(meta: CacheMeta, wanted: dict) -> list[str]:
 @dataclass(frozen=True)
 class SplitInfo:
     n: int
-    shape: tuple[int, ...]     # of the features dataset, rows included
+    shapes: dict               # {layer: shape of its features dataset, rows included}
 
 
 @dataclass(frozen=True)
@@ -141,19 +171,34 @@ class FeatureCache:
     max_abs_activation: float | None
     extract_seconds: float | None = None
 
-    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of `split` read into memory in their stored dtype."""
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.meta.layers
+
+    def load(self, split: str, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of `split` at `layer` (may be left out with one layer), in their stored dtype."""
         import h5py
 
         with h5py.File(self.path, "r") as f:
-            return f[f"{split}/features"][...], f[f"{split}/labels"][...]
+            return f[dataset_path(self.meta, split, self.select_layer(layer))][...], f[f"{split}/labels"][...]
 
-    def load_views(self) -> np.ndarray | None:
-        """(n_train, views - 1, *feature_shape) augmented training views, or None without views."""
+    def load_views(self, layer: str | None = None) -> np.ndarray | None:
+        """(n_train, views - 1, *feature_shape) augmented training views at `layer`, or None without views."""
         import h5py
 
+        name = dataset_path(self.meta, "train", self.select_layer(layer), views=True)
         with h5py.File(self.path, "r") as f:
-            return f["train/views"][...] if "train/views" in f else None
+            return f[name][...] if name in f else None
+
+    def select_layer(self, layer: str | None) -> str:
+        """`layer`, checked to be in this cache; None stands for its only layer."""
+        if layer is None and len(self.layers) == 1:
+            return self.layers[0]
+        if layer not in self.layers:
+            raise BadInputError(f"{self.path} holds {', '.join(self.layers)}"
+                                + ("" if layer is None else f", not {layer}")
+                                + "; fix: name one of these layers (--layer)")
+        return layer
 
     def paths(self, split: str) -> list[str] | None:
         import h5py
@@ -189,8 +234,10 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCac
                 raise CacheError(f"{path} has cache format {version}, this featcache reads up to "
                                  f"{FORMAT_VERSION}; fix: upgrade featcache, or re-extract with --force")
             meta = CacheMeta.from_attrs(f.attrs)
-            splits = {s: SplitInfo(n=f[f"{s}/features"].shape[0], shape=tuple(f[f"{s}/features"].shape))
-                      for s in SPLITS}
+            splits = {}
+            for s in SPLITS:
+                shapes = {layer: tuple(f[dataset_path(meta, s, layer)].shape) for layer in meta.layers}
+                splits[s] = SplitInfo(n=len(f[f"{s}/labels"]), shapes=shapes)
             cache = FeatureCache(
                 path=path, meta=meta,
                 class_names=tuple(c.decode() for c in f["class_names"][...]),
@@ -214,9 +261,11 @@ def chunk_rows(feature_shape: tuple[int, ...], dtype: str, batch_size: int) -> i
     return max(1, min(batch_size, _MAX_CHUNK_BYTES // row_bytes))
 
 
-def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_names, rows_per_chunk: int,
+def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_names, batch_size: int,
            compression: str | None = None):
-    """Create a cache file with every dataset allocated; returns the open h5py.File (mode r+)."""
+    """Create a cache file with every dataset allocated; returns the open h5py.File (mode r+).
+
+    Chunks hold whole rows: up to one batch (`batch_size`), capped at 1 MiB."""
     import h5py
 
     f = h5py.File(path, "w")
@@ -227,28 +276,63 @@ def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_name
         f.create_dataset("progress", data=np.zeros(2, np.int64))
         for split in SPLITS:
             n = len(labels[split])
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            if compression is None:   # compressed chunks are sized on write, so cannot be allocated now
-                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            f.create_dataset(f"{split}/features", shape=(n, *meta.feature_shape), dtype=meta.dtype,
-                             chunks=(min(rows_per_chunk, max(n, 1)), *meta.feature_shape),
-                             compression=compression, shuffle=compression == "gzip" or None,
-                             dcpl=dcpl, fill_time="never" if compression is None else None)
+            for layer, shape in meta.shapes.items():
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                if compression is None:   # compressed chunks are sized on write, so cannot be allocated now
+                    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                rows = chunk_rows(shape, meta.dtype, batch_size)
+                f.create_dataset(dataset_path(meta, split, layer), shape=(n, *shape), dtype=meta.dtype,
+                                 chunks=(min(rows, max(n, 1)), *shape),
+                                 compression=compression, shuffle=compression == "gzip" or None,
+                                 dcpl=dcpl, fill_time="never" if compression is None else None)
             f.create_dataset(f"{split}/labels", data=np.asarray(labels[split], np.int64))
             if paths.get(split) is not None:
                 f.create_dataset(f"{split}/paths", data=np.array(paths[split], dtype=h5py.string_dtype()))
         if meta.views > 1:
             n, k = len(labels["train"]), meta.views - 1
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            rows = max(1, min(n, rows_per_chunk // k))
-            f.create_dataset("train/views", shape=(n, k, *meta.feature_shape), dtype=meta.dtype,
-                             chunks=(rows, k, *meta.feature_shape), dcpl=dcpl, fill_time="never")
+            for layer, shape in meta.shapes.items():
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                rows = max(1, min(n, chunk_rows(shape, meta.dtype, batch_size) // k))
+                f.create_dataset(dataset_path(meta, "train", layer, views=True), shape=(n, k, *shape),
+                                 dtype=meta.dtype, chunks=(rows, k, *shape), dcpl=dcpl, fill_time="never")
         f.flush()
     except BaseException:
         f.close()
         raise
     return f
+
+
+def combine(sources, path: Path, *, batch_size: int = 128) -> CacheMeta:
+    """Write the single-layer caches `sources` (FeatureCache, same images and options) as one file at `path`.
+
+    No forward pass: rows are copied. Featcache before format 2 wrote one file per layer even from
+    one pass; this turns those into what `extract --layer a,b` writes now. Returns the new meta.
+    """
+    import h5py
+
+    first = sources[0].meta
+    meta = dataclasses.replace(first, layer=",".join(c.meta.layer for c in sources),
+                               feature_shape={c.meta.layer: tuple(c.meta.feature_shape) for c in sources})
+    with h5py.File(sources[0].path, "r") as src:
+        labels = {s: src[f"{s}/labels"][...] for s in SPLITS}
+        paths = {s: src[f"{s}/paths"][...].astype(str) if f"{s}/paths" in src else None for s in SPLITS}
+    one_pass = len({c.meta.created for c in sources}) == 1   # `created` is stamped once per extraction
+    seconds = [c.extract_seconds for c in sources]
+    with create(path, meta, labels=labels, paths=paths, class_names=sources[0].class_names,
+                batch_size=batch_size) as f:
+        for c in sources:
+            with h5py.File(c.path, "r") as src:
+                names = [(dataset_path(c.meta, s, c.meta.layer), dataset_path(meta, s, c.meta.layer)) for s in SPLITS]
+                if "train/views" in src:
+                    names.append(("train/views", dataset_path(meta, "train", c.meta.layer, views=True)))
+                for a, b in names:
+                    for s in range(0, len(src[a]), 2048):
+                        f[b][s:s + 2048] = src[a][s:s + 2048]
+        f["progress"][...] = [first.n_train, first.n_test]
+        finish(f, max_abs_activation=max(c.max_abs_activation for c in sources),
+               extract_seconds=None if None in seconds else (max(seconds) if one_pass else sum(seconds)))
+    return meta
 
 
 def finish(f, *, max_abs_activation: float, extract_seconds: float | None = None) -> None:

@@ -87,22 +87,27 @@ class TrainData:
         return 1 if self.x_views is None else 1 + self.x_views.shape[1]
 
 
-def data_from_cache(cache) -> TrainData:
-    """Both splits of a complete cache (a path or an opened FeatureCache), read once into RAM."""
-    from featcache.store import FeatureCache, open_cache
+def data_from_cache(cache, layer: str | None = None) -> TrainData:
+    """One layer of a complete cache (a path or an opened FeatureCache), both splits read once into RAM.
 
-    cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
-    (x_train, y_train), (x_test, y_test) = cache.load("train"), cache.load("test")
+    `layer` may be left out when the cache holds one layer."""
+    cache = _open(cache)
+    (x_train, y_train), (x_test, y_test) = cache.load("train", layer), cache.load("test", layer)
     meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cache.meta).items()}
     return TrainData(x_train, y_train, x_test, y_test, cache.class_names, "features",
-                     source={"cache": str(cache.path), "cache_key": cache.meta.key, "cache_meta": meta},
-                     random_weights=cache.meta.random_weights, x_views=cache.load_views())
+                     source={"cache": str(cache.path), "cache_key": cache.meta.key, "layer": cache.select_layer(layer),
+                             "cache_meta": meta},
+                     random_weights=cache.meta.random_weights, x_views=cache.load_views(layer))
 
 
-def data_from_caches(caches, pooling: str = "gap") -> TrainData:
-    """Several layers' caches of the same images: each pooled (gap or max), then concatenated per row."""
-    if len(caches) == 1:
-        return data_from_cache(caches[0])
+def data_from_caches(caches, pooling: str = "gap", layers=None) -> TrainData:
+    """Features of `layers` (default: every layer) found in `caches`, the same images in each.
+
+    One layer trains on its maps as stored; several are each pooled (gap or max), then concatenated
+    per row."""
+    sources = _layer_sources([_open(c) for c in caches], layers)
+    if len(sources) == 1:
+        return data_from_cache(*sources[0])
     if pooling not in ("gap", "max"):
         raise BadInputError(f"concatenating layers needs --pooling gap or max, got {pooling!r}")
     reduce = np.mean if pooling == "gap" else np.max
@@ -111,7 +116,7 @@ def data_from_caches(caches, pooling: str = "gap") -> TrainData:
         return replace(d, x_train=_global_pool(d.x_train, reduce), x_test=_global_pool(d.x_test, reduce),
                        x_views=_global_pool(d.x_views, reduce))
 
-    parts = [pooled(data_from_cache(c)) for c in caches]   # pooled as read: one layer's maps in RAM at a time
+    parts = [pooled(data_from_cache(c, layer)) for c, layer in sources]   # pooled as read: one layer in RAM
     first = parts[0]
     for p in parts[1:]:
         same = (p.source["cache_meta"]["dataset_fingerprint"] == first.source["cache_meta"]["dataset_fingerprint"]
@@ -125,6 +130,34 @@ def data_from_caches(caches, pooling: str = "gap") -> TrainData:
         cat([p.x_train for p in parts]), first.y_train, cat([p.x_test for p in parts]), first.y_test,
         first.class_names, "features", source={"caches": [p.source for p in parts], "pooling": pooling},
         random_weights=any(p.random_weights for p in parts), x_views=cat([p.x_views for p in parts]))
+
+
+def _open(cache):
+    from featcache.store import FeatureCache, open_cache
+
+    return cache if isinstance(cache, FeatureCache) else open_cache(cache)
+
+
+def _layer_sources(caches, layers) -> list[tuple]:
+    """(cache, layer) for each layer asked for (a name, "a,b" or a sequence; None: all), first cache holding it."""
+    if layers is None:
+        sources = [(c, layer) for c in caches for layer in c.layers]
+        names = [layer for _, layer in sources]
+        for name in names:
+            if names.count(name) > 1:
+                raise BadInputError(f"{name} is in more than one cache given; fix: pick the layers to train on "
+                                    "with --layer")
+        return sources
+    layers = tuple(x.strip() for x in layers.split(",")) if isinstance(layers, str) else tuple(layers)
+    sources = []
+    for layer in layers:
+        holder = next((c for c in caches if layer in c.layers), None)
+        if holder is None:
+            held = ", ".join(sorted({name for c in caches for name in c.layers}))
+            raise BadInputError(f"no cache given holds {layer} (they hold {held}); fix: extract it, or pick "
+                                "one of those layers with --layer")
+        sources.append((holder, layer))
+    return sources
 
 
 def _global_pool(x: np.ndarray | None, reduce) -> np.ndarray | None:
@@ -223,15 +256,16 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
     return result
 
 
-def train_head(cache, *, runs_dir="runs", progress=True, **options) -> RunResult:
+def train_head(cache, *, layer=None, runs_dir="runs", progress=True, **options) -> RunResult:
     """Train a head (`model="dense"`, `"linear"` or `"conv"`) on a cache path or FeatureCache.
 
-    A list of caches (several layers of the same images) trains on their pooled features, concatenated.
+    `layer` picks the cached layers to train on (default: all). Several layers, from one cache or
+    a list of caches of the same images, train on their pooled features, concatenated.
     """
     options.setdefault("model", "dense")
     config = TrainConfig(**options)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
-    return train(data_from_caches(caches, config.pooling), config, runs_dir=runs_dir, progress=progress)
+    return train(data_from_caches(caches, config.pooling, layer), config, runs_dir=runs_dir, progress=progress)
 
 
 def train_baseline(model: str, *, data="cifar10", limit=None, runs_dir="runs", progress=True,

@@ -19,7 +19,8 @@ def test_extract_prints_only_the_path_and_info_describes_it(image_folder, cache_
     assert "images/s" in r.stderr and "MB" in r.stderr
     info = json.loads(run("info", path, "--json").stdout)
     assert info["complete"] is True and info["layer"] == "block3_pool" and info["dtype"] == "float16"
-    assert info["splits"] == {"train": {"n": 12, "shape": [12, 4, 4, 256]}, "test": {"n": 6, "shape": [6, 4, 4, 256]}}
+    assert info["splits"] == {"train": {"n": 12, "shapes": {"block3_pool": [12, 4, 4, 256]}},
+                              "test": {"n": 6, "shapes": {"block3_pool": [6, 4, 4, 256]}}}
     assert info["size_bytes"] > 12 * 4096 and info["meta"]["weights"] == "random:seed=0"
     human = run("info", path).stdout
     assert "RANDOM WEIGHTS" in human and "complete      yes" in human

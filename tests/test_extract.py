@@ -53,7 +53,7 @@ def test_every_source_extracts(npz_file, cifar_py, cache_dir):
     for data in (npz_file, cifar_py):
         c = featcache.open_cache(extract(data=data, weights="random", layer="block1_pool", cache_dir=cache_dir,
                                          progress=False))
-        assert c.splits["train"].shape[1:] == (16, 16, 64) and c.complete
+        assert c.splits["train"].shapes["block1_pool"][1:] == (16, 16, 64) and c.complete
 
 
 def test_second_run_is_a_cache_hit_and_force_recomputes(image_folder, cache_dir, monkeypatch):
@@ -114,7 +114,7 @@ def test_float16_overflow_is_refused_not_stored_as_inf(image_folder, cache_dir, 
 
 
 def test_foreign_file_at_the_cache_name_is_not_overwritten(image_folder, cache_dir):
-    _, (meta,) = plan(data=image_folder, weights="random")
+    _, meta = plan(data=image_folder, weights="random")
     cache_dir.mkdir()
     target = cache_dir / store.cache_filename(meta)
     target.write_bytes(b"precious")
@@ -126,7 +126,7 @@ def test_foreign_file_at_the_cache_name_is_not_overwritten(image_folder, cache_d
 def test_changed_inputs_never_reuse_a_cache(image_folder, tmp_path):
     def key(**kw):
         opts = dict(data=image_folder, weights="random")
-        return plan(**{**opts, **kw})[1][0].key
+        return plan(**{**opts, **kw})[1].key
 
     base = key()
     variants = [key(layer="block2_pool"), key(input_size=48), key(dtype="float32"), key(limit=3),

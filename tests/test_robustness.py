@@ -119,7 +119,7 @@ def test_disk_full_in_the_cli_says_the_run_resumes(image_folder, cache_dir, monk
     def full(**kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sys.modules["featcache.extract"], "extract_all", full)
+    monkeypatch.setattr(sys.modules["featcache.extract"], "extract", full)
     r = CliRunner().invoke(main, ["extract", "--data", str(image_folder)])
     assert r.exit_code == 1 and "No space left on device" in r.stderr and "resumes when rerun" in r.stderr
 

@@ -20,9 +20,9 @@ def make_meta(**changes) -> store.CacheMeta:
 def write_cache(path, meta=None, complete=True):
     meta = meta or make_meta()
     f = store.create(path, meta, labels={"train": [0, 1, 2], "test": [1, 0]},
-                     paths={"train": ["a", "b", "c"], "test": None}, class_names=["x", "y", "z"], rows_per_chunk=2)
+                     paths={"train": ["a", "b", "c"], "test": None}, class_names=["x", "y", "z"], batch_size=2)
     with f:
-        f["train/features"][...] = np.ones((3, 4, 4, 256))
+        f[store.dataset_path(meta, "train", meta.layer)][...] = np.ones((3, 4, 4, 256))
         f["progress"][0] = 3
         if complete:
             store.finish(f, max_abs_activation=1.0)
@@ -35,7 +35,7 @@ def test_meta_round_trip(tmp_path):
     c = store.open_cache(path)
     assert c.meta == meta and c.meta.key == meta.key
     assert c.class_names == ("x", "y", "z") and c.complete and c.progress == (3, 0)
-    assert c.splits["train"].shape == (3, 4, 4, 256)
+    assert c.splits["train"].shapes == {"block3_pool": (3, 4, 4, 256)}
     x, y = c.load("train")
     assert x.dtype == np.float16 and (x == 1).all() and list(y) == [0, 1, 2]
     assert c.paths("train") == ["a", "b", "c"] and c.paths("test") is None
@@ -47,6 +47,36 @@ def test_key_depends_on_key_fields_only():
     for change in (dict(layer="block2_pool"), dict(dtype="float32"), dict(limit=10), dict(weights="sha256:1"),
                    dict(input_shape=(64, 64, 3)), dict(dataset_fingerprint="cd" * 32)):
         assert make_meta(**change).key != base.key, change
+
+
+def test_single_layer_keys_are_unchanged_by_format_2():
+    # the keys featcache wrote before files could hold several layers: existing caches keep their names
+    assert make_meta().format_version == 1
+    assert make_meta().key == "8aa5a0d2e6e0361629a48703da95c6d972887e58858e906627a4cf84a4ff0976"
+    assert make_meta(views=3, augment="flip", augment_seed=1).key.startswith("88e69d671896")
+
+
+def test_several_layers_in_one_file(tmp_path):
+    from featcache.errors import BadInputError
+
+    meta = make_meta(layer="block3_pool,block4_pool", feature_shape={"block3_pool": (4, 4, 256),
+                                                                     "block4_pool": (2, 2, 512)})
+    assert meta.format_version == 2 and meta.layers == ("block3_pool", "block4_pool")
+    assert store.cache_filename(meta).startswith("tiny-block3_pool+block4_pool-")
+    assert meta.key != make_meta().key
+    with store.create(tmp_path / "c.h5", meta, labels={"train": [0, 1, 2], "test": [1, 0]}, paths={},
+                      class_names=["x", "y", "z"], batch_size=2) as f:
+        f["train/features/block3_pool"][...] = 1
+        f["train/features/block4_pool"][...] = 2
+        store.finish(f, max_abs_activation=2.0)
+    c = store.open_cache(tmp_path / "c.h5")
+    assert c.meta == meta and c.layers == meta.layers
+    assert c.splits["test"].shapes == {"block3_pool": (2, 4, 4, 256), "block4_pool": (2, 2, 2, 512)}
+    assert (c.load("train", "block3_pool")[0] == 1).all() and (c.load("train", "block4_pool")[0] == 2).all()
+    with pytest.raises(BadInputError, match="holds block3_pool, block4_pool; fix: name one"):
+        c.load("train")
+    with pytest.raises(BadInputError, match="not block5_pool"):
+        c.load("train", "block5_pool")
 
 
 def test_differences_name_the_field():
@@ -74,8 +104,10 @@ def test_foreign_or_corrupt_files_are_refused(tmp_path, damage, message):
 
 
 def test_future_format_is_refused(tmp_path):
-    path = write_cache(tmp_path / "c.h5", make_meta(format_version=store.FORMAT_VERSION + 1))
-    with pytest.raises(CacheError, match="cache format 2, this featcache reads up to 1; fix: upgrade"):
+    path = write_cache(tmp_path / "c.h5")
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = store.FORMAT_VERSION + 1
+    with pytest.raises(CacheError, match="cache format 3, this featcache reads up to 2; fix: upgrade"):
         store.open_cache(path)
 
 

@@ -9,25 +9,51 @@ from featcache import augment as aug
 from featcache import backbone as bb
 from featcache.cli import main
 from featcache.errors import BadInputError
-from featcache.extract import extract, extract_all
+from featcache.extract import extract
 from heads import train as ht
 from heads.builders import MODELS
 from test_extract import count_calls
 
 
-def test_several_layers_in_one_pass_equal_separate_extractions(image_folder, tmp_path, monkeypatch):
+def test_several_layers_in_one_pass_and_one_file_equal_separate_extractions(image_folder, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         calls = count_calls(m)
-        p3, p4 = extract_all(data=image_folder, weights="random", layer="block3_pool,block4_pool", batch_size=6,
-                             cache_dir=tmp_path / "both", progress=False)
+        both = extract(data=image_folder, weights="random", layer="block3_pool,block4_pool", batch_size=6,
+                       cache_dir=tmp_path / "both", progress=False)
     assert len(calls) == 3, "one forward pass per batch for both layers"
-    for layer, path in (("block3_pool", p3), ("block4_pool", p4)):
-        alone = extract(data=image_folder, weights="random", layer=layer, cache_dir=tmp_path / layer, progress=False)
-        assert path.name == alone.name
-        a, b = featcache.open_cache(path), featcache.open_cache(alone)
+    assert [p.name for p in (tmp_path / "both").glob("*.h5")] == [both.name]
+    c = featcache.open_cache(both)
+    assert c.layers == ("block3_pool", "block4_pool") and "block3_pool+block4_pool" in both.name
+    for layer in c.layers:
+        alone = featcache.open_cache(extract(data=image_folder, weights="random", layer=layer,
+                                             cache_dir=tmp_path / layer, progress=False))
         for split in ("train", "test"):
-            np.testing.assert_allclose(a.load(split)[0].astype(np.float32), b.load(split)[0].astype(np.float32),
-                                       rtol=1e-2, atol=1e-2)
+            np.testing.assert_allclose(c.load(split, layer)[0].astype(np.float32),
+                                       alone.load(split)[0].astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_single_layer_caches_are_combined_without_a_forward_pass(image_folder, cache_dir, monkeypatch):
+    singles = [featcache.open_cache(extract(data=image_folder, weights="random", layer=layer, views=2,
+                                            cache_dir=cache_dir, progress=False))
+               for layer in ("block3_pool", "block4_pool")]
+    monkeypatch.setattr(bb, "build", lambda **kw: pytest.fail("no model may be built"))
+    path = extract(data=image_folder, weights="random", layer="block3_pool,block4_pool", views=2,
+                   cache_dir=cache_dir, progress=False)
+    c = featcache.open_cache(path)
+    assert c.meta.key == extract_plan_key(image_folder, "block3_pool,block4_pool", views=2)
+    for single in singles:
+        layer = single.meta.layer
+        for split in ("train", "test"):
+            np.testing.assert_array_equal(c.load(split, layer)[0], single.load(split)[0])
+        np.testing.assert_array_equal(c.load_views(layer), single.load_views())
+    assert c.extract_seconds == pytest.approx(sum(s.extract_seconds for s in singles))   # two passes
+    assert all(s.path.exists() for s in singles), "the single-layer files are left in place"
+
+
+def extract_plan_key(data, layer, **options) -> str:
+    from featcache.extract import plan
+
+    return plan(data=data, weights="random", layer=layer, **options)[1].key
 
 
 def test_views_are_seeded_augmentations_of_the_training_split_only(image_folder, cache_dir):
@@ -105,18 +131,26 @@ def test_heads_train_on_views(image_folder, cache_dir, mode):
 
 
 def test_concatenated_layers(image_folder, cache_dir, tmp_path):
-    paths = extract_all(data=image_folder, weights="random", layer="block3_pool,block4_pool", cache_dir=cache_dir,
-                        progress=False)
-    data = ht.data_from_caches(paths, "gap")
+    path = extract(data=image_folder, weights="random", layer="block3_pool,block4_pool", cache_dir=cache_dir,
+                   progress=False)
+    data = ht.data_from_caches([path], "gap")
     assert data.x_train.shape == (12, 256 + 512) and data.x_test.shape == (6, 768)
-    r = ht.train_head(paths, units=(8,), epochs=2, runs_dir=None, progress=False)
+    assert [s["layer"] for s in data.source["caches"]] == ["block3_pool", "block4_pool"]
+    r = ht.train_head(path, units=(8,), epochs=2, runs_dir=None, progress=False)
     assert r.model.input_shape == (None, 768)
+    r = ht.train_head(path, layer="block4_pool", units=(8,), epochs=1, runs_dir=None, progress=False)
+    assert r.model.input_shape == (None, 2, 2, 512)
     with pytest.raises(BadInputError, match="needs --pooling gap or max"):
-        ht.data_from_caches(paths, "flatten")
-    other = extract(data=image_folder, weights="random", layer="block4_pool", limit=5, cache_dir=cache_dir,
+        ht.data_from_caches([path], "flatten")
+    with pytest.raises(BadInputError, match="no cache given holds block5_pool"):
+        ht.data_from_caches([path], "gap", "block5_pool")
+    other = extract(data=image_folder, weights="random", layer="block5_pool", limit=5, cache_dir=cache_dir,
                     progress=False)
     with pytest.raises(BadInputError, match="hold different images"):
-        ht.data_from_caches([paths[0], other], "gap")
+        ht.data_from_caches([path, other], "gap")
+    again = extract(data=image_folder, weights="random", layer="block4_pool", cache_dir=cache_dir, progress=False)
+    with pytest.raises(BadInputError, match="block4_pool is in more than one cache"):
+        ht.data_from_caches([path, again], "gap")
 
 
 def test_conv_head_shape():
@@ -130,10 +164,15 @@ def test_cli_several_layers_and_views(image_folder, cache_dir, tmp_path):
     r = CliRunner().invoke(main, ["extract", "--data", str(image_folder), "--weights", "random", "--layer",
                                   "block3_pool,block4_pool", "--views", "2", "--no-progress"])
     assert r.exit_code == 0, r.output
-    paths = r.stdout.split()
-    assert len(paths) == 2 and "block4_pool" in paths[1] and "expected cache size" in r.stderr
-    r = CliRunner().invoke(main, ["train-head", "--cache", paths[0], "--cache", paths[1], "--epochs", "1",
-                                  "--views-mode", "all", "--runs-dir", str(tmp_path / "runs"), "--no-progress"])
+    path = r.stdout.strip()
+    assert "block3_pool+block4_pool" in path and "expected cache size" in r.stderr
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--no-progress", "--epochs", "1"]
+    r = CliRunner().invoke(main, ["train-head", "--cache", path, "--views-mode", "all", *runs])
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["train-head", "--cache", path, "--layer", "block4_pool", "--pooling", "flatten",
+                                  *runs])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["train-head", "--cache", path, "--layer", "block5_pool", *runs])
+    assert r.exit_code == 2 and "block5_pool" in r.stderr and path in r.stderr
     r = CliRunner().invoke(main, ["extract", "--data", str(image_folder), "--layer", "block3_pool,block3_pool"])
     assert r.exit_code == 2 and "distinct" in r.stderr
