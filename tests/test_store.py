@@ -17,15 +17,15 @@ def make_meta(**changes) -> store.CacheMeta:
     return dataclasses.replace(meta, **changes)
 
 
-def write_cache(path, meta=None, complete=True):
+def write_cache(path, meta=None, complete=True, value=1.0, seconds=None):
     meta = meta or make_meta()
     f = store.create(path, meta, labels={"train": [0, 1, 2], "test": [1, 0]},
                      paths={"train": ["a", "b", "c"], "test": None}, class_names=["x", "y", "z"], batch_size=2)
     with f:
-        f[store.dataset_path(meta, "train", meta.layer)][...] = np.ones((3, 4, 4, 256))
+        f[store.dataset_path(meta, "train", meta.layer)][...] = value
         f["progress"][0] = 3
         if complete:
-            store.finish(f, max_abs_activation=1.0)
+            store.finish(f, max_abs_activation=value, extract_seconds=seconds)
     return path
 
 
@@ -77,6 +77,21 @@ def test_several_layers_in_one_file(tmp_path):
         c.load("train")
     with pytest.raises(BadInputError, match="not block5_pool"):
         c.load("train", "block5_pool")
+
+
+@pytest.mark.parametrize("same_pass", [True, False])
+def test_combine_copies_each_layer_and_counts_one_pass_once(tmp_path, same_pass):
+    b3 = write_cache(tmp_path / "b3.h5", make_meta(), value=1.0, seconds=10.0)
+    other_pass = {} if same_pass else {"created": "2026-01-02T00:00:00+00:00"}
+    b4 = write_cache(tmp_path / "b4.h5", make_meta(layer="block4_pool", feature_shape=(2, 2, 512), **other_pass),
+                     value=3.0, seconds=12.0)
+    meta = store.combine([store.open_cache(b3), store.open_cache(b4)], tmp_path / "both.h5")
+    c = store.open_cache(tmp_path / "both.h5")
+    assert c.meta == meta and c.layers == ("block3_pool", "block4_pool") and c.complete
+    assert (c.load("train", "block3_pool")[0] == 1).all() and (c.load("train", "block4_pool")[0] == 3).all()
+    assert c.load("test", "block4_pool")[1].tolist() == [1, 0] and c.paths("train") == ["a", "b", "c"]
+    assert c.max_abs_activation == 3.0
+    assert c.extract_seconds == (12.0 if same_pass else 22.0)   # one pass timed in each file, or two passes
 
 
 def test_differences_name_the_field():
