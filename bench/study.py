@@ -53,13 +53,22 @@ CELLS = {
               (("block4_pool",), dict(model="dense", pooling="flatten")),
               (("block4_pool",), dict(model="conv")),
               (("block4_pool",), dict(model="conv", filters=64, units=(256,)))],
+    (96, 1): [(("block4_pool",), dict(model="dense", pooling="gap")),
+              (("block5_pool",), dict(model="dense", pooling="gap")),
+              (("block4_pool", "block5_pool"), dict(model="dense", pooling="gap")),
+              (("block3_pool", "block4_pool", "block5_pool"), dict(model="dense", pooling="gap")),
+              (("block5_pool",), dict(model="dense", pooling="flatten")),
+              (("block5_pool",), dict(model="conv")),
+              (("block5_pool",), dict(model="conv", filters=64, units=(256,))),
+              (("block4_pool",), dict(model="conv", filters=64, units=(256,)))],
 }
 #: The ideas of the study, in the order the curve adds them, each with a test of whether a row uses it.
 IDEAS = [
-    ("block4_pool or both layers", lambda r: r["layers"] != ["block3_pool"]),
+    ("deeper or several layers", lambda r: r["layers"] != ["block3_pool"]),
     ("64 px input", lambda r: r["input_size"] > 32),
     ("spatial heads (flatten, 1x1 conv)", lambda r: not (r["model"] == "dense" and r.get("pooling") == "gap")),
     ("4 cached views (flip, crop)", lambda r: r["views"] > 1),
+    ("96 px input (and block5_pool)", lambda r: r["input_size"] > 64),
 ]
 TRAINING = dict(epochs=40, patience=3, seed=0)
 
