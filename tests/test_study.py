@@ -29,6 +29,7 @@ ROWS = [
     row("64", size=64, val=0.80, test=0.70),
     row("64-flat", size=64, pooling="flatten", val=0.85, test=0.84, s=100),   # over budget
     row("64-views", size=64, views=4, val=0.82, test=0.81, s=50),
+    row("96-b5", size=96, layers=("block5_pool",), val=0.81, test=0.95, s=20),   # no gain on validation
 ]
 
 
@@ -43,7 +44,7 @@ def test_curve_adds_one_idea_at_a_time(study):
     assert [s["added"] for s in steps][0] == "seed's configuration"
     assert len(steps) == len(study.IDEAS) + 1
     within = [s["within_budget"]["name"] for s in steps]
-    assert within == ["seed", "b4", "64", "64", "64-views"]
+    assert within == ["seed", "b4", "64", "64", "64-views", "64-views"]
     assert steps[3]["any_time"]["name"] == "64-flat"        # spatial heads, over budget
     vals = [s["within_budget"]["val_accuracy"] for s in steps]
     assert vals == sorted(vals)
