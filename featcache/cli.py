@@ -186,8 +186,9 @@ def _train_config(**kw):
 
 @main.command("train-head")
 @click.option("--cache", "cache_paths", type=click.Path(dir_okay=False), multiple=True,
-              help="A cache file (repeat for several layers of the same images). Default: the caches the "
-                   "selection options below lead to (built if missing).")
+              help="A cache file (repeat to join layers kept in separate files of the same images); "
+                   "every layer in it unless --layer picks some. Default: the cache the selection options "
+                   "below lead to (built if missing).")
 @selection_options
 @click.option("--head", type=click.Choice(["dense", "linear", "conv"]), default="dense", show_default=True,
               help="dense: pooling -> BatchNorm -> Dense(units) -> Dropout -> softmax; linear: a linear probe; "
