@@ -46,7 +46,7 @@ bench: extract ## measure speed, size and memory side by side; writes docs/bench
 	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 
-study: install ## the accuracy study: input size x layer x views x head, chosen on validation (35 min with caches, 2.5 h without)
+study: install ## the accuracy study: input size x layer x views x head, chosen on validation (42 min with caches, 3.5 h without)
 	$(BIN)/python bench/study.py --data "$(DATA)" --weights "$(WEIGHTS)" --cache-dir $(CACHE_DIR) \
 		--runs-dir $(RUNS_DIR)/study
 
