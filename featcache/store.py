@@ -317,7 +317,8 @@ def combine(sources, path: Path, *, batch_size: int = 128) -> CacheMeta:
     with h5py.File(sources[0].path, "r") as src:
         labels = {s: src[f"{s}/labels"][...] for s in SPLITS}
         paths = {s: src[f"{s}/paths"][...].astype(str) if f"{s}/paths" in src else None for s in SPLITS}
-    one_pass = len({c.meta.created for c in sources}) == 1   # `created` is stamped once per extraction
+    # `created` is stamped once per extraction (to the second): equal stamps mean one pass, timed in each file
+    one_pass = len({c.meta.created for c in sources}) == 1
     seconds = [c.extract_seconds for c in sources]
     with create(path, meta, labels=labels, paths=paths, class_names=sources[0].class_names,
                 batch_size=batch_size) as f:
