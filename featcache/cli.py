@@ -114,7 +114,7 @@ def info(path, as_json):
         "max_abs_activation": c.max_abs_activation, "extract_seconds": c.extract_seconds,
         "class_names": list(c.class_names),
         "splits": {s: {"n": i.n, "shapes": {k: list(v) for k, v in i.shapes.items()}} for s, i in c.splits.items()},
-        "meta": {k: (list(v) if isinstance(v, tuple) else v) for k, v in c.meta.__dict__.items()},
+        "meta": c.meta.to_dict(),
     }
     summary["meta"]["key"] = c.meta.key
     if as_json:

@@ -101,9 +101,13 @@ class CacheMeta:
     def random_weights(self) -> bool:
         return self.weights.startswith("random")
 
-    def to_attrs(self) -> dict:
+    def to_dict(self) -> dict:
+        """Every field and the format version, JSON-ready (what run records and `info --json` show)."""
         d = {**dataclasses.asdict(self), "format_version": self.format_version}
-        return {k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in d.items()}
+        return json.loads(json.dumps(d))
+
+    def to_attrs(self) -> dict:
+        return {k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in self.to_dict().items()}
 
     @classmethod
     def from_attrs(cls, attrs) -> "CacheMeta":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,10 +93,9 @@ def data_from_cache(cache, layer: str | None = None) -> TrainData:
     `layer` may be left out when the cache holds one layer."""
     cache = _open(cache)
     (x_train, y_train), (x_test, y_test) = cache.load("train", layer), cache.load("test", layer)
-    meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cache.meta).items()}
     return TrainData(x_train, y_train, x_test, y_test, cache.class_names, "features",
                      source={"cache": str(cache.path), "cache_key": cache.meta.key, "layer": cache.select_layer(layer),
-                             "cache_meta": meta},
+                             "cache_meta": cache.meta.to_dict()},
                      random_weights=cache.meta.random_weights, x_views=cache.load_views(layer))
 
 
@@ -148,9 +147,10 @@ def _layer_sources(caches, layers) -> list[tuple]:
                 raise BadInputError(f"{name} is in more than one cache given; fix: pick the layers to train on "
                                     "with --layer")
         return sources
-    layers = tuple(x.strip() for x in layers.split(",")) if isinstance(layers, str) else tuple(layers)
+    from featcache.extract import parse_layers
+
     sources = []
-    for layer in layers:
+    for layer in parse_layers(layers):
         holder = next((c for c in caches if layer in c.layers), None)
         if holder is None:
             held = ", ".join(sorted({name for c in caches for name in c.layers}))

@@ -4,6 +4,7 @@ import h5py
 import pytest
 from click.testing import CliRunner
 
+import featcache
 from featcache.cli import main
 
 
@@ -22,6 +23,7 @@ def test_extract_prints_only_the_path_and_info_describes_it(image_folder, cache_
     assert info["splits"] == {"train": {"n": 12, "shapes": {"block3_pool": [12, 4, 4, 256]}},
                               "test": {"n": 6, "shapes": {"block3_pool": [6, 4, 4, 256]}}}
     assert info["size_bytes"] > 12 * 4096 and info["meta"]["weights"] == "random:seed=0"
+    assert info["meta"]["format_version"] == 1 and info["meta"]["key"] == featcache.open_cache(path).meta.key
     human = run("info", path).stdout
     assert "RANDOM WEIGHTS" in human and "complete      yes" in human
     again = run("extract", "--data", image_folder, "--weights", "random", "--no-progress")
