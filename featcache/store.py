@@ -281,30 +281,34 @@ def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_name
         for split in SPLITS:
             n = len(labels[split])
             for layer, shape in meta.shapes.items():
-                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-                if compression is None:   # compressed chunks are sized on write, so cannot be allocated now
-                    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-                rows = chunk_rows(shape, meta.dtype, batch_size)
-                f.create_dataset(dataset_path(meta, split, layer), shape=(n, *shape), dtype=meta.dtype,
-                                 chunks=(min(rows, max(n, 1)), *shape),
-                                 compression=compression, shuffle=compression == "gzip" or None,
-                                 dcpl=dcpl, fill_time="never" if compression is None else None)
+                rows = min(chunk_rows(shape, meta.dtype, batch_size), max(n, 1))
+                _allocate(f, dataset_path(meta, split, layer), (n, *shape), (rows, *shape), meta.dtype, compression)
             f.create_dataset(f"{split}/labels", data=np.asarray(labels[split], np.int64))
             if paths.get(split) is not None:
                 f.create_dataset(f"{split}/paths", data=np.array(paths[split], dtype=h5py.string_dtype()))
         if meta.views > 1:
             n, k = len(labels["train"]), meta.views - 1
             for layer, shape in meta.shapes.items():
-                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                 rows = max(1, min(n, chunk_rows(shape, meta.dtype, batch_size) // k))
-                f.create_dataset(dataset_path(meta, "train", layer, views=True), shape=(n, k, *shape),
-                                 dtype=meta.dtype, chunks=(rows, k, *shape), dcpl=dcpl, fill_time="never")
+                _allocate(f, dataset_path(meta, "train", layer, views=True), (n, k, *shape), (rows, k, *shape),
+                          meta.dtype)
         f.flush()
     except BaseException:
         f.close()
         raise
     return f
+
+
+def _allocate(f, name: str, shape: tuple, chunks: tuple, dtype: str, compression: str | None = None) -> None:
+    """A features dataset; uncompressed ones get their whole space on disk now (compressed chunks are sized on write)."""
+    import h5py
+
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    if compression is None:
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, compression=compression,
+                     shuffle=compression == "gzip" or None, dcpl=dcpl,
+                     fill_time="never" if compression is None else None)
 
 
 def combine(sources, path: Path, *, batch_size: int = 128) -> CacheMeta:
