@@ -300,7 +300,7 @@ def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_name
 
 
 def _allocate(f, name: str, shape: tuple, chunks: tuple, dtype: str, compression: str | None = None) -> None:
-    """A features dataset; uncompressed ones get their whole space on disk now (compressed chunks are sized on write)."""
+    """A features dataset; uncompressed ones get all their space now (compressed chunks are sized on write)."""
     import h5py
 
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
