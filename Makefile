@@ -17,7 +17,7 @@ SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER)
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 .DEFAULT_GOAL := help
-.PHONY: help install extract heads bench study test clean
+.PHONY: help install extract heads curve bench study test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,6 +42,9 @@ heads: extract ## train the reference head (gap, flatten), a linear probe, the A
 	$(BIN)/featcache train-baseline cnn --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name cnn
 	$(BIN)/featcache runs --runs-dir $(RUNS_DIR) --markdown | tee $(RUNS_DIR)/summary.md
 
+curve: extract ## data-efficiency curve (default head vs linear probe, 5..1000 images per class and all); writes docs/curve.*
+	d=$$($(BIN)/featcache -q curve $(SELECT) --runs-dir $(RUNS_DIR)) && cp "$$d"/curve.json "$$d"/curve.md "$$d"/curve.png docs/
+
 bench: extract ## measure speed, size and memory side by side; writes docs/benchmarks.{md,json} (~15 min)
 	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
@@ -54,5 +57,5 @@ test: install ## run the test suite (a few minutes on 2 cores)
 	$(BIN)/pytest -q
 
 clean: ## remove caches, runs and build leftovers (keeps .venv)
-	find $(CACHE_DIR) -mindepth 1 ! -name .gitignore -delete
-	rm -rf runs .pytest_cache *.egg-info
+	if [ -d "$(CACHE_DIR)" ]; then find "$(CACHE_DIR)" -mindepth 1 ! -name .gitignore -delete; fi
+	rm -rf "$(RUNS_DIR)" .pytest_cache *.egg-info

@@ -65,7 +65,9 @@ def selection_options(f):
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
                      help="Storage dtype; float16 halves the file and refuses activations beyond its range."),
         click.option("--limit", type=click.IntRange(min=1), default=None,
-                     help="Keep only the first N images of each split (quick tries; part of the cache key)."),
+                     help="Keep only the first N images of each split, in source order (smoke tests: an image "
+                          "folder is in class order, so few classes may remain; part of the cache key). For a "
+                          "balanced subset use train-head --per-class."),
         click.option("--cache-dir", envvar="FEATCACHE_CACHE_DIR", default="cache", show_default=True,
                      type=click.Path(file_okay=False), help="Cache folder (env FEATCACHE_CACHE_DIR)."),
         click.option("--views", type=click.IntRange(min=1), default=1, show_default=True,
@@ -162,14 +164,18 @@ def training_options(f):
     options = [
         click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True),
         click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
-                     help="Early stopping: epochs without a better validation loss (best weights restored)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
+                     help="Early stopping: epochs without a better validation loss (best weights restored); never "
+                          "before 200 optimiser steps."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="Largest batch; a small training split gets smaller ones (at least 8 steps per epoch)."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Learning rate [default: 1e-3 for Adam models, 1e-2 for the SGD ann]."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
                      show_default=True, help="Share of the training split held out for validation (stratified)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the validation split, weight initialisation and shuffling."),
+        click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True,
+                     help="Each run writes a new folder in here."),
         click.option("--name", default=None, help="Run name (default: the model name)."),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
     ]
@@ -184,14 +190,47 @@ def _train_config(**kw):
     return TrainConfig(**kw)
 
 
+def cache_option(f):
+    return click.option("--cache", "cache_paths", type=click.Path(dir_okay=False), multiple=True,
+                        help="A cache file (repeat to join layers kept in separate files of the same images); "
+                             "every layer in it unless --layer picks some. Default: the cache the selection "
+                             "options below lead to (built if missing).")(f)
+
+
+def subset_options(f):
+    f = click.option("--subset-seed", type=int, default=0, show_default=True,
+                     help="Which images --per-class draws.")(f)
+    return click.option("--per-class", type=click.IntRange(min=1), default=None,
+                        help="Train and validate on N training images per class, drawn from the cache "
+                             "(stratified, seeded by --subset-seed); the test split stays whole.")(f)
+
+
+def _caches(ctx, cache_paths, selection: dict, *, progress: bool):
+    """(cache paths, layers to train on) from --cache or from the selection options (extracting if needed)."""
+    from featcache.extract import check_cache, extract
+
+    if not cache_paths:
+        return [extract(cache_dir=selection["cache_dir"], progress=progress,
+                        **{k: v for k, v in selection.items() if k != "cache_dir"})], None
+    given = {k: v for k, v in selection.items() if k in ("data", "weights", "input_size", "dtype", "limit")
+             and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    pick = None   # the layers to train on; None: every layer of the caches
+    if ctx.get_parameter_source("layer") != click.core.ParameterSource.DEFAULT:
+        pick = selection["layer"]
+        if len(cache_paths) == 1:
+            given["layer"] = pick
+    for path in cache_paths:
+        check_cache(path, **given)
+    return list(cache_paths), pick
+
+
 @main.command("train-head")
-@click.option("--cache", "cache_paths", type=click.Path(dir_okay=False), multiple=True,
-              help="A cache file (repeat to join layers kept in separate files of the same images); "
-                   "every layer in it unless --layer picks some. Default: the cache the selection options "
-                   "below lead to (built if missing).")
+@cache_option
 @selection_options
+@subset_options
 @click.option("--head", type=click.Choice(["dense", "linear", "conv"]), default="dense", show_default=True,
-              help="dense: pooling -> BatchNorm -> Dense(units) -> Dropout -> softmax; linear: a linear probe; "
+              help="dense: pooling -> BatchNorm -> Dense(units) -> Dropout -> softmax; linear: a linear probe "
+                   "(logistic regression solved by L-BFGS, L2 strength chosen on validation); "
                    "conv: BatchNorm -> 1x1 Conv(filters) -> Flatten -> Dense(units) -> softmax.")
 @click.option("--filters", type=click.IntRange(min=1), default=128, show_default=True, help="conv head only.")
 @click.option("--views-mode", type=click.Choice(["sample", "all", "original"]), default="sample",
@@ -199,37 +238,65 @@ def _train_config(**kw):
                                       "the originals only.")
 @click.option("--units", type=UnitsType(), default="400,256,256", show_default=True,
               help="Dense layer sizes of the dense and conv heads.")
-@click.option("--pooling", type=click.Choice(["gap", "flatten", "max"]), default="gap", show_default=True)
+@click.option("--pooling", type=click.Choice(["gap", "flatten", "max"]), default="gap", show_default=True,
+              help="How feature maps become vectors: global average, flatten, or global max.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
 @click.option("--no-batchnorm", is_flag=True, help="Leave out the dense head's BatchNormalization.")
 @training_options
 @click.pass_context
 def train_head(ctx, cache_paths, data, weights, layer, input_size, dtype, limit, cache_dir, views, augment,
-               augment_seed, head, filters, views_mode, units, pooling, dropout, no_batchnorm, epochs, patience,
-               batch_size, lr, val_fraction, seed, runs_dir, name, no_progress):
-    """Train a head on cached features; evaluate once on the test split; print the run folder."""
-    from featcache.extract import check_cache, extract
+               augment_seed, per_class, subset_seed, head, filters, views_mode, units, pooling, dropout,
+               no_batchnorm, epochs, patience, batch_size, lr, val_fraction, seed, runs_dir, name, no_progress):
+    """Train a head on cached features; evaluate once on the test split; print the run folder.
+
+    The features are standardised with statistics of the training rows (kept in the saved model)
+    and small training splits get smaller batches, so the default head works from a few images per
+    class to the whole split without changing an option.
+    """
     from heads.train import train_head as run
 
     config = _train_config(model=head, units=units, pooling=pooling, dropout=dropout, batchnorm=not no_batchnorm,
                            epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, filters=filters,
-                           views_mode=views_mode, val_fraction=val_fraction, seed=seed, name=name)
+                           views_mode=views_mode, val_fraction=val_fraction, seed=seed, name=name,
+                           per_class=per_class, subset_seed=subset_seed)
     selection = dict(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
-                     views=views, augment=augment, augment_seed=augment_seed)
-    pick = None   # the layers to train on; None: every layer of the caches
-    if cache_paths:
-        given = {k: v for k, v in selection.items() if k in ("data", "weights", "input_size", "dtype", "limit")
-                 and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
-        if ctx.get_parameter_source("layer") != click.core.ParameterSource.DEFAULT:
-            pick = layer
-            if len(cache_paths) == 1:
-                given["layer"] = layer
-        for path in cache_paths:
-            check_cache(path, **given)
-    else:
-        cache_paths = [extract(cache_dir=cache_dir, progress=not no_progress, **selection)]
-    result = run(list(cache_paths), layer=pick, runs_dir=runs_dir, progress=not no_progress, **config.__dict__)
+                     views=views, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir)
+    caches, pick = _caches(ctx, cache_paths, selection, progress=not no_progress)
+    result = run(caches, layer=pick, runs_dir=runs_dir, progress=not no_progress, **config.__dict__)
     click.echo(str(result.run_dir))
+
+
+@main.command()
+@cache_option
+@selection_options
+@click.option("--sizes", default="5,10,25,50,100,250,500,1000,all", show_default=True,
+              help="Training images per class of each point ('all': the whole training split); sizes above the "
+                   "smallest class are skipped.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeded subsets per size (mean and standard deviation are reported).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True, help="Share of each subset held out for validation (at least one per class).")
+@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True,
+              help="The curve's folder is created in here.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.pass_context
+def curve(ctx, cache_paths, data, weights, layer, input_size, dtype, limit, cache_dir, views, augment, augment_seed,
+          sizes, repeats, val_fraction, epochs, runs_dir, no_progress):
+    """Data-efficiency curve: test accuracy of the default head and the linear probe vs images per class.
+
+    Reads the cache once; trains both heads on REPEATS seeded stratified subsets of each size;
+    writes curve.json, curve.md and curve.png into a new folder under --runs-dir and prints it.
+    """
+    from heads.curve import data_efficiency_curve, parse_sizes
+
+    points = parse_sizes(sizes)
+    selection = dict(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
+                     views=views, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir)
+    caches, pick = _caches(ctx, cache_paths, selection, progress=not no_progress)
+    out = data_efficiency_curve(caches, layer=pick, sizes=points, repeats=repeats, runs_dir=runs_dir,
+                                progress=not no_progress, val_fraction=val_fraction, epochs=epochs)
+    click.echo(str(out))
 
 
 @main.command("train-baseline")

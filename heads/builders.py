@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 POOLINGS = ("gap", "flatten", "max")
+#: Name of the layer whose statistics `heads.train` sets from the training rows before fitting.
+STANDARDISE = "standardise"
 
 
 def _pool(x, pooling: str):
@@ -25,13 +27,27 @@ def _pool(x, pooling: str):
     return layer(name=f"pool_{pooling}")(x)
 
 
+def standardise():
+    """Per-feature (x - mean) / std with statistics that `heads.train` sets from the training rows.
+
+    Features of a frozen backbone reach tens of thousands; a BatchNormalization layer starts from
+    moving statistics (0, 1) and needs hundreds of steps to learn their scale, which a small
+    training split never gives it. Standardised once up front, the features already have the
+    statistics BatchNormalization starts with, at every dataset size, and the layer is saved with
+    the model.
+    """
+    import keras
+
+    return keras.layers.Normalization(axis=-1, name=STANDARDISE)
+
+
 def dense_head(input_shape, n_classes: int, *, units=(400, 256, 256), pooling: str = "gap",
                batchnorm: bool = True, dropout: float = 0.2):
-    """The reference head: pooling -> BatchNorm -> Dense(units, relu)... -> Dropout -> softmax."""
+    """The reference head: pooling -> standardise -> BatchNorm -> Dense(units, relu)... -> Dropout -> softmax."""
     import keras
 
     inputs = keras.Input(input_shape, name="features")
-    x = _pool(inputs, pooling)
+    x = standardise()(_pool(inputs, pooling))
     if batchnorm:
         x = keras.layers.BatchNormalization(name="batchnorm")(x)
     for i, n in enumerate(units):
@@ -42,15 +58,16 @@ def dense_head(input_shape, n_classes: int, *, units=(400, 256, 256), pooling: s
 
 
 def linear_probe(input_shape, n_classes: int, *, pooling: str = "gap"):
-    """Multinomial logistic regression on pooled features.
+    """Multinomial logistic regression on standardised pooled features.
 
-    BatchNormalization standardises the features (they reach ~25,000); at inference it is an affine
-    map, so the model stays linear in the pooled features.
+    Its weights are not trained by gradient steps but fitted to convergence by L-BFGS, with the L2
+    strength chosen on the validation split (`heads.probe`), as CLIP's and VISSL's linear
+    benchmarks do: a probe still improving at its last epoch is no baseline.
     """
     import keras
 
     inputs = keras.Input(input_shape, name="features")
-    x = keras.layers.BatchNormalization(name="standardise")(_pool(inputs, pooling))
+    x = standardise()(_pool(inputs, pooling))
     outputs = keras.layers.Dense(n_classes, activation="softmax", name="classes")(x)
     return keras.Model(inputs, outputs, name="linear_probe")
 
@@ -88,7 +105,7 @@ def cnn(input_shape, n_classes: int, *, dropout: float = 0.2, seed: int = 0):
 
 
 def conv_head(input_shape, n_classes: int, *, filters: int = 128, units=(400, 256, 256), dropout: float = 0.2):
-    """BN -> 1x1 Conv(filters, relu) -> Flatten -> Dropout -> Dense(units, relu)... -> softmax.
+    """standardise -> BN -> 1x1 Conv(filters, relu) -> Flatten -> Dropout -> Dense(units, relu)... -> softmax.
 
     The 1x1 convolution shrinks the channels before flattening, so the head keeps where in the image
     a feature fired (which GAP throws away) at a fraction of the flatten head's weights.
@@ -97,7 +114,7 @@ def conv_head(input_shape, n_classes: int, *, filters: int = 128, units=(400, 25
     from keras import layers
 
     inputs = keras.Input(input_shape, name="features")
-    x = layers.BatchNormalization(name="batchnorm")(inputs)
+    x = layers.BatchNormalization(name="batchnorm")(standardise()(inputs))
     x = layers.Conv2D(filters, 1, activation="relu", name="conv1x1")(x)
     x = layers.Dropout(dropout, name="dropout_maps")(layers.Flatten()(x))
     for i, n in enumerate(units):
@@ -111,14 +128,14 @@ def conv_head(input_shape, n_classes: int, *, filters: int = 128, units=(400, 25
 class ModelSpec:
     build: Callable
     input: str            # "features" (from a cache) or "pixels" (raw images)
-    optimizer: str        # "adam" or "sgd"
+    optimizer: str        # "adam", "sgd", or "lbfgs" (fitted to convergence by heads.probe, no epochs)
     lr: float
     options: tuple        # TrainConfig fields this builder takes
 
 
 MODELS = {
     "dense": ModelSpec(dense_head, "features", "adam", 1e-3, ("units", "pooling", "batchnorm", "dropout")),
-    "linear": ModelSpec(linear_probe, "features", "adam", 1e-3, ("pooling",)),
+    "linear": ModelSpec(linear_probe, "features", "lbfgs", 0.0, ("pooling",)),
     "conv": ModelSpec(conv_head, "features", "adam", 1e-3, ("filters", "units", "dropout")),
     "ann": ModelSpec(ann, "pixels", "sgd", 1e-2, ()),
     "cnn": ModelSpec(cnn, "pixels", "adam", 1e-3, ("dropout", "seed")),

@@ -19,21 +19,23 @@ RANDOM_FLAG = "RANDOM BACKBONE WEIGHTS (not ImageNet features)"
 
 def write_run(runs_dir: Path, result, data) -> Path:
     """Write every record of `result` into a new folder under `runs_dir`; return the folder."""
-    run_dir = _new_run_dir(runs_dir, result.config.name or result.config.model)
+    run_dir = new_run_dir(runs_dir, result.config.name or result.config.model)
     m = result.metrics
     config = {**asdict(result.config), "units": list(result.config.units), "learning_rate": result.config.learning_rate,
               "data": data.source, "random_weights": data.random_weights, "class_names": list(data.class_names)}
-    _write_json(run_dir / "config.json", config)
-    _write_json(run_dir / "metrics.json", {k: v for k, v in m.items() if k != "classification_report"})
+    write_json(run_dir / "config.json", config)
+    write_json(run_dir / "metrics.json", {k: v for k, v in m.items() if k != "classification_report"})
     with open(run_dir / "history.csv", "w", newline="") as f:
-        keys = ["loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
+        keys = [k for k in ("C", "loss", "accuracy", "val_loss", "val_accuracy", "seconds") if k in result.history]
         w = csv.writer(f)
         w.writerow(["epoch", *keys])
         for i in range(len(result.history["loss"])):
             w.writerow([i + 1, *(f"{result.history[k][i]:.6g}" for k in keys)])
+    chosen = (f"L2 strength C={m['C']:.3g} ({m['best_epoch']} of {m['epochs_run']} tried)" if "C" in m
+              else f"epoch {m['best_epoch']} of {m['epochs_run']}")
     header = (f"{RANDOM_FLAG}\n\n" if data.random_weights else "") + \
         (f"Held-out test split, evaluated once after training (n={m['n_test']}); model chosen by validation "
-         f"loss at epoch {m['best_epoch']} of {m['epochs_run']}.\n"
+         f"loss at {chosen}.\n"
          f"test accuracy {m['test_accuracy']:.4f}, validation accuracy {m['val_accuracy']:.4f}\n\n")
     (run_dir / "classification_report.txt").write_text(header + m["classification_report"])
     title = f"{run_dir.name}" + ("\n" + RANDOM_FLAG if data.random_weights else "")
@@ -66,13 +68,19 @@ def plot_curves(history: dict, best_epoch: int, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = range(1, len(history["loss"]) + 1)
+    by_c = "C" in history   # the linear probe: one point per L2 strength, not per epoch
+    x = history["C"] if by_c else range(1, len(history["loss"]) + 1)
+    best = x[best_epoch - 1]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for ax, key in zip(axes, ("loss", "accuracy")):
-        ax.plot(epochs, history[key], label=f"train {key}")
-        ax.plot(epochs, history[f"val_{key}"], label=f"validation {key}")
-        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
-        ax.set_xlabel("epoch")
+        ax.plot(x, history[key], marker="." if by_c else None, label=f"train {key}")
+        ax.plot(x, history[f"val_{key}"], marker="." if by_c else None, label=f"validation {key}")
+        ax.axvline(best, color="grey", linestyle=":", label=f"chosen C={best:.3g}" if by_c else f"best epoch ({best})")
+        if by_c:
+            ax.set_xscale("log")
+        elif key == "loss" and max(history["val_loss"]) > 10 * min(history["val_loss"]):
+            ax.set_yscale("log")   # a huge first-epoch loss would flatten the rest of the curve
+        ax.set_xlabel("C (inverse L2 strength)" if by_c else "epoch")
         ax.set_title(key)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -94,16 +102,29 @@ def collect_runs(runs_dir: str | Path) -> list[dict]:
                 }.get(c["model"], "")
         if m.get("n_views", 1) > 1:
             opts += f" views={m['n_views']} ({c.get('views_mode')})"
-        rows.append({"run": run.parent.name, "model": c["model"], "options": opts,
-                     "epochs": f"{m['epochs_run']}/{m['best_epoch']}", "val_accuracy": m["val_accuracy"],
+        rows.append({"run": run.parent.name, "model": c["model"], "options": opts, "data": _data_label(c),
+                     "epochs": f"C={m['C']:.3g}" if "C" in m else f"{m['epochs_run']}/{m['best_epoch']}",
+                     "val_accuracy": m["val_accuracy"],
                      "test_accuracy": m["test_accuracy"], "seconds": m["seconds"],
                      "seconds_per_epoch": m["seconds_per_epoch"], "random_weights": m.get("random_weights", False)})
     return sorted(rows, key=lambda r: -r["val_accuracy"])
 
 
+def _data_label(config: dict) -> str:
+    """What a run trained on, so that runs on different data never look comparable: dataset, limit, subset."""
+    d = config.get("data", {})
+    metas = [d["cache_meta"]] if "cache_meta" in d else [c["cache_meta"] for c in d.get("caches", []) if "cache_meta" in c]
+    name = metas[0]["dataset_name"] if metas else d.get("dataset_name", "?")
+    limit = metas[0].get("limit") if metas else d.get("limit")
+    per_class = config.get("per_class")
+    return name + (f" limit={limit}" if limit else "") + \
+        (f" {per_class}/class seed={config.get('subset_seed', 0)}" if per_class else "")
+
+
 def format_table(rows: list[dict], *, markdown: bool = False) -> str:
-    head = ["run", "model", "options", "epochs run/best", "val acc", "test acc", "seconds", "s/epoch"]
-    body = [[r["run"] + (" [RANDOM WEIGHTS]" if r["random_weights"] else ""), r["model"], r["options"], r["epochs"],
+    head = ["run", "model", "data", "options", "epochs run/best", "val acc", "test acc", "seconds", "s/epoch"]
+    body = [[r["run"] + (" [RANDOM WEIGHTS]" if r["random_weights"] else ""), r["model"], r["data"], r["options"],
+             r["epochs"],
              f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}", f"{r['seconds']:.1f}",
              f"{r['seconds_per_epoch']:.2f}"] for r in rows]
     if markdown:
@@ -115,7 +136,7 @@ def format_table(rows: list[dict], *, markdown: bool = False) -> str:
     return "\n".join(fmt.format(*row) for row in [head, *body])
 
 
-def _new_run_dir(runs_dir: Path, name: str) -> Path:
+def new_run_dir(runs_dir: Path, name: str) -> Path:
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
     for i in range(1000):
         run_dir = runs_dir / (stem if i == 0 else f"{stem}-{i}")
@@ -127,5 +148,5 @@ def _new_run_dir(runs_dir: Path, name: str) -> Path:
     raise FileExistsError(f"could not create a new run folder under {runs_dir}")
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")

@@ -16,13 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import BadInputError
-from heads.builders import MODELS, POOLINGS
+from heads.builders import MODELS, POOLINGS, STANDARDISE
 
 log = logging.getLogger(__name__)
 #: Training steps run per call into TensorFlow: a head step on cached features takes well under a
 #: millisecond of compute, so with one step per call Keras' per-call overhead dominates an epoch.
 STEPS_PER_EXECUTION = 32
 VIEWS_MODES = ("sample", "all", "original")
+#: Small training splits: batches shrink so an epoch has at least this many optimiser steps ...
+MIN_STEPS_PER_EPOCH = 8
+#: ... and early stopping may end a run only after this many steps in all.
+MIN_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class TrainConfig:
     name: str | None = None
     filters: int = 128                # conv head: channels of its 1x1 convolution
     views_mode: str = "sample"        # with cached views: "sample" one per image per epoch, "all", "original"
+    per_class: int | None = None      # train and validate on this many training images per class (stratified)
+    subset_seed: int = 0              # which images --per-class draws
 
     def __post_init__(self):
         object.__setattr__(self, "units", tuple(self.units))
@@ -56,6 +62,8 @@ class TrainConfig:
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.filters >= 1, f"--filters must be at least 1, got {self.filters}"),
+            (self.per_class is None or (isinstance(self.per_class, int) and self.per_class >= 1),
+             f"--per-class must be a positive integer, got {self.per_class}"),
             (self.views_mode in VIEWS_MODES, f"--views-mode must be one of {', '.join(VIEWS_MODES)}, "
                                              f"got {self.views_mode!r}"),
         ]
@@ -186,22 +194,57 @@ class RunResult:
     model: object = field(repr=False, default=None)
 
 
-def split_indices(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded (train, validation) row indices into the training split."""
+def stratified_subset(y: np.ndarray, per_class: int, seed: int, class_names=None) -> np.ndarray:
+    """Sorted row indices of `per_class` rows of each class, drawn without replacement (seeded)."""
+    n_classes = len(class_names) if class_names is not None else int(y.max()) + 1
+    counts = np.bincount(y, minlength=n_classes)
+    if counts.min() < per_class:
+        small = int(counts.argmin())
+        name = class_names[small] if class_names is not None else str(small)
+        raise BadInputError(f"--per-class {per_class} is more than the {counts[small]} training images of class "
+                            f"{name!r} (the smallest); fix: pass --per-class {counts[small]} or less")
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), per_class, replace=False)
+                                   for c in range(n_classes)]))
+
+
+def split_indices(y: np.ndarray, val_fraction: float, seed: int, class_names=None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded (train, validation) row indices into the training split.
+
+    Every class present gets at least one validation row and keeps at least one training row, also
+    when `val_fraction` of a small split is fewer rows than there are classes; a class with a
+    single row cannot be split and is refused.
+    """
     from sklearn.model_selection import train_test_split
 
-    idx = np.arange(len(y))
     counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 and round(val_fraction * len(y)) >= len(counts) else None
-    tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=stratify)
-    return np.sort(tr), np.sort(va)
+    if (counts == 1).any():
+        lone = int(np.flatnonzero(counts == 1)[0])
+        name = class_names[lone] if class_names is not None else str(lone)
+        raise BadInputError(f"class {name!r} has 1 training image; a validation split needs at least 2 per class; "
+                            "fix: raise --per-class (or give more images), or lower --val-fraction")
+    present = counts[counts > 0]
+    n_val = round(val_fraction * len(y))
+    idx = np.arange(len(y))
+    if len(present) <= n_val <= len(y) - len(present):
+        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=y)
+        return np.sort(tr), np.sort(va)
+    rng = np.random.default_rng(seed)   # too few rows for sklearn's proportions: at least one each side per class
+    va = []
+    for c in np.flatnonzero(counts):
+        rows = rng.permutation(np.flatnonzero(y == c))
+        va.append(rows[:min(len(rows) - 1, max(1, round(val_fraction * len(rows))))])
+    va = np.sort(np.concatenate(va))
+    return np.setdiff1d(idx, va), va
 
 
 def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str | Path | None = "runs",
           progress: bool = True) -> RunResult:
     """Train `config.model` on `data`, evaluate once on the test split, and record the run.
 
-    With `runs_dir=None` nothing is written (the result still carries metrics and model).
+    With `config.per_class`, training and validation use that many training images per class
+    only. With `runs_dir=None` nothing is written (the result still carries metrics and model).
     """
     import keras
 
@@ -210,50 +253,148 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
         raise BadInputError(f"model {config.model!r} trains on {spec.input}, but the data holds {data.kind}")
     if data.random_weights:
         log.warning("WARNING: these features come from RANDOM backbone weights, not ImageNet")
+    if config.per_class is not None:
+        data = subset(data, config.per_class, config.subset_seed)
     keras.utils.set_random_seed(config.seed)
-    tr, va = split_indices(data.y_train, config.val_fraction, config.seed)
+    tr, va = split_indices(data.y_train, config.val_fraction, config.seed, data.class_names)
     n_classes = len(data.class_names)
     options = {k: getattr(config, k) for k in spec.options}
     model = spec.build(data.x_train.shape[1:], n_classes, **options)
-    optimizer = (keras.optimizers.Adam(config.learning_rate) if spec.optimizer == "adam"
-                 else keras.optimizers.SGD(config.learning_rate, momentum=0.9))
     fit_model, (x_fit, views_fit) = _fixed_pooling_split(model, [data.x_train, data.x_views])
-    fit_model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),
-                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                      steps_per_execution=STEPS_PER_EXECUTION, jit_compile=False)   # XLA: 4x slower on CPU here
+    _set_standardisation(fit_model, x_fit[tr])
     n_views = data.n_views if config.views_mode != "original" else 1
-    if n_views > 1:   # (n, views, ...): view 0 is the original image
-        x_fit = np.concatenate([x_fit[:, None], views_fit], axis=1)
-    x_all, y_all = _as_tensors(x_fit, data.y_train)
-    train_ds = _batches(x_all, y_all, tr, config.batch_size, shuffle=True, seed=config.seed, n_views=n_views,
-                        all_views=config.views_mode == "all")
-    val_ds = _batches(x_all, y_all, va, config.batch_size, shuffle=False, n_views=n_views)
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
-                                            restore_best_weights=True)
-    timer = _epoch_log(config.epochs, progress)
     t0 = time.perf_counter()
-    history = fit_model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[stopper, timer],
-                        shuffle=False, verbose=0).history   # shuffled by _batches
+    if spec.optimizer == "lbfgs":
+        history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, tr, va, n_classes,
+                             config.seed)
+    else:
+        history = _fit_keras(fit_model, spec, config, x_fit, views_fit, data.y_train, tr, va, n_views, progress)
+    best = history.pop("best")
     fit_seconds = time.perf_counter() - t0
-    history["seconds"] = timer.seconds
-    best = int(np.argmin(history["val_loss"]))
     probs = predict(model, data.x_test, config.batch_size)    # the one and only look at the test split
     metrics = _metrics(probs, data.y_test, data.class_names)
     metrics.update(
         val_accuracy=float(history["val_accuracy"][best]), val_loss=float(history["val_loss"][best]),
         best_epoch=best + 1, epochs_run=len(history["val_loss"]), n_train=len(tr), n_val=len(va),
         n_test=len(data.y_test), seconds=round(fit_seconds, 3),
-        seconds_per_epoch=round(float(np.mean(timer.seconds)), 4), random_weights=data.random_weights,
+        seconds_per_epoch=round(float(np.mean(history["seconds"])), 4), random_weights=data.random_weights,
         params=int(model.count_params()), n_views=n_views)
+    if "C" in history:
+        metrics["C"] = history["C"][best]
+    else:
+        metrics["batch_size"] = history["batch_size"]
     result = RunResult(None, config, metrics, history, model)
     if runs_dir is not None:
         from heads.reports import write_run
 
         result.run_dir = write_run(Path(runs_dir), result, data)
-    log.info("%s: val accuracy %.4f (best epoch %d of %d), test accuracy %.4f, %.1f s",
-             config.name or config.model, metrics["val_accuracy"], metrics["best_epoch"], metrics["epochs_run"],
-             metrics["test_accuracy"], fit_seconds)
+    log.info("%s: val accuracy %.4f (best %s of %d), test accuracy %.4f, %.1f s",
+             config.name or config.model, metrics["val_accuracy"],
+             f"C={metrics['C']:.3g}" if "C" in metrics else f"epoch {metrics['best_epoch']}",
+             metrics["epochs_run"], metrics["test_accuracy"], fit_seconds)
     return result
+
+
+def subset(data: TrainData, per_class: int, seed: int) -> TrainData:
+    """`data` with `per_class` training images per class (stratified, seeded); the test split untouched."""
+    rows = stratified_subset(data.y_train, per_class, seed, data.class_names)
+    return replace(data, x_train=data.x_train[rows], y_train=data.y_train[rows],
+                   x_views=None if data.x_views is None else data.x_views[rows],
+                   source={**data.source, "per_class": per_class, "subset_seed": seed})
+
+
+def fit_schedule(n_train: int, batch_size: int, epochs: int) -> tuple[int, int]:
+    """(batch size, first epoch early stopping may stop at) for a training split of `n_train` rows.
+
+    A small split gets smaller batches, so that an epoch is several optimiser steps, and early
+    stopping waits until the head has taken MIN_STEPS steps: on a few hundred rows, validation loss
+    of the first epochs says nothing yet about the best epoch.
+    """
+    batch = max(1, min(batch_size, -(-n_train // MIN_STEPS_PER_EPOCH)))
+    steps_per_epoch = -(-n_train // batch)
+    return batch, min(epochs - 1, max(0, -(-MIN_STEPS // steps_per_epoch) - 1))
+
+
+def _fit_keras(fit_model, spec, config, x_fit, views_fit, y, tr, va, n_views, progress) -> dict:
+    """Mini-batch training with early stopping on validation loss (best weights restored)."""
+    import keras
+
+    optimizer = (keras.optimizers.Adam(config.learning_rate) if spec.optimizer == "adam"
+                 else keras.optimizers.SGD(config.learning_rate, momentum=0.9))
+    fit_model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                      steps_per_execution=STEPS_PER_EXECUTION, jit_compile=False)   # XLA: 4x slower on CPU here
+    if n_views > 1:   # (n, views, ...): view 0 is the original image
+        x_fit = np.concatenate([x_fit[:, None], views_fit], axis=1)
+    batch_size, start_from = fit_schedule(len(tr), config.batch_size, config.epochs)
+    if batch_size != config.batch_size:
+        log.info("batch size %d for %d training rows (at least %d steps per epoch)", batch_size, len(tr),
+                 MIN_STEPS_PER_EPOCH)
+    x_all, y_all = _as_tensors(x_fit, y)
+    train_ds = _batches(x_all, y_all, tr, batch_size, shuffle=True, seed=config.seed, n_views=n_views,
+                        all_views=config.views_mode == "all")
+    val_ds = _batches(x_all, y_all, va, batch_size, shuffle=False, n_views=n_views)
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
+                                            restore_best_weights=True, start_from_epoch=start_from)
+    timer = _epoch_log(config.epochs, progress)
+    history = fit_model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[stopper, timer],
+                            shuffle=False, verbose=0).history   # shuffled by _batches
+    history["best"] = stopper.best_epoch   # the epoch whose weights were restored (monitored epochs only)
+    history["seconds"] = timer.seconds
+    history["batch_size"] = batch_size
+    return history
+
+
+def _fit_probe(fit_model, x_fit, views_fit, y, tr, va, n_classes, seed) -> dict:
+    """L-BFGS on the standardised vectors the probe's Dense layer sees; views add training rows."""
+    from heads.probe import fit_linear_probe
+
+    norm = fit_model.get_layer(STANDARDISE)
+    mean, std = _stats_of(norm)
+    z = lambda x: (x.reshape(len(x), -1).astype(np.float64) - mean) / std   # noqa: E731
+    x_train, y_train = z(x_fit[tr]), y[tr]
+    if views_fit is not None:
+        x_train = np.concatenate([x_train, *(z(views_fit[tr, v]) for v in range(views_fit.shape[1]))])
+        y_train = np.tile(y_train, 1 + views_fit.shape[1])
+    return fit_linear_probe(fit_model, x_train, y_train, z(x_fit[va]), y[va], n_classes=n_classes, seed=seed)
+
+
+def _set_standardisation(fit_model, x_rows: np.ndarray) -> None:
+    """Set the model's standardise layer to the mean and variance of what it sees on `x_rows`.
+
+    Statistics come from the training rows only (never validation or test). A feature that is
+    constant on them keeps unit variance, so that it cannot blow up on other rows.
+    """
+    import keras
+
+    try:
+        norm = fit_model.get_layer(STANDARDISE)
+    except ValueError:
+        return
+    if fit_model.layers.index(norm) == 1:   # right after the input
+        features = lambda x: x   # noqa: E731
+    else:
+        below = keras.Model(fit_model.inputs[0], norm.input)
+        features = below.predict_on_batch
+    total, total_sq, count = 0.0, 0.0, 0
+    for i in range(0, len(x_rows), 4096):
+        v = np.asarray(features(x_rows[i:i + 4096].astype(np.float32)), np.float64)
+        v = v.reshape(-1, v.shape[-1])
+        total, total_sq, count = total + v.sum(0), total_sq + (v * v).sum(0), count + len(v)
+    mean = total / count
+    var = np.maximum(total_sq / count - mean * mean, 0.0)
+    var[var <= 1e-12 * np.maximum(1.0, mean * mean)] = 1.0
+    norm.adapt_mean.assign(mean.astype(np.float32))
+    norm.adapt_variance.assign(var.astype(np.float32))
+    norm.finalize_state()
+
+
+def _stats_of(norm) -> tuple[np.ndarray, np.ndarray]:
+    import keras
+
+    mean = np.asarray(norm.adapt_mean, np.float64)
+    std = np.maximum(np.sqrt(np.asarray(norm.adapt_variance, np.float64)), keras.backend.epsilon())
+    return mean, std
 
 
 def train_head(cache, *, layer=None, runs_dir="runs", progress=True, **options) -> RunResult:

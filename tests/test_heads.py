@@ -16,15 +16,18 @@ def layer_summary(model):
 
 def test_dense_head_matches_the_spec():
     model = MODELS["dense"].build((4, 4, 256), 10)
-    assert layer_summary(model) == [("InputLayer", None), ("GlobalAveragePooling2D", None),
+    assert layer_summary(model) == [("InputLayer", None), ("GlobalAveragePooling2D", None), ("Normalization", None),
                                     ("BatchNormalization", None), ("Dense", 400), ("Dense", 256), ("Dense", 256),
                                     ("Dropout", None), ("Dense", 10)]
     assert model.get_layer("dropout").rate == 0.2
-    assert model.count_params() == 4 * 256 + (256 * 400 + 400) + (400 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
+    standardise = 2 * 256 + 1   # mean, variance (set from the training rows) and a count
+    assert model.count_params() == standardise + 4 * 256 + (256 * 400 + 400) + (400 * 256 + 256) + (256 * 256 + 256) \
+        + (256 * 10 + 10)
     assert model.layers[-1].activation.__name__ == "softmax"
     flat = MODELS["dense"].build((4, 4, 256), 10, pooling="flatten", batchnorm=False, units=(32,), dropout=0.5)
-    assert [type(x).__name__ for x in flat.layers] == ["InputLayer", "Flatten", "Dense", "Dropout", "Dense"]
-    assert flat.count_params() == 4096 * 32 + 32 + 32 * 10 + 10
+    assert [type(x).__name__ for x in flat.layers] == ["InputLayer", "Flatten", "Normalization", "Dense", "Dropout",
+                                                       "Dense"]
+    assert flat.count_params() == 2 * 4096 + 1 + 4096 * 32 + 32 + 32 * 10 + 10
 
 
 def test_linear_probe_is_linear():
@@ -86,10 +89,12 @@ def test_heads_learn_and_test_is_predicted_exactly_once(monkeypatch, tmp_path):
 def test_early_stopping_restores_the_best_epoch():
     """Random labels: validation loss rises while the head memorises; the returned weights must be the best epoch's."""
     data = blob_data(n=400, random_labels=True)
-    config = TrainConfig(units=(256, 256), dropout=0.0, epochs=12, patience=12, batch_size=32, lr=3e-3)
+    config = TrainConfig(units=(256, 256), dropout=0.0, epochs=24, patience=24, batch_size=32, lr=3e-3)
     result = ht.train(data, config, runs_dir=None, progress=False)
     val_loss = result.history["val_loss"]
-    best = int(np.argmin(val_loss))
+    _, start = ht.fit_schedule(360, 32, 24)   # epochs before `start` come before the step floor: never chosen
+    assert 0 < start < 20
+    best = start + int(np.argmin(val_loss[start:]))
     assert best < len(val_loss) - 1 and val_loss[-1] > val_loss[best] + 0.05, val_loss
     _, va = split_indices(data.y_train, config.val_fraction, config.seed)
     probs = ht.predict(result.model, data.x_train[va], 64)

@@ -154,9 +154,9 @@ def test_concatenated_layers(image_folder, cache_dir, tmp_path):
 
 def test_conv_head_shape():
     model = MODELS["conv"].build((4, 4, 256), 10, filters=32, units=(64,), dropout=0.1)
-    assert [type(x).__name__ for x in model.layers] == ["InputLayer", "BatchNormalization", "Conv2D", "Flatten",
-                                                        "Dropout", "Dense", "Dropout", "Dense"]
-    assert model.count_params() == 4 * 256 + (256 * 32 + 32) + (4 * 4 * 32 * 64 + 64) + (64 * 10 + 10)
+    assert [type(x).__name__ for x in model.layers] == ["InputLayer", "Normalization", "BatchNormalization", "Conv2D",
+                                                        "Flatten", "Dropout", "Dense", "Dropout", "Dense"]
+    assert model.count_params() == (2 * 256 + 1) + 4 * 256 + (256 * 32 + 32) + (4 * 4 * 32 * 64 + 64) + (64 * 10 + 10)
 
 
 def test_cli_several_layers_and_views(image_folder, cache_dir, tmp_path):

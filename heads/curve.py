@@ -1,0 +1,140 @@
+"""Data-efficiency curve: test accuracy of the default head and the linear probe against the
+number of training images per class, from one cache read once.
+
+Each point trains on `repeats` seeded stratified subsets of the training split (validation carved
+from the subset, test on the whole test split, once per run), as in VISSL's low-shot linear
+benchmarks and the few-shot probe curves of the CLIP paper. Writes curve.json, curve.md and
+curve.png into a new folder under `runs_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZES = (5, 10, 25, 50, 100, 250, 500, 1000, None)   # None: the whole training split
+CURVE_HEADS = ("dense", "linear")
+
+
+def parse_sizes(text: str) -> tuple[int | None, ...]:
+    """'5,10,all' -> (5, 10, None); 'all' (or 'full') is the whole training split."""
+    out = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if part in ("all", "full"):
+            out.append(None)
+        elif part.isdigit() and int(part) >= 2:
+            out.append(int(part))
+        else:
+            raise BadInputError(f"--sizes must be images per class (integers >= 2) or 'all', separated by "
+                                f"commas, got {text!r}")
+    if not out or len(set(out)) != len(out):
+        raise BadInputError(f"--sizes must list distinct sizes, got {text!r}")
+    return tuple(out)
+
+
+def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: int = 3, heads=CURVE_HEADS,
+                          runs_dir: str | Path = "runs", progress: bool = True, **options) -> Path:
+    """Train each head of `heads` on `repeats` subsets of each size; write the curve; return its folder.
+
+    `cache` is a path, a FeatureCache or a list of them (as for `train_head`); `options` are
+    TrainConfig fields shared by every run (e.g. epochs, val_fraction).
+    """
+    from tqdm import tqdm
+
+    from heads.reports import new_run_dir, write_json
+    from heads.train import TrainConfig, data_from_caches, train
+
+    if repeats < 1:
+        raise BadInputError(f"--repeats must be at least 1, got {repeats}")
+    for bad in ("model", "per_class", "subset_seed", "seed"):
+        if bad in options:
+            raise BadInputError(f"{bad} is set by the curve itself")
+    configs = {h: TrainConfig(model=h, **options) for h in heads}   # validates the options once, up front
+    caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
+    data = data_from_caches(caches, configs[heads[0]].pooling, layer)   # the only read of the cache
+    smallest = int(np.bincount(data.y_train, minlength=len(data.class_names)).min())
+    kept = [n for n in sizes if n is None or n <= smallest]
+    for n in sizes:
+        if n not in kept:
+            log.info("skipping %d per class: the smallest class has %d training images", n, smallest)
+    if not kept:
+        raise BadInputError(f"every size in --sizes is above the {smallest} training images of the smallest class")
+    rows = []
+    bar = tqdm(total=len(kept) * repeats * len(heads), unit="run", desc="curve", file=sys.stderr,
+               disable=None if progress else True, dynamic_ncols=True)
+    for n in kept:
+        for r in range(repeats):
+            for head in heads:
+                config = TrainConfig(**{**configs[head].__dict__, "per_class": n, "subset_seed": r, "seed": r})
+                m = train(data, config, runs_dir=None, progress=False).metrics
+                rows.append({"per_class": n, "repeat": r, "head": head, "n_train": m["n_train"], "n_val": m["n_val"],
+                             "val_accuracy": m["val_accuracy"], "test_accuracy": m["test_accuracy"],
+                             "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"], "C": m.get("C"),
+                             "seconds": m["seconds"]})
+                bar.update(1)
+    bar.close()
+    summary = summarise(rows, heads)
+    out = new_run_dir(Path(runs_dir), "curve")
+    source = {k: v for k, v in data.source.items() if k != "cache_meta"}
+    write_json(out / "curve.json", {"heads": list(heads), "sizes": [n or "all" for n in kept], "repeats": repeats,
+                                    "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+                                    "data": source, "n_train_split": len(data.y_train), "n_test": len(data.y_test),
+                                    "random_weights": data.random_weights, "summary": summary, "runs": rows})
+    (out / "curve.md").write_text(format_curve(summary, heads, repeats, len(data.y_test)))
+    plot_curve(summary, heads, out / "curve.png", len(data.class_names), len(data.y_train))
+    return out
+
+
+def summarise(rows: list[dict], heads) -> list[dict]:
+    """One row per size: per head the mean and (population) standard deviation over repeats."""
+    out = []
+    for n in dict.fromkeys(r["per_class"] for r in rows):
+        row = {"per_class": n or "all"}
+        for head in heads:
+            acc = np.array([r["test_accuracy"] for r in rows if r["per_class"] == n and r["head"] == head])
+            row[head] = {"mean": float(acc.mean()), "std": float(acc.std()), "n": len(acc)}
+        row["n_train"] = next(r["n_train"] for r in rows if r["per_class"] == n)
+        out.append(row)
+    return out
+
+
+def format_curve(summary: list[dict], heads, repeats: int, n_test: int) -> str:
+    head = ["images per class", "training rows"] + [f"{h} test acc" for h in heads]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in summary:
+        cells = [str(row["per_class"]), str(row["n_train"])]
+        cells += [f"{row[h]['mean']:.4f} ± {row[h]['std']:.4f}" for h in heads]
+        lines.append("| " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + f"\n\nMean ± standard deviation over {repeats} seeded subsets; test accuracy on the "
+            f"whole held-out test split ({n_test} images), measured once per run. Training rows exclude the "
+            "validation rows carved from each subset.\n")
+
+
+def plot_curve(summary: list[dict], heads, path: Path, n_classes: int, n_train_split: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["per_class"] if r["per_class"] != "all" else n_train_split / n_classes for r in summary]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for head in heads:
+        ax.errorbar(x, [r[head]["mean"] for r in summary], yerr=[r[head]["std"] for r in summary], marker="o",
+                    capsize=3, label={"dense": "default head (dense)", "linear": "linear probe (L-BFGS)"}.get(head, head))
+    ax.set_xscale("log")
+    ax.set_xlabel("training images per class (log scale; last point: whole split)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title("data efficiency on cached features", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
