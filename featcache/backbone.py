@@ -8,7 +8,10 @@ TensorFlow is imported inside the functions so that importing featcache stays in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import numbers
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,9 @@ BACKBONE = "vgg16"
 DEFAULT_LAYER = "block3_pool"
 PREPROCESSING = "keras.applications.vgg16.preprocess_input (caffe: RGB->BGR, minus ImageNet channel means)"
 RESIZE = "PIL bilinear, uint8"
+#: Estimated peak bytes per input pixel of one forward pass: the float32 image and the two
+#: 64-channel block1 convolutions alive at full resolution (a lower bound; TensorFlow adds workspace).
+PEAK_BYTES_PER_PIXEL = 4 * (3 + 2 * 64)
 VGG16_LAYERS = (
     "block1_conv1", "block1_conv2", "block1_pool",
     "block2_conv1", "block2_conv2", "block2_pool",
@@ -54,6 +60,8 @@ def check_layer(layer: str) -> str:
 
 
 def check_input_size(size: int | None) -> int | None:
+    if size is not None and (not isinstance(size, numbers.Integral) or isinstance(size, bool)):
+        raise BadInputError(f"--input-size must be a whole number of pixels, got {size!r}")
     if size is not None and size < 32:
         raise BadInputError(f"--input-size must be at least 32 (VGG16 halves the image five times), got {size}")
     return size
@@ -94,7 +102,8 @@ def build(*, layer: str | tuple[str, ...] = DEFAULT_LAYER, weights: str = "image
         base = keras.applications.VGG16(weights=None, include_top=False, input_shape=shape)
     elif weights == "imagenet":
         try:
-            base = keras.applications.VGG16(weights="imagenet", include_top=False, input_shape=shape)
+            with contextlib.redirect_stdout(sys.stderr):   # Keras prints its download progress on stdout
+                base = keras.applications.VGG16(weights="imagenet", include_top=False, input_shape=shape)
         except Exception as e:  # Keras' get_file raises a bare Exception on network failure
             raise DownloadError(
                 f"could not download the ImageNet VGG16 weights ({e}); this machine seems offline; fix: pass "

@@ -18,6 +18,31 @@ from featcache.errors import FeatcacheError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's start-up chatter off stderr
 
 
+def start_tensorflow(verbose: bool = False) -> None:
+    """Import TensorFlow and find its devices with the C++ start-up chatter (oneDNN, CUDA stubs, absl) kept
+    off stderr; it is printed after all if the import fails. GPUs are found and used as before."""
+    if verbose or "tensorflow" in sys.modules:
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -26,16 +51,27 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted; rerun the same command to resume where it stopped", err=True)
+            if ctx.invoked_subcommand != "extract":
+                hint = "; no run folder was written"
+            elif "--force" in sys.argv:
+                hint = "; a rerun with --force starts again from the first batch"
+            else:
+                hint = "; rerun the same command to resume where it stopped"
+            click.echo("interrupted" + hint, err=True)
             ctx.exit(130)
         except OSError as e:
-            click.echo(f"error: {e}; an interrupted extraction resumes when rerun", err=True)
+            resumes = ctx.invoked_subcommand == "extract" and "--force" not in sys.argv
+            click.echo(f"error: {e}" + ("; rerun the same command to resume the extraction" if resumes else ""),
+                       err=True)
             ctx.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="featcache", prog_name="featcache")
 @click.option("-q", "--quiet", is_flag=True, help="Only print results and errors.")
-def main(quiet: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Also show TensorFlow's own start-up messages.")
+@click.pass_context
+def main(ctx, quiet: bool, verbose: bool) -> None:
     """Cache frozen VGG16 features once in HDF5, then train heads on them in seconds.
 
     \b
@@ -44,6 +80,10 @@ def main(quiet: bool) -> None:
     """
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    if ctx.invoked_subcommand in ("extract", "train-head", "train-baseline", "curve"):
+        start_tensorflow(verbose)
 
 
 def selection_options(f):
@@ -212,7 +252,7 @@ def _caches(ctx, cache_paths, selection: dict, *, progress: bool):
     if not cache_paths:
         return [extract(cache_dir=selection["cache_dir"], progress=progress,
                         **{k: v for k, v in selection.items() if k != "cache_dir"})], None
-    given = {k: v for k, v in selection.items() if k in ("data", "weights", "input_size", "dtype", "limit")
+    given = {k: v for k, v in selection.items() if k not in ("layer", "cache_dir")
              and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     pick = None   # the layers to train on; None: every layer of the caches
     if ctx.get_parameter_source("layer") != click.core.ParameterSource.DEFAULT:
@@ -303,17 +343,19 @@ def curve(ctx, cache_paths, data, weights, layer, input_size, dtype, limit, cach
 @click.argument("model", type=click.Choice(["ann", "cnn"]))
 @click.option("--data", default="cifar10", show_default=True, help="Dataset source, as for `extract`.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N images of each split.")
+@click.option("--input-size", type=int, default=None,
+              help="Resize images to NxN (N >= 32); needed when they differ in size. Default: their own size.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="cnn only.")
 @training_options
-def train_baseline(model, data, limit, dropout, epochs, patience, batch_size, lr, val_fraction, seed, runs_dir,
-                   name, no_progress):
+def train_baseline(model, data, limit, input_size, dropout, epochs, patience, batch_size, lr, val_fraction, seed,
+                   runs_dir, name, no_progress):
     """Train a scratch ANN or CNN on raw pixels (same split and evaluation as heads); print the run folder."""
     from heads.train import train_baseline as run
 
     config = _train_config(model=model, dropout=dropout, epochs=epochs, patience=patience, batch_size=batch_size,
                            lr=lr, val_fraction=val_fraction, seed=seed, name=name)
-    result = run(model, data=data, limit=limit, runs_dir=runs_dir, progress=not no_progress,
+    result = run(model, data=data, limit=limit, input_size=input_size, runs_dir=runs_dir, progress=not no_progress,
                  **{k: v for k, v in config.__dict__.items() if k != "model"})
     click.echo(str(result.run_dir))
 

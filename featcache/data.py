@@ -11,9 +11,12 @@ does not grow with the dataset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
+import os
+import sys
 import pickle
 import tarfile
 from dataclasses import dataclass, replace
@@ -113,7 +116,8 @@ def load_keras_cifar10(_: str = "") -> Dataset:
     import keras
 
     try:
-        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+        with contextlib.redirect_stdout(sys.stderr):   # Keras prints its download progress on stdout
+            (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as e:  # Keras wraps every network failure in a bare Exception
         raise DownloadError(
             f"could not download CIFAR-10 ({e}); this machine seems offline; fix: pass a local copy "
@@ -139,6 +143,12 @@ def load_npz(path: str) -> Dataset:
                             "plain numeric arrays; fix: save with np.savez and numeric dtypes") from e
     except (OSError, EOFError) as e:
         raise BadInputError(f"cannot read {file} as .npz ({e})") from e
+    for split in ("train", "test"):
+        y = arrays[f"y_{split}"]
+        if not np.issubdtype(y.dtype, np.integer):
+            raise BadInputError(f"{file}: y_{split} must hold integer labels 0..n_classes-1, got {y.dtype} "
+                                "(strings or NaN are not labels); fix: map class names to integers and pass the "
+                                "names as class_names")
     names = arrays.get("class_names")
     n_classes = 1 + int(max(np.max(arrays["y_train"], initial=0), np.max(arrays["y_test"], initial=0)))
     class_names = tuple(str(c) for c in names) if names is not None else tuple(str(i) for i in range(n_classes))
@@ -166,8 +176,8 @@ def load_cifar_python(path: str) -> Dataset:
                     if name not in members:
                         raise BadInputError(f"{file} has no {name}; expected the cifar-10-python.tar.gz release")
                     batches[name] = tar.extractfile(members[name]).read()
-        except (tarfile.TarError, OSError) as e:
-            raise BadInputError(f"cannot read {file} as a tar archive ({e}); expected "
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise BadInputError(f"cannot read {file} as a tar archive ({_first_line(e)}); expected "
                                 "cifar-10-python.tar.gz or a cifar-10-batches-py folder") from e
 
     def parts(names):
@@ -220,7 +230,7 @@ def load_image_folder(path: str) -> Dataset:
         files, labels = [], []
         for label, name in enumerate(classes):
             folder = root / split / name
-            entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+            entries = sorted(p for p in folder.iterdir() if not _is_system_file(p.name))
             for p in entries:
                 if p.is_dir() or p.suffix.lower() not in image_exts:
                     raise BadInputError(f"{p} is not an image file; expected only images in {folder}; "
@@ -230,8 +240,9 @@ def load_image_folder(path: str) -> Dataset:
             files += entries
             labels += [label] * len(entries)
         out[split] = Split(labels=np.asarray(labels, np.int64), files=tuple(files),
-                           paths=tuple(str(p.relative_to(root)) for p in files))
-    return Dataset(name=root.name, source=f"folder:{root}", train=out["train"], test=out["test"],
+                           paths=tuple(_printable(str(p.relative_to(root))) for p in files))
+    # an absolute source: a cache made here still finds its dataset from another working folder
+    return Dataset(name=root.name, source=f"folder:{root.resolve()}", train=out["train"], test=out["test"],
                    class_names=tuple(classes), fingerprint="")
 
 
@@ -259,6 +270,11 @@ def load_dataset(source: str | Path = "cifar10", *, limit: int | None = None) ->
     ds = loader(arg)
     if limit is not None:
         ds = replace(ds, train=ds.train.head(limit), test=ds.test.head(limit), limit=limit)
+        kept = len(np.unique(ds.train.labels))
+        if kept < len(ds.class_names):
+            log.warning("WARNING: --limit %d keeps %d of the %d classes in the training split (rows are in source "
+                        "order); accuracies on it are not comparable; for a balanced subset use train-head "
+                        "--per-class", limit, kept, len(ds.class_names))
     return replace(ds, fingerprint=fingerprint(ds))
 
 
@@ -273,8 +289,8 @@ def fingerprint(ds: Dataset) -> str:
             h.update(str(split.pixels.shape).encode())
             h.update(np.ascontiguousarray(split.pixels).data)
         else:
-            for rel, file in zip(split.paths, split.files):
-                h.update(rel.encode() + b"\0")
+            for file in split.files:   # names as bytes: a file name need not be valid UTF-8
+                h.update(os.fsencode(file.relative_to(file.parents[2])) + b"\0")
                 h.update(file.read_bytes())
     return h.hexdigest()
 
@@ -299,6 +315,15 @@ def _detect(source: str) -> Callable[[str], Dataset]:
         return load_cifar_python
     raise BadInputError(f"{path}: unknown dataset file; expected an .npz, cifar-10-python.tar.gz, "
                         "or a folder")
+
+
+def _printable(name: str) -> str:
+    """A file name as valid UTF-8 text (undecodable bytes become U+FFFD), for messages and the cache."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().split("\n")[0][:200]
 
 
 def _existing(path: str) -> Path:
@@ -357,6 +382,14 @@ def _from_arrays(name, source, x_train, y_train, x_test, y_test, class_names, wh
                    class_names=tuple(class_names), fingerprint="")
 
 
+#: Files that operating systems leave in folders; skipped like hidden files, never taken for images.
+_SYSTEM_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
+
+
+def _is_system_file(name: str) -> bool:
+    return name.startswith(".") or name.lower() in _SYSTEM_FILES
+
+
 def _pillow_extensions() -> set[str]:
     from PIL import Image
 
@@ -364,14 +397,21 @@ def _pillow_extensions() -> set[str]:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """uint8 RGB pixels as an image viewer shows them: EXIF orientation applied, 16-bit values scaled."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):   # 16-bit grayscale: scale, don't clip
+                gray = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") or gray.max() > 255 else 255.0
+                gray = np.clip(np.rint(gray * (255.0 / top)), 0, 255).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=-1)
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")
             return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadInputError(f"cannot read image {path} ({e}); fix: replace or remove the file") from e
 
 

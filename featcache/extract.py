@@ -109,12 +109,16 @@ def extract(*, data: str | Dataset = "cifar10", weights: str = "imagenet",
     training split also gets views - 1 augmented copies (`augment`, seeded by `augment_seed`) per image;
     test features are always of the original images.
     """
-    if batch_size < 1:
-        raise BadInputError(f"--batch-size must be at least 1, got {batch_size}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInputError(f"--batch-size must be at least 1, got {batch_size!r}")
     ds, meta = plan(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
                     seed=seed, views=views, augment=augment, augment_seed=augment_seed)
+    final = Path(cache_dir).expanduser() / store.cache_filename(meta)
+    if final.exists() and not force:   # complete by construction (renamed into place): no lock, no write access
+        _check_hit(final, meta)
+        log.info("cache hit: %s (%s)", final, _mb(final.stat().st_size))
+        return final
     folder = _cache_dir(cache_dir)
-    final = folder / store.cache_filename(meta)
     with _exclusive(final.with_name(final.name + ".lock"), final):
         if final.exists() and not force:
             _check_hit(final, meta)
@@ -129,6 +133,7 @@ def extract(*, data: str | Dataset = "cifar10", weights: str = "imagenet",
         else:
             start = _resume_point(_partial(final), meta, force)
             _check_disk_space(folder, meta, start, final)
+            _check_batch_memory(meta, batch_size)
             _run(ds, meta, final, start, batch_size=batch_size, weights=weights, seed=seed, progress=progress,
                  require_native=None if input_size else ds.train.native_size())
         os.replace(_partial(final), final)
@@ -138,6 +143,7 @@ def extract(*, data: str | Dataset = "cifar10", weights: str = "imagenet",
 
 def check_cache(path: str | Path, *, data: str | None = None, weights: str | None = None, layer: str | None = None,
                 input_size: int | None = None, dtype: str | None = None, limit: int | None = None,
+                views: int | None = None, augment: str | None = None, augment_seed: int | None = None,
                 seed: int = 0) -> store.FeatureCache:
     """Open a complete cache and check it against the options given; a CacheError names each field that differs."""
     cache = store.open_cache(path)
@@ -156,6 +162,12 @@ def check_cache(path: str | Path, *, data: str | None = None, weights: str | Non
         wanted["input_shape"] = (input_size, input_size, 3)
     if dtype is not None:
         wanted["dtype"] = dtype
+    if views is not None:
+        wanted["views"] = views
+    if augment is not None and (views or m.views) > 1:
+        wanted["augment"] = ",".join(aug.parse(augment))
+    if augment_seed is not None and (views or m.views) > 1:
+        wanted["augment_seed"] = augment_seed
     diffs = store.differences(m, wanted)
     if diffs:
         raise CacheError(f"{cache.path} does not match what was asked ({'; '.join(diffs)}); fix: leave out --cache "
@@ -279,6 +291,38 @@ def _check_disk_space(folder: Path, meta: store.CacheMeta, start, final: Path) -
     if need - have > free:
         raise BadInputError(f"the cache needs {need / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free; fix: "
                             "free some space, pass another --cache-dir, or lower --input-size or --views")
+
+
+def _check_batch_memory(meta: store.CacheMeta, batch_size: int) -> None:
+    """Refuse a batch whose forward pass cannot fit in memory, before any work (instead of a crash later)."""
+    h, w = meta.input_shape[:2]
+    batch_size = min(batch_size, max(meta.n_train, meta.n_test))   # the largest batch that will run
+    need = batch_size * h * w * bb.PEAK_BYTES_PER_PIXEL
+    have = available_memory()
+    if have is not None and need > 0.8 * have:
+        fits = max(0, int(0.8 * have // (h * w * bb.PEAK_BYTES_PER_PIXEL)))
+        fix = f"pass --batch-size {fits} or less" if fits else "lower --input-size"
+        raise BadInputError(f"one batch of {batch_size} images at {h}x{w} needs about {need / 1e9:.1f} GB but "
+                            f"{have / 1e9:.1f} GB of memory is available; fix: {fix}")
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup memory limit if one is set."""
+    have = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                have = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            have = min(have or 1 << 62, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return have
 
 
 def _partial(final: Path) -> Path:

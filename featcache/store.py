@@ -225,6 +225,8 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCac
     if not path.is_file():
         raise CacheError(f"no cache file at {path}; fix: run `featcache extract` first or check the path")
     fix = "fix: delete it, or rerun `featcache extract` with --force to rebuild it"
+    if path.name.endswith(".partial") and being_written(path):
+        fix = "it is being written by another featcache process; fix: wait for that extraction to finish"
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -254,9 +256,31 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCac
     except (KeyError, ValueError, OSError, TypeError) as e:
         raise CacheError(f"{path} is damaged or not a featcache cache ({_short(e)}); {fix}") from e
     if require_complete and not cache.complete:
+        if being_written(path):
+            raise CacheError(f"{path} is being written by another featcache process; fix: wait for that "
+                             "extraction to finish, then use the finished file without .partial")
         raise CacheError(f"{path} is incomplete (its extraction was interrupted); fix: rerun the same "
                          "`featcache extract` command to resume it")
     return cache
+
+
+def being_written(path: Path) -> bool:
+    """Whether another process holds the extraction lock of this cache (or of the cache this partial becomes)."""
+    import fcntl
+
+    final = path.with_name(path.name.removesuffix(".partial"))
+    lock = final.with_name(final.name + ".lock")
+    if not lock.exists():
+        return False
+    try:
+        with lock.open("rb") as fd:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def chunk_rows(feature_shape: tuple[int, ...], dtype: str, batch_size: int) -> int:

@@ -49,7 +49,7 @@ def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: in
     """
     from tqdm import tqdm
 
-    from heads.reports import new_run_dir, write_json
+    from heads.reports import check_runs_dir, staged_run_dir, write_json
     from heads.train import TrainConfig, data_from_caches, train
 
     if repeats < 1:
@@ -58,6 +58,7 @@ def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: in
         if bad in options:
             raise BadInputError(f"{bad} is set by the curve itself")
     configs = {h: TrainConfig(model=h, **options) for h in heads}   # validates the options once, up front
+    check_runs_dir(runs_dir)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     data = data_from_caches(caches, configs[heads[0]].pooling, layer)   # the only read of the cache
     smallest = int(np.bincount(data.y_train, minlength=len(data.class_names)).min())
@@ -76,21 +77,23 @@ def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: in
                 config = TrainConfig(**{**configs[head].__dict__, "per_class": n, "subset_seed": r, "seed": r})
                 m = train(data, config, runs_dir=None, progress=False).metrics
                 rows.append({"per_class": n, "repeat": r, "head": head, "n_train": m["n_train"], "n_val": m["n_val"],
-                             "val_accuracy": m["val_accuracy"], "test_accuracy": m["test_accuracy"],
+                             "val_accuracy": m["val_accuracy"], "val_loss": m["val_loss"],
+                             "test_accuracy": m["test_accuracy"],
                              "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"], "C": m.get("C"),
                              "seconds": m["seconds"]})
                 bar.update(1)
     bar.close()
     summary = summarise(rows, heads)
-    out = new_run_dir(Path(runs_dir), "curve")
     source = {k: v for k, v in data.source.items() if k != "cache_meta"}
-    write_json(out / "curve.json", {"heads": list(heads), "sizes": [n or "all" for n in kept], "repeats": repeats,
-                                    "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
-                                    "data": source, "n_train_split": len(data.y_train), "n_test": len(data.y_test),
-                                    "random_weights": data.random_weights, "summary": summary, "runs": rows})
-    (out / "curve.md").write_text(format_curve(summary, heads, repeats, len(data.y_test)))
-    plot_curve(summary, heads, out / "curve.png", len(data.class_names), len(data.y_train))
-    return out
+    with staged_run_dir(Path(runs_dir), "curve") as stage:
+        write_json(stage.path / "curve.json", {
+            "heads": list(heads), "sizes": [n or "all" for n in kept], "repeats": repeats,
+            "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}, "data": source,
+            "n_train_split": len(data.y_train), "n_test": len(data.y_test), "random_weights": data.random_weights,
+            "summary": summary, "runs": rows})
+        (stage.path / "curve.md").write_text(format_curve(summary, heads, repeats, len(data.y_test)))
+        plot_curve(summary, heads, stage.path / "curve.png", len(data.class_names), len(data.y_train))
+    return stage.final
 
 
 def summarise(rows: list[dict], heads) -> list[dict]:

@@ -9,17 +9,32 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from featcache.errors import BadInputError
+
+log = logging.getLogger(__name__)
 RANDOM_FLAG = "RANDOM BACKBONE WEIGHTS (not ImageNet features)"
 
 
 def write_run(runs_dir: Path, result, data) -> Path:
-    """Write every record of `result` into a new folder under `runs_dir`; return the folder."""
-    run_dir = new_run_dir(runs_dir, result.config.name or result.config.model)
+    """Write every record of `result` into a new folder under `runs_dir`; return the folder.
+
+    The folder is written under a hidden temporary name and renamed when complete, so an
+    interrupted write never leaves a folder that looks like a finished run."""
+    with staged_run_dir(runs_dir, result.config.name or result.config.model) as stage:
+        _write_records(stage.path, result, data)
+    return stage.final
+
+
+def _write_records(run_dir: Path, result, data) -> None:
     m = result.metrics
     config = {**asdict(result.config), "units": list(result.config.units), "learning_rate": result.config.learning_rate,
               "data": data.source, "random_weights": data.random_weights, "class_names": list(data.class_names)}
@@ -42,7 +57,6 @@ def write_run(runs_dir: Path, result, data) -> Path:
     plot_confusion(m["confusion_matrix"], data.class_names, run_dir / "confusion_matrix.png", title)
     plot_curves(result.history, m["best_epoch"], run_dir / "curves.png", title)
     result.model.save(run_dir / "model.keras")
-    return run_dir
 
 
 def plot_confusion(matrix, class_names, path: Path, title: str) -> None:
@@ -90,24 +104,37 @@ def plot_curves(history: dict, best_epoch: int, path: Path, title: str) -> None:
 
 
 def collect_runs(runs_dir: str | Path) -> list[dict]:
-    """One row per finished run under `runs_dir`, best validation accuracy first."""
+    """One row per finished run under `runs_dir`, best validation accuracy first.
+
+    A folder whose records are missing, truncated or of another layout is left out with a warning
+    naming it, so that one damaged run never hides the others."""
     rows = []
     for run in sorted(Path(runs_dir).glob("*/metrics.json")):
-        m = json.loads(run.read_text())
-        c = json.loads((run.parent / "config.json").read_text())
-        opts = {"dense": f"{c['pooling']} bn={'on' if c['batchnorm'] else 'off'} units={','.join(map(str, c['units']))} "
-                         f"drop={c['dropout']}",
-                "linear": f"{c['pooling']}", "cnn": f"drop={c['dropout']}",
-                "conv": f"filters={c.get('filters')} units={','.join(map(str, c['units']))} drop={c['dropout']}",
-                }.get(c["model"], "")
-        if m.get("n_views", 1) > 1:
-            opts += f" views={m['n_views']} ({c.get('views_mode')})"
-        rows.append({"run": run.parent.name, "model": c["model"], "options": opts, "data": _data_label(c),
-                     "epochs": f"C={m['C']:.3g}" if "C" in m else f"{m['epochs_run']}/{m['best_epoch']}",
-                     "val_accuracy": m["val_accuracy"],
-                     "test_accuracy": m["test_accuracy"], "seconds": m["seconds"],
-                     "seconds_per_epoch": m["seconds_per_epoch"], "random_weights": m.get("random_weights", False)})
+        if run.parent.name.startswith("."):   # a run being written (staged_run_dir)
+            continue
+        try:
+            rows.append(_row(run))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("skipping %s: unreadable run records (%s: %s); fix: delete the folder or rerun it",
+                        run.parent, type(e).__name__, str(e)[:100])
     return sorted(rows, key=lambda r: -r["val_accuracy"])
+
+
+def _row(run: Path) -> dict:
+    m = json.loads(run.read_text())
+    c = json.loads((run.parent / "config.json").read_text())
+    units = ",".join(map(str, c.get("units", [])))
+    opts = {"dense": f"{c['pooling']} bn={'on' if c['batchnorm'] else 'off'} units={units} drop={c['dropout']}",
+            "linear": f"{c['pooling']}", "cnn": f"drop={c['dropout']}",
+            "conv": f"filters={c.get('filters')} units={units} drop={c['dropout']}",
+            }.get(c["model"], "")
+    if m.get("n_views", 1) > 1:
+        opts += f" views={m['n_views']} ({c.get('views_mode')})"
+    return {"run": run.parent.name, "model": c["model"], "options": opts, "data": _data_label(c),
+            "epochs": f"C={m['C']:.3g}" if "C" in m else f"{m['epochs_run']}/{m['best_epoch']}",
+            "val_accuracy": float(m["val_accuracy"]), "test_accuracy": float(m["test_accuracy"]),
+            "seconds": float(m["seconds"]), "seconds_per_epoch": float(m["seconds_per_epoch"]),
+            "random_weights": m.get("random_weights", False)}
 
 
 def _data_label(config: dict) -> str:
@@ -136,16 +163,46 @@ def format_table(rows: list[dict], *, markdown: bool = False) -> str:
     return "\n".join(fmt.format(*row) for row in [head, *body])
 
 
-def new_run_dir(runs_dir: Path, name: str) -> Path:
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
-    for i in range(1000):
-        run_dir = runs_dir / (stem if i == 0 else f"{stem}-{i}")
-        try:
-            run_dir.mkdir(parents=True)
-            return run_dir
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a new run folder under {runs_dir}")
+def check_runs_dir(runs_dir: str | Path) -> Path:
+    """Create `runs_dir` if needed and make sure a run can be written there, before any training."""
+    path = Path(runs_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"cannot create runs folder {path} ({e.strerror}); fix: pass a writable --runs-dir") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadInputError(f"runs folder {path} is not writable; fix: pass a writable --runs-dir")
+    return path
+
+
+class staged_run_dir:
+    """`with staged_run_dir(runs_dir, name) as stage:` write into `stage.path`; on success it is renamed to
+    `stage.final` (<time>-<name>, a free name); on an error or Ctrl-C it is removed."""
+
+    def __init__(self, runs_dir: Path, name: str):
+        self.runs_dir = check_runs_dir(runs_dir)
+        self.stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.stem}.", dir=self.runs_dir))
+        self.final = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return False
+        for i in range(1000):
+            final = self.runs_dir / (self.stem if i == 0 else f"{self.stem}-{i}")
+            try:
+                os.rename(self.path, final)   # fails if `final` exists and is not empty
+            except OSError:
+                if final.exists():
+                    continue
+                raise
+            self.final = final
+            return False
+        raise FileExistsError(f"could not find a free run folder name under {self.runs_dir}")
 
 
 def write_json(path: Path, obj) -> None:

@@ -49,6 +49,11 @@ class TrainConfig:
     subset_seed: int = 0              # which images --per-class draws
 
     def __post_init__(self):
+        if isinstance(self.units, str):   # "400,256,256", as on the command line
+            parts = [p.strip() for p in self.units.split(",")]
+            if not all(p.isdigit() for p in parts):
+                raise BadInputError(f"--units must be positive integers like 400,256,256, got {self.units!r}")
+            object.__setattr__(self, "units", tuple(int(p) for p in parts))
         object.__setattr__(self, "units", tuple(self.units))
         checks = [
             (self.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {self.model!r}"),
@@ -176,9 +181,10 @@ def _global_pool(x: np.ndarray | None, reduce) -> np.ndarray | None:
     return np.concatenate([reduce(x[i:i + 4096].astype(np.float32), axis=axes) for i in range(0, len(x), 4096)])
 
 
-def data_from_dataset(ds) -> TrainData:
-    """Raw uint8 pixels of both splits of a featcache Dataset (for the scratch baselines)."""
-    x_train = ds.train.all_pixels()
+def data_from_dataset(ds, input_size: int | None = None) -> TrainData:
+    """Raw uint8 pixels of both splits of a featcache Dataset (for the scratch baselines), resized to
+    `input_size` x `input_size` when given (images of mixed sizes need it)."""
+    x_train = ds.train.all_pixels((input_size, input_size) if input_size else None)
     x_test = ds.test.all_pixels(x_train.shape[1:3])
     return TrainData(x_train, ds.train.labels, x_test, ds.test.labels, ds.class_names, "pixels",
                      source={"dataset": ds.source, "dataset_name": ds.name, "dataset_fingerprint": ds.fingerprint,
@@ -253,6 +259,10 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
         raise BadInputError(f"model {config.model!r} trains on {spec.input}, but the data holds {data.kind}")
     if data.random_weights:
         log.warning("WARNING: these features come from RANDOM backbone weights, not ImageNet")
+    if runs_dir is not None:
+        from heads.reports import check_runs_dir
+
+        check_runs_dir(runs_dir)   # before training, not after it
     if config.per_class is not None:
         data = subset(data, config.per_class, config.subset_seed)
     keras.utils.set_random_seed(config.seed)
@@ -409,14 +419,16 @@ def train_head(cache, *, layer=None, runs_dir="runs", progress=True, **options) 
     return train(data_from_caches(caches, config.pooling, layer), config, runs_dir=runs_dir, progress=progress)
 
 
-def train_baseline(model: str, *, data="cifar10", limit=None, runs_dir="runs", progress=True,
+def train_baseline(model: str, *, data="cifar10", limit=None, input_size=None, runs_dir="runs", progress=True,
                    **options) -> RunResult:
     """Train a scratch baseline (`ann` or `cnn`) on the raw pixels of a dataset source."""
+    from featcache.backbone import check_input_size
     from featcache.data import load_dataset
 
+    config = TrainConfig(model=model, **options)
+    check_input_size(input_size)
     ds = load_dataset(data, limit=limit)
-    return train(data_from_dataset(ds), TrainConfig(model=model, **options), runs_dir=runs_dir,
-                 progress=progress)
+    return train(data_from_dataset(ds, input_size), config, runs_dir=runs_dir, progress=progress)
 
 
 def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:

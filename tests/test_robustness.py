@@ -121,7 +121,7 @@ def test_disk_full_in_the_cli_says_the_run_resumes(image_folder, cache_dir, monk
 
     monkeypatch.setattr(sys.modules["featcache.extract"], "extract", full)
     r = CliRunner().invoke(main, ["extract", "--data", str(image_folder)])
-    assert r.exit_code == 1 and "No space left on device" in r.stderr and "resumes when rerun" in r.stderr
+    assert r.exit_code == 1 and "No space left on device" in r.stderr and "rerun the same command to resume the extraction" in r.stderr
 
 
 @pytest.mark.parametrize("content", [b"\x89HDF\r\n\x1a\n" + b"\0" * 100, os.urandom(2048)])
