@@ -115,6 +115,9 @@ def selection_options(f):
         click.option("--augment", default="flip,crop", show_default=True,
                      help="Augmentations of views 2.. (flip: horizontal flip; crop: pad 1/8 and random crop)."),
         click.option("--augment-seed", type=int, default=0, show_default=True, help="Seed of the augmented views."),
+        click.option("--skip-bad-images", is_flag=True,
+                     help="Decode every image once first and leave out those that fail (recorded in the cache, "
+                          "shown by `info`) instead of stopping at the first."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -126,8 +129,8 @@ def selection_options(f):
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--force", is_flag=True, help="Recompute even if a matching cache exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def extract(data, weights, layer, input_size, dtype, limit, cache_dir, views, augment, augment_seed, batch_size,
-            force, no_progress):
+def extract(data, weights, layer, input_size, dtype, limit, cache_dir, views, augment, augment_seed,
+            skip_bad_images, batch_size, force, no_progress):
     """Run the frozen backbone over DATA once and cache the features; print the cache path.
 
     Several layers (--layer block3_pool,block4_pool) share one forward pass and one file. A complete
@@ -137,7 +140,7 @@ def extract(data, weights, layer, input_size, dtype, limit, cache_dir, views, au
 
     path = run(data=data, weights=weights, layer=layer, input_size=input_size, batch_size=batch_size, dtype=dtype,
                cache_dir=cache_dir, limit=limit, force=force, progress=not no_progress, views=views,
-               augment=augment, augment_seed=augment_seed)
+               augment=augment, augment_seed=augment_seed, skip_bad_images=skip_bad_images)
     click.echo(str(path))
 
 
@@ -176,6 +179,9 @@ def info(path, as_json):
         f"views         {m.views} per training image" + (f" (augment {m.augment}, seed {m.augment_seed})"
                                                           if m.views > 1 else " (originals only)"),
         f"max |act|     {c.max_abs_activation}",
+        *([f"skipped       {len(m.skipped_images)} unreadable images: "
+           + "; ".join(f"{p} ({why})" for p, why in m.skipped_images[:5])
+           + (" ..." if len(m.skipped_images) > 5 else "")] if m.skipped_images else []),
         f"classes       {', '.join(c.class_names)}",
         f"size          {c.size_bytes / 1e6:.1f} MB",
         f"created       {m.created} with " + ", ".join(f"{k} {v}" for k, v in m.versions.items()),
@@ -285,7 +291,7 @@ def _caches(ctx, cache_paths, selection: dict, *, progress: bool):
 @training_options
 @click.pass_context
 def train_head(ctx, cache_paths, data, weights, layer, input_size, dtype, limit, cache_dir, views, augment,
-               augment_seed, per_class, subset_seed, head, filters, views_mode, units, pooling, dropout,
+               augment_seed, skip_bad_images, per_class, subset_seed, head, filters, views_mode, units, pooling, dropout,
                no_batchnorm, epochs, patience, batch_size, lr, val_fraction, seed, runs_dir, name, no_progress):
     """Train a head on cached features; evaluate once on the test split; print the run folder.
 
@@ -300,7 +306,8 @@ def train_head(ctx, cache_paths, data, weights, layer, input_size, dtype, limit,
                            views_mode=views_mode, val_fraction=val_fraction, seed=seed, name=name,
                            per_class=per_class, subset_seed=subset_seed)
     selection = dict(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
-                     views=views, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir)
+                     views=views, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir,
+                     skip_bad_images=skip_bad_images)
     caches, pick = _caches(ctx, cache_paths, selection, progress=not no_progress)
     result = run(caches, layer=pick, runs_dir=runs_dir, progress=not no_progress, **config.__dict__)
     click.echo(str(result.run_dir))
@@ -322,7 +329,7 @@ def train_head(ctx, cache_paths, data, weights, layer, input_size, dtype, limit,
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
 def curve(ctx, cache_paths, data, weights, layer, input_size, dtype, limit, cache_dir, views, augment, augment_seed,
-          sizes, repeats, val_fraction, epochs, runs_dir, no_progress):
+          skip_bad_images, sizes, repeats, val_fraction, epochs, runs_dir, no_progress):
     """Data-efficiency curve: test accuracy of the default head and the linear probe vs images per class.
 
     Reads the cache once; trains both heads on REPEATS seeded stratified subsets of each size;
@@ -332,7 +339,8 @@ def curve(ctx, cache_paths, data, weights, layer, input_size, dtype, limit, cach
 
     points = parse_sizes(sizes)
     selection = dict(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
-                     views=views, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir)
+                     views=views, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir,
+                     skip_bad_images=skip_bad_images)
     caches, pick = _caches(ctx, cache_paths, selection, progress=not no_progress)
     out = data_efficiency_curve(caches, layer=pick, sizes=points, repeats=repeats, runs_dir=runs_dir,
                                 progress=not no_progress, val_fraction=val_fraction, epochs=epochs)

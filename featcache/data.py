@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from featcache.errors import BadInputError, DownloadError, MissingInputError
+from featcache.errors import BadInputError, DownloadError, MissingInputError, UnreadableImageError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class Dataset:
     class_names: tuple[str, ...]
     fingerprint: str     # sha256 of pixels (or image file bytes), labels, paths and class names
     limit: int | None = None
+    skipped: tuple[tuple[str, str], ...] = ()   # (file, reason) of unreadable images left out (skip_bad_images)
 
     @property
     def n_classes(self) -> int:
@@ -255,8 +256,14 @@ SOURCES: dict[str, Callable[[str], Dataset]] = {
 }
 
 
-def load_dataset(source: str | Path = "cifar10", *, limit: int | None = None) -> Dataset:
-    """Load `source` (see module doc), keep the first `limit` rows of each split, fingerprint it."""
+def load_dataset(source: str | Path = "cifar10", *, limit: int | None = None,
+                 skip_bad_images: bool = False) -> Dataset:
+    """Load `source` (see module doc), keep the first `limit` rows of each split, fingerprint it.
+
+    Image files are checked while they are fingerprinted (their headers: cheap), so an unreadable
+    file is reported before any extraction work. With `skip_bad_images`, every image of an image
+    folder is decoded once first and those that fail are left out (listed in `Dataset.skipped`).
+    """
     if limit is not None and limit < 1:
         raise BadInputError(f"--limit must be at least 1, got {limit}")
     source = str(source)
@@ -275,7 +282,39 @@ def load_dataset(source: str | Path = "cifar10", *, limit: int | None = None) ->
             log.warning("WARNING: --limit %d keeps %d of the %d classes in the training split (rows are in source "
                         "order); accuracies on it are not comparable; for a balanced subset use train-head "
                         "--per-class", limit, kept, len(ds.class_names))
+    if skip_bad_images:
+        ds = _without_bad_images(ds)
     return replace(ds, fingerprint=fingerprint(ds))
+
+
+def _without_bad_images(ds: Dataset) -> Dataset:
+    """`ds` without the images that fail to decode; each is logged and listed in `skipped`."""
+    from tqdm import tqdm
+
+    if ds.train.files is None:
+        return ds   # pixels in memory: nothing to decode
+    skipped, splits = [], {}
+    bar = tqdm(total=len(ds.train) + len(ds.test), unit="img", desc="check images", file=sys.stderr,
+               dynamic_ncols=True, disable=None)
+    for name, split in (("train", ds.train), ("test", ds.test)):
+        keep = []
+        for i, file in enumerate(split.files):
+            try:
+                _read_image(file)
+                keep.append(i)
+            except UnreadableImageError as e:
+                skipped.append((split.paths[i], str(e.__cause__ or e)[:200]))
+                log.warning("skipping unreadable image %s (%s)", file, skipped[-1][1])
+            bar.update(1)
+        if not keep:
+            raise BadInputError(f"no readable image in the {name} split of {ds.source}")
+        idx = np.asarray(keep)
+        splits[name] = replace(split, labels=split.labels[idx], files=tuple(split.files[i] for i in keep),
+                               paths=tuple(split.paths[i] for i in keep))
+    bar.close()
+    if skipped:
+        log.warning("left out %d unreadable images; `featcache info` on the cache lists them", len(skipped))
+    return replace(ds, train=splits["train"], test=splits["test"], skipped=tuple(skipped))
 
 
 def fingerprint(ds: Dataset) -> str:
@@ -291,7 +330,9 @@ def fingerprint(ds: Dataset) -> str:
         else:
             for file in split.files:   # names as bytes: a file name need not be valid UTF-8
                 h.update(os.fsencode(file.relative_to(file.parents[2])) + b"\0")
-                h.update(file.read_bytes())
+                content = file.read_bytes()
+                _check_header(file, content)
+                h.update(content)
     return h.hexdigest()
 
 
@@ -412,7 +453,28 @@ def _read_image(path: Path) -> np.ndarray:
                 img = img.convert("RGBA")
             return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadInputError(f"cannot read image {path} ({e}); fix: replace or remove the file") from e
+        raise _unreadable(path, e) from e
+
+
+def _check_header(path: Path, content: bytes) -> None:
+    """Refuse a file Pillow cannot identify, or whose size makes it a decompression bomb, without decoding it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(content)) as img:
+            w, h = img.size
+        if Image.MAX_IMAGE_PIXELS and w * h > 2 * Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"{w}x{h} pixels could be a decompression bomb")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, e: Exception) -> UnreadableImageError:
+    from PIL import UnidentifiedImageError
+
+    why = "not a format Pillow can identify" if isinstance(e, UnidentifiedImageError) else _first_line(e)
+    return UnreadableImageError(f"cannot read image {path} ({why}); fix: replace or remove the file, or pass "
+                                "--skip-bad-images to leave unreadable images out")
 
 
 def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -13,6 +13,10 @@ class BadInputError(FeatcacheError, ValueError):
     """An option, dataset or file has the wrong content or shape."""
 
 
+class UnreadableImageError(BadInputError):
+    """An image file that Pillow cannot decode (or a decompression bomb)."""
+
+
 class MissingInputError(FeatcacheError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 

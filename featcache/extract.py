@@ -31,7 +31,7 @@ from featcache import augment as aug
 from featcache import backbone as bb
 from featcache import store
 from featcache.data import Dataset, load_dataset
-from featcache.errors import BadInputError, CacheError
+from featcache.errors import BadInputError, CacheError, UnreadableImageError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def parse_layers(layer: str | Sequence[str]) -> tuple[str, ...]:
 
 def plan(*, data: str | Dataset = "cifar10", weights: str = "imagenet", layer: str | Sequence[str] = bb.DEFAULT_LAYER,
          input_size: int | None = None, dtype: str = "float16", limit: int | None = None, seed: int = 0,
-         views: int = 1, augment: str = aug.DEFAULT_AUGMENT, augment_seed: int = 0
+         views: int = 1, augment: str = aug.DEFAULT_AUGMENT, augment_seed: int = 0, skip_bad_images: bool = False
          ) -> tuple[Dataset, store.CacheMeta]:
     """Validate the options and describe the cache they lead to, without running the backbone."""
     layers = parse_layers(layer)
@@ -72,7 +72,7 @@ def plan(*, data: str | Dataset = "cifar10", weights: str = "imagenet", layer: s
     if views < 1:
         raise BadInputError(f"--views must be at least 1 (1: the original images only), got {views}")
     augment = ",".join(aug.parse(augment)) if views > 1 else ""
-    ds = data if isinstance(data, Dataset) else load_dataset(data, limit=limit)
+    ds = data if isinstance(data, Dataset) else load_dataset(data, limit=limit, skip_bad_images=skip_bad_images)
     if input_size:
         size = (input_size, input_size)
     else:
@@ -88,7 +88,8 @@ def plan(*, data: str | Dataset = "cifar10", weights: str = "imagenet", layer: s
         dataset_name=ds.name, dataset_source=ds.source, dataset_fingerprint=ds.fingerprint, limit=ds.limit or 0,
         n_train=len(ds.train), n_test=len(ds.test), versions=_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        views=views, augment=augment, augment_seed=augment_seed if views > 1 else 0)
+        views=views, augment=augment, augment_seed=augment_seed if views > 1 else 0,
+        skipped_images=tuple(tuple(x) for x in ds.skipped))
 
 
 def expected_bytes(meta: store.CacheMeta) -> int:
@@ -101,18 +102,20 @@ def extract(*, data: str | Dataset = "cifar10", weights: str = "imagenet",
             layer: str | Sequence[str] = bb.DEFAULT_LAYER, input_size: int | None = None, batch_size: int = 128,
             dtype: str = "float16", cache_dir: str | Path = "cache", limit: int | None = None, force: bool = False,
             progress: bool = True, seed: int = 0, views: int = 1, augment: str = aug.DEFAULT_AUGMENT,
-            augment_seed: int = 0) -> Path:
+            augment_seed: int = 0, skip_bad_images: bool = False) -> Path:
     """Extract features of `data` at `layer` ("block3_pool", or several: "block3_pool,block4_pool") into
     `cache_dir` and return the cache's path. Several layers share one forward pass and one file.
 
     A complete cache with the same key is reused at once; `force` recomputes it. With `views` > 1 the
     training split also gets views - 1 augmented copies (`augment`, seeded by `augment_seed`) per image;
-    test features are always of the original images.
+    test features are always of the original images. `skip_bad_images` leaves out (and records)
+    image files that fail to decode instead of stopping at the first.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BadInputError(f"--batch-size must be at least 1, got {batch_size!r}")
     ds, meta = plan(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
-                    seed=seed, views=views, augment=augment, augment_seed=augment_seed)
+                    seed=seed, views=views, augment=augment, augment_seed=augment_seed,
+                    skip_bad_images=skip_bad_images)
     final = Path(cache_dir).expanduser() / store.cache_filename(meta)
     if final.exists() and not force:   # complete by construction (renamed into place): no lock, no write access
         _check_hit(final, meta)
@@ -144,13 +147,14 @@ def extract(*, data: str | Dataset = "cifar10", weights: str = "imagenet",
 def check_cache(path: str | Path, *, data: str | None = None, weights: str | None = None, layer: str | None = None,
                 input_size: int | None = None, dtype: str | None = None, limit: int | None = None,
                 views: int | None = None, augment: str | None = None, augment_seed: int | None = None,
-                seed: int = 0) -> store.FeatureCache:
+                skip_bad_images: bool = False, seed: int = 0) -> store.FeatureCache:
     """Open a complete cache and check it against the options given; a CacheError names each field that differs."""
     cache = store.open_cache(path)
     m, wanted = cache.meta, {}
     if data is not None or limit is not None:
         ds = load_dataset(data if data is not None else m.dataset_source,
-                          limit=limit if limit is not None else (m.limit or None))
+                          limit=limit if limit is not None else (m.limit or None),
+                          skip_bad_images=skip_bad_images or bool(m.skipped_images))
         wanted.update(dataset_fingerprint=ds.fingerprint, limit=ds.limit or 0)
     if weights is not None:
         wanted["weights"] = bb.weights_identity(weights, seed=seed)
@@ -229,6 +233,9 @@ def _run(ds, meta, final, start, *, batch_size, weights, seed, progress, require
                 n += passes(name, len(images))
                 bar.update(passes(name, len(images)))
         store.finish(f, max_abs_activation=peak, extract_seconds=time.perf_counter() - t0)
+    except UnreadableImageError:
+        log.warning("the %d rows computed so far stay in %s", n, _partial(final))
+        raise
     except BadInputError:
         f.close()
         _partial(final).unlink(missing_ok=True)   # deterministic failure: a resume would fail the same way

@@ -42,7 +42,7 @@ KEY_FIELDS = ("format_version", "backbone", "layer", "weights", "input_shape", "
               "dataset_fingerprint", "limit")
 #: Key fields added later: left out of the key at their default, so older caches keep their names.
 OPTIONAL_KEY_FIELDS = {"views": 1, "augment": "", "augment_seed": 0}
-_JSON_FIELDS = ("input_shape", "feature_shape", "versions")
+_JSON_FIELDS = ("input_shape", "feature_shape", "versions", "skipped_images")
 _MAX_CHUNK_BYTES = 1 << 20
 
 
@@ -70,6 +70,7 @@ class CacheMeta:
     views: int = 1             # feature views per training image: the original plus views - 1 augmented
     augment: str = ""          # augmentations of views 1.., e.g. "flip,crop"
     augment_seed: int = 0
+    skipped_images: tuple = ()  # (file, reason) of unreadable images left out by --skip-bad-images
 
     @property
     def format_version(self) -> int:

@@ -262,3 +262,31 @@ def test_tensorflow_start_up_chatter_is_kept_off_stderr(image_folder, tmp_path):
     noise = [line for line in out.stderr.splitlines() if any(
         word in line for word in ("oneDNN", "cuda", "absl", "I0000", "E0000", "W0000"))]
     assert noise == [], noise
+
+
+def test_unreadable_image_fails_before_any_work_and_can_be_skipped(tmp_path, cache_dir):
+    root = write_folder(tmp_path / "d", n_train=3, n_test=2)
+    (root / "train" / "bee" / "zz-broken.png").write_bytes(b"not an image at all")
+    r = run("extract", "--data", root, "--weights", "random", "--no-progress")
+    assert r.exit_code == 2 and "zz-broken.png" in r.stderr and "--skip-bad-images" in r.stderr
+    assert not cache_dir.exists() or not list(cache_dir.iterdir())   # refused before the cache was started
+    r = run("extract", "--data", root, "--weights", "random", "--no-progress", "--skip-bad-images")
+    assert r.exit_code == 0, r.output
+    info = json.loads(run("info", r.stdout.strip(), "--json").stdout)
+    assert info["splits"]["train"]["n"] == 9
+    assert [p for p, _ in info["meta"]["skipped_images"]] == ["train/bee/zz-broken.png"]
+    assert "skipped       1 unreadable images: train/bee/zz-broken.png" in run("info", r.stdout.strip()).stdout
+
+
+def test_image_that_breaks_mid_run_keeps_the_finished_batches(tmp_path, cache_dir):
+    root = write_folder(tmp_path / "d", n_train=3, n_test=2)
+    good = (root / "train" / "cow" / "00.png").read_bytes()
+    (root / "train" / "cow" / "zz-truncated.png").write_bytes(good[: len(good) // 2])   # header fine, data cut
+    r = run("extract", "--data", root, "--weights", "random", "--no-progress", "--batch-size", "2")
+    assert r.exit_code == 2 and "zz-truncated.png" in r.stderr
+    partial = list(cache_dir.glob("*.partial"))
+    assert len(partial) == 1 and "rows computed so far stay in" in r.stderr
+    import h5py
+
+    with h5py.File(partial[0], "r") as f:
+        assert f["progress"][0] >= 8   # the batches before the broken image
