@@ -45,7 +45,7 @@ heads: extract ## train the reference head (gap, flatten), a linear probe, the A
 curve: extract ## data-efficiency curve (default head vs linear probe, 5..1000 images per class and all); writes docs/curve.*
 	d=$$($(BIN)/featcache -q curve $(SELECT) --runs-dir $(RUNS_DIR)) && cp "$$d"/curve.json "$$d"/curve.md "$$d"/curve.png docs/
 
-bench: extract ## measure speed, size and memory side by side; writes docs/benchmarks.{md,json} (~15 min)
+bench: extract ## measure speed, size and memory side by side; writes docs/benchmarks.{md,json} (7-15 min)
 	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 

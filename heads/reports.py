@@ -143,9 +143,11 @@ def _data_label(config: dict) -> str:
     metas = [d["cache_meta"]] if "cache_meta" in d else [c["cache_meta"] for c in d.get("caches", []) if "cache_meta" in c]
     name = metas[0]["dataset_name"] if metas else d.get("dataset_name", "?")
     limit = metas[0].get("limit") if metas else d.get("limit")
+    keys = [c["cache_key"][:12] for c in ([d] if "cache_key" in d else d.get("caches", [])) if "cache_key" in c]
     per_class = config.get("per_class")
     return name + (f" limit={limit}" if limit else "") + \
-        (f" {per_class}/class seed={config.get('subset_seed', 0)}" if per_class else "")
+        (f" {per_class}/class seed={config.get('subset_seed', 0)}" if per_class else "") + \
+        (f" [{'+'.join(keys)}]" if keys else "")
 
 
 def format_table(rows: list[dict], *, markdown: bool = False) -> str:

@@ -290,3 +290,17 @@ def test_image_that_breaks_mid_run_keeps_the_finished_batches(tmp_path, cache_di
 
     with h5py.File(partial[0], "r") as f:
         assert f["progress"][0] >= 8   # the batches before the broken image
+
+
+def test_interrupted_training_does_not_promise_a_resume(image_folder, cache_dir, tmp_path, monkeypatch):
+    import heads.train as ht
+
+    path = run("extract", "--data", image_folder, "--weights", "random", "--no-progress").stdout.strip()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ht, "_fit_keras", ctrl_c)
+    r = run("train-head", "--cache", path, "--runs-dir", tmp_path / "runs", "--no-progress")
+    assert r.exit_code == 130 and "resume" not in r.stderr and "no run folder was written" in r.stderr
+    assert list((tmp_path / "runs").iterdir()) == []
