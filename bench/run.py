@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from featcache import backbone as bb  # noqa: E402
+from featcache import backbones as bb  # noqa: E402
 from featcache import store  # noqa: E402
 from featcache.data import load_dataset  # noqa: E402
 from featcache.extract import extract  # noqa: E402
@@ -106,8 +106,8 @@ def bench_extraction(args, tmp: Path) -> dict:
         model.model.predict(x, batch_size=args.batch_size, verbose=0)
 
     loops = LoopTimes()
-    logging.getLogger("featcache.extract").addHandler(loops)
-    logging.getLogger("featcache.extract").setLevel(logging.INFO)
+    logging.getLogger("featcache.engine").addHandler(loops)
+    logging.getLogger("featcache.engine").setLevel(logging.INFO)
     featcache_extract()
     loops.runs.clear()
     t_extract, t_predict = alternate(featcache_extract, bare_predict, args.repeats)
@@ -127,10 +127,11 @@ def bench_cached_vs_end_to_end(args, data) -> dict:
     import keras
     import tensorflow as tf
 
-    from heads.builders import dense_head
+    from heads.builders import MODELS, dense_head
 
     tr, _ = ht.split_indices(data.y_train, 0.1, 0)
-    head, (x_fit,) = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), [data.x_train])  # as train()
+    head, (x_fit,) = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), MODELS["dense"],
+                                             {"pooling": "gap"}, [data.x_train])  # as train()
     head.compile("adam", "sparse_categorical_crossentropy", steps_per_execution=ht.STEPS_PER_EXECUTION,
                  jit_compile=False)
     x_all, y_all = ht._as_tensors(x_fit, data.y_train)
@@ -161,17 +162,19 @@ def bench_cached_vs_end_to_end(args, data) -> dict:
 
 def bench_head_vs_floor(args, data) -> dict:
     """Seconds per epoch of the reference head vs just streaming the same batches, for several batch sizes."""
-    from heads.builders import dense_head
+    from heads.builders import MODELS, dense_head
 
     tr, _ = ht.split_indices(data.y_train, 0.1, 0)
     t0 = time.perf_counter()
-    _, (x_fit,) = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), [data.x_train])
+    _, (x_fit,) = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), MODELS["dense"],
+                                          {"pooling": "gap"}, [data.x_train])
     pool_seconds = time.perf_counter() - t0
     x_all, y_all = ht._as_tensors(x_fit, data.y_train)
     rows = []
     for bs in args.floor_batch_sizes:
         batches = ht._batches(x_all, y_all, tr, bs, shuffle=True)
-        head, _ = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), [data.x_train[:1]])
+        head, _ = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), MODELS["dense"],
+                                          {"pooling": "gap"}, [data.x_train[:1]])
         head.compile("adam", "sparse_categorical_crossentropy", steps_per_execution=ht.STEPS_PER_EXECUTION,
                      jit_compile=False)
         head.fit(batches.take(2), verbose=0)

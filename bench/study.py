@@ -20,7 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from featcache import extract, open_cache  # noqa: E402
+from featcache import open_cache  # noqa: E402
+from featcache.extract import extract  # noqa: E402
 from heads.train import train_head  # noqa: E402
 
 HEAD_BUDGET_S = 60

@@ -1,10 +1,13 @@
-"""featcache: run a frozen VGG16 backbone once, cache its features in HDF5, train heads in seconds."""
+"""featcache: run a frozen Keras backbone once, cache its features in HDF5, train heads in seconds.
+
+`featcache.extract.extract(...)` builds (or reuses) a cache; `featcache.open_cache(path)` reads one.
+"""
 
 from featcache.data import Dataset, load_dataset
 from featcache.errors import BadInputError, CacheError, FeatcacheError
-from featcache.extract import extract
+from featcache.spec import ExtractSpec
 from featcache.store import CacheMeta, FeatureCache, open_cache
 
-__all__ = ["extract", "open_cache", "load_dataset", "Dataset", "CacheMeta", "FeatureCache",
+__all__ = ["open_cache", "load_dataset", "Dataset", "ExtractSpec", "CacheMeta", "FeatureCache",
            "FeatcacheError", "BadInputError", "CacheError"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

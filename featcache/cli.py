@@ -12,8 +12,11 @@ import os
 import sys
 
 import click
+import numpy as np
 
 from featcache.errors import FeatcacheError
+from heads.builders import BASELINES, HEADS, POOLINGS
+from heads.train import VIEWS_MODES
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's start-up chatter off stderr
 
@@ -72,65 +75,73 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Also show TensorFlow's own start-up messages.")
 @click.pass_context
 def main(ctx, quiet: bool, verbose: bool) -> None:
-    """Cache frozen VGG16 features once in HDF5, then train heads on them in seconds.
+    """Cache a frozen Keras backbone's features (VGG16 by default) once in HDF5, then train heads on them
+    in seconds.
 
     \b
     featcache extract --data ROOT --weights FILE     build (or reuse) a feature cache
     featcache info cache/NAME.h5                     what produced a cache
+    featcache train-head --cache cache/NAME.h5       train the default head on it
+    featcache backbones [NAME]                       the backbones, their layers and shapes
     """
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)
     if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    if ctx.invoked_subcommand in ("extract", "train-head", "train-baseline", "curve"):
+    if ctx.invoked_subcommand in ("extract", "train-head", "train-baseline", "curve", "backbones"):
         start_tensorflow(verbose)
 
 
+def _spec_option(field, *, ignore_env: bool = False):
+    """A click option built from one ExtractSpec field: its default, help, choices, bounds and env var."""
+    meta = field.metadata
+    name = "--" + field.name.replace("_", "-")
+    kw = {"help": meta["help"]}
+    if meta.get("flag"):
+        return click.option(name, is_flag=True, **kw)
+    kw["default"] = field.default
+    kw["show_default"] = field.default is not None and "default:" not in meta["help"]
+    if "choices" in meta:
+        kw["type"] = click.Choice(meta["choices"])
+    elif "min" in meta:
+        kw["type"] = click.IntRange(min=meta["min"])
+    elif field.name in ("input_size", "augment_seed"):
+        kw["type"] = int
+    if field.name == "cache_dir":
+        kw["type"] = click.Path(file_okay=False)
+    if "env" in meta and not ignore_env:
+        kw["envvar"] = meta["env"]
+    return click.option(name, **kw)
+
+
+def spec_field(name: str):
+    from featcache.spec import options
+
+    return next(x for x in options() if x.name == name)
+
+
 def selection_options(f):
-    """The options that select a cache: shared by `extract` and `train-head`."""
-    options = [
-        click.option("--data", default="cifar10", show_default=True,
-                     help="'cifar10' (Keras download), an image folder ROOT/{train,test}/<class>/, a "
-                          "cifar-10-batches-py folder or cifar-10-python.tar.gz, or an .npz "
-                          "(x_train, y_train, x_test, y_test)."),
-        click.option("--weights", default="imagenet", show_default=True,
-                     help="'imagenet' (Keras download), a path to vgg16_weights_tf_dim_ordering_tf_kernels"
-                          "_notop.h5, or 'random' (tests only; flagged everywhere)."),
-        click.option("--layer", default="block3_pool", show_default=True,
-                     help="VGG16 layer to cut at; several, comma-separated, share one forward pass and one "
-                          "cache file (train-head concatenates their pooled features; with --cache, picks "
-                          "these layers from the file)."),
-        click.option("--input-size", type=int, default=None,
-                     help="Resize images to NxN (N >= 32). Default: the images' own size (32 for CIFAR-10)."),
-        click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-                     help="Storage dtype; float16 halves the file and refuses activations beyond its range."),
-        click.option("--limit", type=click.IntRange(min=1), default=None,
-                     help="Keep only the first N images of each split, in source order (smoke tests: an image "
-                          "folder is in class order, so few classes may remain; part of the cache key). For a "
-                          "balanced subset use train-head --per-class."),
-        click.option("--cache-dir", envvar="FEATCACHE_CACHE_DIR", default="cache", show_default=True,
-                     type=click.Path(file_okay=False), help="Cache folder (env FEATCACHE_CACHE_DIR)."),
-        click.option("--views", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Feature views per training image: the original plus VIEWS-1 augmented copies."),
-        click.option("--augment", default="flip,crop", show_default=True,
-                     help="Augmentations of views 2.. (flip: horizontal flip; crop: pad 1/8 and random crop)."),
-        click.option("--augment-seed", type=int, default=0, show_default=True, help="Seed of the augmented views."),
-        click.option("--skip-bad-images", is_flag=True,
-                     help="Decode every image once first and leave out those that fail (recorded in the cache, "
-                          "shown by `info`) instead of stopping at the first."),
-    ]
-    for option in reversed(options):
-        f = option(f)
+    """The options that select a cache (ExtractSpec's fields): shared by `extract`, `train-head`, `curve`."""
+    from featcache.spec import options
+
+    for field in reversed([x for x in options() if x.metadata.get("cli", True) is True]):
+        f = _spec_option(field)(f)
     return f
+
+
+def _selection(kw: dict) -> dict:
+    """The ExtractSpec options among a command's keyword arguments (popped from `kw`)."""
+    from featcache.spec import options
+
+    return {x.name: kw.pop(x.name) for x in options() if x.name in kw}
 
 
 @main.command()
 @selection_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@_spec_option(spec_field("batch_size"))
 @click.option("--force", is_flag=True, help="Recompute even if a matching cache exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def extract(data, weights, layer, input_size, dtype, limit, cache_dir, views, augment, augment_seed,
-            skip_bad_images, batch_size, force, no_progress):
+def extract(force, no_progress, **kw):
     """Run the frozen backbone over DATA once and cache the features; print the cache path.
 
     Several layers (--layer block3_pool,block4_pool) share one forward pass and one file. A complete
@@ -138,10 +149,38 @@ def extract(data, weights, layer, input_size, dtype, limit, cache_dir, views, au
     """
     from featcache.extract import extract as run
 
-    path = run(data=data, weights=weights, layer=layer, input_size=input_size, batch_size=batch_size, dtype=dtype,
-               cache_dir=cache_dir, limit=limit, force=force, progress=not no_progress, views=views,
-               augment=augment, augment_seed=augment_seed, skip_bad_images=skip_bad_images)
+    path = run(force=force, progress=not no_progress, **_selection(kw))
     click.echo(str(path))
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--input-size", type=int, default=None, help="Input size for the shapes [default: the minimum, 32].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def backbones(name, input_size, as_json):
+    """List the backbones, or one backbone's layers with their output shapes and bytes per image."""
+    from featcache import backbones as registry
+
+    names = [registry.get(name).name] if name else list(registry.BACKBONES)
+    table = {}
+    for n in names:
+        spec = registry.get(n)
+        size = input_size or spec.min_input_size
+        shapes = registry.output_shapes(n, (size, size))
+        table[n] = {"application": spec.application, "default_layer": spec.default_layer, "input_size": size,
+                    "min_input_size": spec.min_input_size, "preprocessing": spec.preprocessing,
+                    "weights_file": spec.weights_file,
+                    "layers": {layer: {"shape": list(shape), "float16_bytes": 2 * int(np.prod(shape))}
+                               for layer, shape in shapes.items()}}
+    if as_json:
+        click.echo(json.dumps(table, indent=2))
+        return
+    for n, t in table.items():
+        click.echo(f"{n}  ({t['application']}, input {t['input_size']}x{t['input_size']}, "
+                   f"min {t['min_input_size']}; {t['preprocessing']})")
+        for layer, x in t["layers"].items():
+            mark = "  (default)" if layer == t["default_layer"] else ""
+            click.echo(f"  {layer:42s} {'x'.join(map(str, x['shape'])):>14s}  {x['float16_bytes']:>9,d} B{mark}")
 
 
 @main.command()
@@ -256,8 +295,7 @@ def _caches(ctx, cache_paths, selection: dict, *, progress: bool):
     from featcache.extract import check_cache, extract
 
     if not cache_paths:
-        return [extract(cache_dir=selection["cache_dir"], progress=progress,
-                        **{k: v for k, v in selection.items() if k != "cache_dir"})], None
+        return [extract(progress=progress, **selection)], None
     given = {k: v for k, v in selection.items() if k not in ("layer", "cache_dir")
              and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     pick = None   # the layers to train on; None: every layer of the caches
@@ -274,25 +312,25 @@ def _caches(ctx, cache_paths, selection: dict, *, progress: bool):
 @cache_option
 @selection_options
 @subset_options
-@click.option("--head", type=click.Choice(["dense", "linear", "conv"]), default="dense", show_default=True,
+@click.option("--head", type=click.Choice(HEADS), default="dense", show_default=True,
               help="dense: pooling -> BatchNorm -> Dense(units) -> Dropout -> softmax; linear: a linear probe "
                    "(logistic regression solved by L-BFGS, L2 strength chosen on validation); "
                    "conv: BatchNorm -> 1x1 Conv(filters) -> Flatten -> Dense(units) -> softmax.")
 @click.option("--filters", type=click.IntRange(min=1), default=128, show_default=True, help="conv head only.")
-@click.option("--views-mode", type=click.Choice(["sample", "all", "original"]), default="sample",
+@click.option("--views-mode", type=click.Choice(VIEWS_MODES), default="sample",
               show_default=True, help="With cached views: one random view per image per epoch, every view, or "
                                       "the originals only.")
 @click.option("--units", type=UnitsType(), default="400,256,256", show_default=True,
               help="Dense layer sizes of the dense and conv heads.")
-@click.option("--pooling", type=click.Choice(["gap", "flatten", "max"]), default="gap", show_default=True,
+@click.option("--pooling", type=click.Choice(POOLINGS), default="gap", show_default=True,
               help="How feature maps become vectors: global average, flatten, or global max.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
 @click.option("--no-batchnorm", is_flag=True, help="Leave out the dense head's BatchNormalization.")
 @training_options
 @click.pass_context
-def train_head(ctx, cache_paths, data, weights, layer, input_size, dtype, limit, cache_dir, views, augment,
-               augment_seed, skip_bad_images, per_class, subset_seed, head, filters, views_mode, units, pooling, dropout,
-               no_batchnorm, epochs, patience, batch_size, lr, val_fraction, seed, runs_dir, name, no_progress):
+def train_head(ctx, cache_paths, per_class, subset_seed, head, filters, views_mode, units, pooling, dropout,
+               no_batchnorm, epochs, patience, batch_size, lr, val_fraction, seed, runs_dir, name, no_progress,
+               **kw):
     """Train a head on cached features; evaluate once on the test split; print the run folder.
 
     The features are standardised with statistics of the training rows (kept in the saved model)
@@ -305,10 +343,7 @@ def train_head(ctx, cache_paths, data, weights, layer, input_size, dtype, limit,
                            epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, filters=filters,
                            views_mode=views_mode, val_fraction=val_fraction, seed=seed, name=name,
                            per_class=per_class, subset_seed=subset_seed)
-    selection = dict(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
-                     views=views, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir,
-                     skip_bad_images=skip_bad_images)
-    caches, pick = _caches(ctx, cache_paths, selection, progress=not no_progress)
+    caches, pick = _caches(ctx, cache_paths, _selection(kw), progress=not no_progress)
     result = run(caches, layer=pick, runs_dir=runs_dir, progress=not no_progress, **config.__dict__)
     click.echo(str(result.run_dir))
 
@@ -328,8 +363,7 @@ def train_head(ctx, cache_paths, data, weights, layer, input_size, dtype, limit,
               help="The curve's folder is created in here.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def curve(ctx, cache_paths, data, weights, layer, input_size, dtype, limit, cache_dir, views, augment, augment_seed,
-          skip_bad_images, sizes, repeats, val_fraction, epochs, runs_dir, no_progress):
+def curve(ctx, cache_paths, sizes, repeats, val_fraction, epochs, runs_dir, no_progress, **kw):
     """Data-efficiency curve: test accuracy of the default head and the linear probe vs images per class.
 
     Reads the cache once; trains both heads on REPEATS seeded stratified subsets of each size;
@@ -338,17 +372,14 @@ def curve(ctx, cache_paths, data, weights, layer, input_size, dtype, limit, cach
     from heads.curve import data_efficiency_curve, parse_sizes
 
     points = parse_sizes(sizes)
-    selection = dict(data=data, weights=weights, layer=layer, input_size=input_size, dtype=dtype, limit=limit,
-                     views=views, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir,
-                     skip_bad_images=skip_bad_images)
-    caches, pick = _caches(ctx, cache_paths, selection, progress=not no_progress)
+    caches, pick = _caches(ctx, cache_paths, _selection(kw), progress=not no_progress)
     out = data_efficiency_curve(caches, layer=pick, sizes=points, repeats=repeats, runs_dir=runs_dir,
                                 progress=not no_progress, val_fraction=val_fraction, epochs=epochs)
     click.echo(str(out))
 
 
 @main.command("train-baseline")
-@click.argument("model", type=click.Choice(["ann", "cnn"]))
+@click.argument("model", type=click.Choice(BASELINES))
 @click.option("--data", default="cifar10", show_default=True, help="Dataset source, as for `extract`.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N images of each split.")
 @click.option("--input-size", type=int, default=None,

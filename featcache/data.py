@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
-MIN_INPUT_SIZE = 32  # the smallest input VGG16 accepts (five 2x2 poolings)
 
 
 @dataclass(frozen=True)
@@ -104,10 +103,10 @@ class Dataset:
     def n_classes(self) -> int:
         return len(self.class_names)
 
-    def default_input_size(self) -> tuple[int, int]:
-        """The images' own size, raised to VGG16's minimum of 32 px per side."""
+    def default_input_size(self, min_size: int = 32) -> tuple[int, int]:
+        """The images' own size, raised to the backbone's minimum (`min_size` px per side)."""
         h, w = self.train.native_size()
-        return max(h, MIN_INPUT_SIZE), max(w, MIN_INPUT_SIZE)
+        return max(h, min_size), max(w, min_size)
 
 
 # --------------------------------------------------------------------------- sources

@@ -138,7 +138,9 @@ def cache_key(fields: dict) -> str:
 
 
 def cache_filename(meta: CacheMeta) -> str:
-    return f"{meta.dataset_name}-{'+'.join(meta.layers)}-{meta.key[:12]}.h5"
+    """<dataset>-<layers>-<key12>.h5; other backbones than VGG16 (whose names predate them) name themselves."""
+    backbone = "" if meta.backbone == "vgg16" else f"{meta.backbone}-"
+    return f"{meta.dataset_name}-{backbone}{'+'.join(meta.layers)}-{meta.key[:12]}.h5"
 
 
 def dataset_path(meta: CacheMeta, split: str, layer: str, *, views: bool = False) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 POOLINGS = ("gap", "flatten", "max")
+GLOBAL_POOLINGS = ("gap", "max")   # poolings without weights over the whole map: computed once by heads.train
 #: Name of the layer whose statistics `heads.train` sets from the training rows before fitting.
 STANDARDISE = "standardise"
 
@@ -131,11 +132,18 @@ class ModelSpec:
     optimizer: str        # "adam", "sgd", or "lbfgs" (fitted to convergence by heads.probe, no epochs)
     lr: float
     options: tuple        # TrainConfig fields this builder takes
+    pools_first: bool = False   # the model starts with `_pool(inputs, options["pooling"])`
+
+    def prepooled(self, options: dict) -> str | None:
+        """The global pooling the built model starts with ("gap", "max"), or None: it can run once, before training."""
+        pooling = options.get("pooling")
+        return pooling if self.pools_first and pooling in GLOBAL_POOLINGS else None
 
 
 MODELS = {
-    "dense": ModelSpec(dense_head, "features", "adam", 1e-3, ("units", "pooling", "batchnorm", "dropout")),
-    "linear": ModelSpec(linear_probe, "features", "lbfgs", 0.0, ("pooling",)),
+    "dense": ModelSpec(dense_head, "features", "adam", 1e-3, ("units", "pooling", "batchnorm", "dropout"),
+                       pools_first=True),
+    "linear": ModelSpec(linear_probe, "features", "lbfgs", 0.0, ("pooling",), pools_first=True),
     "conv": ModelSpec(conv_head, "features", "adam", 1e-3, ("filters", "units", "dropout")),
     "ann": ModelSpec(ann, "pixels", "sgd", 1e-2, ()),
     "cnn": ModelSpec(cnn, "pixels", "adam", 1e-3, ("dropout", "seed")),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import BadInputError
-from heads.builders import MODELS, POOLINGS, STANDARDISE
+from heads.builders import GLOBAL_POOLINGS, MODELS, POOLINGS, STANDARDISE
 
 log = logging.getLogger(__name__)
 #: Training steps run per call into TensorFlow: a head step on cached features takes well under a
@@ -120,13 +120,12 @@ def data_from_caches(caches, pooling: str = "gap", layers=None) -> TrainData:
     sources = _layer_sources([_open(c) for c in caches], layers)
     if len(sources) == 1:
         return data_from_cache(*sources[0])
-    if pooling not in ("gap", "max"):
+    if pooling not in GLOBAL_POOLINGS:
         raise BadInputError(f"concatenating layers needs --pooling gap or max, got {pooling!r}")
-    reduce = np.mean if pooling == "gap" else np.max
 
     def pooled(d: TrainData) -> TrainData:
-        return replace(d, x_train=_global_pool(d.x_train, reduce), x_test=_global_pool(d.x_test, reduce),
-                       x_views=_global_pool(d.x_views, reduce))
+        return replace(d, x_train=global_pool(d.x_train, pooling), x_test=global_pool(d.x_test, pooling),
+                       x_views=global_pool(d.x_views, pooling))
 
     parts = [pooled(data_from_cache(c, layer)) for c, layer in sources]   # pooled as read: one layer in RAM
     first = parts[0]
@@ -160,10 +159,11 @@ def _layer_sources(caches, layers) -> list[tuple]:
                 raise BadInputError(f"{name} is in more than one cache given; fix: pick the layers to train on "
                                     "with --layer")
         return sources
-    from featcache.extract import parse_layers
-
+    names = tuple(x.strip() for x in layers.split(",")) if isinstance(layers, str) else tuple(layers)
+    if not names or len(set(names)) != len(names):
+        raise BadInputError(f"--layer must name distinct layers separated by commas, got {layers!r}")
     sources = []
-    for layer in parse_layers(layers):
+    for layer in names:   # checked against what the caches hold, whatever backbone made them
         holder = next((c for c in caches if layer in c.layers), None)
         if holder is None:
             held = ", ".join(sorted({name for c in caches for name in c.layers}))
@@ -173,10 +173,12 @@ def _layer_sources(caches, layers) -> list[tuple]:
     return sources
 
 
-def _global_pool(x: np.ndarray | None, reduce) -> np.ndarray | None:
-    """Pool the two spatial axes of (..., h, w, c) maps, in float32, a few thousand rows at a time."""
+def global_pool(x: np.ndarray | None, pooling: str) -> np.ndarray | None:
+    """Pool the two spatial axes of (..., h, w, c) maps ("gap": mean, "max"), in float32, a few thousand
+    rows at a time; None passes through. The one numpy pooling of heads (layers are pooled in the model)."""
     if x is None:
         return None
+    reduce = {"gap": np.mean, "max": np.max}[pooling]
     axes = (x.ndim - 3, x.ndim - 2)
     return np.concatenate([reduce(x[i:i + 4096].astype(np.float32), axis=axes) for i in range(0, len(x), 4096)])
 
@@ -270,7 +272,7 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
     n_classes = len(data.class_names)
     options = {k: getattr(config, k) for k in spec.options}
     model = spec.build(data.x_train.shape[1:], n_classes, **options)
-    fit_model, (x_fit, views_fit) = _fixed_pooling_split(model, [data.x_train, data.x_views])
+    fit_model, (x_fit, views_fit) = _fixed_pooling_split(model, spec, options, [data.x_train, data.x_views])
     _set_standardisation(fit_model, x_fit[tr])
     n_views = data.n_views if config.views_mode != "original" else 1
     t0 = time.perf_counter()
@@ -422,7 +424,7 @@ def train_head(cache, *, layer=None, runs_dir="runs", progress=True, **options) 
 def train_baseline(model: str, *, data="cifar10", limit=None, input_size=None, runs_dir="runs", progress=True,
                    **options) -> RunResult:
     """Train a scratch baseline (`ann` or `cnn`) on the raw pixels of a dataset source."""
-    from featcache.backbone import check_input_size
+    from featcache.backbones import check_input_size
     from featcache.data import load_dataset
 
     config = TrainConfig(model=model, **options)
@@ -455,21 +457,21 @@ def _metrics(probs: np.ndarray, y: np.ndarray, class_names) -> dict:
     }
 
 
-def _fixed_pooling_split(model, arrays: list):
+def _fixed_pooling_split(model, spec, options: dict, arrays: list):
     """(model to fit, its inputs): global pooling has no weights, so pool the features once.
 
-    When the model starts with a global pooling layer, the rest of it is fitted on pooled vectors
-    (computed here once instead of every epoch); it shares its layers with `model`, which still
-    takes feature maps for evaluation and saving. `arrays` are (n, h, w, c) maps or
-    (n, views, h, w, c) views; None passes through.
+    When the model spec says the model starts with a global pooling layer (`spec.prepooled`), the
+    rest of it is fitted on pooled vectors (computed here once instead of every epoch); it shares its
+    layers with `model`, which still takes feature maps for evaluation and saving. `arrays` are
+    (n, h, w, c) maps or (n, views, h, w, c) views; None passes through.
     """
     import keras
 
-    first = model.layers[1]
-    if not isinstance(first, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
+    pooling = spec.prepooled(options)
+    if pooling is None or len(arrays[0].shape) < 4:   # vectors (concatenated layers) are pooled already
         return model, arrays
-    reduce = np.mean if isinstance(first, keras.layers.GlobalAveragePooling2D) else np.max
-    return keras.Model(first.output, model.output), [_global_pool(x, reduce) for x in arrays]
+    layer = model.get_layer(f"pool_{pooling}")
+    return keras.Model(layer.output, model.output), [global_pool(x, pooling) for x in arrays]
 
 
 def _as_tensors(x, y):

@@ -1,15 +1,15 @@
 import numpy as np
 import pytest
 
-from featcache import backbone as bb
+from featcache import backbones as bb
 from featcache.errors import BadInputError, DownloadError, MissingInputError
-from featcache.extract import feature_shape
 
 
-@pytest.mark.parametrize("layer, size", [("block3_pool", 32), ("block2_conv2", 40), ("block5_pool", 64)])
-def test_feature_shape_matches_the_built_model(layer, size):
+@pytest.mark.parametrize("layer, size, shape", [("block3_pool", 32, (4, 4, 256)), ("block2_conv2", 40, (40 // 2, 20, 128)),
+                                                ("block5_pool", 64, (2, 2, 512))])
+def test_feature_shape_matches_the_built_model(layer, size, shape):
     model = bb.build(layer=layer, weights="random", input_size=(size, size))
-    assert model.output_shapes == [feature_shape(layer, (size, size))]
+    assert model.output_shapes == [bb.output_shapes("vgg16", (size, size))[layer]] == [shape]
     assert model.model.layers[-1].name == layer
     assert not model.model.trainable and model.model.trainable_weights == []
 
@@ -68,3 +68,80 @@ def test_imagenet_download_failure_says_offline(monkeypatch):
     monkeypatch.setattr(vgg16.file_utils, "get_file", offline)
     with pytest.raises(DownloadError, match="offline; fix: pass --weights PATH"):
         bb.build(weights="imagenet")
+
+
+@pytest.mark.parametrize("name", list(bb.BACKBONES))
+def test_every_backbone_matches_its_keras_application(name, image_folder, tmp_path):
+    """Random weights at the smallest input: layers, shapes and preprocessing equal Keras' own; a tiny
+    extraction and a head trained on it work."""
+    import importlib
+
+    import keras
+
+    from featcache.data import load_dataset
+    from featcache.extract import extract
+    from featcache.store import open_cache
+    from heads.train import train_head
+
+    spec = bb.get(name)
+    size = spec.min_input_size
+    assert spec.default_layer in spec.layers
+    shapes = bb.output_shapes(name, (size, size))
+    keras.utils.set_random_seed(0)
+    direct = spec.keras_application()(weights=None, include_top=False, input_shape=(size, size, 3))
+    assert shapes == {layer: tuple(direct.get_layer(layer).output.shape[1:]) for layer in spec.layers}
+    x = np.random.default_rng(0).integers(0, 256, (3, size, size, 3)).astype("float32")
+    keras_preprocess = importlib.import_module(spec.application.rsplit(".", 1)[0]).preprocess_input
+    np.testing.assert_array_equal(np.asarray(spec.preprocess(x.copy())), np.asarray(keras_preprocess(x.copy())))
+    path = extract(data=str(image_folder), backbone=name, weights="random", dtype="float32", cache_dir=tmp_path / "c",
+                   progress=False)   # float32: random-weight activations of some backbones underflow float16
+    cache = open_cache(path)
+    assert cache.meta.backbone == name and cache.layers == (spec.default_layer,)
+    assert (name == "vgg16") != (f"-{name}-" in path.name)   # other backbones name themselves in the file
+    assert cache.splits["train"].shapes[spec.default_layer] == (12, *shapes[spec.default_layer])
+    images = load_dataset(image_folder).train.load(0, 12, (size, size)).astype("float32")
+    cut = keras.Model(direct.input, direct.get_layer(spec.default_layer).output)
+    expected = cut.predict_on_batch(keras_preprocess(images))   # same seed, same random weights
+    cached = cache.load("train")[0].astype("float32")
+    np.testing.assert_allclose(cached, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+    result = train_head(path, runs_dir=None, progress=False, epochs=1)
+    assert 0 <= result.metrics["test_accuracy"] <= 1
+
+
+def test_unknown_backbone_lists_valid_names():
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    r = CliRunner().invoke(main, ["extract", "--backbone", "resnet", "--weights", "random"])
+    assert r.exit_code == 2 and "resnet50" in r.stderr and "convnext_tiny" in r.stderr
+    with pytest.raises(BadInputError, match=r"unknown layer 'block3_pool'; expected one of resnet50's layers: "
+                                            r"conv2_block3_out"):
+        bb.build(backbone="resnet50", layer="block3_pool", weights="random")
+
+
+def test_backbones_command_lists_layers_and_shapes():
+    import json
+
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    r = CliRunner().invoke(main, ["backbones", "vgg16", "--input-size", "64", "--json"])
+    table = json.loads(r.stdout)["vgg16"]
+    assert table["layers"]["block3_pool"] == {"shape": [8, 8, 256], "float16_bytes": 2 * 8 * 8 * 256}
+    assert table["default_layer"] == "block3_pool"
+    human = CliRunner().invoke(main, ["backbones"]).stdout
+    assert all(name in human for name in bb.BACKBONES) and "(default)" in human
+
+
+def test_imagenet_offline_names_the_local_file_for_every_backbone(monkeypatch):
+    import keras.src.utils.file_utils as file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(DownloadError, match="ResNet50 weights.*offline; fix: pass --weights PATH to a local "
+                                            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"):
+        bb.build(backbone="resnet50", weights="imagenet")

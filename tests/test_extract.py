@@ -3,7 +3,7 @@ import pytest
 
 import featcache
 from conftest import REAL_DATA, REAL_WEIGHTS, needs_shared, write_folder
-from featcache import backbone as bb
+from featcache import backbones as bb
 from featcache import store
 from featcache.data import load_dataset
 from featcache.errors import BadInputError, CacheError
@@ -176,3 +176,46 @@ def test_real_images_and_weights_match_keras(cache_dir):
         assert np.isfinite(x).all()
         np.testing.assert_allclose(x.astype(np.float32), expected[split], rtol=2e-3, atol=0.05)
     assert 1000 < c.max_abs_activation < 65504
+
+
+@needs_shared
+def test_golden_keys_of_vgg16_caches_are_unchanged():
+    """Caches written before the backbone registry and ExtractSpec (pinned from that code) stay cache hits."""
+    ds, meta = plan(data=str(REAL_DATA), weights=str(REAL_WEIGHTS), limit=300)
+    assert meta.key == "031f114c90d45bad13eb32db8e6daaf6c296469e13bc8b32f9aaa94aa0991291"
+    ds, meta = plan(data=ds, weights=str(REAL_WEIGHTS), limit=300, layer="block3_pool,block4_pool", views=2)
+    assert meta.key == "426e13e79ee1bf5abca9e20f6c780def40e4654b415074421c9c582bfdd643c4"
+    assert store.cache_filename(meta).startswith("cifar10-jpeg-block3_pool+block4_pool-426e13e79ee1")
+
+
+def test_python_api_honours_the_cache_dir_variable(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATCACHE_CACHE_DIR", str(tmp_path / "from-env"))
+    path = extract(data=str(image_folder), weights="random", limit=2, progress=False)
+    assert path.parent == tmp_path / "from-env"
+    assert extract(data=str(image_folder), weights="random", limit=2, progress=False,
+                   cache_dir=tmp_path / "given").parent == tmp_path / "given"
+
+
+def test_every_key_option_is_compared_with_a_given_cache(image_folder, cache_dir):
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])   # noqa: E731
+    path = run("extract", "--data", image_folder, "--weights", "random", "--no-progress").stdout.strip()
+    for args, field in [(["--backbone", "resnet50", "--layer", "conv4_block6_out"], "backbone"),
+                        (["--views", "2"], "views"), (["--dtype", "float32"], "dtype"), (["--limit", "2"], "limit"),
+                        (["--input-size", "40"], "input_shape"), (["--weights", "random", "--limit", "3"], "limit")]:
+        r = run("train-head", "--cache", path, *args, "--epochs", "1", "--no-progress")
+        assert r.exit_code == 2 and f"{field}: cache has" in r.stderr, (args, r.output)
+
+
+def test_units_cover_every_row_once_and_resume_from_progress():
+    from featcache.engine import Unit, units
+
+    class Meta:   # units() reads the row counts only
+        n_train, n_test = 10, 3
+
+    cut = units(Meta, shard_rows=4)
+    assert cut == [Unit("train", 0, 4), Unit("train", 4, 8), Unit("train", 8, 10), Unit("test", 0, 3)]
+    assert [u.done({"train": 8, "test": 0}) for u in cut] == [True, True, False, False]

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import featcache
 from conftest import write_folder
-from featcache import backbone as bb
+from featcache import backbones as bb
 from featcache.cli import main
 from featcache.extract import extract
 from test_extract import count_calls

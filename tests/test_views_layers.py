@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 import featcache
 from featcache import augment as aug
-from featcache import backbone as bb
+from featcache import backbones as bb
 from featcache.cli import main
 from featcache.errors import BadInputError
 from featcache.extract import extract

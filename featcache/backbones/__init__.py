@@ -1,0 +1,157 @@
+"""Frozen Keras backbones as a registry: one module per family, one line per backbone below.
+
+A `BackboneSpec` says which Keras application builds the backbone, which of its layers a cache may
+be cut at, its smallest input, its own `preprocess_input`, and the file Keras downloads for its
+ImageNet weights. Output shapes come from the model graph (built once without weights, memoised).
+`weights` is ``imagenet`` (Keras downloads the file once), a path to a no-top weights file of that
+backbone, or ``random`` (seeded initialisation, for tests; recorded as such wherever its features
+are used). TensorFlow is imported inside the functions so that importing featcache stays instant.
+
+Adding a backbone: a module with its `BackboneSpec`, and its line in `BACKBONES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import numbers
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from featcache.backbones.convnext import CONVNEXT_TINY
+from featcache.backbones.efficientnet import EFFICIENTNET_V2B0
+from featcache.backbones.mobilenet import MOBILENET_V2
+from featcache.backbones.resnet import RESNET50
+from featcache.backbones.spec import BackboneSpec
+from featcache.backbones.vgg16 import VGG16
+from featcache.errors import BadInputError, DownloadError, MissingInputError
+
+BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
+    VGG16, RESNET50, MOBILENET_V2, EFFICIENTNET_V2B0, CONVNEXT_TINY,
+)}
+DEFAULT_BACKBONE = "vgg16"
+RESIZE = "PIL bilinear, uint8"
+
+__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "BackboneSpec", "Backbone", "get", "build", "output_shapes",
+           "check_layers", "check_input_size", "weights_identity", "RESIZE"]
+
+
+def get(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise BadInputError(f"unknown backbone {name!r}; expected one of: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def check_layers(spec: BackboneSpec, layers) -> tuple[str, ...]:
+    """'a,b' or a sequence -> a tuple of distinct layer names of `spec`."""
+    names = tuple(x.strip() for x in layers.split(",")) if isinstance(layers, str) else tuple(layers)
+    if not names or len(set(names)) != len(names):
+        raise BadInputError(f"--layer must name distinct {spec.name} layers separated by commas, got {layers!r}")
+    for name in names:
+        if name not in spec.layers:
+            raise BadInputError(f"unknown layer {name!r}; expected one of {spec.name}'s layers: {', '.join(spec.layers)}")
+    return names
+
+
+def check_input_size(size, spec: BackboneSpec = VGG16):
+    if size is not None and (not isinstance(size, numbers.Integral) or isinstance(size, bool)):
+        raise BadInputError(f"--input-size must be a whole number of pixels, got {size!r}")
+    if size is not None and size < spec.min_input_size:
+        raise BadInputError(f"--input-size must be at least {spec.min_input_size} for {spec.name}, got {size}")
+    return size
+
+
+def weights_identity(weights: str, *, seed: int = 0) -> str:
+    """A string that changes whenever the weights' numbers can change (cheap: no model built)."""
+    if weights == "imagenet":
+        import keras
+
+        return f"imagenet:keras-{keras.__version__}"
+    if weights == "random":
+        return f"random:seed={seed}"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise MissingInputError(f"weights file {path} does not exist; expected 'imagenet', 'random' or the "
+                                "path of a no-top weights file of the backbone (.h5)")
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    spec: BackboneSpec
+    model: Any                     # keras.Model from the image to each of `layers`, frozen
+    layers: tuple[str, ...]
+    weights_id: str                # what the features depend on, e.g. "sha256:5ffc..." or "random:seed=0"
+    input_size: tuple[int, int]
+
+    @property
+    def output_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(t.shape[1:]) for t in self.model.outputs]
+
+    def __call__(self, images_uint8) -> list:
+        """Features of a uint8 RGB batch: one float32 numpy array per layer, in `layers` order."""
+        out = self.model.predict_on_batch(self.spec.preprocess(images_uint8.astype("float32")))
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _base(spec: BackboneSpec, weights, shape: tuple[int, int, int]):
+    """The Keras application without its top, with `weights` (None, 'imagenet' or a file path)."""
+    application = spec.keras_application()
+    if weights is None or weights == "imagenet":
+        try:
+            with contextlib.redirect_stdout(sys.stderr):   # Keras prints its download progress on stdout
+                return application(weights=weights, include_top=False, input_shape=shape)
+        except Exception as e:  # Keras' get_file raises a bare Exception on network failure
+            if weights is None:
+                raise
+            raise DownloadError(
+                f"could not download the ImageNet {spec.title} weights ({_first_line(e)}); this machine seems offline; "
+                f"fix: pass --weights PATH to a local {spec.weights_file}") from e
+    try:
+        return application(weights=str(Path(weights).expanduser()), include_top=False, input_shape=shape)
+    except (ValueError, OSError, KeyError) as e:
+        raise BadInputError(f"weights file {weights} does not fit {spec.title} without top ({_first_line(e)}); "
+                            f"expected {spec.weights_file} or a file of the same layout") from e
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().split("\n")[0][:200]
+
+
+def build(*, backbone: str = DEFAULT_BACKBONE, layer=None, weights: str = "imagenet",
+          input_size: tuple[int, int] = (32, 32), seed: int = 0) -> Backbone:
+    """The backbone without its top, frozen, with one output per layer (several layers share one pass)."""
+    import keras
+
+    spec = get(backbone)
+    layers = check_layers(spec, layer or spec.default_layer)
+    check_input_size(min(input_size), spec)
+    wid = weights_identity(weights, seed=seed)
+    shape = (*input_size, 3)
+    if weights == "random":
+        keras.utils.set_random_seed(seed)
+        base = _base(spec, None, shape)
+    else:
+        base = _base(spec, weights, shape)
+    outputs = [base.get_layer(name).output for name in layers]
+    model = keras.Model(base.input, outputs if len(outputs) > 1 else outputs[0],
+                        name=f"{spec.name}_{'_'.join(layers)}")
+    model.trainable = False
+    return Backbone(spec=spec, model=model, layers=layers, weights_id=wid, input_size=tuple(input_size))
+
+
+@functools.lru_cache(maxsize=32)
+def output_shapes(backbone: str, input_size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """{layer: output shape of one image} for every layer `backbone` offers, read off its graph."""
+    spec = get(backbone)
+    check_input_size(min(input_size), spec)
+    base = _base(spec, None, (*input_size, 3))
+    return {name: tuple(int(d) for d in base.get_layer(name).output.shape[1:]) for name in spec.layers}
+

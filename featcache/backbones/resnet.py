@@ -1,0 +1,13 @@
+"""ResNet50 (He et al., 2015); its cut points are the outputs of the four residual stages."""
+
+from featcache.backbones.spec import BackboneSpec
+
+RESNET50 = BackboneSpec(
+    name="resnet50",
+    application="keras.applications.resnet50.ResNet50",
+    layers=("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
+    default_layer="conv4_block6_out",
+    weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    preprocessing="keras.applications.resnet50.preprocess_input (caffe: RGB->BGR, minus ImageNet channel means)",
+    peak_bytes_per_pixel=4 * (3 + 64 + 3 * 64),   # the stem at half size, stage 1's 256 channels at a quarter
+)

@@ -1,0 +1,90 @@
+"""Every extraction option in one place: its default, its environment variable and its check.
+
+`ExtractSpec` is the one source for the Python API (`featcache.extract.extract(**options)`), the
+CLI (which builds its options from the fields' metadata), `check_cache` and the benchmarks. It is
+validated once, when it is made; every later step can trust it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from featcache import augment as aug
+from featcache import backbones
+from featcache.errors import BadInputError
+
+DTYPES = ("float16", "float32")
+CACHE_DIR_ENV = "FEATCACHE_CACHE_DIR"
+#: The options that decide which cache a spec leads to (its key); the others only say how to build it.
+KEY_OPTIONS = ("data", "backbone", "weights", "layer", "input_size", "dtype", "limit", "views", "augment",
+               "augment_seed")
+
+
+def _option(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    data: object = _option(
+        "cifar10", "'cifar10' (Keras download), an image folder ROOT/{train,test}/<class>/, a cifar-10-batches-py "
+        "folder or cifar-10-python.tar.gz, or an .npz (x_train, y_train, x_test, y_test).")
+    backbone: str = _option(backbones.DEFAULT_BACKBONE, "Frozen Keras backbone (`featcache backbones` lists them "
+                            "with their layers).", choices=tuple(backbones.BACKBONES))
+    weights: str = _option("imagenet", "'imagenet' (Keras download), a path to the backbone's no-top weights file "
+                           "(e.g. vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5), or 'random' (tests only; "
+                           "flagged everywhere).")
+    layer: str | None = _option(None, "Layer to cut the backbone at (default: the backbone's own, block3_pool for "
+                                "vgg16); several, comma-separated, share one forward pass and one cache file "
+                                "(train-head concatenates their pooled features; with --cache, picks these layers "
+                                "from the file).")
+    input_size: int | None = _option(None, "Resize images to NxN (N >= the backbone's minimum, 32). Default: the "
+                                     "images' own size (32 for CIFAR-10).")
+    dtype: str = _option("float16", "Storage dtype; float16 halves the file and refuses activations beyond its "
+                         "range.", choices=DTYPES)
+    limit: int | None = _option(None, "Keep only the first N images of each split, in source order (smoke tests: an "
+                                "image folder is in class order, so few classes may remain; part of the cache key). "
+                                "For a balanced subset use train-head --per-class.", min=1)
+    views: int = _option(1, "Feature views per training image: the original plus VIEWS-1 augmented copies.", min=1)
+    augment: str = _option(aug.DEFAULT_AUGMENT, "Augmentations of views 2.. (flip: horizontal flip; crop: pad 1/8 "
+                           "and random crop).")
+    augment_seed: int = _option(0, "Seed of the augmented views.")
+    skip_bad_images: bool = _option(False, "Decode every image once first and leave out those that fail (recorded "
+                                    "in the cache, shown by `info`) instead of stopping at the first.", flag=True)
+    cache_dir: str | None = _option(None, f"Cache folder [default: ${CACHE_DIR_ENV} or ./cache].", env=CACHE_DIR_ENV)
+    batch_size: int = _option(128, "Images per forward pass.", min=1, cli="extract")
+    seed: int = _option(0, "Seed of 'random' weights.", cli=False)
+
+    def __post_init__(self):
+        spec = backbones.get(self.backbone)
+        layers = backbones.check_layers(spec, self.layer or spec.default_layer)
+        set_ = lambda name, value: object.__setattr__(self, name, value)   # noqa: E731  (frozen)
+        set_("layer", ",".join(layers))
+        backbones.check_input_size(self.input_size, spec)
+        if self.dtype not in DTYPES:
+            raise BadInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name, low in (("limit", 1), ("views", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is None and name == "limit":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise BadInputError(f"--{name.replace('_', '-')} must be at least {low}, got {value!r}")
+        set_("augment", ",".join(aug.parse(self.augment)) if self.views > 1 else "")
+        if self.views == 1:
+            set_("augment_seed", 0)
+        if self.cache_dir is None:
+            set_("cache_dir", os.environ.get(CACHE_DIR_ENV) or "cache")
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self.layer.split(","))
+
+    @property
+    def backbone_spec(self) -> backbones.BackboneSpec:
+        return backbones.get(self.backbone)
+
+
+def options() -> list:
+    """The dataclass fields of ExtractSpec, in order (what the CLI turns into options)."""
+    return list(fields(ExtractSpec))
