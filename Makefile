@@ -53,8 +53,8 @@ study: install ## the accuracy study: input size x layer x views x head, chosen 
 	$(BIN)/python bench/study.py --data "$(DATA)" --weights "$(WEIGHTS)" --cache-dir $(CACHE_DIR) \
 		--runs-dir $(RUNS_DIR)/study
 
-test: install ## run the test suite (a few minutes on 2 cores)
-	$(BIN)/pytest -q
+test: install ## run the test suite in two processes (under 2 minutes on 2 cores)
+	$(BIN)/pytest -q -n 2
 
 clean: ## remove caches, runs and build leftovers (keeps .venv)
 	if [ -d "$(CACHE_DIR)" ]; then find "$(CACHE_DIR)" -mindepth 1 ! -name .gitignore -delete; fi
