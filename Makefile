@@ -9,11 +9,13 @@ SHARED   := ../shared
 DATA     ?= $(if $(wildcard $(SHARED)/datasets/cifar10-jpeg),$(SHARED)/datasets/cifar10-jpeg,cifar10)
 WEIGHTS  ?= $(if $(wildcard $(SHARED)/weights/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5),$(SHARED)/weights/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5,imagenet)
 LAYER    ?= block3_pool
+# Compute precision of the backbone: float32 (default), bfloat16, float16, or auto (what this machine runs fastest)
+PRECISION ?= float32
 CACHE_DIR ?= cache
 EXTRACT_ARGS ?=
 RUNS_DIR ?= runs
 BASELINE_EPOCHS ?= 10
-SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER)
+SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER) --precision $(PRECISION)
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 .DEFAULT_GOAL := help
@@ -21,7 +23,7 @@ export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: DATA=$(DATA) WEIGHTS=$(WEIGHTS) LAYER=$(LAYER) CACHE_DIR=$(CACHE_DIR)"
+	@echo "  variables: DATA=$(DATA) WEIGHTS=$(WEIGHTS) LAYER=$(LAYER) PRECISION=$(PRECISION) CACHE_DIR=$(CACHE_DIR)"
 
 install: $(VENV)/.installed ## create .venv and install featcache with its dev tools
 

@@ -139,6 +139,7 @@ def _selection(kw: dict) -> dict:
 @main.command()
 @selection_options
 @_spec_option(spec_field("batch_size"))
+@_spec_option(spec_field("decode_workers"))
 @click.option("--force", is_flag=True, help="Recompute even if a matching cache exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extract(force, no_progress, **kw):
@@ -212,7 +213,7 @@ def info(path, as_json):
         f"fingerprint   {m.dataset_fingerprint[:16]}...",
         f"backbone      {m.backbone} -> {m.layer}, input {m.input_shape}",
         f"weights       {m.weights} ({m.weights_source})" + ("   RANDOM WEIGHTS: not ImageNet features" if m.random_weights else ""),
-        f"preprocessing {m.preprocessing}; resize {m.resize}",
+        f"preprocessing {m.preprocessing}; resize {m.resize}; computed in {m.precision}",
         *(f"features      {layer}: {m.dtype}, train {c.splits['train'].shapes[layer]}, "
           f"test {c.splits['test'].shapes[layer]}" for layer in m.layers),
         f"views         {m.views} per training image" + (f" (augment {m.augment}, seed {m.augment_seed})"

@@ -3,12 +3,13 @@
 A unit is a shard of rows of one split (`Unit(split, start, stop)`); `units()` cuts a cache's
 rows into them. A unit is done when the file says so: its split's `/progress` has reached the
 unit's last row. The local engine runs the units of one file in order in this process, decoding
-the next batch in a background thread while the model runs, and writing each batch as soon as it
+the next batches in worker threads while the model runs, and writing each batch as soon as it
 is computed; a later engine can hand units to other processes or machines.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
 import time
@@ -51,7 +52,7 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
     from tqdm import tqdm
 
     model = backbones.build(backbone=meta.backbone, layer=meta.layers, weights=spec.weights,
-                            input_size=meta.input_shape[:2], seed=spec.seed)
+                            input_size=meta.input_shape[:2], seed=spec.seed, precision=meta.precision)
     assert model.output_shapes == list(meta.shapes.values()), model.output_shapes
     if start is None:
         f = store.create(partial, meta, labels={"train": ds.train.labels, "test": ds.test.labels},
@@ -82,11 +83,14 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
     peak = _peak(f, meta, start, spec.batch_size)
     t0, n = time.perf_counter(), 0
     try:
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(load, batches[0]) if batches else None
+        with ThreadPoolExecutor(spec.decode_workers) as pool:
+            # `decode_workers` batches decode ahead, in their own threads (PIL releases the GIL); results are
+            # taken in order, so rows are written in order and at most that many batches wait in memory
+            ahead = collections.deque(pool.submit(load, b) for b in batches[:spec.decode_workers])
             for k, (name, s, e) in enumerate(batches):
-                images, views = pending.result()
-                pending = pool.submit(load, batches[k + 1]) if k + 1 < len(batches) else None
+                images, views = ahead.popleft().result()
+                if k + spec.decode_workers < len(batches):
+                    ahead.append(pool.submit(load, batches[k + spec.decode_workers]))
                 peak = max(peak, _write_batch(f, meta, model, name, s, e, images, views))
                 n += passes(name, e - s)
                 bar.update(passes(name, e - s))

@@ -56,7 +56,14 @@ def plan(spec: ExtractSpec | None = None, **options) -> tuple[Dataset, store.Cac
         dataset_fingerprint=ds.fingerprint, limit=ds.limit or 0, n_train=len(ds.train), n_test=len(ds.test),
         versions=_versions(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         views=spec.views, augment=spec.augment, augment_seed=spec.augment_seed,
-        skipped_images=tuple(tuple(x) for x in ds.skipped))
+        skipped_images=tuple(tuple(x) for x in ds.skipped), precision=_precision(spec.precision))
+
+
+def _precision(asked: str) -> str:
+    chosen = backbones.resolve_precision(asked)
+    if asked == "auto":
+        log.info("--precision auto: computing in %s on this machine", chosen)
+    return chosen
 
 
 def expected_bytes(meta: store.CacheMeta) -> int:
@@ -136,6 +143,8 @@ def check_cache(path: str | Path, **given) -> store.FeatureCache:
         wanted["input_shape"] = (given["input_size"], given["input_size"], 3)
     if "dtype" in given:
         wanted["dtype"] = given["dtype"]
+    if "precision" in given:
+        wanted["precision"] = backbones.resolve_precision(given["precision"])
     if "views" in given:
         wanted["views"] = spec.views
     if "augment" in given and spec.views > 1:

@@ -41,7 +41,7 @@ SPLITS = ("train", "test")
 KEY_FIELDS = ("format_version", "backbone", "layer", "weights", "input_shape", "dtype",
               "dataset_fingerprint", "limit")
 #: Key fields added later: left out of the key at their default, so older caches keep their names.
-OPTIONAL_KEY_FIELDS = {"views": 1, "augment": "", "augment_seed": 0}
+OPTIONAL_KEY_FIELDS = {"views": 1, "augment": "", "augment_seed": 0, "precision": "float32"}
 _JSON_FIELDS = ("input_shape", "feature_shape", "versions", "skipped_images")
 _MAX_CHUNK_BYTES = 1 << 20
 
@@ -71,6 +71,7 @@ class CacheMeta:
     augment: str = ""          # augmentations of views 1.., e.g. "flip,crop"
     augment_seed: int = 0
     skipped_images: tuple = ()  # (file, reason) of unreadable images left out by --skip-bad-images
+    precision: str = "float32"  # compute precision of the backbone (float32, bfloat16, float16)
 
     @property
     def format_version(self) -> int:

@@ -219,3 +219,39 @@ def test_units_cover_every_row_once_and_resume_from_progress():
     cut = units(Meta, shard_rows=4)
     assert cut == [Unit("train", 0, 4), Unit("train", 4, 8), Unit("train", 8, 10), Unit("test", 0, 3)]
     assert [u.done({"train": 8, "test": 0}) for u in cut] == [True, True, False, False]
+
+
+def test_precision_is_part_of_the_key_and_close_to_float32(image_folder, cache_dir):
+    import featcache.backbones as registry
+
+    f32 = extract(data=str(image_folder), weights="random", dtype="float32", progress=False)
+    bf16 = extract(data=str(image_folder), weights="random", dtype="float32", precision="bfloat16", progress=False)
+    assert f32 != bf16 and featcache.open_cache(bf16).meta.precision == "bfloat16"
+    assert featcache.open_cache(f32).meta.key_fields().get("precision") is None   # float32 keys as before
+    a, b = featcache.open_cache(f32).load("train")[0], featcache.open_cache(bf16).load("train")[0]
+    assert 0 < np.abs(a - b).max() <= 2e-2 * np.abs(a).max()   # bfloat16 keeps 8 bits of mantissa
+    with pytest.raises(featcache.BadInputError, match="--precision must be one of float32, bfloat16, float16, auto"):
+        extract(data=str(image_folder), weights="random", precision="fp8", progress=False)
+    assert registry.resolve_precision("float16") == "float16"
+
+
+@pytest.mark.parametrize("flags, gpus, chosen", [({"avx2", "avx512f"}, [], "float32"),
+                                                 ({"avx512f", "avx512_bf16"}, [], "bfloat16"),
+                                                 ({"amx_bf16"}, [], "bfloat16"),
+                                                 (set(), [(7, 0)], "float16"), (set(), [(9, 0)], "bfloat16"),
+                                                 ({"avx512_bf16"}, [(6, 1)], "float32")])
+def test_auto_precision_follows_the_hardware(monkeypatch, flags, gpus, chosen):
+    import featcache.backbones as registry
+
+    monkeypatch.setattr(registry, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(registry, "gpu_compute_capabilities", lambda: gpus)
+    assert registry.resolve_precision("auto") == chosen
+
+
+def test_decode_workers_keep_row_order(image_folder, tmp_path):
+    one = extract(data=str(image_folder), weights="random", decode_workers=1, batch_size=2,
+                  cache_dir=tmp_path / "a", progress=False)
+    three = extract(data=str(image_folder), weights="random", decode_workers=3, batch_size=2,
+                    cache_dir=tmp_path / "b", progress=False)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(featcache.open_cache(one).load(split)[0], featcache.open_cache(three).load(split)[0])

@@ -35,8 +35,8 @@ BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
 DEFAULT_BACKBONE = "vgg16"
 RESIZE = "PIL bilinear, uint8"
 
-__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "BackboneSpec", "Backbone", "get", "build", "output_shapes",
-           "check_layers", "check_input_size", "weights_identity", "RESIZE"]
+__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "PRECISIONS", "BackboneSpec", "Backbone", "get", "build",
+           "output_shapes", "check_layers", "check_input_size", "weights_identity", "resolve_precision", "RESIZE"]
 
 
 def get(name: str) -> BackboneSpec:
@@ -83,6 +83,52 @@ def weights_identity(weights: str, *, seed: int = 0) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
+PRECISIONS = ("float32", "bfloat16", "float16", "auto")
+#: Keras dtype policy of each compute precision: weights stay float32, layers compute in the named type.
+_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this machine's CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def gpu_compute_capabilities() -> list[tuple[int, int]]:
+    """(major, minor) compute capability of each GPU TensorFlow sees."""
+    import tensorflow as tf
+
+    caps = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        cap = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if cap:
+            caps.append(tuple(cap))
+    return caps
+
+
+def resolve_precision(precision: str) -> str:
+    """The compute precision to use: `precision` itself, or for "auto" what this machine runs fastest.
+
+    auto: bfloat16 on GPUs that have bfloat16 tensor cores (compute capability 8.0 and up) and on
+    CPUs with native bfloat16 instructions (AVX512_BF16 or AMX); float16 on older GPUs with float16
+    tensor cores (7.x); float32 otherwise.
+    """
+    if precision not in PRECISIONS:
+        raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    caps = gpu_compute_capabilities()
+    if caps:
+        best = min(caps)
+        return "bfloat16" if best >= (8, 0) else "float16" if best >= (7, 0) else "float32"
+    return "bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
 @dataclass(frozen=True)
 class Backbone:
     spec: BackboneSpec
@@ -96,9 +142,12 @@ class Backbone:
         return [tuple(t.shape[1:]) for t in self.model.outputs]
 
     def __call__(self, images_uint8) -> list:
-        """Features of a uint8 RGB batch: one float32 numpy array per layer, in `layers` order."""
+        """Features of a uint8 RGB batch: one float32 numpy array per layer, in `layers` order
+        (computed in the backbone's precision, returned as float32)."""
+        import numpy as np
+
         out = self.model.predict_on_batch(self.spec.preprocess(images_uint8.astype("float32")))
-        return list(out) if isinstance(out, (list, tuple)) else [out]
+        return [np.asarray(o, np.float32) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 def _base(spec: BackboneSpec, weights, shape: tuple[int, int, int]):
@@ -126,20 +175,27 @@ def _first_line(e: Exception) -> str:
 
 
 def build(*, backbone: str = DEFAULT_BACKBONE, layer=None, weights: str = "imagenet",
-          input_size: tuple[int, int] = (32, 32), seed: int = 0) -> Backbone:
-    """The backbone without its top, frozen, with one output per layer (several layers share one pass)."""
+          input_size: tuple[int, int] = (32, 32), seed: int = 0, precision: str = "float32") -> Backbone:
+    """The backbone without its top, frozen, with one output per layer (several layers share one pass),
+    computing in `precision` (float32, or bfloat16/float16 with float32 weights: Keras mixed precision)."""
     import keras
 
     spec = get(backbone)
     layers = check_layers(spec, layer or spec.default_layer)
     check_input_size(min(input_size), spec)
+    precision = resolve_precision(precision)
     wid = weights_identity(weights, seed=seed)
     shape = (*input_size, 3)
-    if weights == "random":
-        keras.utils.set_random_seed(seed)
-        base = _base(spec, None, shape)
-    else:
-        base = _base(spec, weights, shape)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(_POLICIES[precision])
+    try:
+        if weights == "random":
+            keras.utils.set_random_seed(seed)
+            base = _base(spec, None, shape)
+        else:
+            base = _base(spec, weights, shape)
+    finally:
+        keras.config.set_dtype_policy(previous)
     outputs = [base.get_layer(name).output for name in layers]
     model = keras.Model(base.input, outputs if len(outputs) > 1 else outputs[0],
                         name=f"{spec.name}_{'_'.join(layers)}")
