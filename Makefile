@@ -19,7 +19,7 @@ SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER) --precision 
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 .DEFAULT_GOAL := help
-.PHONY: help install extract heads curve bench study test clean
+.PHONY: help install extract heads curve bench bench-gpu study test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -47,9 +47,13 @@ heads: extract ## train the reference head (gap, flatten), a linear probe, the A
 curve: extract ## data-efficiency curve (default head vs linear probe, 5..1000 images per class and all); writes docs/curve.*
 	d=$$($(BIN)/featcache -q curve $(SELECT) --runs-dir $(RUNS_DIR)) && cp "$$d"/curve.json "$$d"/curve.md "$$d"/curve.png docs/
 
-bench: extract ## measure speed, size and memory side by side; writes docs/benchmarks.{md,json} (7-15 min)
+bench: extract ## measure speed, size, memory, precision and decoding side by side; writes docs/benchmarks*.md, .json (~25 min)
 	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
+	$(BIN)/python bench/precision.py --data "$(DATA)" --weights "$(WEIGHTS)"
+
+bench-gpu: install ## extraction img/s on the accelerator: 32/224 px, float32 and auto precision (< 5 min); docs/benchmarks-gpu.*
+	$(BIN)/python bench/gpu.py
 
 study: install ## the accuracy study: input size x layer x views x head, chosen on validation (42 min with caches, 3.5 h without)
 	$(BIN)/python bench/study.py --data "$(DATA)" --weights "$(WEIGHTS)" --cache-dir $(CACHE_DIR) \

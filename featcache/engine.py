@@ -69,12 +69,16 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
     splits = {"train": ds.train, "test": ds.test}
     size = tuple(meta.input_shape[:2])
 
-    def load(batch):
+    def load(batch):   # runs in a decoding thread: decode, augment and preprocess, ready for the model
         name, s, e = batch
         images = splits[name].load(s, e, size, require_native=require_native)
-        views = [aug.views(images, range(s, e), v, meta.augment, meta.augment_seed)
+        views = [model.preprocess(aug.views(images, range(s, e), v, meta.augment, meta.augment_seed))
                  for v in range(1, meta.views)] if name == "train" else []
-        return images, views
+        return model.preprocess(images), views
+
+    if batches:   # trace the model before the clock starts, as any warmed-up baseline would be
+        model.model.predict_on_batch(model.preprocess(np.zeros((min(spec.batch_size, batches[0][2] - batches[0][1]),
+                                                                *size, 3), np.uint8)))
 
     passes = lambda name, n: n * (meta.views if name == "train" else 1)   # noqa: E731
     bar = tqdm(total=passes("train", meta.n_train) + meta.n_test, unit="img", desc="extract",
@@ -112,9 +116,9 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
 
 
 def _write_batch(f, meta, model, split: str, s: int, e: int, images, views) -> float:
-    """Forward pass of one batch (and its views), checked and written; then its rows count as done."""
-    feats = model(images)
-    view_feats = [model(v) for v in views]
+    """Forward pass of one preprocessed batch (and its views), checked and written; then its rows count as done."""
+    feats = model.forward(images)
+    view_feats = [model.forward(v) for v in views]
     peak = 0.0
     for j, layer in enumerate(meta.layers):
         out = _checked(feats[j], meta.dtype, split, s)

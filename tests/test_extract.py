@@ -70,7 +70,7 @@ def test_second_run_is_a_cache_hit_and_force_recomputes(image_folder, cache_dir,
 
 def count_calls(monkeypatch, stop_after=None):
     calls = []
-    original = bb.Backbone.__call__
+    original = bb.Backbone.forward
 
     def counted(self, images):
         if stop_after is not None and len(calls) == stop_after:
@@ -78,7 +78,7 @@ def count_calls(monkeypatch, stop_after=None):
         calls.append(len(images))
         return original(self, images)
 
-    monkeypatch.setattr(bb.Backbone, "__call__", counted)
+    monkeypatch.setattr(bb.Backbone, "forward", counted)
     return calls
 
 
@@ -105,7 +105,7 @@ def test_interrupted_run_resumes_without_recomputing(image_folder, tmp_path, mon
 
 
 def test_float16_overflow_is_refused_not_stored_as_inf(image_folder, cache_dir, monkeypatch):
-    monkeypatch.setattr(bb.Backbone, "__call__", lambda self, x: [np.full((len(x), 4, 4, 256), 7e4, np.float32)])
+    monkeypatch.setattr(bb.Backbone, "forward", lambda self, x: [np.full((len(x), 4, 4, 256), 7e4, np.float32)])
     with pytest.raises(BadInputError, match=r"activations reach 7e\+04, beyond float16.*--dtype float32"):
         extract(data=image_folder, weights="random", cache_dir=cache_dir, progress=False)
     assert [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == []

@@ -141,13 +141,20 @@ class Backbone:
     def output_shapes(self) -> list[tuple[int, ...]]:
         return [tuple(t.shape[1:]) for t in self.model.outputs]
 
-    def __call__(self, images_uint8) -> list:
-        """Features of a uint8 RGB batch: one float32 numpy array per layer, in `layers` order
+    def preprocess(self, images_uint8):
+        """The backbone's own preprocessing of a uint8 RGB batch (float32 out); thread-safe numpy."""
+        return self.spec.preprocess(images_uint8.astype("float32"))
+
+    def forward(self, preprocessed) -> list:
+        """Features of a preprocessed batch: one float32 numpy array per layer, in `layers` order
         (computed in the backbone's precision, returned as float32)."""
         import numpy as np
 
-        out = self.model.predict_on_batch(self.spec.preprocess(images_uint8.astype("float32")))
+        out = self.model.predict_on_batch(preprocessed)
         return [np.asarray(o, np.float32) for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+    def __call__(self, images_uint8) -> list:
+        return self.forward(self.preprocess(images_uint8))
 
 
 def _base(spec: BackboneSpec, weights, shape: tuple[int, int, int]):
