@@ -248,7 +248,8 @@ class UnitsType(click.ParamType):
 def training_options(f):
     """The options of heads.train.TrainConfig, shared by `train-head` and `train-baseline`."""
     options = [
-        click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True),
+        click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True,
+                     help="Most epochs to train; early stopping usually ends sooner."),
         click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
                      help="Early stopping: epochs without a better validation loss (best weights restored); never "
                           "before 200 optimiser steps."),
@@ -314,7 +315,7 @@ def _caches(ctx, cache_paths, selection: dict, *, progress: bool):
 @selection_options
 @subset_options
 @click.option("--head", type=click.Choice(HEADS), default="dense", show_default=True,
-              help="dense: pooling -> BatchNorm -> Dense(units) -> Dropout -> softmax; linear: a linear probe "
+              help="dense: pooling -> standardise -> BatchNorm -> Dense(units) -> Dropout -> softmax; linear: a linear probe "
                    "(logistic regression solved by L-BFGS, L2 strength chosen on validation); "
                    "conv: BatchNorm -> 1x1 Conv(filters) -> Flatten -> Dense(units) -> softmax.")
 @click.option("--filters", type=click.IntRange(min=1), default=128, show_default=True, help="conv head only.")
@@ -325,7 +326,8 @@ def _caches(ctx, cache_paths, selection: dict, *, progress: bool):
               help="Dense layer sizes of the dense and conv heads.")
 @click.option("--pooling", type=click.Choice(POOLINGS), default="gap", show_default=True,
               help="How feature maps become vectors: global average, flatten, or global max.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="Dropout rate before the classifier (dense and conv heads).")
 @click.option("--no-batchnorm", is_flag=True, help="Leave out the dense head's BatchNormalization.")
 @training_options
 @click.pass_context
@@ -359,7 +361,8 @@ def train_head(ctx, cache_paths, per_class, subset_seed, head, filters, views_mo
               help="Seeded subsets per size (mean and standard deviation are reported).")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
               show_default=True, help="Share of each subset held out for validation (at least one per class).")
-@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Most epochs of each dense-head run; early stopping usually ends sooner.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True,
               help="The curve's folder is created in here.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

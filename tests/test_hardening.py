@@ -112,7 +112,8 @@ def test_version():
 
 def test_help_explains_every_training_option():
     text = run("train-head", "--help").stdout
-    for option in ("--seed", "--pooling", "--runs-dir", "--batch-size", "--per-class", "--subset-seed"):
+    for option in ("--seed", "--pooling", "--runs-dir", "--batch-size", "--per-class", "--subset-seed", "--dropout",
+                   "--epochs", "--precision", "--backbone"):
         block = text.split("\n  " + option, 1)[1].split("\n  --", 1)[0]
         assert len(block.split()) > 4, option   # more than a type and a default
 
