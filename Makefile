@@ -36,9 +36,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 extract: install ## cache VGG16 features of DATA at LAYER (a second run is an instant cache hit)
 	$(BIN)/featcache extract $(SELECT) $(EXTRACT_ARGS)
 
-heads: extract ## train the reference head (gap, flatten), a linear probe, the ANN and CNN baselines; print the table
-	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name dense-gap
-	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name dense-flatten --pooling flatten
+heads: extract ## train the default head, the reference head (gap, flatten), a linear probe, the ANN and CNN baselines; print the table
+	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name default
+	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name dense-gap --head dense
+	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name dense-flatten --head dense --pooling flatten
 	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name linear --head linear
 	$(BIN)/featcache train-baseline ann --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name ann
 	$(BIN)/featcache train-baseline cnn --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name cnn

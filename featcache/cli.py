@@ -16,7 +16,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from heads.builders import BASELINES, HEADS, POOLINGS
-from heads.train import VIEWS_MODES
+from heads.train import AUTO, VIEWS_MODES
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's start-up chatter off stderr
 
@@ -314,9 +314,11 @@ def _caches(ctx, cache_paths, selection: dict, *, progress: bool):
 @cache_option
 @selection_options
 @subset_options
-@click.option("--head", type=click.Choice(HEADS), default="dense", show_default=True,
-              help="dense: pooling -> standardise -> BatchNorm -> Dense(units) -> Dropout -> softmax; linear: a linear probe "
-                   "(logistic regression solved by L-BFGS, L2 strength chosen on validation); "
+@click.option("--head", type=click.Choice((AUTO, *HEADS)), default=AUTO, show_default=True,
+              help="auto: the dense head or the linear probe, whichever has the lower validation loss (the "
+                   "probe wins on small splits); dense: pooling -> standardise -> BatchNorm -> Dense(units) -> "
+                   "Dropout -> softmax; linear: a linear probe (logistic regression solved by L-BFGS, L2 strength "
+                   "chosen on validation); "
                    "conv: BatchNorm -> 1x1 Conv(filters) -> Flatten -> Dense(units) -> softmax.")
 @click.option("--filters", type=click.IntRange(min=1), default=128, show_default=True, help="conv head only.")
 @click.option("--views-mode", type=click.Choice(VIEWS_MODES), default="sample",

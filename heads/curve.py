@@ -21,7 +21,7 @@ from featcache.errors import BadInputError
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (5, 10, 25, 50, 100, 250, 500, 1000, None)   # None: the whole training split
-CURVE_HEADS = ("dense", "linear")
+CURVE_HEADS = ("auto", "linear")   # the default head (dense or probe, chosen on validation) and the probe
 
 
 def parse_sizes(text: str) -> tuple[int | None, ...]:
@@ -78,7 +78,7 @@ def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: in
                 m = train(data, config, runs_dir=None, progress=False).metrics
                 rows.append({"per_class": n, "repeat": r, "head": head, "n_train": m["n_train"], "n_val": m["n_val"],
                              "val_accuracy": m["val_accuracy"], "val_loss": m["val_loss"],
-                             "test_accuracy": m["test_accuracy"],
+                             "test_accuracy": m["test_accuracy"], "chosen": m.get("chosen"),
                              "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"], "C": m.get("C"),
                              "seconds": m["seconds"]})
                 bar.update(1)
@@ -105,16 +105,22 @@ def summarise(rows: list[dict], heads) -> list[dict]:
             acc = np.array([r["test_accuracy"] for r in rows if r["per_class"] == n and r["head"] == head])
             row[head] = {"mean": float(acc.mean()), "std": float(acc.std()), "n": len(acc)}
         row["n_train"] = next(r["n_train"] for r in rows if r["per_class"] == n)
+        chosen = [r["chosen"] for r in rows if r["per_class"] == n and r.get("chosen")]
+        if chosen:
+            row["auto_chose"] = {name: chosen.count(name) for name in dict.fromkeys(chosen)}
         out.append(row)
     return out
 
 
 def format_curve(summary: list[dict], heads, repeats: int, n_test: int) -> str:
-    head = ["images per class", "training rows"] + [f"{h} test acc" for h in heads]
+    chose = any("auto_chose" in row for row in summary)
+    head = ["images per class", "training rows"] + [f"{h} test acc" for h in heads] + (["auto chose"] if chose else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary:
         cells = [str(row["per_class"]), str(row["n_train"])]
         cells += [f"{row[h]['mean']:.4f} ± {row[h]['std']:.4f}" for h in heads]
+        if chose:
+            cells.append(", ".join(f"{name} x{k}" for name, k in row.get("auto_chose", {}).items()))
         lines.append("| " + " | ".join(cells) + " |")
     return ("\n".join(lines) + f"\n\nMean ± standard deviation over {repeats} seeded subsets; test accuracy on the "
             f"whole held-out test split ({n_test} images), measured once per run. Training rows exclude the "
@@ -131,7 +137,8 @@ def plot_curve(summary: list[dict], heads, path: Path, n_classes: int, n_train_s
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for head in heads:
         ax.errorbar(x, [r[head]["mean"] for r in summary], yerr=[r[head]["std"] for r in summary], marker="o",
-                    capsize=3, label={"dense": "default head (dense)", "linear": "linear probe (L-BFGS)"}.get(head, head))
+                    capsize=3, label={"auto": "default head (auto: dense or probe on validation)",
+                                      "dense": "dense head", "linear": "linear probe (L-BFGS)"}.get(head, head))
     ax.set_xscale("log")
     ax.set_xlabel("training images per class (log scale; last point: whole split)")
     ax.set_ylabel("test accuracy")

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 #: Inverse L2 strengths tried, weakest regularisation last (warm-started in this order).
 C_GRID = tuple(float(c) for c in np.logspace(-4, 1, 11))
 MAX_ITER = 1000
+#: The path stops once validation loss has risen this many strengths in a row past its best: the weakly
+#: regularised end is the slowest to solve, and validation loss along the path has one minimum.
+PATIENCE = 2
 
 
 def fit_linear_probe(model, x_train, y_train, x_val, y_val, *, n_classes: int, seed: int = 0) -> dict:
@@ -52,6 +55,8 @@ def fit_linear_probe(model, x_train, y_train, x_val, y_val, *, n_classes: int, s
         history["seconds"].append(time.perf_counter() - t0)
         if best is None or history["val_loss"][-1] < history["val_loss"][best[0]]:
             best = (len(history["C"]) - 1, coef, intercept)
+        elif len(history["C"]) - 1 - best[0] >= PATIENCE:
+            break
     history["best"], coef, intercept = best
     model.get_layer("classes").set_weights([coef.T.astype(np.float32), intercept.astype(np.float32)])
     return history

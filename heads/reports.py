@@ -127,10 +127,11 @@ def _row(run: Path) -> dict:
     opts = {"dense": f"{c['pooling']} bn={'on' if c['batchnorm'] else 'off'} units={units} drop={c['dropout']}",
             "linear": f"{c['pooling']}", "cnn": f"drop={c['dropout']}",
             "conv": f"filters={c.get('filters')} units={units} drop={c['dropout']}",
-            }.get(c["model"], "")
+            }.get(m.get("chosen", c["model"]), "")
     if m.get("n_views", 1) > 1:
         opts += f" views={m['n_views']} ({c.get('views_mode')})"
-    return {"run": run.parent.name, "model": c["model"], "options": opts, "data": _data_label(c),
+    model = f"auto ({m['chosen']})" if c["model"] == "auto" else c["model"]
+    return {"run": run.parent.name, "model": model, "options": opts, "data": _data_label(c),
             "epochs": f"C={m['C']:.3g}" if "C" in m else f"{m['epochs_run']}/{m['best_epoch']}",
             "val_accuracy": float(m["val_accuracy"]), "test_accuracy": float(m["test_accuracy"]),
             "seconds": float(m["seconds"]), "seconds_per_epoch": float(m["seconds_per_epoch"]),

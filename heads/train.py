@@ -29,9 +29,14 @@ MIN_STEPS_PER_EPOCH = 8
 MIN_STEPS = 200
 
 
+#: The default head: the reference dense head or the linear probe, whichever has the lower validation loss.
+AUTO = "auto"
+AUTO_CANDIDATES = ("dense", "linear")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "dense"
+    model: str = "dense"              # a name of heads.builders.MODELS, or AUTO
     units: tuple[int, ...] = (400, 256, 256)
     pooling: str = "gap"
     batchnorm: bool = True
@@ -56,7 +61,8 @@ class TrainConfig:
             object.__setattr__(self, "units", tuple(int(p) for p in parts))
         object.__setattr__(self, "units", tuple(self.units))
         checks = [
-            (self.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {self.model!r}"),
+            (self.model in MODELS or self.model == AUTO,
+             f"model must be one of {', '.join((AUTO, *MODELS))}, got {self.model!r}"),
             (len(self.units) > 0 and all(isinstance(u, int) and u > 0 for u in self.units),
              f"--units must be positive integers like 400,256,256, got {self.units}"),
             (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
@@ -77,8 +83,10 @@ class TrainConfig:
                 raise BadInputError(message)
 
     @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else MODELS[self.model].lr
+    def learning_rate(self) -> float | None:
+        if self.lr is not None:
+            return self.lr
+        return MODELS[self.model].lr if self.model in MODELS else None
 
 
 @dataclass
@@ -247,18 +255,34 @@ def split_indices(y: np.ndarray, val_fraction: float, seed: int, class_names=Non
     return np.setdiff1d(idx, va), va
 
 
+@dataclass
+class _Fitted:
+    config: TrainConfig
+    model: object
+    history: dict
+    best: int
+    seconds: float
+
+    @property
+    def val_loss(self) -> float:
+        return float(self.history["val_loss"][self.best])
+
+
 def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str | Path | None = "runs",
           progress: bool = True) -> RunResult:
     """Train `config.model` on `data`, evaluate once on the test split, and record the run.
 
-    With `config.per_class`, training and validation use that many training images per class
-    only. With `runs_dir=None` nothing is written (the result still carries metrics and model).
+    With `config.model == "auto"` the reference dense head and the linear probe are both fitted on
+    the same training rows and the one with the lower validation loss is kept (and alone sees the
+    test split). With `config.per_class`, training and validation use that many training images per
+    class only. With `runs_dir=None` nothing is written (the result still carries metrics and model).
     """
     import keras
 
-    spec = MODELS[config.model]
-    if spec.input != data.kind:
-        raise BadInputError(f"model {config.model!r} trains on {spec.input}, but the data holds {data.kind}")
+    candidates = [replace(config, model=m) for m in AUTO_CANDIDATES] if config.model == AUTO else [config]
+    for c in candidates:
+        if MODELS[c.model].input != data.kind:
+            raise BadInputError(f"model {c.model!r} trains on {MODELS[c.model].input}, but the data holds {data.kind}")
     if data.random_weights:
         log.warning("WARNING: these features come from RANDOM backbone weights, not ImageNet")
     if runs_dir is not None:
@@ -267,44 +291,59 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
         check_runs_dir(runs_dir)   # before training, not after it
     if config.per_class is not None:
         data = subset(data, config.per_class, config.subset_seed)
-    keras.utils.set_random_seed(config.seed)
     tr, va = split_indices(data.y_train, config.val_fraction, config.seed, data.class_names)
-    n_classes = len(data.class_names)
-    options = {k: getattr(config, k) for k in spec.options}
-    model = spec.build(data.x_train.shape[1:], n_classes, **options)
-    fit_model, (x_fit, views_fit) = _fixed_pooling_split(model, spec, options, [data.x_train, data.x_views])
-    _set_standardisation(fit_model, x_fit, tr)
+    fits = []
+    for c in candidates:
+        keras.utils.set_random_seed(c.seed)
+        fits.append(_fit(data, c, tr, va, progress))
+    chosen = min(fits, key=lambda fit: fit.val_loss)   # validation only: the test split plays no part
     n_views = data.n_views if config.views_mode != "original" else 1
-    t0 = time.perf_counter()
-    if spec.optimizer == "lbfgs":
-        history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, tr, va, n_classes,
-                             config.seed)
-    else:
-        history = _fit_keras(fit_model, spec, config, x_fit, views_fit, data.y_train, tr, va, n_views, progress)
-    best = history.pop("best")
-    fit_seconds = time.perf_counter() - t0
+    history, best, model = chosen.history, chosen.best, chosen.model
     probs = predict(model, data.x_test, config.batch_size)    # the one and only look at the test split
     metrics = _metrics(probs, data.y_test, data.class_names)
     metrics.update(
-        val_accuracy=float(history["val_accuracy"][best]), val_loss=float(history["val_loss"][best]),
+        val_accuracy=float(history["val_accuracy"][best]), val_loss=chosen.val_loss,
         best_epoch=best + 1, epochs_run=len(history["val_loss"]), n_train=len(tr), n_val=len(va),
-        n_test=len(data.y_test), seconds=round(fit_seconds, 3),
+        n_test=len(data.y_test), seconds=round(sum(fit.seconds for fit in fits), 3),
         seconds_per_epoch=round(float(np.mean(history["seconds"])), 4), random_weights=data.random_weights,
         params=int(model.count_params()), n_views=n_views)
     if "C" in history:
         metrics["C"] = history["C"][best]
     else:
         metrics["batch_size"] = history["batch_size"]
+    if config.model == AUTO:
+        metrics["chosen"] = chosen.config.model
+        metrics["candidates"] = {fit.config.model: {"val_loss": fit.val_loss, "seconds": round(fit.seconds, 3),
+                                                    "val_accuracy": float(fit.history["val_accuracy"][fit.best])}
+                                 for fit in fits}
     result = RunResult(None, config, metrics, history, model)
     if runs_dir is not None:
         from heads.reports import write_run
 
         result.run_dir = write_run(Path(runs_dir), result, data)
     log.info("%s: val accuracy %.4f (best %s of %d), test accuracy %.4f, %.1f s",
-             config.name or config.model, metrics["val_accuracy"],
-             f"C={metrics['C']:.3g}" if "C" in metrics else f"epoch {metrics['best_epoch']}",
-             metrics["epochs_run"], metrics["test_accuracy"], fit_seconds)
+             (config.name or config.model) + (f" (chose {chosen.config.model})" if config.model == AUTO else ""),
+             metrics["val_accuracy"], f"C={metrics['C']:.3g}" if "C" in metrics else f"epoch {metrics['best_epoch']}",
+             metrics["epochs_run"], metrics["test_accuracy"], metrics["seconds"])
     return result
+
+
+def _fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, progress: bool) -> _Fitted:
+    """Build `config.model` and fit it on rows `tr` of the training split, choosing by rows `va`."""
+    spec = MODELS[config.model]
+    options = {k: getattr(config, k) for k in spec.options}
+    model = spec.build(data.x_train.shape[1:], len(data.class_names), **options)
+    fit_model, (x_fit, views_fit) = _fixed_pooling_split(model, spec, options, [data.x_train, data.x_views])
+    _set_standardisation(fit_model, x_fit, tr)
+    n_views = data.n_views if config.views_mode != "original" else 1
+    t0 = time.perf_counter()
+    if spec.optimizer == "lbfgs":
+        history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, tr, va,
+                             len(data.class_names), config.seed)
+    else:
+        history = _fit_keras(fit_model, spec, config, x_fit, views_fit, data.y_train, tr, va, n_views, progress)
+    best = history.pop("best")
+    return _Fitted(config, model, history, best, time.perf_counter() - t0)
 
 
 def subset(data: TrainData, per_class: int, seed: int) -> TrainData:
@@ -412,12 +451,13 @@ def _stats_of(norm) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_head(cache, *, layer=None, runs_dir="runs", progress=True, **options) -> RunResult:
-    """Train a head (`model="dense"`, `"linear"` or `"conv"`) on a cache path or FeatureCache.
+    """Train a head on a cache path or FeatureCache: `model="auto"` (default: the dense head or the linear
+    probe, whichever has the lower validation loss), `"dense"`, `"linear"` or `"conv"`.
 
     `layer` picks the cached layers to train on (default: all). Several layers, from one cache or
     a list of caches of the same images, train on their pooled features, concatenated.
     """
-    options.setdefault("model", "dense")
+    options.setdefault("model", AUTO)
     config = TrainConfig(**options)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     return train(data_from_caches(caches, config.pooling, layer), config, runs_dir=runs_dir, progress=progress)

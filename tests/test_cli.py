@@ -78,8 +78,8 @@ def tiny_cache(image_folder, cache_dir):
 
 
 def test_train_head_end_to_end(tiny_cache, tmp_path):
-    r = run("train-head", "--cache", tiny_cache, "--epochs", "2", "--units", "8,8", "--runs-dir", tmp_path / "runs",
-            "--no-progress")
+    r = run("train-head", "--cache", tiny_cache, "--head", "dense", "--epochs", "2", "--units", "8,8", "--runs-dir",
+            tmp_path / "runs", "--no-progress")
     assert r.exit_code == 0, r.output
     run_dir = tmp_path / "runs" / r.stdout.strip().split("/")[-1]
     assert r.stdout.strip() == str(run_dir) and (run_dir / "model.keras").exists()

@@ -138,12 +138,36 @@ def test_curve_end_to_end_reads_the_cache_once(tiny_cache, tmp_path, monkeypatch
     curve = json.loads((out / "curve.json").read_text())
     assert curve["sizes"] == [3, "all"] and len(curve["runs"]) == 2 * 2 * 2
     for row in curve["summary"]:
-        for head in ("dense", "linear"):
+        for head in ("auto", "linear"):
             accs = [x["test_accuracy"] for x in curve["runs"]
                     if (x["per_class"] or "all") == row["per_class"] and x["head"] == head]
             assert len(accs) == 2 and row[head]["mean"] == pytest.approx(np.mean(accs))
             assert row[head]["std"] == pytest.approx(np.std(accs))
     assert [x["n_train"] + x["n_val"] for x in curve["runs"] if x["per_class"] == 3][0] == 9
-    assert "| 3 |" in (out / "curve.md").read_text()
+    assert "| 3 |" in (out / "curve.md").read_text() and "auto chose" in (out / "curve.md").read_text()
+    assert all(x["chosen"] in ("dense", "linear") for x in curve["runs"] if x["head"] == "auto")
     bad = run("curve", "--cache", tiny_cache, "--sizes", "1,x")
     assert bad.exit_code == 2 and "--sizes" in bad.stderr
+
+
+def test_auto_head_keeps_the_lower_validation_loss_and_tests_only_it(monkeypatch, tmp_path):
+    """The default head fits the dense head and the probe on the same rows, keeps the one with the lower
+    validation loss, and predicts the test split once, with that one."""
+    import keras
+
+    seen = []
+    real = ht.predict
+    monkeypatch.setattr(ht, "predict", lambda model, x, bs: seen.append(model) or real(model, x, bs))
+    small = backbone_like(per_class=12)
+    result = ht.train(small, TrainConfig(model="auto"), runs_dir=tmp_path, progress=False)
+    m = result.metrics
+    assert len(seen) == 1 and seen[0] is result.model
+    losses = {name: c["val_loss"] for name, c in m["candidates"].items()}
+    assert set(losses) == {"dense", "linear"} and m["chosen"] == min(losses, key=losses.get)
+    assert m["val_loss"] == losses[m["chosen"]]
+    model = keras.models.load_model(result.run_dir / "model.keras", safe_mode=True)
+    pred = ht.predict(model, small.x_test, 64).argmax(1)
+    assert np.mean(pred == small.y_test) == pytest.approx(m["test_accuracy"])
+    from heads.reports import collect_runs
+
+    assert collect_runs(tmp_path)[0]["model"] == f"auto ({m['chosen']})"
