@@ -45,7 +45,7 @@ heads: extract ## train the default head, the reference head (gap, flatten), a l
 	$(BIN)/featcache train-baseline cnn --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name cnn
 	$(BIN)/featcache runs --runs-dir $(RUNS_DIR) --markdown | tee $(RUNS_DIR)/summary.md
 
-curve: extract ## data-efficiency curve (default head vs linear probe, 5..1000 images per class and all); writes docs/curve.*
+curve: extract ## data-efficiency curve: default head vs linear probe, 5..1000 images per class and all (~9 min); docs/curve.*
 	d=$$($(BIN)/featcache -q curve $(SELECT) --runs-dir $(RUNS_DIR)) && cp "$$d"/curve.json "$$d"/curve.md "$$d"/curve.png docs/
 
 bench: extract ## measure speed, size, memory, precision and decoding side by side; writes docs/benchmarks*.md, .json (~25 min)

@@ -305,3 +305,33 @@ def test_interrupted_training_does_not_promise_a_resume(image_folder, cache_dir,
     r = run("train-head", "--cache", path, "--runs-dir", tmp_path / "runs", "--no-progress")
     assert r.exit_code == 130 and "resume" not in r.stderr and "no run folder was written" in r.stderr
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_make_clean_copes_with_a_missing_cache_folder_and_honours_runs_dir(tmp_path):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "my-runs" / "r1").mkdir(parents=True)
+    (tmp_path / "runs").mkdir()   # the default folder: not the one asked for, so it stays
+    out = subprocess.run(["make", "clean", "CACHE_DIR=no-such-cache", "RUNS_DIR=my-runs"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "my-runs").exists() and (tmp_path / "runs").exists()
+
+
+def test_loss_curve_uses_a_log_scale_when_the_first_epoch_is_huge(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from heads.reports import plot_curves
+
+    scales = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale", lambda self, value, **kw: scales.append(value))
+    history = {"loss": [900.0, 1.2, 0.9], "val_loss": [5000.0, 1.1, 1.0], "accuracy": [0.1, 0.5, 0.6],
+               "val_accuracy": [0.1, 0.5, 0.55]}
+    plot_curves(history, 3, tmp_path / "c.png", "t")
+    assert scales == ["log"] and (tmp_path / "c.png").stat().st_size > 0
+    scales.clear()
+    plot_curves({**history, "loss": [1.5, 1.2, 0.9], "val_loss": [1.4, 1.1, 1.0]}, 3, tmp_path / "d.png", "t")
+    assert scales == []
