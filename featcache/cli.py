@@ -46,6 +46,9 @@ def start_tensorflow(verbose: bool = False) -> None:
             os.close(saved)
 
 
+FORCED = "featcache.force"   # ctx.meta key: `extract --force` restarts from zero, so nothing resumes
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -56,14 +59,14 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             if ctx.invoked_subcommand != "extract":
                 hint = "; no run folder was written"
-            elif "--force" in sys.argv:
+            elif ctx.meta.get(FORCED):
                 hint = "; a rerun with --force starts again from the first batch"
             else:
                 hint = "; rerun the same command to resume where it stopped"
             click.echo("interrupted" + hint, err=True)
             ctx.exit(130)
         except OSError as e:
-            resumes = ctx.invoked_subcommand == "extract" and "--force" not in sys.argv
+            resumes = ctx.invoked_subcommand == "extract" and not ctx.meta.get(FORCED)
             click.echo(f"error: {e}" + ("; rerun the same command to resume the extraction" if resumes else ""),
                        err=True)
             ctx.exit(1)
@@ -142,7 +145,8 @@ def _selection(kw: dict) -> dict:
 @_spec_option(spec_field("decode_workers"))
 @click.option("--force", is_flag=True, help="Recompute even if a matching cache exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def extract(force, no_progress, **kw):
+@click.pass_context
+def extract(ctx, force, no_progress, **kw):
     """Run the frozen backbone over DATA once and cache the features; print the cache path.
 
     Several layers (--layer block3_pool,block4_pool) share one forward pass and one file. A complete
@@ -150,6 +154,7 @@ def extract(force, no_progress, **kw):
     """
     from featcache.extract import extract as run
 
+    ctx.meta[FORCED] = force
     path = run(force=force, progress=not no_progress, **_selection(kw))
     click.echo(str(path))
 

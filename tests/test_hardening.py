@@ -335,3 +335,33 @@ def test_loss_curve_uses_a_log_scale_when_the_first_epoch_is_huge(tmp_path, monk
     scales.clear()
     plot_curves({**history, "loss": [1.5, 1.2, 0.9], "val_loss": [1.4, 1.1, 1.0]}, 3, tmp_path / "d.png", "t")
     assert scales == []
+
+
+def test_any_format_pillow_reads(tmp_path, cache_dir):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "formats"
+    kinds = {"png": "RGBA", "bmp": "RGB", "gif": "P", "tiff": "RGB", "webp": "RGB", "jpg": "L"}
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for ext, mode in kinds.items():
+                img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).convert(mode)
+                img.save(root / split / c / f"x.{ext}")
+    ds = load_dataset(root)
+    pixels = ds.train.load(0, len(ds.train), (32, 32))
+    assert pixels.shape == (12, 32, 32, 3) and pixels.dtype == np.uint8
+    r = run("extract", "--data", root, "--weights", "random", "--no-progress")
+    assert r.exit_code == 0, r.output
+
+
+def test_interrupted_forced_extraction_does_not_promise_a_resume(image_folder, cache_dir, monkeypatch):
+    import sys
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules["featcache.engine"], "run_local", ctrl_c)
+    r = run("extract", "--data", image_folder, "--weights", "random", "--no-progress", "--force")
+    assert r.exit_code == 130 and "a rerun with --force starts again from the first batch" in r.stderr
