@@ -48,7 +48,7 @@ heads: extract ## train the default head, the reference head (gap, flatten), a l
 curve: extract ## data-efficiency curve: default head vs linear probe, 5..1000 images per class and all (~9 min); docs/curve.*
 	d=$$($(BIN)/featcache -q curve $(SELECT) --runs-dir $(RUNS_DIR)) && cp "$$d"/curve.json "$$d"/curve.md "$$d"/curve.png docs/
 
-bench: extract ## measure speed, size, memory, precision and decoding side by side; writes docs/benchmarks*.md, .json (~25 min)
+bench: extract ## measure speed, size, memory, precision and decoding side by side; writes docs/benchmarks*.md, .json (~11 min)
 	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 	$(BIN)/python bench/precision.py --data "$(DATA)" --weights "$(WEIGHTS)"

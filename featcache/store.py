@@ -208,6 +208,18 @@ class FeatureCache:
                                 + "; fix: name one of these layers (--layer)")
         return layer
 
+    def as_tf_dataset(self, split: str, layer: str | None = None, **options):
+        """Batches (float32 features, labels) streamed from disk; see `featcache.reader.as_tf_dataset`."""
+        from featcache.reader import as_tf_dataset
+
+        return as_tf_dataset(self, split, layer=layer, **options)
+
+    def array(self, split: str, layer: str | None = None):
+        """`with cache.array("train") as x:` a read-only, lazily read view of a split's features."""
+        from featcache.reader import array_view
+
+        return array_view(self, split, layer)
+
     def paths(self, split: str) -> list[str] | None:
         import h5py
 
