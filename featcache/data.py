@@ -25,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from featcache.errors import BadInputError, DownloadError, MissingInputError, UnreadableImageError
+from featcache.errors import (BadInputError, DownloadError, MissingInputError, UnreadableImageError,
+                              first_line)
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def load_cifar_python(path: str) -> Dataset:
                         raise BadInputError(f"{file} has no {name}; expected the cifar-10-python.tar.gz release")
                     batches[name] = tar.extractfile(members[name]).read()
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise BadInputError(f"cannot read {file} as a tar archive ({_first_line(e)}); expected "
+            raise BadInputError(f"cannot read {file} as a tar archive ({first_line(e)}); expected "
                                 "cifar-10-python.tar.gz or a cifar-10-batches-py folder") from e
 
     def parts(names):
@@ -362,10 +363,6 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).strip().split("\n")[0][:200]
-
-
 def _existing(path: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
@@ -471,7 +468,7 @@ def _check_header(path: Path, content: bytes) -> None:
 def _unreadable(path: Path, e: Exception) -> UnreadableImageError:
     from PIL import UnidentifiedImageError
 
-    why = "not a format Pillow can identify" if isinstance(e, UnidentifiedImageError) else _first_line(e)
+    why = "not a format Pillow can identify" if isinstance(e, UnidentifiedImageError) else first_line(e)
     return UnreadableImageError(f"cannot read image {path} ({why}); fix: replace or remove the file, or pass "
                                 "--skip-bad-images to leave unreadable images out")
 

@@ -27,3 +27,8 @@ class DownloadError(FeatcacheError, OSError):
 
 class CacheError(FeatcacheError):
     """A cache file is not usable: foreign, corrupt, stale, or of another format version."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (at most 200 characters), for one-line errors."""
+    return str(e).strip().split("\n")[0][:200]

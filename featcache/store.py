@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import BadInputError, CacheError
+from featcache.errors import BadInputError, CacheError, first_line
 
 #: The newest format this module reads; it writes 1 for one layer and 2 for several.
 FORMAT_VERSION = 2
@@ -246,7 +246,7 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCac
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise CacheError(f"{path} is not a readable HDF5 file ({_short(e)}); {fix}") from e
+        raise CacheError(f"{path} is not a readable HDF5 file ({first_line(e)}); {fix}") from e
     try:
         with f:
             if "format_version" not in f.attrs or "dataset_fingerprint" not in f.attrs:
@@ -270,7 +270,7 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCac
                                     if "max_abs_activation" in f.attrs else None),
                 extract_seconds=(float(f.attrs["extract_seconds"]) if "extract_seconds" in f.attrs else None))
     except (KeyError, ValueError, OSError, TypeError) as e:
-        raise CacheError(f"{path} is damaged or not a featcache cache ({_short(e)}); {fix}") from e
+        raise CacheError(f"{path} is damaged or not a featcache cache ({first_line(e)}); {fix}") from e
     if require_complete and not cache.complete:
         if being_written(path):
             raise CacheError(f"{path} is being written by another featcache process; fix: wait for that "
@@ -390,7 +390,3 @@ def finish(f, *, max_abs_activation: float, extract_seconds: float | None = None
         f.attrs["extract_seconds"] = extract_seconds
     f.attrs["complete"] = True
     f.flush()
-
-
-def _short(e: Exception) -> str:
-    return str(e).split("\n")[0][:200]

@@ -27,7 +27,7 @@ from featcache.backbones.mobilenet import MOBILENET_V2
 from featcache.backbones.resnet import RESNET50
 from featcache.backbones.spec import BackboneSpec
 from featcache.backbones.vgg16 import VGG16
-from featcache.errors import BadInputError, DownloadError, MissingInputError
+from featcache.errors import BadInputError, DownloadError, MissingInputError, first_line
 
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     VGG16, RESNET50, MOBILENET_V2, EFFICIENTNET_V2B0, CONVNEXT_TINY,
@@ -168,17 +168,13 @@ def _base(spec: BackboneSpec, weights, shape: tuple[int, int, int]):
             if weights is None:
                 raise
             raise DownloadError(
-                f"could not download the ImageNet {spec.title} weights ({_first_line(e)}); this machine seems offline; "
+                f"could not download the ImageNet {spec.title} weights ({first_line(e)}); this machine seems offline; "
                 f"fix: pass --weights PATH to a local {spec.weights_file}") from e
     try:
         return application(weights=str(Path(weights).expanduser()), include_top=False, input_shape=shape)
     except (ValueError, OSError, KeyError) as e:
-        raise BadInputError(f"weights file {weights} does not fit {spec.title} without top ({_first_line(e)}); "
+        raise BadInputError(f"weights file {weights} does not fit {spec.title} without top ({first_line(e)}); "
                             f"expected {spec.weights_file} or a file of the same layout") from e
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().split("\n")[0][:200]
 
 
 def build(*, backbone: str = DEFAULT_BACKBONE, layer=None, weights: str = "imagenet",
@@ -217,4 +213,3 @@ def output_shapes(backbone: str, input_size: tuple[int, int]) -> dict[str, tuple
     check_input_size(min(input_size), spec)
     base = _base(spec, None, (*input_size, 3))
     return {name: tuple(int(d) for d in base.get_layer(name).output.shape[1:]) for name in spec.layers}
-
