@@ -1,8 +1,10 @@
 """One training function for every model: heads on cached features and scratch baselines alike.
 
-The validation split is carved from the training split (stratified, seeded); early stopping
-watches validation loss and restores the best epoch's weights; the test split is predicted
-exactly once, after training, and nothing is chosen by it.
+The validation split is carved from the training split (stratified, seeded, at least one row per
+class); early stopping watches validation loss and restores the best epoch's weights (the linear
+probe is solved by L-BFGS instead, heads.probe); the default head, "auto", keeps whichever of the
+dense head and the probe has the lower validation loss. The test split is predicted exactly once,
+after training, and nothing is chosen by it.
 """
 
 from __future__ import annotations
