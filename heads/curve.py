@@ -9,7 +9,6 @@ curve.png into a new folder under `runs_dir`.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path

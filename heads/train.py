@@ -294,10 +294,10 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
     if config.per_class is not None:
         data = subset(data, config.per_class, config.subset_seed)
     tr, va = split_indices(data.y_train, config.val_fraction, config.seed, data.class_names)
-    fits = []
+    fits, pooled = [], {}   # pooled: the maps pooled once per pooling, shared by the candidates
     for c in candidates:
         keras.utils.set_random_seed(c.seed)
-        fits.append(_fit(data, c, tr, va, progress))
+        fits.append(_fit(data, c, tr, va, progress, pooled))
     chosen = min(fits, key=lambda fit: fit.val_loss)   # validation only: the test split plays no part
     n_views = data.n_views if config.views_mode != "original" else 1
     history, best, model = chosen.history, chosen.best, chosen.model
@@ -330,12 +330,14 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
     return result
 
 
-def _fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, progress: bool) -> _Fitted:
+def _fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, progress: bool,
+         pooled: dict | None = None) -> _Fitted:
     """Build `config.model` and fit it on rows `tr` of the training split, choosing by rows `va`."""
     spec = MODELS[config.model]
     options = {k: getattr(config, k) for k in spec.options}
     model = spec.build(data.x_train.shape[1:], len(data.class_names), **options)
-    fit_model, (x_fit, views_fit) = _fixed_pooling_split(model, spec, options, [data.x_train, data.x_views])
+    fit_model, (x_fit, views_fit) = _fixed_pooling_split(model, spec, options, [data.x_train, data.x_views],
+                                                         pooled)
     _set_standardisation(fit_model, x_fit, tr)
     n_views = data.n_views if config.views_mode != "original" else 1
     t0 = time.perf_counter()
@@ -501,13 +503,14 @@ def _metrics(probs: np.ndarray, y: np.ndarray, class_names) -> dict:
     }
 
 
-def _fixed_pooling_split(model, spec, options: dict, arrays: list):
+def _fixed_pooling_split(model, spec, options: dict, arrays: list, pooled: dict | None = None):
     """(model to fit, its inputs): global pooling has no weights, so pool the features once.
 
     When the model spec says the model starts with a global pooling layer (`spec.prepooled`), the
     rest of it is fitted on pooled vectors (computed here once instead of every epoch); it shares its
     layers with `model`, which still takes feature maps for evaluation and saving. `arrays` are
-    (n, h, w, c) maps or (n, views, h, w, c) views; None passes through.
+    (n, h, w, c) maps or (n, views, h, w, c) views; None passes through. `pooled`, when given, keeps
+    the pooled arrays by pooling for the next model fitted on the same arrays.
     """
     import keras
 
@@ -515,7 +518,10 @@ def _fixed_pooling_split(model, spec, options: dict, arrays: list):
     if pooling is None or len(arrays[0].shape) < 4:   # vectors (concatenated layers) are pooled already
         return model, arrays
     layer = model.get_layer(f"pool_{pooling}")
-    return keras.Model(layer.output, model.output), [global_pool(x, pooling) for x in arrays]
+    pooled = {} if pooled is None else pooled
+    if pooling not in pooled:
+        pooled[pooling] = [global_pool(x, pooling) for x in arrays]
+    return keras.Model(layer.output, model.output), pooled[pooling]
 
 
 def _as_tensors(x, y):
