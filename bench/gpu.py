@@ -48,36 +48,85 @@ def write_images(root: Path, n: int, size: int = 256, seed: int = 0) -> Path:
     return root
 
 
-def measure(data: Path, size: int, precision: str, args, tmp: Path) -> dict:
+def bare_forward(model, x: np.ndarray):
+    """The fastest plain way to run `model` on a batch already in device memory: a compiled function of
+    the backend (tf.function or jax.jit), its output copied back to the host as extraction does."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        state = [v.value for v in model.non_trainable_variables]
+        trainable = [v.value for v in model.trainable_variables]
+        compiled = jax.jit(lambda t: model.stateless_call(trainable, state, t, training=False)[0])
+        on_device = jax.device_put(x)
+        return lambda: np.asarray(compiled(on_device))
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(lambda t: model(t, training=False))
+        on_device = tf.constant(x)
+        return lambda: compiled(on_device).numpy()
+    raise SystemExit(f"bench/gpu.py: no bare baseline for the {keras.backend.backend()} backend; "
+                     "use KERAS_BACKEND=tensorflow or jax")
+
+
+def device_name() -> str:
+    """The accelerators Keras' backend sees, or "CPU"."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return ", ".join(d.device_kind for d in jax.devices() if d.platform != "cpu") or "CPU"
     import tensorflow as tf
 
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    return ", ".join(tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus) or "CPU"
+
+
+def decode_rate(data: Path, size: int, workers: int, batch_size: int) -> float:
+    """Images/s of JPEG decoding and resizing alone (the training split, `workers` threads, in batches)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    split = load_dataset(data).train
+    chunks = [(s, min(s + batch_size, len(split))) for s in range(0, len(split), batch_size)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda c: split.load(c[0], c[1], (size, size)), chunks))
+    return len(split) / (time.perf_counter() - t0)
+
+
+def measure(data: Path, size: int, precision: str, args, tmp: Path) -> dict:
     loops = LoopTimes()
     logging.getLogger("featcache.engine").addHandler(loops)
     logging.getLogger("featcache.engine").setLevel(logging.INFO)
     for k in range(args.repeats):
         extract(data=str(data), weights=args.weights, input_size=size, precision=precision, batch_size=args.batch_size,
-                cache_dir=tmp / f"{size}-{precision}-{k}", progress=False)
+                cache_dir=tmp / f"{size}-{precision}-{k}", progress=False, decode_workers=args.decode_workers)
     logging.getLogger("featcache.engine").removeHandler(loops)
     images, seconds = loops.runs[-1][0], statistics.median(s for _, s in loops.runs)
     bb = backbones.build(weights=args.weights, input_size=(size, size), precision=precision)
     ds = load_dataset(data)
     x = bb.preprocess(ds.train.load(0, min(len(ds.train), args.batch_size), (size, size)))
-    x = tf.constant(np.resize(x, (args.batch_size, *x.shape[1:])))
-    forward = tf.function(lambda t: bb.model(t, training=False))
-    forward(x).numpy()
+    forward = bare_forward(bb.model, np.resize(x, (args.batch_size, *x.shape[1:])))
+    forward()
     steps = max(1, images // args.batch_size)
     t0 = time.perf_counter()
     for _ in range(steps):
-        forward(x).numpy()
+        forward()
     bare = steps * args.batch_size / (time.perf_counter() - t0)
     gflop = conv_gflop(bb.model)
     return {"size": size, "precision": precision, "images": images, "loop_images_per_s": images / seconds,
-            "bare_images_per_s": bare, "loop_vs_bare": images / seconds / bare, "gflop_per_image": gflop,
+            "bare_images_per_s": bare, "loop_vs_bare": images / seconds / bare,
+            "decode_images_per_s": decode_rate(data, size, args.decode_workers, args.batch_size), "gflop_per_image": gflop,
             "loop_tflop_per_s": gflop * images / seconds / 1e3}
 
 
 def main() -> None:
-    import tensorflow as tf
+    import keras
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="random", help="random (default: throughput does not depend on the numbers), "
@@ -85,16 +134,15 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CI)")
     args = p.parse_args()
     if args.smoke:
         args.images, args.batch_size, args.repeats, args.sizes = 32, 16, 1, [32, 64]
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    device = ", ".join(tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus) or "CPU"
+    device = device_name()
+    backend = f"Keras {keras.__version__} on {keras.backend.backend()} {_backend_version()}"
     auto = backbones.resolve_precision("auto")
     rows = []
     t_start = time.perf_counter()
@@ -105,19 +153,26 @@ def main() -> None:
             for precision in dict.fromkeys(("float32", auto)):
                 rows.append(measure(data, size, precision, args, tmp))
                 print(json.dumps(rows[-1]), flush=True)
-    result = {"device": device, "precision_auto": auto, "decode_workers": min(8, os.cpu_count() or 1),
-              "cpu_cores": os.cpu_count(), "tensorflow": tf.__version__, "seconds": time.perf_counter() - t_start,
+    result = {"device": device, "precision_auto": auto, "decode_workers": args.decode_workers,
+              "cpu_cores": os.cpu_count(), "backend": backend, "seconds": time.perf_counter() - t_start,
               "command": " ".join(sys.argv), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Extraction on {device} ({time.strftime('%Y-%m-%d')})", "",
-             f"`python {result['command']}` ({result['seconds']:.0f} s; TensorFlow {tf.__version__}, "
+             f"`python {result['command']}` ({result['seconds']:.0f} s; {backend}, "
              f"{os.cpu_count()} CPU cores, {result['decode_workers']} decoding threads; `auto` = {auto}).", "",
-             "| input | precision | extraction loop (img/s) | bare compiled model (img/s) | loop ÷ bare | loop TFLOP/s |",
-             "|---|---|---|---|---|---|"]
+             "| input | precision | extraction loop (img/s) | bare compiled model (img/s) | loop ÷ bare | decoding alone "
+             "(img/s) | loop TFLOP/s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['size']} px | {r['precision']} | {r['loop_images_per_s']:.0f} | {r['bare_images_per_s']:.0f} | "
-              f"{r['loop_vs_bare']:.2f} | {r['loop_tflop_per_s']:.2f} |" for r in rows]
+              f"{r['loop_vs_bare']:.2f} | {r['decode_images_per_s']:.0f} | {r['loop_tflop_per_s']:.2f} |" for r in rows]
     (args.out / "benchmarks-gpu.md").write_text("\n".join(lines) + "\n")
+
+
+def _backend_version() -> str:
+    import importlib
+    import keras
+
+    return importlib.import_module(keras.backend.backend()).__version__
 
 
 if __name__ == "__main__":

@@ -280,6 +280,9 @@ def _versions() -> dict:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = "unknown"
+    import keras
+
+    out["keras_backend"] = keras.backend.backend()
     return out
 
 

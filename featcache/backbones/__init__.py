@@ -5,7 +5,8 @@ be cut at, its smallest input, its own `preprocess_input`, and the file Keras do
 ImageNet weights. Output shapes come from the model graph (built once without weights, memoised).
 `weights` is ``imagenet`` (Keras downloads the file once), a path to a no-top weights file of that
 backbone, or ``random`` (seeded initialisation, for tests; recorded as such wherever its features
-are used). TensorFlow is imported inside the functions so that importing featcache stays instant.
+are used). Keras (and its backend) is imported inside the functions so that importing featcache stays
+instant. Extraction runs on any Keras 3 backend (`KERAS_BACKEND=tensorflow`, the default, `jax` or `torch`).
 
 Adding a backbone: a module with its `BackboneSpec`, and its line in `BACKBONES`.
 """
@@ -100,7 +101,19 @@ def cpu_flags() -> set[str]:
 
 
 def gpu_compute_capabilities() -> list[tuple[int, int]]:
-    """(major, minor) compute capability of each GPU TensorFlow sees."""
+    """(major, minor) compute capability of each GPU that Keras' backend (TensorFlow, JAX or PyTorch) sees."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return [tuple(int(p) for p in str(d.compute_capability).split(".")[:2])
+                for d in jax.devices() if getattr(d, "compute_capability", None)]
+    if backend == "torch":
+        import torch
+
+        return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
     import tensorflow as tf
 
     caps = []
