@@ -26,24 +26,12 @@ def start_tensorflow(verbose: bool = False) -> None:
     off stderr; it is printed after all if the import fails. GPUs are found and used as before."""
     if verbose or "tensorflow" in sys.modules:
         return
-    import tempfile
+    from featcache.native_log import quiet_stderr
 
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow as tf
+    with quiet_stderr():
+        import tensorflow as tf
 
-            tf.config.list_physical_devices()
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+        tf.config.list_physical_devices()
 
 
 FORCED = "featcache.force"   # ctx.meta key: `extract --force` restarts from zero, so nothing resumes

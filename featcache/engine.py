@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,8 +78,7 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
         return model.preprocess(images), views
 
     if batches:   # trace the model before the clock starts, as any warmed-up baseline would be
-        model.model.predict_on_batch(model.preprocess(np.zeros((min(spec.batch_size, batches[0][2] - batches[0][1]),
-                                                                *size, 3), np.uint8)))
+        model.warm_up((min(spec.batch_size, batches[0][2] - batches[0][1]), *size, 3), meta.dtype)
 
     passes = lambda name, n: n * (meta.views if name == "train" else 1)   # noqa: E731
     bar = tqdm(total=passes("train", meta.n_train) + meta.n_test, unit="img", desc="extract",
@@ -86,18 +86,33 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
                file=sys.stderr, dynamic_ncols=True)
     peak = _peak(f, meta, start, spec.batch_size)
     t0, n = time.perf_counter(), 0
+    writes, failed = collections.deque(), threading.Event()
     try:
-        with ThreadPoolExecutor(spec.decode_workers) as pool:
-            # `decode_workers` batches decode ahead, in their own threads (PIL releases the GIL); results are
-            # taken in order, so rows are written in order and at most that many batches wait in memory
+        # `decode_workers` batches decode ahead, in their own threads (PIL releases the GIL); one thread
+        # writes behind, so the model runs while the previous batch goes to disk. Results are taken in
+        # order, so rows are written in order and at most a few batches wait in memory.
+        with ThreadPoolExecutor(spec.decode_workers) as pool, ThreadPoolExecutor(1) as writer:
             ahead = collections.deque(pool.submit(load, b) for b in batches[:spec.decode_workers])
-            for k, (name, s, e) in enumerate(batches):
-                images, views = ahead.popleft().result()
-                if k + spec.decode_workers < len(batches):
-                    ahead.append(pool.submit(load, batches[k + spec.decode_workers]))
-                peak = max(peak, _write_batch(f, meta, model, name, s, e, images, views))
-                n += passes(name, e - s)
-                bar.update(passes(name, e - s))
+            try:
+                for k, (name, s, e) in enumerate(batches):
+                    images, views = ahead.popleft().result()
+                    if k + spec.decode_workers < len(batches):
+                        ahead.append(pool.submit(load, batches[k + spec.decode_workers]))
+                    outputs = []
+                    for v, x in enumerate([images, *views]):
+                        features, batch_peak = _stored(model, x, meta.dtype, f"{name} view {v}" if v else name, s)
+                        outputs.append(features)
+                        peak = max(peak, batch_peak)
+                    writes.append(writer.submit(_write_batch, f, meta, name, s, e, outputs, failed))
+                    while len(writes) > 2 or (writes and writes[0].done()):
+                        writes.popleft().result()
+                    n += passes(name, e - s)
+                    bar.update(passes(name, e - s))
+            finally:   # the file is closed below only once no write is under way
+                for w in ahead:
+                    w.cancel()
+                for w in _drain(writes):
+                    w.result()
         store.finish(f, max_abs_activation=peak, extract_seconds=time.perf_counter() - t0)
     except UnreadableImageError:
         log.warning("the %d rows computed so far stay in %s", n, partial)
@@ -115,22 +130,47 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
                  extra={"images": n, "seconds": seconds})
 
 
-def _write_batch(f, meta, model, split: str, s: int, e: int, images, views) -> float:
-    """Forward pass of one preprocessed batch (and its views), checked and written; then its rows count as done."""
-    feats = model.forward(images)
-    view_feats = [model.forward(v) for v in views]
-    peak = 0.0
-    for j, layer in enumerate(meta.layers):
-        out = _checked(feats[j], meta.dtype, split, s)
-        f[store.dataset_path(meta, split, layer)][s:e] = out
-        peak = max(peak, float(np.abs(out).max()))
-        for v, vf in enumerate(view_feats):
-            out = _checked(vf[j], meta.dtype, f"{split} view {v + 1}", s)
-            f[store.dataset_path(meta, split, layer, views=True)][s:e, v] = out
-            peak = max(peak, float(np.abs(out).max()))
+def _drain(writes):
+    """Wait for every pending write; the first failure is raised after all have finished."""
+    for w in writes:
+        w.exception()
+    return list(writes)
+
+
+def _stored(model, preprocessed, dtype: str, what: str, row: int) -> tuple[list, float]:
+    """The batch's features per layer in the storage dtype and its largest |stored value|; refused if a
+    value overflows that dtype (the row maxima say so: the cast is monotonic)."""
+    features, row_peaks = model.forward_stored(preprocessed, dtype)
+    with np.errstate(over="ignore"):   # overflow is what we check for, right below
+        stored_peaks = [p.astype(dtype) for p in row_peaks]
+    if all(np.isfinite(p).all() for p in stored_peaks):
+        return features, max(float(p.max()) for p in stored_peaks)
+    top = max(float(np.nanmax(p)) for p in row_peaks)
+    raise BadInputError(f"{what} rows from {row}: activations reach {top:.4g}, beyond {dtype}'s range "
+                        f"(largest finite {np.finfo(dtype).max:.6g}); fix: rerun with --dtype float32")
+
+
+def _write_batch(f, meta, split: str, s: int, e: int, outputs: list, failed: threading.Event) -> None:
+    """Write one batch (its originals, then each cached view) per layer; then its rows count as done.
+    Nothing more is written once a write has failed (disk full, say): rows stay a prefix, ready to resume."""
+    if failed.is_set():
+        return
+    try:
+        _write_rows(f, meta, split, s, e, outputs)
+    except BaseException:
+        failed.set()
+        raise
+
+
+def _write_rows(f, meta, split: str, s: int, e: int, outputs: list) -> None:
+    for v, features in enumerate(outputs):
+        for layer, out in zip(meta.layers, features):
+            if v == 0:
+                f[store.dataset_path(meta, split, layer)][s:e] = out
+            else:
+                f[store.dataset_path(meta, split, layer, views=True)][s:e, v - 1] = out
     f["progress"][0 if split == "train" else 1] = e
     f.flush()
-    return peak
 
 
 def _peak(f, meta: store.CacheMeta, start: tuple[int, int], batch_size: int) -> float:
@@ -146,13 +186,3 @@ def _peak(f, meta: store.CacheMeta, start: tuple[int, int], batch_size: int) -> 
         for s in range(0, rows, batch_size):
             peak = max(peak, float(np.abs(f[name][s:min(s + batch_size, rows)]).max()))
     return peak
-
-
-def _checked(features: np.ndarray, dtype: str, split: str, row: int) -> np.ndarray:
-    with np.errstate(over="ignore"):   # overflow is what we check for, right below
-        out = features.astype(dtype)
-    if not np.isfinite(out).all():
-        top = float(np.nanmax(np.abs(features)))
-        raise BadInputError(f"{split} rows from {row}: activations reach {top:.4g}, beyond {dtype}'s range "
-                            f"(largest finite {np.finfo(dtype).max:.6g}); fix: rerun with --dtype float32")
-    return out

@@ -22,6 +22,17 @@ def test_several_layers_share_one_forward_pass():
     np.testing.assert_allclose(both[1], alone[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_stored_features_are_the_forward_pass_cast_where_the_model_runs(precision):
+    model = bb.build(layer=("block3_pool", "block4_pool"), weights="random", precision=precision)
+    x = model.preprocess(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    features, row_peaks = model.forward_stored(x, "float16")
+    for reference, stored, peak in zip(model.forward(x), features, row_peaks):
+        assert stored.dtype == np.float16 and stored.shape == reference.shape
+        np.testing.assert_array_equal(stored, reference.astype(np.float16))
+        np.testing.assert_array_equal(peak, np.abs(reference).max(axis=(1, 2, 3)))
+
+
 def test_random_weights_are_seeded():
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     a = bb.build(weights="random", seed=1)(x)[0]

@@ -18,9 +18,11 @@ import functools
 import hashlib
 import numbers
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from featcache.backbones.convnext import CONVNEXT_TINY
 from featcache.backbones.efficientnet import EFFICIENTNET_V2B0
@@ -29,6 +31,7 @@ from featcache.backbones.resnet import RESNET50
 from featcache.backbones.spec import BackboneSpec
 from featcache.backbones.vgg16 import VGG16
 from featcache.errors import BadInputError, DownloadError, MissingInputError, first_line
+from featcache.native_log import quiet_stderr
 
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     VGG16, RESNET50, MOBILENET_V2, EFFICIENTNET_V2B0, CONVNEXT_TINY,
@@ -149,6 +152,7 @@ class Backbone:
     layers: tuple[str, ...]
     weights_id: str                # what the features depend on, e.g. "sha256:5ffc..." or "random:seed=0"
     input_size: tuple[int, int]
+    _storage_models: dict = field(default_factory=dict, repr=False, compare=False)   # dtype -> keras.Model
 
     @property
     def output_shapes(self) -> list[tuple[int, ...]]:
@@ -161,13 +165,36 @@ class Backbone:
     def forward(self, preprocessed) -> list:
         """Features of a preprocessed batch: one float32 numpy array per layer, in `layers` order
         (computed in the backbone's precision, returned as float32)."""
-        import numpy as np
-
         out = self.model.predict_on_batch(preprocessed)
         return [np.asarray(o, np.float32) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
     def __call__(self, images_uint8) -> list:
         return self.forward(self.preprocess(images_uint8))
+
+    def forward_stored(self, preprocessed, dtype: str) -> tuple[list, list]:
+        """Features of a preprocessed batch as they are stored: one array per layer cast to `dtype`, and
+        each row's largest |feature| per layer (float32, before the cast). Cast and reduction run where
+        the model runs (an accelerator, or compiled CPU code): the host copies half the bytes of float32
+        and scans none of them."""
+        out = [np.asarray(o) for o in self._storage_model(dtype).predict_on_batch(preprocessed)]
+        return out[:len(out) // 2], out[len(out) // 2:]
+
+    def warm_up(self, batch_shape: tuple[int, ...], dtype: str) -> None:
+        """Build and trace `forward_stored` for batches of `batch_shape` before any clock starts; TensorFlow's
+        one-time note that oneDNN lacks float16 on some CPUs is kept off stderr."""
+        with quiet_stderr():
+            self._storage_model(dtype).predict_on_batch(np.zeros(batch_shape, np.float32))
+
+    def _storage_model(self, dtype: str):
+        if dtype not in self._storage_models:
+            import keras
+
+            outputs = self.model.outputs
+            peaks = [keras.ops.cast(keras.ops.max(keras.ops.abs(o), axis=tuple(range(1, len(o.shape)))), "float32")
+                     for o in outputs]
+            self._storage_models[dtype] = keras.Model(self.model.input,
+                                                      [keras.ops.cast(o, dtype) for o in outputs] + peaks)
+        return self._storage_models[dtype]
 
 
 def _base(spec: BackboneSpec, weights, shape: tuple[int, int, int]):
