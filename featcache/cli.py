@@ -131,6 +131,7 @@ def _selection(kw: dict) -> dict:
 @selection_options
 @_spec_option(spec_field("batch_size"))
 @_spec_option(spec_field("decode_workers"))
+@_spec_option(spec_field("decoder"))
 @click.option("--force", is_flag=True, help="Recompute even if a matching cache exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context

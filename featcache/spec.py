@@ -15,6 +15,7 @@ from featcache import backbones
 from featcache.errors import BadInputError
 
 DTYPES = ("float16", "float32")
+DECODERS = ("auto", "threads", "processes")
 CACHE_DIR_ENV = "FEATCACHE_CACHE_DIR"
 #: The options that decide which cache a spec leads to (its key); the others only say how to build it.
 KEY_OPTIONS = ("data", "backbone", "weights", "layer", "input_size", "dtype", "precision", "limit", "views",
@@ -59,8 +60,12 @@ class ExtractSpec:
                                     "in the cache, shown by `info`) instead of stopping at the first.", flag=True)
     cache_dir: str | None = _option(None, f"Cache folder [default: ${CACHE_DIR_ENV} or ./cache].", env=CACHE_DIR_ENV)
     batch_size: int = _option(128, "Images per forward pass.", min=1, cli="extract")
-    decode_workers: int | None = _option(None, "Threads decoding images ahead of the model [default: the number of "
+    decode_workers: int | None = _option(None, "Workers decoding images ahead of the model [default: the number of "
                                          "CPU cores, at most 8].", min=1, cli="extract")
+    decoder: str = _option("auto", "Where images decode: 'threads' (one process; enough for a few cores), "
+                           "'processes' (decoding scales with cores, for image files feeding a GPU) or 'auto' "
+                           "(processes for image files when there are more than 4 decode workers).",
+                           choices=DECODERS, cli="extract")
     seed: int = _option(0, "Seed of 'random' weights.", cli=False)
 
     def __post_init__(self):
@@ -90,6 +95,8 @@ class ExtractSpec:
         elif isinstance(self.decode_workers, bool) or not isinstance(self.decode_workers, int) \
                 or self.decode_workers < 1:
             raise BadInputError(f"--decode-workers must be at least 1, got {self.decode_workers!r}")
+        if self.decoder not in DECODERS:
+            raise BadInputError(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
 
     @property
     def layers(self) -> tuple[str, ...]:
