@@ -1,7 +1,8 @@
 """Run the featcache CLI and write this process's peak resident memory (VmHWM, bytes) to $PEAK_RSS_FILE.
 
 A forked child's rusage also counts its parent's memory at fork time, so a big benchmark process
-would inflate every child's figure; VmHWM belongs to the exec'd process alone.
+would inflate every child's figure; VmHWM belongs to the exec'd process alone (worker processes it
+starts, e.g. to read a streamed cache, have their own).
 """
 
 import atexit
@@ -16,8 +17,9 @@ def _report():
         f.write(str(kib * 1024))
 
 
-atexit.register(_report)
-sys.argv[0] = "featcache"
-from featcache.cli import main  # noqa: E402
+if __name__ == "__main__":   # guarded: processes started by spawning import this file again
+    atexit.register(_report)
+    sys.argv[0] = "featcache"
+    from featcache.cli import main
 
-main()
+    main()

@@ -325,25 +325,34 @@ def _caches(ctx, cache_paths, selection: dict, *, progress: bool):
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="Dropout rate before the classifier (dense and conv heads).")
 @click.option("--no-batchnorm", is_flag=True, help="Leave out the dense head's BatchNormalization.")
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="Memory for feature maps, e.g. 2GB [default: half the available memory]. Heads on maps "
+                   "(--pooling flatten, conv) keep them in RAM within it and stream them from the cache beyond it; "
+                   "heads that pool first read pooled vectors, made once per cache and kept beside it.")
+@click.option("--stream", is_flag=True, help="Stream the maps from the cache even if they fit the memory budget.")
 @training_options
 @click.pass_context
 def train_head(ctx, cache_paths, per_class, subset_seed, head, filters, views_mode, units, pooling, dropout,
-               no_batchnorm, epochs, patience, batch_size, lr, val_fraction, seed, runs_dir, name, no_progress,
-               **kw):
+               no_batchnorm, memory_budget, stream, epochs, patience, batch_size, lr, val_fraction, seed, runs_dir,
+               name, no_progress, **kw):
     """Train a head on cached features; evaluate once on the test split; print the run folder.
 
     The features are standardised with statistics of the training rows (kept in the saved model)
     and small training splits get smaller batches, so the default head works from a few images per
     class to the whole split without changing an option.
     """
+    from heads.feed import parse_bytes
     from heads.train import train_head as run
 
+    if memory_budget is not None:
+        memory_budget = parse_bytes(memory_budget)   # a bad size is refused before any work
     config = _train_config(model=head, units=units, pooling=pooling, dropout=dropout, batchnorm=not no_batchnorm,
                            epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, filters=filters,
                            views_mode=views_mode, val_fraction=val_fraction, seed=seed, name=name,
                            per_class=per_class, subset_seed=subset_seed)
     caches, pick = _caches(ctx, cache_paths, _selection(kw), progress=not no_progress)
-    result = run(caches, layer=pick, runs_dir=runs_dir, progress=not no_progress, **config.__dict__)
+    result = run(caches, layer=pick, runs_dir=runs_dir, progress=not no_progress, memory_budget=memory_budget,
+                 stream=stream, **config.__dict__)
     click.echo(str(result.run_dir))
 
 

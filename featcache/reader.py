@@ -47,6 +47,7 @@ def as_tf_dataset(cache, split: str, *, layer: str | None = None, batch_size: in
     import tensorflow as tf
 
     from featcache.errors import BadInputError
+    from featcache.pooled import global_pool
     from featcache.store import dataset_path
 
     if pooling not in (None, "gap", "max"):
@@ -65,9 +66,7 @@ def as_tf_dataset(cache, split: str, *, layer: str | None = None, batch_size: in
             [(s, min(s + block_rows, n)) for s in range(0, n, block_rows)]
         with h5py.File(path, "r") as f:   # opened per epoch, in the reading thread: h5py objects do not fork
             for s, e in order:
-                x = f[name][s:e].astype(np.float32)
-                if pooling:
-                    x = (np.mean if pooling == "gap" else np.max)(x, axis=(1, 2))
+                x = global_pool(f[name][s:e], pooling) if pooling else f[name][s:e].astype(np.float32)
                 yield x, f[f"{split}/labels"][s:e]
 
     ds = tf.data.Dataset.from_generator(blocks, output_signature=(

@@ -49,7 +49,7 @@ def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: in
     from tqdm import tqdm
 
     from heads.reports import check_runs_dir, staged_run_dir, write_json
-    from heads.train import TrainConfig, data_from_caches, train
+    from heads.train import TrainConfig, pools_first, data_from_caches, train
 
     if repeats < 1:
         raise BadInputError(f"--repeats must be at least 1, got {repeats}")
@@ -59,7 +59,8 @@ def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: in
     configs = {h: TrainConfig(model=h, **options) for h in heads}   # validates the options once, up front
     check_runs_dir(runs_dir)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
-    data = data_from_caches(caches, configs[heads[0]].pooling, layer)   # the only read of the cache
+    data = data_from_caches(caches, configs[heads[0]].pooling, layer,   # the only read of the cache
+                            prepooled=all(pools_first(c) for c in configs.values()))
     smallest = int(np.bincount(data.y_train, minlength=len(data.class_names)).min())
     kept = [n for n in sizes if n is None or n <= smallest]
     for n in sizes:

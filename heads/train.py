@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import BadInputError
+from featcache.pooled import global_pool
 from heads.builders import GLOBAL_POOLINGS, MODELS, POOLINGS, STANDARDISE
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,10 @@ class TrainData:
     source: dict = field(default_factory=dict)
     random_weights: bool = False
     x_views: np.ndarray | None = None   # (n_train, views - 1, ...) augmented training views, if cached
+    #: set when the x arrays hold pooled vectors of maps of `map_shape` (pooled by `pooled_by`, once, in
+    #: a derived cache): models are built for the maps and fitted past their pooling layer
+    map_shape: tuple | None = None
+    pooled_by: str | None = None
 
     @property
     def n_views(self) -> int:
@@ -117,27 +122,38 @@ def data_from_cache(cache, layer: str | None = None) -> TrainData:
     cache = _open(cache)
     (x_train, y_train), (x_test, y_test) = cache.load("train", layer), cache.load("test", layer)
     return TrainData(x_train, y_train, x_test, y_test, cache.class_names, "features",
-                     source={"cache": str(cache.path), "cache_key": cache.meta.key, "layer": cache.select_layer(layer),
-                             "cache_meta": cache.meta.to_dict()},
-                     random_weights=cache.meta.random_weights, x_views=cache.load_views(layer))
+                     source=_source(cache, cache.select_layer(layer)), random_weights=cache.meta.random_weights,
+                     x_views=cache.load_views(layer))
 
 
-def data_from_caches(caches, pooling: str = "gap", layers=None) -> TrainData:
+def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bool = False,
+                     memory_budget: int | None = None, stream: bool = False) -> TrainData:
     """Features of `layers` (default: every layer) found in `caches`, the same images in each.
 
-    One layer trains on its maps as stored; several are each pooled (gap or max), then concatenated
-    per row."""
+    Several layers are each pooled (gap or max), then concatenated per row. One layer: its pooled
+    vectors when the model pools first (`prepooled`); else its maps, in RAM when they fit
+    `memory_budget` bytes (default: half the available memory), streamed from disk otherwise or with
+    `stream`. Pooled vectors come from derived caches that pool each layer once (featcache.pooled).
+    How the data is fed is recorded in `source["feed"]`."""
+    from heads import feed
+
     sources = _layer_sources([_open(c) for c in caches], layers)
-    if len(sources) == 1:
-        return data_from_cache(*sources[0])
+    budget = feed.default_budget() if memory_budget is None else feed.parse_bytes(memory_budget)
+    if len(sources) == 1 and not (prepooled and pooling in GLOBAL_POOLINGS):
+        cache, layer = sources[0]
+        maps = _maps_bytes(cache, layer)
+        mode = "stream" if stream or feed.RAM_FACTOR * maps > budget else "ram"
+        if mode == "stream":
+            log.info("streaming %s from %s: %s of maps, memory budget %s", layer, cache.path, _gb(maps), _gb(budget))
+        data = _streamed(cache, layer) if mode == "stream" else data_from_cache(cache, layer)
+        data.source["feed"] = {"mode": mode, "memory_budget_bytes": budget, "maps_bytes": maps}
+        return data
     if pooling not in GLOBAL_POOLINGS:
         raise BadInputError(f"concatenating layers needs --pooling gap or max, got {pooling!r}")
-
-    def pooled(d: TrainData) -> TrainData:
-        return replace(d, x_train=global_pool(d.x_train, pooling), x_test=global_pool(d.x_test, pooling),
-                       x_views=global_pool(d.x_views, pooling))
-
-    parts = [pooled(data_from_cache(c, layer)) for c, layer in sources]   # pooled as read: one layer in RAM
+    parts = [_pooled(c, layer, pooling) for c, layer in sources]
+    if len(parts) == 1:
+        parts[0].source["feed"] = {"mode": "pooled", "memory_budget_bytes": budget}
+        return parts[0]
     first = parts[0]
     for p in parts[1:]:
         same = (p.source["cache_meta"]["dataset_fingerprint"] == first.source["cache_meta"]["dataset_fingerprint"]
@@ -149,8 +165,56 @@ def data_from_caches(caches, pooling: str = "gap", layers=None) -> TrainData:
     cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=-1)   # noqa: E731
     return TrainData(
         cat([p.x_train for p in parts]), first.y_train, cat([p.x_test for p in parts]), first.y_test,
-        first.class_names, "features", source={"caches": [p.source for p in parts], "pooling": pooling},
+        first.class_names, "features", source={"caches": [p.source for p in parts], "pooling": pooling,
+                                               "feed": {"mode": "pooled", "memory_budget_bytes": budget}},
         random_weights=any(p.random_weights for p in parts), x_views=cat([p.x_views for p in parts]))
+
+
+def _streamed_rows(x) -> bool:
+    """Whether `x` is read from the cache as needed (heads.feed.CachedRows) rather than held in RAM."""
+    from heads.feed import CachedRows
+
+    return isinstance(x, CachedRows)
+
+
+def _maps_bytes(cache, layer: str) -> int:
+    """Stored bytes of one layer's maps, both splits and any views."""
+    shape = cache.meta.shapes[layer]
+    rows = cache.meta.n_train * cache.meta.views + cache.meta.n_test
+    return rows * int(np.prod(shape)) * np.dtype(cache.meta.dtype).itemsize
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _source(cache, layer: str) -> dict:
+    return {"cache": str(cache.path), "cache_key": cache.meta.key, "layer": layer, "cache_meta": cache.meta.to_dict()}
+
+
+def _pooled(cache, layer: str, pooling: str) -> TrainData:
+    """One layer's pooled vectors (both splits, views), from its derived pooled cache."""
+    from featcache.pooled import pooled
+
+    p = pooled(cache, layer, pooling)
+    return TrainData(p["train"], p["train_labels"], p["test"], p["test_labels"], cache.class_names, "features",
+                     source={**_source(cache, layer), "pooled": pooling}, random_weights=cache.meta.random_weights,
+                     x_views=p["views"], map_shape=tuple(cache.meta.shapes[layer]), pooled_by=pooling)
+
+
+def _streamed(cache, layer: str) -> TrainData:
+    """One layer's maps as CachedRows, read from disk as training needs them; labels in RAM."""
+    import h5py
+
+    from featcache.store import dataset_path
+    from heads.feed import CachedRows
+
+    with h5py.File(cache.path, "r") as f:
+        y_train, y_test = f["train/labels"][...], f["test/labels"][...]
+    rows = {split: CachedRows(cache.path, dataset_path(cache.meta, split, layer)) for split in ("train", "test")}
+    views = CachedRows(cache.path, dataset_path(cache.meta, "train", layer, views=True)) if cache.meta.views > 1 else None
+    return TrainData(rows["train"], y_train, rows["test"], y_test, cache.class_names, "features",
+                     source=_source(cache, layer), random_weights=cache.meta.random_weights, x_views=views)
 
 
 def _open(cache):
@@ -181,16 +245,6 @@ def _layer_sources(caches, layers) -> list[tuple]:
                                 "one of those layers with --layer")
         sources.append((holder, layer))
     return sources
-
-
-def global_pool(x: np.ndarray | None, pooling: str) -> np.ndarray | None:
-    """Pool the two spatial axes of (..., h, w, c) maps ("gap": mean, "max"), in float32, a few thousand
-    rows at a time; None passes through. The one numpy pooling of heads (layers are pooled in the model)."""
-    if x is None:
-        return None
-    reduce = {"gap": np.mean, "max": np.max}[pooling]
-    axes = (x.ndim - 3, x.ndim - 2)
-    return np.concatenate([reduce(x[i:i + 4096].astype(np.float32), axis=axes) for i in range(0, len(x), 4096)])
 
 
 def data_from_dataset(ds, input_size: int | None = None) -> TrainData:
@@ -261,6 +315,7 @@ def split_indices(y: np.ndarray, val_fraction: float, seed: int, class_names=Non
 class _Fitted:
     config: TrainConfig
     model: object
+    fit_model: object                 # the part of `model` fitted (past a global pooling layer, if any)
     history: dict
     best: int
     seconds: float
@@ -301,7 +356,8 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
     chosen = min(fits, key=lambda fit: fit.val_loss)   # validation only: the test split plays no part
     n_views = data.n_views if config.views_mode != "original" else 1
     history, best, model = chosen.history, chosen.best, chosen.model
-    probs = predict(model, data.x_test, config.batch_size)    # the one and only look at the test split
+    # the one and only look at the test split (pooled vectors go to the model past its pooling layer)
+    probs = predict(chosen.fit_model if data.pooled_by else model, data.x_test, config.batch_size)
     metrics = _metrics(probs, data.y_test, data.class_names)
     metrics.update(
         val_accuracy=float(history["val_accuracy"][best]), val_loss=chosen.val_loss,
@@ -335,9 +391,9 @@ def _fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, p
     """Build `config.model` and fit it on rows `tr` of the training split, choosing by rows `va`."""
     spec = MODELS[config.model]
     options = {k: getattr(config, k) for k in spec.options}
-    model = spec.build(data.x_train.shape[1:], len(data.class_names), **options)
+    model = spec.build(data.map_shape or data.x_train.shape[1:], len(data.class_names), **options)
     fit_model, (x_fit, views_fit) = _fixed_pooling_split(model, spec, options, [data.x_train, data.x_views],
-                                                         pooled)
+                                                         pooled, data.pooled_by)
     _set_standardisation(fit_model, x_fit, tr)
     n_views = data.n_views if config.views_mode != "original" else 1
     t0 = time.perf_counter()
@@ -345,16 +401,17 @@ def _fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, p
         history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, tr, va,
                              len(data.class_names), config.seed)
     else:
-        history = _fit_keras(fit_model, spec, config, x_fit, views_fit, data.y_train, tr, va, n_views, progress)
+        history = _fit_keras(fit_model, spec, config, x_fit, views_fit, data.y_train, tr, va, n_views, progress,
+                             memory_budget=data.source.get("feed", {}).get("memory_budget_bytes"))
     best = history.pop("best")
-    return _Fitted(config, model, history, best, time.perf_counter() - t0)
+    return _Fitted(config, model, fit_model, history, best, time.perf_counter() - t0)
 
 
 def subset(data: TrainData, per_class: int, seed: int) -> TrainData:
     """`data` with `per_class` training images per class (stratified, seeded); the test split untouched."""
     rows = stratified_subset(data.y_train, per_class, seed, data.class_names)
-    return replace(data, x_train=data.x_train[rows], y_train=data.y_train[rows],
-                   x_views=None if data.x_views is None else data.x_views[rows],
+    pick = lambda x: None if x is None else x.take(rows) if _streamed_rows(x) else x[rows]   # noqa: E731
+    return replace(data, x_train=pick(data.x_train), y_train=data.y_train[rows], x_views=pick(data.x_views),
                    source={**data.source, "per_class": per_class, "subset_seed": seed})
 
 
@@ -372,7 +429,8 @@ def fit_schedule(n_train: int, batch_size: int, epochs: int) -> tuple[int, int]:
     return batch, min(epochs - 1, max(0, -(-MIN_STEPS // steps_per_epoch) - 1))
 
 
-def _fit_keras(fit_model, spec, config, x_fit, views_fit, y, tr, va, n_views, progress) -> dict:
+def _fit_keras(fit_model, spec, config, x_fit, views_fit, y, tr, va, n_views, progress, *,
+               memory_budget: int | None = None) -> dict:
     """Mini-batch training with early stopping on validation loss (best weights restored)."""
     import keras
 
@@ -381,21 +439,34 @@ def _fit_keras(fit_model, spec, config, x_fit, views_fit, y, tr, va, n_views, pr
     fit_model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                       steps_per_execution=STEPS_PER_EXECUTION, jit_compile=False)   # XLA: 4x slower on CPU here
-    if n_views > 1:   # (n, views, ...): view 0 is the original image
-        x_fit = np.concatenate([x_fit[:, None], views_fit], axis=1)
     batch_size, start_from = fit_schedule(len(tr), config.batch_size, config.epochs)
     if batch_size != config.batch_size:
         log.info("batch size %d for %d training rows (at least %d steps per epoch)", batch_size, len(tr),
                  MIN_STEPS_PER_EPOCH)
-    x_all, y_all = _as_tensors(x_fit, y)
-    train_ds = _batches(x_all, y_all, tr, batch_size, shuffle=True, seed=config.seed, n_views=n_views,
-                        all_views=config.views_mode == "all")
-    val_ds = _batches(x_all, y_all, va, batch_size, shuffle=False, n_views=n_views)
+    stream = None
+    if _streamed_rows(x_fit):   # maps streamed from the cache (heads.feed)
+        from heads.feed import Stream
+
+        stream = Stream(x_fit, views_fit, y.astype(np.int64), budget=memory_budget, batch_size=batch_size)
+        train_ds = stream.dataset(tr, batch_size, shuffle=True, seed=config.seed, n_views=n_views,
+                                  all_views=config.views_mode == "all")
+        val_ds = stream.dataset(va, batch_size, shuffle=False)
+    else:
+        if n_views > 1:   # (n, views, ...): view 0 is the original image
+            x_fit = np.concatenate([x_fit[:, None], views_fit], axis=1)
+        x_all, y_all = _as_tensors(x_fit, y)
+        train_ds = _batches(x_all, y_all, tr, batch_size, shuffle=True, seed=config.seed, n_views=n_views,
+                            all_views=config.views_mode == "all")
+        val_ds = _batches(x_all, y_all, va, batch_size, shuffle=False, n_views=n_views)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                             restore_best_weights=True, start_from_epoch=start_from)
     timer = _epoch_log(config.epochs, progress)
-    history = fit_model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[stopper, timer],
-                            shuffle=False, verbose=0).history   # shuffled by _batches
+    try:
+        history = fit_model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[stopper, timer],
+                                shuffle=False, verbose=0).history   # shuffled by _batches or the stream
+    finally:
+        if stream is not None:
+            stream.close()
     history["best"] = stopper.best_epoch   # the epoch whose weights were restored (monitored epochs only)
     history["seconds"] = timer.seconds
     history["batch_size"] = batch_size
@@ -406,6 +477,10 @@ def _fit_probe(fit_model, x_fit, views_fit, y, tr, va, n_classes, seed) -> dict:
     """L-BFGS on the standardised vectors the probe's Dense layer sees; views add training rows."""
     from heads.probe import fit_linear_probe
 
+    if _streamed_rows(x_fit):
+        raise BadInputError("the linear probe (L-BFGS) needs every training row in memory, and these maps are "
+                            "streamed from disk; fix: --pooling gap or max (pooled once, small), or a larger "
+                            "--memory-budget")
     norm = fit_model.get_layer(STANDARDISE)
     mean, std = _stats_of(norm)
     z = lambda x: (x.reshape(len(x), -1).astype(np.float64) - mean) / std   # noqa: E731
@@ -434,8 +509,9 @@ def _set_standardisation(fit_model, x: np.ndarray, rows: np.ndarray) -> None:
         below = keras.Model(fit_model.inputs[0], norm.input)
         features = below.predict_on_batch
     total, total_sq, count = 0.0, 0.0, 0
-    for i in range(0, len(rows), 4096):   # a few thousand rows at a time: no copy of the whole split
-        v = np.asarray(features(x[rows[i:i + 4096]].astype(np.float32)), np.float64)
+    step = max(1, min(4096, (16 << 20) // (4 * int(np.prod(x.shape[1:])))))   # ~16 MB of float32 at a time
+    for i in range(0, len(rows), step):   # never a copy of the whole split
+        v = np.asarray(features(x[rows[i:i + step]].astype(np.float32)), np.float64)
         v = v.reshape(-1, v.shape[-1])
         total, total_sq, count = total + v.sum(0), total_sq + (v * v).sum(0), count + len(v)
     mean = total / count
@@ -459,12 +535,24 @@ def train_head(cache, *, layer=None, runs_dir="runs", progress=True, **options) 
     probe, whichever has the lower validation loss), `"dense"`, `"linear"` or `"conv"`.
 
     `layer` picks the cached layers to train on (default: all). Several layers, from one cache or
-    a list of caches of the same images, train on their pooled features, concatenated.
+    a list of caches of the same images, train on their pooled features, concatenated. Heads that pool
+    first read pooled vectors (made once per cache, layer and pooling); heads on maps hold them in RAM
+    within `memory_budget` (bytes or "2GB"; default half the available memory) and stream them from
+    disk beyond it, or always with `stream=True`.
     """
     options.setdefault("model", AUTO)
+    memory_budget, stream = options.pop("memory_budget", None), options.pop("stream", False)
     config = TrainConfig(**options)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
-    return train(data_from_caches(caches, config.pooling, layer), config, runs_dir=runs_dir, progress=progress)
+    data = data_from_caches(caches, config.pooling, layer, prepooled=pools_first(config),
+                            memory_budget=memory_budget, stream=stream)
+    return train(data, config, runs_dir=runs_dir, progress=progress)
+
+
+def pools_first(config: TrainConfig) -> bool:
+    """Whether every model `config` fits starts with a global pooling (then it trains on pooled vectors)."""
+    models = AUTO_CANDIDATES if config.model == AUTO else (config.model,)
+    return all(MODELS[m].prepooled({k: getattr(config, k) for k in MODELS[m].options}) is not None for m in models)
 
 
 def train_baseline(model: str, *, data="cifar10", limit=None, input_size=None, runs_dir="runs", progress=True,
@@ -503,25 +591,31 @@ def _metrics(probs: np.ndarray, y: np.ndarray, class_names) -> dict:
     }
 
 
-def _fixed_pooling_split(model, spec, options: dict, arrays: list, pooled: dict | None = None):
+def _fixed_pooling_split(model, spec, options: dict, arrays: list, pooled: dict | None = None,
+                         pooled_by: str | None = None):
     """(model to fit, its inputs): global pooling has no weights, so pool the features once.
 
     When the model spec says the model starts with a global pooling layer (`spec.prepooled`), the
-    rest of it is fitted on pooled vectors (computed here once instead of every epoch); it shares its
-    layers with `model`, which still takes feature maps for evaluation and saving. `arrays` are
-    (n, h, w, c) maps or (n, views, h, w, c) views; None passes through. `pooled`, when given, keeps
-    the pooled arrays by pooling for the next model fitted on the same arrays.
+    rest of it is fitted on pooled vectors (computed here once instead of every epoch, or read from a
+    derived cache: `pooled_by` says the arrays are those vectors already); it shares its layers with
+    `model`, which still takes feature maps for evaluation and saving. `arrays` are (n, h, w, c) maps or
+    (n, views, h, w, c) views; None passes through. `pooled`, when given, keeps the pooled arrays by
+    pooling for the next model fitted on the same arrays.
     """
     import keras
 
     pooling = spec.prepooled(options)
-    if pooling is None or len(arrays[0].shape) < 4:   # vectors (concatenated layers) are pooled already
+    if pooled_by is not None and pooling != pooled_by:
+        raise BadInputError(f"these features were pooled by {pooled_by}, but the model pools by {pooling}")
+    if pooling is None or (pooled_by is None and len(arrays[0].shape) < 4):   # vectors of concatenated layers
         return model, arrays
     layer = model.get_layer(f"pool_{pooling}")
-    pooled = {} if pooled is None else pooled
-    if pooling not in pooled:
-        pooled[pooling] = [global_pool(x, pooling) for x in arrays]
-    return keras.Model(layer.output, model.output), pooled[pooling]
+    if pooled_by is None:
+        pooled = {} if pooled is None else pooled
+        if pooling not in pooled:
+            pooled[pooling] = [global_pool(x, pooling) for x in arrays]
+        arrays = pooled[pooling]
+    return keras.Model(layer.output, model.output), arrays
 
 
 def _as_tensors(x, y):

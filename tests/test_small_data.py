@@ -124,17 +124,17 @@ def test_cli_per_class_is_recorded_and_shown(tiny_cache, tmp_path):
 
 
 def test_curve_end_to_end_reads_the_cache_once(tiny_cache, tmp_path, monkeypatch):
-    from featcache.store import FeatureCache
+    from featcache import pooled
 
     reads = []
-    real = FeatureCache.load
-    monkeypatch.setattr(FeatureCache, "load", lambda self, *a: reads.append(a) or real(self, *a))
+    real = pooled.pooled
+    monkeypatch.setattr(pooled, "pooled", lambda cache, *a: reads.append(a) or real(cache, *a))
     r = run("curve", "--cache", tiny_cache, "--sizes", "3,all", "--repeats", "2", "--epochs", "1",
             "--runs-dir", tmp_path / "runs", "--no-progress")
     assert r.exit_code == 0, r.output
     out = tmp_path / "runs" / r.stdout.strip().split("/")[-1]
     assert sorted(p.name for p in out.iterdir()) == ["curve.json", "curve.md", "curve.png"]
-    assert reads == [("train", "block3_pool"), ("test", "block3_pool")]   # one read of each split for 8 runs
+    assert reads == [("block3_pool", "gap")]   # both heads pool first: one read of pooled vectors for 8 runs
     curve = json.loads((out / "curve.json").read_text())
     assert curve["sizes"] == [3, "all"] and len(curve["runs"]) == 2 * 2 * 2
     for row in curve["summary"]:

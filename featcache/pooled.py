@@ -1,0 +1,123 @@
+"""Global pooling of cached maps, computed once and kept as a derived cache beside its source.
+
+Heads that start with global average (or max) pooling only ever see one vector per image, so a
+repeated experiment on a large cache should read 256-wide rows, not 4x4x256 maps (or 28x28x256 at
+224 px). `pooled(cache, layer, pooling)` reads the source in blocks of rows (memory stays a few
+blocks), pools each in float32, and writes ``<source stem>.<layer>.<pooling>.pooled.h5``::
+
+    /                 attributes: source (file name), source_key, source_stamp, layer, pooling, views
+    /<split>/features (n, channels) float32
+    /<split>/labels   (n,) int64
+    /train/views      (n, views - 1, channels) float32   (only when the source has views)
+
+A derived file is reused while its source is the same file it was made from (same key, size and
+modification time); otherwise it is made again. It is written to a temporary name and renamed, so a
+reader never sees half a file and two processes making the same one cannot clash. Where the source's
+folder is read-only, the pooled arrays are computed in memory and not kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import BadInputError
+
+log = logging.getLogger(__name__)
+POOLINGS = ("gap", "max")
+#: Bytes of maps read per block while pooling.
+BLOCK_BYTES = 64 << 20
+
+
+def global_pool(x: np.ndarray | None, pooling: str, rows: int = 4096) -> np.ndarray | None:
+    """Pool the two spatial axes of (..., h, w, c) maps ("gap": mean, "max"), in float32, `rows` rows at
+    a time; None passes through. The one numpy pooling of featcache and its heads."""
+    if x is None:
+        return None
+    reduce = {"gap": np.mean, "max": np.max}[pooling]
+    axes = (x.ndim - 3, x.ndim - 2)
+    if len(x) == 0:
+        return np.zeros((0, *x.shape[1:x.ndim - 3], x.shape[-1]), np.float32)
+    return np.concatenate([reduce(np.asarray(x[i:i + rows], np.float32), axis=axes) for i in range(0, len(x), rows)])
+
+
+def pooled_path(cache, layer: str, pooling: str) -> Path:
+    return Path(cache.path).with_name(f"{Path(cache.path).stem}.{layer}.{pooling}.pooled.h5")
+
+
+def _stamp(cache) -> str:
+    st = os.stat(cache.path)
+    return f"{cache.meta.key}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def pooled(cache, layer: str | None, pooling: str) -> dict:
+    """{"train": (n, c), "test": (n, c), "views": (n, views - 1, c) or None} float32 pooled features of
+    `layer`, read from the derived cache (made first when missing or stale)."""
+    import h5py
+
+    if pooling not in POOLINGS:
+        raise BadInputError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    layer = cache.select_layer(layer)
+    path = pooled_path(cache, layer, pooling)
+    if path.exists():
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("source_stamp") == _stamp(cache) and f.attrs.get("complete"):
+                    log.debug("pooled features from %s", path)
+                    return _read(f)
+            log.warning("%s was made from another version of %s; pooling again", path.name, Path(cache.path).name)
+        except OSError as e:
+            log.warning("%s is unreadable (%s); pooling again", path, e)
+    arrays = _pool_source(cache, layer, pooling)
+    if not os.access(path.parent, os.W_OK):
+        log.warning("cannot write in %s: pooled features are kept in memory only", path.parent)
+        return arrays
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(source=Path(cache.path).name, source_key=cache.meta.key, source_stamp=_stamp(cache),
+                           layer=layer, pooling=pooling, views=cache.meta.views)
+            for split in ("train", "test"):
+                f[f"{split}/features"] = arrays[split]
+                f[f"{split}/labels"] = arrays[f"{split}_labels"]
+            if arrays["views"] is not None:
+                f["train/views"] = arrays["views"]
+            f.attrs["complete"] = True
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    log.info("pooled %s (%s) into %s", Path(cache.path).name, pooling, path.name)
+    return arrays
+
+
+def _read(f) -> dict:
+    return {"train": f["train/features"][...], "test": f["test/features"][...],
+            "train_labels": f["train/labels"][...], "test_labels": f["test/labels"][...],
+            "views": f["train/views"][...] if "train/views" in f else None}
+
+
+def _pool_source(cache, layer: str, pooling: str) -> dict:
+    """Pool every row of the source, reading blocks of about BLOCK_BYTES."""
+    import h5py
+
+    from featcache.store import dataset_path
+
+    out = {}
+    with h5py.File(cache.path, "r") as f:
+        for split, views in (("train", False), ("test", False), ("train", True)):
+            name = dataset_path(cache.meta, split, layer, views=views)
+            if name not in f:
+                out["views"] = None
+                continue
+            data = f[name]
+            row_bytes = int(np.prod(data.shape[1:])) * data.dtype.itemsize
+            block = max(1, BLOCK_BYTES // row_bytes)
+            out["views" if views else split] = global_pool(data, pooling, rows=block)
+            if not views:
+                out[f"{split}_labels"] = f[f"{split}/labels"][...]
+    return out

@@ -1,0 +1,244 @@
+"""How cached features reach a head: pooled vectors, maps in RAM, or maps streamed from disk.
+
+- Heads that start with global pooling (the default head, the linear probe, any `--pooling gap|max`)
+  train on pooled vectors, read from a derived cache that pools the maps once (featcache.pooled);
+  their memory is the vectors', whatever the cache's size.
+- Heads that need the maps (`--pooling flatten`, the conv head) hold them in RAM when the rows they
+  need fit the memory budget, and stream them from the cache otherwise (or with `--stream`): each
+  epoch reads blocks of contiguous rows in a new seeded order, in worker processes (h5py reads in
+  one thread at a time per process), each batch gathers several blocks, and only a few batches
+  are ever in memory.
+
+Random single rows are slow to read from HDF5 (each touches a chunk); a few thousand contiguous rows
+are not. A block here is BLOCK_ROWS consecutive training rows, so a batch of 256 reads 16 short
+runs of rows, and every training row is seen once per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import BadInputError
+
+log = logging.getLogger(__name__)
+#: Consecutive training rows read together; a batch mixes batch_size / BLOCK_ROWS blocks.
+BLOCK_ROWS = 16
+#: Default memory budget: this share of the memory available when the run starts.
+BUDGET_SHARE = 0.5
+#: Keeping maps in RAM costs about this many times their stored size (float32 tensors, views joined).
+RAM_FACTOR = 3
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux MemAvailable; total physical memory elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_bytes(value) -> int:
+    """2000000, "2GB", "1.5 GiB", "512M" -> bytes."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(value))
+    if not m or m.group(1).count(".") > 1:
+        raise BadInputError(f"--memory-budget must be a size like 2GB or 512MB, got {value!r}")
+    scale = 1024 if m.group(3) and m.group(3).lower() == "ib" else 1000
+    return int(float(m.group(1)) * scale ** " kmgt".index((m.group(2) or " ").lower()))
+
+
+def default_budget() -> int:
+    return int(available_memory() * BUDGET_SHARE)
+
+
+class CachedRows:
+    """Rows of one features dataset of a cache file (a split's maps, or its views), read on demand.
+
+    Behaves enough like an array for the training code: `shape`, `len`, `x[rows]` and `x[a:b]` read
+    (as float32), `take(rows)` narrows without reading. The file is opened per read, so an instance
+    can be sent to worker processes.
+    """
+
+    def __init__(self, path, name: str, rows: np.ndarray | None = None):
+        import h5py
+
+        self.path, self.name = str(path), name
+        with h5py.File(self.path, "r") as f:
+            self.row_shape, self.dtype = tuple(f[name].shape[1:]), f[name].dtype
+            n = f[name].shape[0]
+        self.rows = np.arange(n) if rows is None else np.asarray(rows, np.int64)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.rows), *self.row_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.row_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.rows) * int(np.prod(self.row_shape)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, positions) -> "CachedRows":
+        out = object.__new__(CachedRows)
+        out.__dict__.update(self.__dict__, rows=self.rows[np.asarray(positions, np.int64)])
+        return out
+
+    def __getitem__(self, positions) -> np.ndarray:
+        if isinstance(positions, slice):
+            positions = np.arange(len(self.rows))[positions]
+        return self.read(np.asarray(positions, np.int64))
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at `positions` (into this view), in that order, as float32; contiguous runs of file
+        rows are read as one slice each."""
+        import h5py
+
+        file_rows = self.rows[positions]
+        order = np.argsort(file_rows, kind="stable")
+        wanted = file_rows[order]
+        out = np.empty((len(wanted), *self.row_shape), np.float32)
+        if len(wanted):
+            breaks = np.flatnonzero(np.diff(wanted) > BLOCK_ROWS) + 1
+            with h5py.File(self.path, "r") as f:
+                data = f[self.name]
+                for run in np.split(np.arange(len(wanted)), breaks):
+                    first, last = wanted[run[0]], wanted[run[-1]]
+                    out[run] = data[first:last + 1][wanted[run] - first]
+        result = np.empty_like(out)
+        result[order] = out
+        return result
+
+
+def plan_batches(positions: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                 n_views: int = 1, all_views: bool = False) -> list[np.ndarray]:
+    """One epoch's batches of rows `positions`, each an array of (row, view) pairs.
+
+    Training (`shuffle`): blocks of BLOCK_ROWS consecutive rows in an order seeded by (seed, epoch),
+    each row with a random view (or every view once, `all_views`); evaluation: rows in order, view 0.
+    Every row comes once per epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    rows = np.sort(np.asarray(positions, np.int64))
+    if n_views > 1 and all_views and shuffle:
+        pairs = np.stack([np.repeat(rows, n_views), np.tile(np.arange(n_views), len(rows))], axis=1)
+    elif n_views > 1 and shuffle:
+        pairs = np.stack([rows, rng.integers(0, n_views, len(rows))], axis=1)
+    else:
+        pairs = np.stack([rows, np.zeros_like(rows)], axis=1)
+    blocks = [pairs[s:s + BLOCK_ROWS] for s in range(0, len(pairs), BLOCK_ROWS)]
+    if shuffle:
+        blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+    order = np.concatenate(blocks) if blocks else pairs
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def read_batch(x: CachedRows, views: CachedRows | None, y: np.ndarray, pairs: np.ndarray):
+    """(float32 features, labels) of (row, view) `pairs`; view 0 is the original image."""
+    out = np.empty((len(pairs), *x.row_shape), np.float32)
+    originals = pairs[:, 1] == 0
+    if originals.any():
+        out[originals] = x.read(pairs[originals, 0])
+    for v in np.unique(pairs[~originals, 1]):
+        pick = pairs[:, 1] == v
+        out[pick] = views.read(pairs[pick, 0])[:, v - 1]
+    return out, y[pairs[:, 0]]
+
+
+_WORKER_SOURCE = None   # a reading process's (x, views, y), set once when it starts
+
+
+def _start_reader(source) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+
+
+def _read_in_worker(pairs):
+    return read_batch(*_WORKER_SOURCE, pairs)
+
+
+class Stream:
+    """tf.data datasets of batches read from a cache by `workers` processes, `ahead` batches at most in
+    flight: `with Stream(x, views, y, workers=2) as s: model.fit(s.dataset(tr, ...), ...)`.
+
+    Processes, because h5py reads in one thread at a time per process. They are started (spawned:
+    nothing of TensorFlow is copied into them) at the first batch and stopped on leaving the block."""
+
+    def __init__(self, x: CachedRows, views: CachedRows | None, y: np.ndarray, *, workers: int | None = None,
+                 budget: int | None = None, batch_size: int = 256):
+        self.source = (x, views, np.asarray(y))
+        self.workers = workers or max(1, min(4, os.cpu_count() or 1))
+        batch_bytes = batch_size * int(np.prod(x.row_shape)) * 4
+        # batches read ahead: two per worker, fewer when that would not fit a quarter of the budget
+        self.ahead = int(max(1, min(2 * self.workers, (budget or 1 << 62) // (4 * batch_bytes))))
+        self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def batches(self, plan):
+        """Read the batches of `plan` (lists of pairs) in order."""
+        import collections
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self.workers == 1:
+            for pairs in plan:
+                yield read_batch(*self.source, pairs)
+            return
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_reader, initargs=(self.source,))
+        pending = collections.deque()
+        try:
+            for pairs in plan:
+                pending.append(self._pool.submit(_read_in_worker, pairs))
+                if len(pending) >= self.ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool as e:
+            raise RuntimeError("a process reading the cache died (out of memory or killed; or featcache was called "
+                               "from a script without `if __name__ == '__main__':`, which processes started by "
+                               "spawning need)") from e
+
+    def dataset(self, positions, batch_size: int, *, shuffle: bool, seed: int = 0, n_views: int = 1,
+                all_views: bool = False):
+        """A tf.data.Dataset of (float32 features, int64 labels); each pass over it is one epoch, with a new
+        block order when `shuffle`. Nothing is buffered beyond the batches read ahead and one in TensorFlow."""
+        import tensorflow as tf
+
+        epoch = [-1]
+
+        def generate():
+            epoch[0] += 1
+            yield from self.batches(plan_batches(positions, batch_size, shuffle=shuffle, seed=seed, epoch=epoch[0],
+                                                 n_views=n_views, all_views=all_views))
+
+        x = self.source[0]
+        ds = tf.data.Dataset.from_generator(generate, output_signature=(
+            tf.TensorSpec((None, *x.row_shape), tf.float32), tf.TensorSpec((None,), self.source[2].dtype)))
+        options = tf.data.Options()
+        options.autotune.enabled = False   # AUTOTUNE may buffer up to half the machine's memory
+        return ds.prefetch(1).with_options(options)

@@ -1,0 +1,168 @@
+"""Heads on caches of any size: pooled vectors made once, maps in RAM or streamed within a memory budget."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featcache
+from featcache import pooled as pooled_module
+from featcache.cli import main
+from heads import feed
+from heads.train import data_from_cache, data_from_caches, train, train_head, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from synthetic import write_synthetic_cache  # noqa: E402
+
+QUICK = dict(epochs=3, patience=1, units=(16,), seed=0)
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    return write_synthetic_cache(tmp_path / "synthetic.h5", n_train=300, n_test=100, shape=(4, 4, 32), views=3,
+                                 noise=1.0)
+
+
+def count_pooling(monkeypatch):
+    calls = []
+    original = pooled_module._pool_source
+
+    def counted(*a, **kw):
+        calls.append(a[1:])
+        return original(*a, **kw)
+
+    monkeypatch.setattr(pooled_module, "_pool_source", counted)
+    return calls
+
+
+def test_pooled_vectors_are_made_once_reused_and_equal_pooling_in_ram(synthetic, monkeypatch):
+    calls = count_pooling(monkeypatch)
+    config = dict(model="dense", **QUICK)
+    first = train_head(synthetic, runs_dir=None, progress=False, **config)
+    second = train_head(synthetic, runs_dir=None, progress=False, **config)
+    assert len(calls) == 1, "the second run reads the derived cache"
+    assert pooled_module.pooled_path(featcache.open_cache(synthetic), "block3_pool", "gap").is_file()
+    in_ram = train(data_from_cache(synthetic), TrainConfig(**config), runs_dir=None, progress=False)
+    for run in (first, second):
+        assert run.metrics["test_accuracy"] == in_ram.metrics["test_accuracy"]
+        assert run.metrics["val_loss"] == pytest.approx(in_ram.metrics["val_loss"], rel=1e-6)
+    vectors = pooled_module.pooled(featcache.open_cache(synthetic), None, "gap")
+    x, _ = featcache.open_cache(synthetic).load("train")
+    np.testing.assert_array_equal(vectors["train"], x.astype(np.float32).mean(axis=(1, 2)))
+    assert vectors["views"].shape == (300, 2, 32)
+
+
+def test_pooled_vectors_are_made_again_when_the_source_changes(synthetic, monkeypatch):
+    calls = count_pooling(monkeypatch)
+    pooled_module.pooled(featcache.open_cache(synthetic), None, "gap")
+    pooled_module.pooled(featcache.open_cache(synthetic), None, "max")   # another pooling, another file
+    write_synthetic_cache(synthetic.with_name("other.h5"), n_train=300, n_test=100, shape=(4, 4, 32), views=3,
+                          noise=1.0, seed=1)
+    os.replace(synthetic.with_name("other.h5"), synthetic)   # same path, another file
+    again = pooled_module.pooled(featcache.open_cache(synthetic), None, "gap")
+    assert len(calls) == 3
+    x, _ = featcache.open_cache(synthetic).load("test")
+    np.testing.assert_array_equal(again["test"], x.astype(np.float32).mean(axis=(1, 2)))
+
+
+def test_stream_reads_every_training_row_once_per_epoch_in_seeded_block_orders(synthetic):
+    x = feed.CachedRows(synthetic, "train/features")
+    y = np.arange(len(x))   # labels = row numbers, to see which rows come
+    rows = np.arange(0, 300, 3)[5:]   # 95 rows with gaps, as training rows are once validation is carved out
+    reference = featcache.open_cache(synthetic).load("train")[0].astype(np.float32)
+    with feed.Stream(x, None, y, workers=2) as stream:
+        ds = stream.dataset(rows, 32, shuffle=True, seed=4)
+        orders = []
+        for epoch in range(2):
+            batches = [(f.numpy(), l.numpy()) for f, l in ds]
+            seen = np.concatenate([b[1] for b in batches])
+            assert sorted(seen) == list(rows), "every training row once per epoch"
+            for features, labels in batches:   # each row's own features
+                np.testing.assert_array_equal(features, reference[labels])
+            orders.append(seen)
+        pids = list(stream._pool._processes)
+        val = np.concatenate([l.numpy() for _, l in stream.dataset(rows, 32, shuffle=False)])
+    assert 1 <= len(pids) <= 2
+    for pid in pids:   # the reading processes are stopped with the stream
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not np.array_equal(orders[0], orders[1]), "block order changes between epochs"
+    again = feed.plan_batches(rows, 32, shuffle=True, seed=4, epoch=0)
+    assert np.array_equal(np.concatenate(again)[:, 0], orders[0]), "seeded"
+    assert list(val) == list(rows), "evaluation rows in order"
+
+
+@pytest.mark.parametrize("all_views", [False, True])
+def test_stream_views(synthetic, all_views):
+    cache = featcache.open_cache(synthetic)
+    x, views = feed.CachedRows(synthetic, "train/features"), feed.CachedRows(synthetic, "train/views")
+    stored = np.concatenate([cache.load("train")[0][:, None], cache.load_views()], axis=1).astype(np.float32)
+    rows = np.arange(40)
+    got = [feed.read_batch(x, views, np.arange(300), pairs)
+           for pairs in feed.plan_batches(rows, 16, shuffle=True, n_views=3, all_views=all_views)]
+    features, labels = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+    which = [next(v for v in range(3) if np.array_equal(f, stored[r, v])) for f, r in zip(features, labels)]
+    if all_views:
+        assert sorted(zip(labels, which)) == [(r, v) for r in rows for v in range(3)]
+    else:
+        assert sorted(labels) == list(rows) and len(set(which)) > 1, "a random view of each row"
+
+
+def test_streamed_and_in_ram_heads_agree(synthetic):
+    config = dict(model="dense", pooling="flatten", **QUICK)
+    ram = train_head(synthetic, runs_dir=None, progress=False, **config)
+    streamed = train_head(synthetic, runs_dir=None, progress=False, stream=True, **config)
+    assert ram.metrics["n_train"] == streamed.metrics["n_train"] and ram.metrics["n_val"] == streamed.metrics["n_val"]
+    assert abs(ram.metrics["test_accuracy"] - streamed.metrics["test_accuracy"]) <= 0.05
+    assert streamed.metrics["test_accuracy"] > 0.5   # ten classes: well above chance
+
+
+def test_memory_budget_decides_and_the_choice_is_recorded(synthetic, tmp_path):
+    maps = 300 * 3 * 512 * 2 + 100 * 512 * 2
+    small = data_from_caches([synthetic], "flatten", memory_budget=maps)
+    large = data_from_caches([synthetic], "flatten", memory_budget="1GB")
+    assert small.source["feed"] == {"mode": "stream", "memory_budget_bytes": maps, "maps_bytes": maps}
+    assert isinstance(small.x_train, feed.CachedRows) and large.source["feed"]["mode"] == "ram"
+    assert data_from_caches([synthetic], "gap", prepooled=True).source["feed"]["mode"] == "pooled"
+    r = CliRunner().invoke(main, ["train-head", "--cache", str(synthetic), "--pooling", "flatten", "--head", "dense",
+                                  "--memory-budget", "10kB", "--epochs", "1", "--units", "8", "--runs-dir",
+                                  str(tmp_path / "runs"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((Path(r.stdout.strip()) / "config.json").read_text())
+    assert config["data"]["feed"]["mode"] == "stream" and config["data"]["feed"]["memory_budget_bytes"] == 10_000
+
+
+@pytest.mark.parametrize("size", ["lots", "2..5GB", "-1GB"])
+def test_bad_memory_budget_is_refused(synthetic, size):
+    r = CliRunner().invoke(main, ["train-head", "--cache", str(synthetic), "--memory-budget", size])
+    assert r.exit_code == 2 and "--memory-budget must be a size like 2GB" in r.stderr
+
+
+def test_parse_bytes():
+    assert [feed.parse_bytes(v) for v in ("2GB", "1.5 GiB", "512M", "10kB", 7)] == \
+        [2_000_000_000, int(1.5 * 2**30), 512_000_000, 10_000, 7]
+
+
+def peak_rss(args, tmp_path) -> int:
+    report = tmp_path / f"peak-{len(list(tmp_path.glob('peak-*')))}"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "peak_rss.py"), *args], cwd=ROOT, timeout=600,
+                          env={**os.environ, "PEAK_RSS_FILE": str(report)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(report.read_text())
+
+
+def test_streaming_memory_does_not_grow_with_the_cache(tmp_path):
+    """A cache 8x larger than the budget costs the streaming run no more memory than a tiny one."""
+    big = write_synthetic_cache(tmp_path / "big.h5", n_train=6000, n_test=500, shape=(8, 8, 256))   # 213 MB
+    tiny = write_synthetic_cache(tmp_path / "tiny.h5", n_train=300, n_test=50, shape=(8, 8, 256))
+    args = ["train-head", "--pooling", "flatten", "--head", "dense", "--units", "8", "--epochs", "1",
+            "--memory-budget", "25MB", "--runs-dir", str(tmp_path / "runs"), "--no-progress", "--cache"]
+    small_peak, big_peak = peak_rss(args + [str(tiny)], tmp_path), peak_rss(args + [str(big)], tmp_path)
+    assert big_peak - small_peak < 25e6 + 40e6, (small_peak, big_peak)   # budget + a few batches of slack
+    assert os.path.getsize(big) > 8 * 25e6
