@@ -41,11 +41,13 @@ def write_synthetic_cache(path, *, n_train: int, n_test: int, shape=(4, 4, 256),
             features = f[store.dataset_path(meta, split, meta.layer)]
             for s in range(0, len(y), block_rows):
                 e = min(s + block_rows, len(y))
-                rows = patterns[y[s:e]] + rng.normal(0, noise, (e - s, *shape)).astype(np.float32)
-                features[s:e] = np.maximum(rows, 0)   # non-negative, like ReLU maps
+                rows = patterns[y[s:e]] + noise * rng.standard_normal((e - s, *shape), dtype=np.float32)
+                features[s:e] = np.maximum(rows, 0).astype(np.float16)   # ReLU-like; cast here, HDF5's is slow
                 if split == "train" and views > 1:
-                    extra = patterns[y[s:e]][:, None] + rng.normal(0, noise, (e - s, views - 1, *shape))
-                    f[store.dataset_path(meta, split, meta.layer, views=True)][s:e] = np.maximum(extra, 0)
+                    extra = patterns[y[s:e]][:, None] + noise * rng.standard_normal((e - s, views - 1, *shape),
+                                                                                    dtype=np.float32)
+                    f[store.dataset_path(meta, split, meta.layer, views=True)][s:e] = np.maximum(extra, 0).astype(
+                        np.float16)
         f["progress"][...] = [n_train, n_test]
         store.finish(f, max_abs_activation=float(noise * 10))
     return path

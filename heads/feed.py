@@ -102,25 +102,36 @@ class CachedRows:
             positions = np.arange(len(self.rows))[positions]
         return self.read(np.asarray(positions, np.int64))
 
-    def read(self, positions: np.ndarray) -> np.ndarray:
-        """The rows at `positions` (into this view), in that order, as float32; contiguous runs of file
+    def read(self, positions: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """The rows at `positions` (into this view), in that order, as `dtype`; contiguous runs of file
         rows are read as one slice each."""
         import h5py
 
         file_rows = self.rows[positions]
         order = np.argsort(file_rows, kind="stable")
         wanted = file_rows[order]
-        out = np.empty((len(wanted), *self.row_shape), np.float32)
+        out = np.empty((len(wanted), *self.row_shape), dtype)
         if len(wanted):
-            breaks = np.flatnonzero(np.diff(wanted) > BLOCK_ROWS) + 1
             with h5py.File(self.path, "r") as f:
                 data = f[self.name]
-                for run in np.split(np.arange(len(wanted)), breaks):
+                for run in _runs(wanted):
                     first, last = wanted[run[0]], wanted[run[-1]]
                     out[run] = data[first:last + 1][wanted[run] - first]
         result = np.empty_like(out)
         result[order] = out
         return result
+
+
+def _runs(rows: np.ndarray) -> list[np.ndarray]:
+    """Indices of sorted `rows` grouped into runs read as one slice each: rows less than BLOCK_ROWS apart,
+    a run spanning at most 4 * BLOCK_ROWS rows (sparse rows, such as validation rows spread through the
+    split, would otherwise make one slice of thousands of rows)."""
+    runs, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] - rows[i - 1] > BLOCK_ROWS or rows[i] - rows[start] >= 4 * BLOCK_ROWS:
+            runs.append(np.arange(start, i))
+            start = i
+    return runs
 
 
 def plan_batches(positions: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
@@ -145,15 +156,15 @@ def plan_batches(positions: np.ndarray, batch_size: int, *, shuffle: bool, seed:
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def read_batch(x: CachedRows, views: CachedRows | None, y: np.ndarray, pairs: np.ndarray):
-    """(float32 features, labels) of (row, view) `pairs`; view 0 is the original image."""
-    out = np.empty((len(pairs), *x.row_shape), np.float32)
+def read_batch(x: CachedRows, views: CachedRows | None, y: np.ndarray, pairs: np.ndarray, dtype=np.float32):
+    """(features as `dtype`, labels) of (row, view) `pairs`; view 0 is the original image."""
+    out = np.empty((len(pairs), *x.row_shape), dtype)
     originals = pairs[:, 1] == 0
     if originals.any():
-        out[originals] = x.read(pairs[originals, 0])
+        out[originals] = x.read(pairs[originals, 0], dtype)
     for v in np.unique(pairs[~originals, 1]):
         pick = pairs[:, 1] == v
-        out[pick] = views.read(pairs[pick, 0])[:, v - 1]
+        out[pick] = views.read(pairs[pick, 0], dtype)[:, v - 1]
     return out, y[pairs[:, 0]]
 
 
@@ -166,7 +177,8 @@ def _start_reader(source) -> None:
 
 
 def _read_in_worker(pairs):
-    return read_batch(*_WORKER_SOURCE, pairs)
+    x = _WORKER_SOURCE[0]
+    return read_batch(*_WORKER_SOURCE, pairs, dtype=x.dtype)   # stored dtype: half the bytes back, if float16
 
 
 class Stream:
@@ -205,7 +217,7 @@ class Stream:
 
         if self.workers == 1:
             for pairs in plan:
-                yield read_batch(*self.source, pairs)
+                yield read_batch(*self.source, pairs, dtype=self.source[0].dtype)
             return
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -226,7 +238,8 @@ class Stream:
     def dataset(self, positions, batch_size: int, *, shuffle: bool, seed: int = 0, n_views: int = 1,
                 all_views: bool = False):
         """A tf.data.Dataset of (float32 features, int64 labels); each pass over it is one epoch, with a new
-        block order when `shuffle`. Nothing is buffered beyond the batches read ahead and one in TensorFlow."""
+        block order when `shuffle`. Batches travel in the stored dtype and are cast to float32 by TensorFlow.
+        Nothing is buffered beyond the batches read ahead and one in TensorFlow."""
         import tensorflow as tf
 
         epoch = [-1]
@@ -238,7 +251,14 @@ class Stream:
 
         x = self.source[0]
         ds = tf.data.Dataset.from_generator(generate, output_signature=(
-            tf.TensorSpec((None, *x.row_shape), tf.float32), tf.TensorSpec((None,), self.source[2].dtype)))
+            tf.TensorSpec((None, *x.row_shape), tf.as_dtype(x.dtype)), tf.TensorSpec((None,), self.source[2].dtype)))
+        @tf.autograph.experimental.do_not_convert   # plain tensor ops: nothing for AutoGraph to convert
+        def as_float32(features, labels):
+            return tf.cast(features, tf.float32), labels
+
+        ds = ds.map(as_float32)
+        rows = len(positions) * (n_views if n_views > 1 and all_views and shuffle else 1)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(-(-rows // batch_size)))   # Keras knows the epoch
         options = tf.data.Options()
         options.autotune.enabled = False   # AUTOTUNE may buffer up to half the machine's memory
         return ds.prefetch(1).with_options(options)

@@ -483,7 +483,13 @@ def _fit_probe(fit_model, x_fit, views_fit, y, tr, va, n_classes, seed) -> dict:
                             "--memory-budget")
     norm = fit_model.get_layer(STANDARDISE)
     mean, std = _stats_of(norm)
-    z = lambda x: (x.reshape(len(x), -1).astype(np.float64) - mean) / std   # noqa: E731
+
+    def z(x):   # in place: three float64 copies of a large split would triple the probe's memory
+        out = x.reshape(len(x), -1).astype(np.float64)
+        out -= mean
+        out /= std
+        return out
+
     x_train, y_train = z(x_fit[tr]), y[tr]
     if views_fit is not None:
         x_train = np.concatenate([x_train, *(z(views_fit[tr, v]) for v in range(views_fit.shape[1]))])
