@@ -2,7 +2,7 @@
 
 A forked child's rusage also counts its parent's memory at fork time, so a big benchmark process
 would inflate every child's figure; VmHWM belongs to the exec'd process alone (worker processes it
-starts, e.g. to read a streamed cache, have their own).
+starts, e.g. to read a streamed cache, have their own, read from their /proc/<pid>/status).
 """
 
 import atexit
@@ -11,14 +11,10 @@ import sys
 
 
 def _report():
-    import resource
-
     with open("/proc/self/status") as f:
         kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     with open(os.environ["PEAK_RSS_FILE"], "w") as f:
         f.write(str(kib * 1024))
-    with open(os.environ["PEAK_RSS_FILE"] + ".children", "w") as f:   # the largest of its finished children
-        f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024))
 
 
 if __name__ == "__main__":   # guarded: processes started by spawning import this file again
