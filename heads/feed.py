@@ -141,19 +141,18 @@ def plan_batches(positions: np.ndarray, batch_size: int, *, shuffle: bool, seed:
     Training (`shuffle`): blocks of BLOCK_ROWS consecutive rows in an order seeded by (seed, epoch),
     each row with a random view (or every view once, `all_views`); evaluation: rows in order, view 0.
     Every row comes once per epoch."""
-    rng = np.random.default_rng([seed, epoch])
+    from featcache.reader import block_order
+
     rows = np.sort(np.asarray(positions, np.int64))
     if n_views > 1 and all_views and shuffle:
         pairs = np.stack([np.repeat(rows, n_views), np.tile(np.arange(n_views), len(rows))], axis=1)
     elif n_views > 1 and shuffle:
-        pairs = np.stack([rows, rng.integers(0, n_views, len(rows))], axis=1)
+        pairs = np.stack([rows, np.random.default_rng([seed, epoch, 1]).integers(0, n_views, len(rows))], axis=1)
     else:
         pairs = np.stack([rows, np.zeros_like(rows)], axis=1)
-    blocks = [pairs[s:s + BLOCK_ROWS] for s in range(0, len(pairs), BLOCK_ROWS)]
-    if shuffle:
-        blocks = [blocks[i] for i in rng.permutation(len(blocks))]
-    order = np.concatenate(blocks) if blocks else pairs
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if shuffle:   # the same seeded block order as cache.as_tf_dataset
+        pairs = np.concatenate([pairs[s:e] for s, e in block_order(len(pairs), BLOCK_ROWS, seed, epoch)] or [pairs])
+    return [pairs[s:s + batch_size] for s in range(0, len(pairs), batch_size)]
 
 
 def read_batch(x: CachedRows, views: CachedRows | None, y: np.ndarray, pairs: np.ndarray, dtype=np.float32):
