@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import multiprocessing
-import signal
+import os
 import sys
 import threading
 import time
@@ -28,6 +28,7 @@ import numpy as np
 from featcache import augment as aug
 from featcache import backbones, store
 from featcache.errors import BadInputError, UnreadableImageError
+from featcache.workers import start_worker
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +158,10 @@ def _decode_rows(splits, name: str, s: int, e: int, *, size, require_native, vie
     return images, extra
 
 
-def _start_decoder(splits) -> None:
+def _start_decoder(splits, parent: int) -> None:
     global _WORKER_SPLITS
     _WORKER_SPLITS = splits
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle: it stops the pool
+    start_worker(parent)
 
 
 @contextlib.contextmanager
@@ -171,7 +172,7 @@ def _decode_processes(n: int, splits):
         yield None
         return
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_start_decoder,
-                               initargs=(splits,))
+                               initargs=(splits, os.getpid()))
     try:
         list(pool.map(time.sleep, [0.05] * n))   # all n started now (they start on demand), not within the first batches
         yield pool

@@ -88,6 +88,9 @@ def pooled(cache, layer: str | None, pooling: str) -> dict:
             if arrays["views"] is not None:
                 f["train/views"] = arrays["views"]
             f.attrs["complete"] = True
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # as an ordinary new file: mkstemp's 0600 would hide it from other users
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -19,15 +19,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
-
 import numpy as np
 
 from featcache.errors import BadInputError
 
 log = logging.getLogger(__name__)
-#: Consecutive training rows read together; a batch mixes batch_size / BLOCK_ROWS blocks.
+#: Consecutive training rows read together (at most; a batch gathers at least 16 blocks).
 BLOCK_ROWS = 16
+#: Training rows are shuffled across this many consecutive batches (fewer if the budget is small): a block of
+#: an image-folder cache usually holds one class, so a batch of 16 blocks alone would hold few classes.
+MIX_BATCHES = 8
 #: Default memory budget: this share of the memory available when the run starts.
 BUDGET_SHARE = 0.5
 #: Keeping maps in RAM costs about this many times their stored size (float32 tensors, views joined).
@@ -35,22 +36,18 @@ RAM_FACTOR = 3
 
 
 def available_memory() -> int:
-    """Bytes of memory available now (Linux MemAvailable; total physical memory elsewhere)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Bytes this process can still allocate (MemAvailable capped by a cgroup limit; physical memory elsewhere)."""
+    from featcache.extract import available_memory as available
+
+    return available() or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def parse_bytes(value) -> int:
     """2000000, "2GB", "1.5 GiB", "512M" -> bytes."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return int(value)
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(value))
-    if not m or m.group(1).count(".") > 1:
+    m = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(value))
+    if not m:
         raise BadInputError(f"--memory-budget must be a size like 2GB or 512MB, got {value!r}")
     scale = 1024 if m.group(3) and m.group(3).lower() == "ib" else 1000
     return int(float(m.group(1)) * scale ** " kmgt".index((m.group(2) or " ").lower()))
@@ -138,7 +135,8 @@ def plan_batches(positions: np.ndarray, batch_size: int, *, shuffle: bool, seed:
                  n_views: int = 1, all_views: bool = False) -> list[np.ndarray]:
     """One epoch's batches of rows `positions`, each an array of (row, view) pairs.
 
-    Training (`shuffle`): blocks of BLOCK_ROWS consecutive rows in an order seeded by (seed, epoch),
+    Training (`shuffle`): blocks of consecutive rows (BLOCK_ROWS, fewer for batches under 256, so a batch
+    gathers at least 16 blocks) in an order seeded by (seed, epoch),
     each row with a random view (or every view once, `all_views`); evaluation: rows in order, view 0.
     Every row comes once per epoch."""
     from featcache.reader import block_order
@@ -151,7 +149,8 @@ def plan_batches(positions: np.ndarray, batch_size: int, *, shuffle: bool, seed:
     else:
         pairs = np.stack([rows, np.zeros_like(rows)], axis=1)
     if shuffle:   # the same seeded block order as cache.as_tf_dataset
-        pairs = np.concatenate([pairs[s:e] for s, e in block_order(len(pairs), BLOCK_ROWS, seed, epoch)] or [pairs])
+        block = max(1, min(BLOCK_ROWS, batch_size // 16))
+        pairs = np.concatenate([pairs[s:e] for s, e in block_order(len(pairs), block, seed, epoch)] or [pairs])
     return [pairs[s:s + batch_size] for s in range(0, len(pairs), batch_size)]
 
 
@@ -170,14 +169,36 @@ def read_batch(x: CachedRows, views: CachedRows | None, y: np.ndarray, pairs: np
 _WORKER_SOURCE = None   # a reading process's (x, views, y), set once when it starts
 
 
-def _start_reader(source) -> None:
+def _start_reader(source, parent: int) -> None:
+    from featcache.workers import start_worker
+
     global _WORKER_SOURCE
     _WORKER_SOURCE = source
+    start_worker(parent)
 
 
 def _read_in_worker(pairs):
     x = _WORKER_SOURCE[0]
     return read_batch(*_WORKER_SOURCE, pairs, dtype=x.dtype)   # stored dtype: half the bytes back, if float16
+
+
+def _mixed(batches, window: int, batch_size: int, rng):
+    """The rows of each `window` consecutive batches, shuffled together and cut into batches again."""
+    def flush(buffer):
+        features = np.concatenate([b[0] for b in buffer])
+        labels = np.concatenate([b[1] for b in buffer])
+        order = rng.permutation(len(labels))
+        for s in range(0, len(order), batch_size):
+            yield features[order[s:s + batch_size]], labels[order[s:s + batch_size]]
+
+    buffer = []
+    for batch in batches:
+        buffer.append(batch)
+        if len(buffer) == window:
+            yield from flush(buffer)
+            buffer = []
+    if buffer:
+        yield from flush(buffer)
 
 
 class Stream:
@@ -193,7 +214,10 @@ class Stream:
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
         batch_bytes = batch_size * int(np.prod(x.row_shape)) * 4
         # batches read ahead: two per worker, fewer when that would not fit a quarter of the budget
-        self.ahead = int(max(1, min(2 * self.workers, (budget or 1 << 62) // (4 * batch_bytes))))
+        budget = 1 << 62 if budget is None else budget
+        self.ahead = int(max(1, min(2 * self.workers, budget // (4 * batch_bytes))))
+        # rows are mixed across this many batches read in a row (blocks of one class would make batches of one)
+        self.mix = int(max(1, min(MIX_BATCHES, budget // (4 * batch_bytes))))
         self._pool = None
 
     def __enter__(self):
@@ -220,7 +244,7 @@ class Stream:
             return
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_start_reader, initargs=(self.source,))
+                                             initializer=_start_reader, initargs=(self.source, os.getpid()))
         pending = collections.deque()
         try:
             for pairs in plan:
@@ -245,8 +269,11 @@ class Stream:
 
         def generate():
             epoch[0] += 1
-            for features, labels in self.batches(plan_batches(positions, batch_size, shuffle=shuffle, seed=seed,
-                                                              epoch=epoch[0], n_views=n_views, all_views=all_views)):
+            batches = self.batches(plan_batches(positions, batch_size, shuffle=shuffle, seed=seed, epoch=epoch[0],
+                                                n_views=n_views, all_views=all_views))
+            if shuffle:
+                batches = _mixed(batches, self.mix, batch_size, np.random.default_rng([seed, epoch[0], 2]))
+            for features, labels in batches:
                 yield features.astype(np.float32, copy=False), labels
 
         x = self.source[0]

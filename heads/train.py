@@ -147,6 +147,8 @@ def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bo
             log.info("streaming %s from %s: %s of maps, memory budget %s", layer, cache.path, _gb(maps), _gb(budget))
         data = _streamed(cache, layer) if mode == "stream" else data_from_cache(cache, layer)
         data.source["feed"] = {"mode": mode, "memory_budget_bytes": budget, "maps_bytes": maps}
+        if stream:
+            data.source["feed"]["stream_forced"] = True
         return data
     if pooling not in GLOBAL_POOLINGS:
         raise BadInputError(f"concatenating layers needs --pooling gap or max, got {pooling!r}")
@@ -168,6 +170,26 @@ def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bo
         first.class_names, "features", source={"caches": [p.source for p in parts], "pooling": pooling,
                                                "feed": {"mode": "pooled", "memory_budget_bytes": budget}},
         random_weights=any(p.random_weights for p in parts), x_views=cat([p.x_views for p in parts]))
+
+
+_PROBE_NEEDS_RAM = ("the linear probe (L-BFGS) needs its training rows in memory, and these maps are streamed from "
+                    "the cache (--stream, or more than --memory-budget); fix: --pooling gap or max (vectors pooled "
+                    "once), a larger --memory-budget without --stream, or fewer rows with --per-class")
+
+
+def _in_ram_if_it_fits(data: TrainData) -> TrainData:
+    """Streamed training maps read into RAM after all when the rows in use (a --per-class subset, say) fit
+    the memory budget; the test split stays streamed."""
+    from heads.feed import RAM_FACTOR
+
+    feed = data.source.get("feed", {})
+    rows = [x for x in (data.x_train, data.x_views) if x is not None]
+    if feed.get("stream_forced") or RAM_FACTOR * sum(x.nbytes for x in rows) > feed.get("memory_budget_bytes", 0):
+        return data
+    log.info("the %d training rows in use fit the memory budget: read into RAM", len(data.x_train))
+    read = lambda x: None if x is None else x[np.arange(len(x))]   # noqa: E731
+    return replace(data, x_train=read(data.x_train), x_views=read(data.x_views),
+                   source={**data.source, "feed": {**feed, "mode": "ram", "subset_read": True}})
 
 
 def _streamed_rows(x) -> bool:
@@ -348,6 +370,16 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
         check_runs_dir(runs_dir)   # before training, not after it
     if config.per_class is not None:
         data = subset(data, config.per_class, config.subset_seed)
+    if _streamed_rows(data.x_train):
+        data = _in_ram_if_it_fits(data)
+    if _streamed_rows(data.x_train):   # checked before any training, not after the first candidate
+        probes = [c for c in candidates if MODELS[c.model].optimizer == "lbfgs"]
+        if probes and config.model != AUTO:
+            raise BadInputError(_PROBE_NEEDS_RAM)
+        if probes:
+            log.info("the linear probe needs its rows in memory and these maps are streamed: auto fits the dense "
+                     "head alone")
+            candidates = [c for c in candidates if c not in probes]
     tr, va = split_indices(data.y_train, config.val_fraction, config.seed, data.class_names)
     fits, pooled = [], {}   # pooled: the maps pooled once per pooling, shared by the candidates
     for c in candidates:
@@ -478,9 +510,7 @@ def _fit_probe(fit_model, x_fit, views_fit, y, tr, va, n_classes, seed) -> dict:
     from heads.probe import fit_linear_probe
 
     if _streamed_rows(x_fit):
-        raise BadInputError("the linear probe (L-BFGS) needs every training row in memory, and these maps are "
-                            "streamed from disk; fix: --pooling gap or max (pooled once, small), or a larger "
-                            "--memory-budget")
+        raise BadInputError(_PROBE_NEEDS_RAM)
     norm = fit_model.get_layer(STANDARDISE)
     mean, std = _stats_of(norm)
 

@@ -93,8 +93,9 @@ def test_stream_reads_every_training_row_once_per_epoch_in_seeded_block_orders(s
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not np.array_equal(orders[0], orders[1]), "block order changes between epochs"
-    again = feed.plan_batches(rows, 32, shuffle=True, seed=4, epoch=0)
-    assert np.array_equal(np.concatenate(again)[:, 0], orders[0]), "seeded"
+    with feed.Stream(x, None, y, workers=1) as again:
+        first = np.concatenate([l.numpy() for _, l in again.dataset(rows, 32, shuffle=True, seed=4)])
+    assert np.array_equal(first, orders[0]), "seeded"
     assert list(val) == list(rows), "evaluation rows in order"
 
 
@@ -138,7 +139,7 @@ def test_memory_budget_decides_and_the_choice_is_recorded(synthetic, tmp_path):
     assert config["data"]["feed"]["mode"] == "stream" and config["data"]["feed"]["memory_budget_bytes"] == 10_000
 
 
-@pytest.mark.parametrize("size", ["lots", "2..5GB", "-1GB"])
+@pytest.mark.parametrize("size", ["lots", "2..5GB", "-1GB", "."])
 def test_bad_memory_budget_is_refused(synthetic, size):
     r = CliRunner().invoke(main, ["train-head", "--cache", str(synthetic), "--memory-budget", size])
     assert r.exit_code == 2 and "--memory-budget must be a size like 2GB" in r.stderr
@@ -166,3 +167,69 @@ def test_streaming_memory_does_not_grow_with_the_cache(tmp_path):
     small_peak, big_peak = peak_rss(args + [str(tiny)], tmp_path), peak_rss(args + [str(big)], tmp_path)
     assert big_peak - small_peak < 25e6 + 40e6, (small_peak, big_peak)   # budget + a few batches of slack
     assert os.path.getsize(big) > 8 * 25e6
+
+
+def test_streamed_batches_mix_classes_of_a_class_ordered_cache(tmp_path):
+    """Image-folder caches are written class by class: a batch must not come from a few one-class blocks."""
+    path = write_synthetic_cache(tmp_path / "ordered.h5", n_train=2000, n_test=10, shape=(1, 1, 8))
+    x = feed.CachedRows(path, "train/features")
+    y = np.repeat(np.arange(10), 200)   # class-ordered labels
+    with feed.Stream(x, None, y, workers=1) as stream:
+        classes = [len(np.unique(l.numpy())) for _, l in stream.dataset(np.arange(2000), 64, shuffle=True)]
+    assert np.mean(classes[:-1]) >= 9, classes
+
+
+def test_auto_on_streamed_maps_fits_the_dense_head_and_the_probe_is_refused_up_front(synthetic, monkeypatch):
+    from heads import train as ht
+
+    fitted = []
+    original = ht._fit
+    monkeypatch.setattr(ht, "_fit", lambda data, config, *a: fitted.append(config.model) or original(data, config, *a))
+    run = train_head(synthetic, pooling="flatten", stream=True, runs_dir=None, progress=False, **QUICK)
+    assert fitted == ["dense"] and run.metrics["chosen"] == "dense"
+    with pytest.raises(featcache.BadInputError, match="linear probe .* needs its training rows in memory"):
+        train_head(synthetic, model="linear", pooling="flatten", stream=True, runs_dir=None, progress=False)
+    assert fitted == ["dense"], "refused before any training"
+
+
+def test_a_small_subset_of_a_streamed_cache_is_read_into_ram(synthetic):
+    run = train_head(synthetic, model="linear", pooling="flatten", memory_budget="500kB", per_class=3,
+                     runs_dir=None, progress=False, seed=0)
+    assert run.metrics["n_train"] + run.metrics["n_val"] == 30
+
+
+def test_reader_processes_exit_when_their_parent_is_killed(synthetic, tmp_path):
+    import signal
+    import time
+
+    script = tmp_path / "reader.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import numpy as np
+from heads import feed
+if __name__ == "__main__":
+    x = feed.CachedRows({str(synthetic)!r}, "train/features")
+    stream = feed.Stream(x, None, np.zeros(len(x), np.int64), workers=2)
+    next(iter(stream.batches(feed.plan_batches(np.arange(len(x)), 16, shuffle=True))))
+    print(*stream._pool._processes, flush=True)
+    import time
+    time.sleep(60)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), "reader processes outlived their parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()   # a zombie has exited (its parent, init, reaps it)
+    except FileNotFoundError:
+        return False
