@@ -165,7 +165,9 @@ def test_streaming_memory_does_not_grow_with_the_cache(tmp_path):
     args = ["train-head", "--pooling", "flatten", "--head", "dense", "--units", "8", "--epochs", "1",
             "--memory-budget", "25MB", "--runs-dir", str(tmp_path / "runs"), "--no-progress", "--cache"]
     small_peak, big_peak = peak_rss(args + [str(tiny)], tmp_path), peak_rss(args + [str(big)], tmp_path)
-    assert big_peak - small_peak < 25e6 + 40e6, (small_peak, big_peak)   # budget + a few batches of slack
+    # budget + slack for TensorFlow's allocator, which keeps more after 22 steps than after 2 (seen: 40-75 MB);
+    # holding the big cache's maps would add at least their 213 MB
+    assert big_peak - small_peak < 25e6 + 100e6, (small_peak, big_peak)
     assert os.path.getsize(big) > 8 * 25e6
 
 
