@@ -322,7 +322,7 @@ def write_report(results: dict, out: Path, command: str) -> None:
         "| batch size | head epoch (s) | stream only (s) | ratio |", "|---|---|---|---|",
         *[f"| {x['batch_size']} | {x['head_epoch_s']:.2f} | {x['floor_epoch_s']:.2f} | "
           f"{x['head_epoch_vs_floor_ratio']:.1f} |" for x in f["rows"]], "",
-        f"## 4. Cache size and load", "",
+        "## 4. Cache size and load", "",
         f"{s['rows_measured']} training rows of the block3_pool cache (4x4x256 per row) written with each dtype and "
         "compression through `featcache.store`; load = `open_cache(...).load('train')`, best of 3.", "",
         "| dtype | compression | bytes on disk | bytes/row | write (s) | load to RAM (s) |", "|---|---|---|---|---|---|",

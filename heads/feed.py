@@ -16,14 +16,12 @@ runs of rows, and every training row is seen once per epoch.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import numpy as np
 
 from featcache.errors import BadInputError
 
-log = logging.getLogger(__name__)
 #: Consecutive training rows read together (at most; a batch gathers at least 16 blocks).
 BLOCK_ROWS = 16
 #: Training rows are shuffled across this many consecutive batches (fewer if the budget is small): a block of
