@@ -6,12 +6,12 @@
 - Heads that need the maps (`--pooling flatten`, the conv head) hold them in RAM when the rows they
   need fit the memory budget, and stream them from the cache otherwise (or with `--stream`): each
   epoch reads blocks of contiguous rows in a new seeded order, in worker processes (h5py reads in
-  one thread at a time per process), each batch gathers several blocks, and only a few batches
-  are ever in memory.
+  one thread at a time per process), each batch gathers at least 16 blocks, the rows of every
+  MIX_BATCHES batches are shuffled together, and only a few batches are ever in memory.
 
 Random single rows are slow to read from HDF5 (each touches a chunk); a few thousand contiguous rows
-are not. A block here is BLOCK_ROWS consecutive training rows, so a batch of 256 reads 16 short
-runs of rows, and every training row is seen once per epoch.
+are not. A block here is up to BLOCK_ROWS consecutive training rows, so a batch of 256 reads 16
+short runs of rows, and every training row is seen once per epoch.
 """
 
 from __future__ import annotations
