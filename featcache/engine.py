@@ -13,12 +13,10 @@ import collections
 import contextlib
 import functools
 import logging
-import multiprocessing
-import os
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ import numpy as np
 from featcache import augment as aug
 from featcache import backbones, store
 from featcache.errors import BadInputError, UnreadableImageError
-from featcache.workers import start_worker
+from featcache.workers import spawn_pool
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +156,9 @@ def _decode_rows(splits, name: str, s: int, e: int, *, size, require_native, vie
     return images, extra
 
 
-def _start_decoder(splits, parent: int) -> None:
+def _start_decoder(splits) -> None:
     global _WORKER_SPLITS
     _WORKER_SPLITS = splits
-    start_worker(parent)
 
 
 @contextlib.contextmanager
@@ -171,8 +168,7 @@ def _decode_processes(n: int, splits):
     if not n:
         yield None
         return
-    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_start_decoder,
-                               initargs=(splits, os.getpid()))
+    pool = spawn_pool(n, _start_decoder, splits)
     try:
         list(pool.map(time.sleep, [0.05] * n))   # all n started now (they start on demand), not within the first batches
         yield pool

@@ -8,6 +8,7 @@ watches its parent and exits when it is gone.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -25,3 +26,17 @@ def start_worker(parent: int, poll_seconds: float = 1.0) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="featcache-parent-watch", daemon=True).start()
+
+
+def spawn_pool(n: int, initializer, *initargs):
+    """A ProcessPoolExecutor of `n` spawned workers (nothing of TensorFlow is copied into them), each running
+    `initializer(*initargs)` after `start_worker`."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
+                               initargs=(os.getpid(), initializer, initargs))
+
+
+def _start(parent: int, initializer, initargs) -> None:
+    start_worker(parent)
+    initializer(*initargs)

@@ -167,12 +167,9 @@ def read_batch(x: CachedRows, views: CachedRows | None, y: np.ndarray, pairs: np
 _WORKER_SOURCE = None   # a reading process's (x, views, y), set once when it starts
 
 
-def _start_reader(source, parent: int) -> None:
-    from featcache.workers import start_worker
-
+def _start_reader(source) -> None:
     global _WORKER_SOURCE
     _WORKER_SOURCE = source
-    start_worker(parent)
 
 
 def _read_in_worker(pairs):
@@ -232,17 +229,16 @@ class Stream:
     def batches(self, plan):
         """Read the batches of `plan` (lists of pairs) in order."""
         import collections
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
+
+        from featcache.workers import spawn_pool
 
         if self.workers == 1:
             for pairs in plan:
                 yield read_batch(*self.source, pairs, dtype=self.source[0].dtype)
             return
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_start_reader, initargs=(self.source, os.getpid()))
+            self._pool = spawn_pool(self.workers, _start_reader, self.source)
         pending = collections.deque()
         try:
             for pairs in plan:
