@@ -48,10 +48,14 @@ class Split:
 
     def head(self, n: int) -> "Split":
         """The first `n` rows (all rows when n is larger)."""
-        return replace(self, labels=self.labels[:n],
-                       pixels=None if self.pixels is None else self.pixels[:n],
-                       files=None if self.files is None else self.files[:n],
-                       paths=None if self.paths is None else self.paths[:n])
+        return self.rows(0, n)
+
+    def rows(self, start: int, stop: int) -> "Split":
+        """Rows [start, stop) (what one shard of work needs of this split)."""
+        return replace(self, labels=self.labels[start:stop],
+                       pixels=None if self.pixels is None else self.pixels[start:stop],
+                       files=None if self.files is None else self.files[start:stop],
+                       paths=None if self.paths is None else self.paths[start:stop])
 
     def native_size(self) -> tuple[int, int]:
         """(height, width) of the first image; in-memory sources share one size by construction."""

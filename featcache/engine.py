@@ -13,6 +13,7 @@ import collections
 import contextlib
 import functools
 import logging
+import os
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ import numpy as np
 
 from featcache import augment as aug
 from featcache import backbones, store
-from featcache.errors import BadInputError, UnreadableImageError
+from featcache.errors import BadInputError, CacheError, UnreadableImageError
 from featcache.workers import spawn_pool
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,21 @@ def units(meta: store.CacheMeta, shard_rows: int = SHARD_ROWS) -> list[Unit]:
             for split, n in (("train", meta.n_train), ("test", meta.n_test)) for s in range(0, n, shard_rows)]
 
 
+def build_model(meta: store.CacheMeta, spec):
+    """The backbone `meta` describes, built once per process (a Ray worker keeps its own for every shard)."""
+    model = backbones.build(backbone=meta.backbone, layer=meta.layers, weights=spec.weights,
+                            input_size=meta.input_shape[:2], seed=spec.seed, precision=meta.precision)
+    assert model.output_shapes == list(meta.shapes.values()), model.output_shapes
+    return model
+
+
 def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] | None, *, spec, progress: bool,
               require_native) -> None:
     """Compute every unfinished unit of `partial` (created here when `start` is None) and mark it complete."""
     import h5py
     from tqdm import tqdm
 
-    model = backbones.build(backbone=meta.backbone, layer=meta.layers, weights=spec.weights,
-                            input_size=meta.input_shape[:2], seed=spec.seed, precision=meta.precision)
-    assert model.output_shapes == list(meta.shapes.values()), model.output_shapes
+    model = build_model(meta, spec)
     if start is None:
         f = store.create(partial, meta, labels={"train": ds.train.labels, "test": ds.test.labels},
                          paths={"train": ds.train.paths, "test": ds.test.paths}, class_names=ds.class_names,
@@ -71,13 +78,75 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
     todo = [u for u in units(meta) if not u.done(done)]
     batches = [(u.split, s, min(s + spec.batch_size, u.stop)) for u in todo
                for s in range(max(u.start, done[u.split]), u.stop, spec.batch_size)]
-    splits = {"train": ds.train, "test": ds.test}
-    size = tuple(meta.input_shape[:2])
+    bar = tqdm(total=_passes(meta, "train", meta.n_train) + meta.n_test, unit="img", desc="extract",
+               initial=_passes(meta, "train", start[0]) + start[1], disable=None if progress else True,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        _compute(f, model, {"train": ds.train, "test": ds.test}, meta, batches, spec=spec, partial=partial,
+                 require_native=require_native, peak=_peak(f, meta, start, spec.batch_size), bar=bar)
+    finally:
+        bar.close()
 
+
+def run_shard(split, unit: Unit, meta: store.CacheMeta, path: Path, *, model, spec, class_names,
+              require_native) -> dict:
+    """Compute `unit`'s rows (`split` holds just those rows) into a shard file of their own at `path`.
+
+    The shard is a featcache file of the same key holding rows [unit.start, unit.stop) of one split
+    (recorded in its `shard` attribute); it is written as ``path.partial``, resumed from there, and
+    renamed to `path` when complete. Returns what the join needs to know of it."""
+    import h5py
+
+    partial = path.with_name(path.name + ".partial")
+    t0 = time.perf_counter()
+    rows = unit.stop - unit.start
+    done = 0
+    if partial.exists():
+        try:
+            old = store.open_cache(partial, require_complete=False)
+            if old.meta.key == meta.key and old.shard == (unit.split, unit.start, unit.stop):
+                done = old.progress[0 if unit.split == "train" else 1]
+            else:
+                partial.unlink()
+        except CacheError as e:
+            log.warning("discarding unusable shard partial: %s", e)
+            partial.unlink()
+    if partial.exists():
+        f = h5py.File(partial, "r+")
+    else:
+        other = "test" if unit.split == "train" else "train"
+        f = store.create(partial, meta, labels={unit.split: split.labels, other: np.zeros(0, np.int64)},
+                         paths={unit.split: split.paths, other: None if split.paths is None else ()},
+                         class_names=class_names, batch_size=spec.batch_size, shard=unit)
+    start = (done, 0) if unit.split == "train" else (0, done)
+    batches = [(unit.split, s, min(s + spec.batch_size, rows)) for s in range(done, rows, spec.batch_size)]
+    _compute(f, model, {unit.split: split}, meta, batches, spec=spec, partial=partial, require_native=require_native,
+             peak=_peak(f, meta, start, spec.batch_size), row0=unit.start)
+    os.replace(partial, path)
+    return {"split": unit.split, "start": unit.start, "stop": unit.stop, "computed": rows - done,
+            "seconds": time.perf_counter() - t0}
+
+
+def _passes(meta, name: str, n: int) -> int:
+    """Forward passes for `n` rows of split `name`: each training row has `views` of them."""
+    return n * (meta.views if name == "train" else 1)
+
+
+#: Tests set this to a file name: the first worker process to write a batch while the file is absent
+#: creates it and dies at once (os._exit), as a worker killed mid-shard would.
+CRASH_ONCE_ENV = "FEATCACHE_TEST_CRASH_ONCE"
+
+
+def _compute(f, model, splits: dict, meta: store.CacheMeta, batches: list, *, spec, partial: Path, require_native,
+             peak: float, bar=None, row0: int = 0) -> None:
+    """Run `batches` ((split, start, stop) rows of `splits`, written at the same rows of the open file `f`),
+    mark the file complete and close it. `row0` is the rows' place in the whole split (augmentation seeds)."""
+    size = tuple(meta.input_shape[:2])
     processes = spec.decoder == "processes" or (spec.decoder == "auto" and spec.decode_workers > 4
-                                                 and ds.train.files is not None)
+                                                 and next(iter(splits.values())).files is not None)
     decode = functools.partial(_decode_rows, size=size, require_native=require_native, views=meta.views,
-                               augment=meta.augment, augment_seed=meta.augment_seed)
+                               augment=meta.augment, augment_seed=meta.augment_seed, row0=row0)
+    crash_once = os.environ.get(CRASH_ONCE_ENV)
 
     def load(batch):   # runs in a decoding thread: decode (here or in a worker process), then preprocess
         images, views = decoders.submit(decode, None, *batch).result() if processes else decode(splits, *batch)
@@ -86,11 +155,6 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
     if batches:   # trace the model before the clock starts, as any warmed-up baseline would be
         model.warm_up((min(spec.batch_size, batches[0][2] - batches[0][1]), *size, 3), meta.dtype)
 
-    passes = lambda name, n: n * (meta.views if name == "train" else 1)   # noqa: E731
-    bar = tqdm(total=passes("train", meta.n_train) + meta.n_test, unit="img", desc="extract",
-               initial=passes("train", start[0]) + start[1], disable=None if progress else True,
-               file=sys.stderr, dynamic_ncols=True)
-    peak = _peak(f, meta, start, spec.batch_size)
     t0, n = time.perf_counter(), 0
     writes, failed = collections.deque(), threading.Event()
     try:
@@ -109,14 +173,20 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
                         ahead.append(pool.submit(load, batches[k + spec.decode_workers]))
                     outputs = []
                     for v, x in enumerate([images, *views]):
-                        features, batch_peak = _stored(model, x, meta.dtype, f"{name} view {v}" if v else name, s)
+                        what = f"{name} view {v}" if v else name
+                        features, batch_peak = _stored(model, x, meta.dtype, what, row0 + s)
                         outputs.append(features)
                         peak = max(peak, batch_peak)
                     writes.append(writer.submit(_write_batch, f, meta, name, s, e, outputs, failed))
                     while len(writes) > 2 or (writes and writes[0].done()):
                         writes.popleft().result()
-                    n += passes(name, e - s)
-                    bar.update(passes(name, e - s))
+                    if crash_once and not os.path.exists(crash_once):
+                        _drain(writes)
+                        Path(crash_once).touch()
+                        os._exit(1)
+                    n += _passes(meta, name, e - s)
+                    if bar is not None:
+                        bar.update(_passes(meta, name, e - s))
             finally:   # the file is closed below only once no write is under way
                 for w in ahead:
                     w.cancel()
@@ -136,7 +206,6 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
         partial.unlink(missing_ok=True)   # deterministic failure: a resume would fail the same way
         raise
     finally:
-        bar.close()
         f.close()
     seconds = time.perf_counter() - t0
     if n:
@@ -148,11 +217,14 @@ _WORKER_SPLITS = None   # a decoding process's splits, set once when it starts
 
 
 def _decode_rows(splits, name: str, s: int, e: int, *, size, require_native, views: int, augment: str,
-                 augment_seed: int):
-    """Rows [s, e) of split `name` decoded (uint8), with their cached views for the training split."""
+                 augment_seed: int, row0: int = 0):
+    """Rows [s, e) of split `name` decoded (uint8), with their cached views for the training split; the
+    views' seeds follow the rows' place in the whole split (`row0` + row), so a shard gets the views a
+    single file gets."""
     split = (splits or _WORKER_SPLITS)[name]
     images = split.load(s, e, size, require_native=require_native)
-    extra = [aug.views(images, range(s, e), v, augment, augment_seed) for v in range(1, views)] if name == "train" else []
+    extra = ([aug.views(images, range(row0 + s, row0 + e), v, augment, augment_seed) for v in range(1, views)]
+             if name == "train" else [])
     return images, extra
 
 

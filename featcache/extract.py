@@ -99,16 +99,25 @@ def extract(*, force: bool = False, progress: bool = True, **options) -> Path:
         if singles:
             log.info("combining %s into one file (rows copied, no forward pass)",
                      ", ".join(str(c.path) for c in singles))
-            _check_disk_space(folder, meta, None, final)
+            _check_disk_space(folder, meta, 0)
             store.combine(singles, _partial(final), batch_size=spec.batch_size)
+        elif spec.engine == "ray":
+            from featcache import join, ray_engine
+
+            shards = join.folder(final)
+            done = 0 if force else sum(p.stat().st_size for p in shards.glob("*.h5")) if shards.is_dir() else 0
+            _check_disk_space(folder, meta, done)
+            _check_batch_memory(meta, spec)
+            ray_engine.run(ds, meta, _partial(final), spec=spec, progress=progress, force=force,
+                           require_native=None if spec.input_size else ds.train.native_size())
         else:
             start = _resume_point(_partial(final), meta, force)
-            _check_disk_space(folder, meta, start, final)
+            _check_disk_space(folder, meta, _partial(final).stat().st_size if start is not None else 0)
             _check_batch_memory(meta, spec)
             engine.run_local(ds, meta, _partial(final), start, spec=spec, progress=progress,
                              require_native=None if spec.input_size else ds.train.native_size())
         os.replace(_partial(final), final)
-        log.info("cache: %s (%s)", final, _mb(final.stat().st_size))
+        log.info("cache: %s (%s)", final, _mb(store.open_cache(final).size_bytes))
     return final
 
 
@@ -183,10 +192,10 @@ def _single_layer_caches(folder: Path, meta: store.CacheMeta) -> list[store.Feat
     return found
 
 
-def _check_disk_space(folder: Path, meta: store.CacheMeta, start, final: Path) -> None:
-    """Log the expected size; refuse before any work when it cannot fit the free space."""
+def _check_disk_space(folder: Path, meta: store.CacheMeta, have: int) -> None:
+    """Log the expected size; refuse before any work when what is left to write (`have` bytes are written
+    already) cannot fit the free space."""
     need = expected_bytes(meta)
-    have = _partial(final).stat().st_size if start is not None else 0
     free = shutil.disk_usage(folder).free
     log.info("expected cache size: %s", _mb(need))
     if need - have > free:

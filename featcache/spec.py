@@ -16,6 +16,7 @@ from featcache.errors import BadInputError
 
 DTYPES = ("float16", "float32")
 DECODERS = ("auto", "threads", "processes")
+ENGINES = ("local", "ray")
 CACHE_DIR_ENV = "FEATCACHE_CACHE_DIR"
 #: The options that decide which cache a spec leads to (its key); the others only say how to build it.
 KEY_OPTIONS = ("data", "backbone", "weights", "layer", "input_size", "dtype", "precision", "limit", "views",
@@ -66,6 +67,16 @@ class ExtractSpec:
                            "'processes' (decoding scales with cores, for image files feeding a GPU) or 'auto' "
                            "(processes for image files when there are more than 4 decode workers).",
                            choices=DECODERS, cli="extract")
+    engine: str = _option("local", "Who runs the extraction: 'local' (this process) or 'ray' (shards on Ray actors, "
+                          "one per GPU or per --workers, on the cluster at --ray-address or a local one; needs "
+                          "`pip install featcache[ray]`). Both give the same cache.", choices=ENGINES, cli="extract")
+    ray_address: str | None = _option(None, "Ray cluster to run on (e.g. ray://head:10001 or auto) [default: "
+                                      "$RAY_ADDRESS, else a local cluster started and stopped by featcache].",
+                                      cli="extract")
+    workers: int | None = _option(None, "Ray workers [default: one per GPU of the cluster, else one per CPU]; "
+                                  "each builds the backbone once and runs shard after shard.", min=1, cli="extract")
+    shard_rows: int | None = _option(None, "Rows per shard with --engine ray [default: up to 65,536, fewer for large "
+                                     "features: at most 4 GiB a shard].", min=1, cli="extract")
     seed: int = _option(0, "Seed of 'random' weights.", cli=False)
 
     def __post_init__(self):
@@ -95,6 +106,14 @@ class ExtractSpec:
         elif isinstance(self.decode_workers, bool) or not isinstance(self.decode_workers, int) \
                 or self.decode_workers < 1:
             raise BadInputError(f"--decode-workers must be at least 1, got {self.decode_workers!r}")
+        if self.engine not in ENGINES:
+            raise BadInputError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        for name in ("workers", "shard_rows"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise BadInputError(f"--{name.replace('_', '-')} must be at least 1, got {value!r}")
+        if self.engine == "local" and (self.ray_address or self.workers or self.shard_rows):
+            raise BadInputError("--ray-address, --workers and --shard-rows need --engine ray")
         if self.decoder not in DECODERS:
             raise BadInputError(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
 

@@ -11,6 +11,12 @@ Layout of ``<cache-dir>/<dataset>-<layer>-<key12>.h5`` (format 1, one layer)::
     /train/views           (n, views - 1, *feature_shape): augmented views 1.. of each training row
                            (only when views > 1; view 0 is /train/features)
 
+A shard (one unit of a sharded extraction, `featcache.join`) has the same layout and key, holds the
+rows [start, stop) of one split (the other split is empty) and says so in its `shard` attribute. A
+virtual cache joins shards: its features and views are HDF5 virtual datasets over the shard files
+(relative paths: the cache and its ``.shards`` folder move together), its `shards` attribute lists
+them with their sizes, and it opens and reads like any other cache.
+
 Several layers from one forward pass share one file, ``<dataset>-<layer>+<layer>-<key12>.h5``
 (format 2): `layer` lists them ("block3_pool,block4_pool"), `feature_shape` maps each to its
 shape, and each features or views dataset above becomes a group with one dataset per layer
@@ -178,6 +184,13 @@ class FeatureCache:
     splits: dict
     max_abs_activation: float | None
     extract_seconds: float | None = None
+    shard: tuple | None = None   # a shard's (split, start, stop)
+    shards: tuple = ()           # a virtual cache's shard files: ({"file", "split", "start", "stop", "bytes"}, ...)
+
+    @property
+    def kind(self) -> str:
+        """'file' (self-contained), 'virtual' (joined shards, see `featcache.join`) or 'shard'."""
+        return "shard" if self.shard else "virtual" if self.shards else "file"
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -230,7 +243,8 @@ class FeatureCache:
 
     @property
     def size_bytes(self) -> int:
-        return self.path.stat().st_size
+        """Bytes on disk: the file, plus its shards for a joined (virtual) cache."""
+        return self.path.stat().st_size + sum(s["bytes"] for s in self.shards)
 
 
 def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCache:
@@ -268,9 +282,15 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCac
                 splits=splits,
                 max_abs_activation=(float(f.attrs["max_abs_activation"])
                                     if "max_abs_activation" in f.attrs else None),
-                extract_seconds=(float(f.attrs["extract_seconds"]) if "extract_seconds" in f.attrs else None))
+                extract_seconds=(float(f.attrs["extract_seconds"]) if "extract_seconds" in f.attrs else None),
+                shard=tuple(json.loads(f.attrs["shard"])) if "shard" in f.attrs else None,
+                shards=tuple(json.loads(f.attrs["shards"])) if "shards" in f.attrs else ())
     except (KeyError, ValueError, OSError, TypeError) as e:
         raise CacheError(f"{path} is damaged or not a featcache cache ({first_line(e)}); {fix}") from e
+    if cache.shards:
+        from featcache.join import check_sources
+
+        check_sources(cache)
     if require_complete and not cache.complete:
         if being_written(path):
             raise CacheError(f"{path} is being written by another featcache process; fix: wait for that "
@@ -306,23 +326,28 @@ def chunk_rows(feature_shape: tuple[int, ...], dtype: str, batch_size: int) -> i
 
 
 def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_names, batch_size: int,
-           compression: str | None = None):
+           compression: str | None = None, shard=None):
     """Create a cache file with every dataset allocated; returns the open h5py.File (mode r+).
 
-    Chunks hold whole rows: up to one batch (`batch_size`), capped at 1 MiB."""
+    Chunks hold whole rows: up to one batch (`batch_size`), capped at 1 MiB. A shard (`shard`: its
+    split, start and stop) gets the labels and paths of its rows only, and the other split none."""
     import h5py
 
     f = h5py.File(path, "w")
     try:
         f.attrs.update(meta.to_attrs())
         f.attrs["complete"] = False
+        if shard is not None:
+            f.attrs["shard"] = json.dumps(list(dataclasses.astuple(shard) if dataclasses.is_dataclass(shard)
+                                               else shard))
         f.create_dataset("class_names", data=np.array(class_names, dtype=h5py.string_dtype()))
         f.create_dataset("progress", data=np.zeros(2, np.int64))
         for split in SPLITS:
             n = len(labels[split])
             for layer, shape in meta.shapes.items():
                 rows = min(chunk_rows(shape, meta.dtype, batch_size), max(n, 1))
-                _allocate(f, dataset_path(meta, split, layer), (n, *shape), (rows, *shape), meta.dtype, compression)
+                _allocate(f, dataset_path(meta, split, layer), (n, *shape), (rows, *shape) if n else None, meta.dtype,
+                          compression)
             f.create_dataset(f"{split}/labels", data=np.asarray(labels[split], np.int64))
             if paths.get(split) is not None:
                 f.create_dataset(f"{split}/paths", data=np.array(paths[split], dtype=h5py.string_dtype()))
@@ -330,8 +355,8 @@ def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_name
             n, k = len(labels["train"]), meta.views - 1
             for layer, shape in meta.shapes.items():
                 rows = max(1, min(n, chunk_rows(shape, meta.dtype, batch_size) // k))
-                _allocate(f, dataset_path(meta, "train", layer, views=True), (n, k, *shape), (rows, k, *shape),
-                          meta.dtype)
+                _allocate(f, dataset_path(meta, "train", layer, views=True), (n, k, *shape),
+                          (rows, k, *shape) if n else None, meta.dtype)
         f.flush()
     except BaseException:
         f.close()

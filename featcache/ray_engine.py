@@ -1,0 +1,236 @@
+"""The Ray engine: a cache's units run as shards on long-lived Ray actors, then are joined.
+
+Ray is an optional extra (`pip install featcache[ray]`) and is imported only here. Each actor
+builds the backbone once and computes shard after shard (`featcache.engine.run_shard`), writing
+its own files: activations never travel through Ray's object store, only each shard's rows of the
+dataset (file names, or pixels for in-memory sources) go to it. Ray's `ActorPool` hands out the
+shards; an actor that dies is restarted by Ray and its shard retried, resuming from the rows the
+shard's partial file already holds. A finished shard is a file on disk, so a rerun after the
+driver was killed computes only the missing ones. When every shard is verified, `featcache.join`
+writes the cache as virtual datasets over them.
+
+A cluster that featcache starts (no address given and none in $RAY_ADDRESS) is stopped at the end,
+also on errors and Ctrl-C; the processes it started are recorded in the shard folder, so a run
+after a driver killed outright (SIGKILL: no chance to clean up) stops those left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from featcache import engine, join, store
+from featcache.errors import BadInputError, FeatcacheError
+
+log = logging.getLogger(__name__)
+
+PROCESSES_FILE = "ray-processes.json"
+#: Ray restarts a dead actor (and retries its shard) this many times before the run fails.
+MAX_RESTARTS = 3
+
+
+class ShardWorker:
+    """One Ray actor's state: the backbone, built once, and what every shard of this cache shares."""
+
+    def __init__(self, spec, meta: store.CacheMeta, class_names, require_native):
+        self.spec, self.meta, self.class_names, self.require_native = spec, meta, class_names, require_native
+        self.model = engine.build_model(meta, spec)
+
+    def run(self, split, unit: engine.Unit, path: str) -> dict:
+        return engine.run_shard(split, unit, self.meta, Path(path), model=self.model, spec=self.spec,
+                                class_names=self.class_names, require_native=self.require_native)
+
+
+def run(ds, meta: store.CacheMeta, partial: Path, *, spec, progress: bool, force: bool, require_native) -> None:
+    """Compute the shards of the cache that `partial` becomes (those not on disk yet) on Ray, verify all
+    of them and write the joined cache at `partial`."""
+    ray = _import_ray()
+    final = partial.with_name(partial.name.removesuffix(".partial"))
+    shards = join.folder(final)
+    if partial.exists():
+        raise BadInputError(f"{partial} holds a local extraction of this cache, resumable; fix: rerun with "
+                            f"--engine local to finish it, or delete it to start over on Ray")
+    if force and shards.exists():
+        shutil.rmtree(shards)
+    shards.mkdir(exist_ok=True)
+    stop_leftovers(shards)
+    units = engine.units(meta, spec.shard_rows or join.default_shard_rows(meta))
+    todo = [u for u in units if not join.shard_path(shards, u).exists()]
+    t0 = time.perf_counter()
+    if todo:
+        _run_units(ray, ds, meta, todo, shards, spec=spec, progress=progress, require_native=require_native,
+                   total=len(units))
+    verified = join.verify(meta, units, shards)
+    join.join(partial, meta, verified, labels={"train": ds.train.labels, "test": ds.test.labels},
+              paths={"train": ds.train.paths, "test": ds.test.paths}, class_names=ds.class_names,
+              extract_seconds=time.perf_counter() - t0 if len(todo) == len(units) else None)
+    log.info("joined %d shards in %s", len(units), shards)
+
+
+def _run_units(ray, ds, meta, todo, shards: Path, *, spec, progress: bool, require_native, total: int) -> None:
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    record = shards / PROCESSES_FILE
+    before = {p.pid for p in _descendants()}
+    owned = not ray.is_initialized()   # a caller's own connection (a notebook's ray.init) is left as it was
+    if owned:
+        _connect(ray, spec.ray_address)
+    started = [p for p in _descendants() if p.pid not in before]   # none when joining a running cluster
+    actors = []
+    try:
+        _record(record, started)
+        workers, threads, gpus = _plan_workers(ray, spec)
+        log.info("ray: %d worker%s x %d thread%s%s; %d of %d shards to compute in %s", workers,
+                 "s" * (workers > 1), threads, "s" * (threads > 1), f", {gpus:g} GPU each" if gpus else "",
+                 len(todo), total, shards)
+        env = {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1",
+               "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+               "TF_FORCE_GPU_ALLOW_GROWTH": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+               "KERAS_BACKEND": _keras_backend()}
+        if os.environ.get(engine.CRASH_ONCE_ENV):
+            env[engine.CRASH_ONCE_ENV] = os.environ[engine.CRASH_ONCE_ENV]
+        worker_spec = dataclasses.replace(spec, data=meta.dataset_source, decode_workers=threads, decoder="threads",
+                                          engine="local", ray_address=None, workers=None, shard_rows=None)
+        remote = ray.remote(ShardWorker).options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS,
+                                                  max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": env})
+        actors = [remote.remote(worker_spec, meta, ds.class_names, require_native) for _ in range(workers)]
+        splits = {"train": ds.train, "test": ds.test}
+        tasks = [(splits[u.split].rows(u.start, u.stop), u, str(join.shard_path(shards, u))) for u in todo]
+        passes = sum((u.stop - u.start) * (meta.views if u.split == "train" else 1) for u in todo)
+        with tqdm(total=passes, unit="img", desc="extract (ray)", disable=None if progress else True,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            results = ActorPool(actors).map_unordered(lambda actor, task: actor.run.remote(*task), tasks)
+            while True:
+                try:
+                    done = next(results)
+                except StopIteration:
+                    break
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, FeatcacheError):
+                        raise e.cause from None   # one line, as the local engine would say it
+                    raise
+                except ray.exceptions.ActorDiedError as e:
+                    raise RuntimeError(f"a Ray worker died {MAX_RESTARTS + 1} times ({str(e).splitlines()[0]}); the "
+                                       f"shards finished so far stay in {shards}: rerun the same command to compute "
+                                       "the others") from None
+                rows = done["stop"] - done["start"]
+                bar.update(rows * (meta.views if done["split"] == "train" else 1))
+                started += [p for p in _descendants() if p.pid not in before and p not in started]
+                _record(record, started)
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        if owned:
+            ray.shutdown()   # disconnects; stops the cluster only if this process started it
+            _stop(started + [p for p in _descendants() if p.pid not in before])
+        record.unlink(missing_ok=True)
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise BadInputError("--engine ray needs Ray; fix: pip install 'featcache[ray]' (or use --engine local)") \
+            from e
+    return ray
+
+
+def _connect(ray, address: str | None) -> None:
+    options = dict(log_to_driver=False, logging_level=logging.WARNING)
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        options.update(include_dashboard=False)
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, ValueError) as e:
+        raise BadInputError(f"cannot connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS')} "
+                            f"({str(e).splitlines()[0]}); fix: check --ray-address or $RAY_ADDRESS") from e
+
+
+def _plan_workers(ray, spec) -> tuple[int, int, float]:
+    """(workers, threads each, GPUs each): one per GPU where the cluster has GPUs, else one per CPU; the
+    cluster's CPUs shared out so that the workers never ask for more threads than there are cores."""
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    workers = spec.workers or gpus or cpus
+    if not gpus and workers > cpus:
+        log.warning("--workers %d is more than the cluster's %d CPUs: running %d", workers, cpus, cpus)
+        workers = cpus
+    gpu_share = (1.0 if workers <= gpus else gpus / workers) if gpus else 0.0
+    return workers, max(1, cpus // workers), gpu_share
+
+
+def _keras_backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
+# --------------------------------------------------------------------------- processes
+
+def _descendants() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def _record(path: Path, processes) -> None:
+    """Write the pids (with start times, so a reused pid is never mistaken) of the processes this run started."""
+    entries = []
+    for p in processes:
+        try:
+            entries.append({"pid": p.pid, "started": p.create_time()})
+        except Exception:   # noqa: BLE001  (psutil.Error: it has exited already)
+            continue
+    if entries:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, path)
+
+
+def stop_leftovers(shards: Path) -> int:
+    """Stop the Ray processes that a killed run recorded in `shards` and left behind; returns how many."""
+    import psutil
+
+    path = shards / PROCESSES_FILE
+    if not path.exists():
+        return 0
+    alive = []
+    for entry in json.loads(path.read_text()):
+        try:
+            p = psutil.Process(entry["pid"])
+            if abs(p.create_time() - entry["started"]) < 1e-3:
+                alive.append(p)
+        except psutil.Error:
+            continue
+    _stop(alive)
+    path.unlink()
+    if alive:
+        log.warning("stopped %d Ray processes left by an interrupted run", len(alive))
+    return len(alive)
+
+
+def _stop(processes, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds, whatever of `processes` still runs."""
+    import psutil
+
+    alive = []
+    for p in processes:
+        try:
+            p.terminate()
+            alive.append(p)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(alive, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(alive, timeout=grace)
