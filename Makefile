@@ -62,7 +62,7 @@ study: install ## the accuracy study: input size x layer x views x head, chosen 
 		--runs-dir $(RUNS_DIR)/study
 
 test: install ## run the test suite in two processes (under 2 minutes on 2 cores)
-	$(BIN)/pytest -q -n 2
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 clean: ## remove caches, runs and build leftovers (keeps .venv)
 	if [ -d "$(CACHE_DIR)" ]; then find "$(CACHE_DIR)" -mindepth 1 ! -name .gitignore -delete; fi

@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+from pathlib import Path
+
 import click
 import numpy as np
 
@@ -74,6 +76,7 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
     featcache info cache/NAME.h5                     what produced a cache
     featcache train-head --cache cache/NAME.h5       train the default head on it
     featcache backbones [NAME]                       the backbones, their layers and shapes
+    featcache consolidate cache/NAME.h5              a cache joined from Ray shards, as one file
     """
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)
@@ -132,6 +135,10 @@ def _selection(kw: dict) -> dict:
 @_spec_option(spec_field("batch_size"))
 @_spec_option(spec_field("decode_workers"))
 @_spec_option(spec_field("decoder"))
+@_spec_option(spec_field("engine"))
+@_spec_option(spec_field("ray_address"))
+@_spec_option(spec_field("workers"))
+@_spec_option(spec_field("shard_rows"))
 @click.option("--force", is_flag=True, help="Recompute even if a matching cache exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
@@ -139,7 +146,9 @@ def extract(ctx, force, no_progress, **kw):
     """Run the frozen backbone over DATA once and cache the features; print the cache path.
 
     Several layers (--layer block3_pool,block4_pool) share one forward pass and one file. A complete
-    matching cache is reused at once; an interrupted run resumes where it stopped.
+    matching cache is reused at once; an interrupted run resumes where it stopped. With --engine ray,
+    shards of rows run on Ray workers and the cache joins them (`featcache consolidate` makes it one
+    self-contained file).
     """
     from featcache.extract import extract as run
 
@@ -187,7 +196,7 @@ def info(path, as_json):
 
     c = open_cache(path, require_complete=False)
     summary = {
-        "path": str(c.path), "complete": c.complete, "layer": c.meta.layer, "dtype": c.meta.dtype,
+        "path": str(c.path), "kind": c.kind, "shards": len(c.shards), "complete": c.complete, "layer": c.meta.layer, "dtype": c.meta.dtype,
         "size_bytes": c.size_bytes, "random_weights": c.meta.random_weights,
         "progress": {"train": c.progress[0], "test": c.progress[1]},
         "max_abs_activation": c.max_abs_activation, "extract_seconds": c.extract_seconds,
@@ -202,6 +211,7 @@ def info(path, as_json):
     m = c.meta
     lines = [
         f"path          {c.path}",
+        f"kind          {_kind(c)}",
         f"complete      {'yes' if c.complete else f'NO (train {c.progress[0]}/{m.n_train}, test {c.progress[1]}/{m.n_test}; rerun extract to resume)'}",
         f"dataset       {m.dataset_name} ({m.dataset_source}), limit {m.limit or 'none'}",
         f"fingerprint   {m.dataset_fingerprint[:16]}...",
@@ -222,6 +232,28 @@ def info(path, as_json):
         f"key           {m.key}",
     ]
     click.echo("\n".join(lines))
+
+
+def _kind(c) -> str:
+    if c.kind == "virtual":
+        return (f"virtual: joins {len(c.shards)} shard files in {Path(c.shards[0]['file']).parent}/ "
+                "(`featcache consolidate` makes it one file)")
+    if c.kind == "shard":
+        return f"shard: rows {c.shard[1]}-{c.shard[2]} of the {c.shard[0]} split"
+    return "one self-contained file"
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Where to write the self-contained file [default: in place of PATH].")
+def consolidate(path, output):
+    """Copy a cache joined from shards (--engine ray) into one self-contained file, e.g. to move it to
+    another machine; print its path. The shard files are left alone: delete PATH's .shards folder once
+    the copy replaced PATH."""
+    from featcache.join import consolidate as run
+
+    click.echo(str(run(path, output)))
 
 
 class UnitsType(click.ParamType):

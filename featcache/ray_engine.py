@@ -16,6 +16,7 @@ after a driver killed outright (SIGKILL: no chance to clean up) stops those left
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -73,7 +74,13 @@ def run(ds, meta: store.CacheMeta, partial: Path, *, spec, progress: bool, force
     log.info("joined %d shards in %s", len(units), shards)
 
 
-def _run_units(ray, ds, meta, todo, shards: Path, *, spec, progress: bool, require_native, total: int) -> None:
+def _run_units(ray, ds, meta, todo, shards: Path, **options) -> None:
+    # Ray prints its workers' failures (even retried ones) on stdout, where the CLI's result goes
+    with contextlib.redirect_stdout(sys.stderr):
+        _run_on_actors(ray, ds, meta, todo, shards, **options)
+
+
+def _run_on_actors(ray, ds, meta, todo, shards: Path, *, spec, progress: bool, require_native, total: int) -> None:
     from ray.util import ActorPool
     from tqdm import tqdm
 
@@ -121,6 +128,9 @@ def _run_units(ray, ds, meta, todo, shards: Path, *, spec, progress: bool, requi
                                        f"shards finished so far stay in {shards}: rerun the same command to compute "
                                        "the others") from None
                 rows = done["stop"] - done["start"]
+                if done["computed"] < rows:
+                    log.info("shard %s %d-%d resumed at row %d after its worker died", done["split"], done["start"],
+                             done["stop"], done["start"] + rows - done["computed"])
                 bar.update(rows * (meta.views if done["split"] == "train" else 1))
                 started += [p for p in _descendants() if p.pid not in before and p not in started]
                 _record(record, started)

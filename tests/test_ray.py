@@ -1,0 +1,154 @@
+"""The Ray engine on a local 2-CPU cluster (random weights, tiny images): the cache the local engine
+writes, row for row, also after a worker or the driver is killed; and no Ray process left behind,
+checked by pid."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import featcache
+from featcache import engine, join
+from featcache.extract import extract
+
+from conftest import write_folder
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'featcache[ray]'); CI installs it")
+psutil = pytest.importorskip("psutil")
+pytestmark = pytest.mark.xdist_group("ray")   # one local cluster at a time on 2 cores (make test: --dist loadgroup)
+
+OPTS = dict(weights="random", batch_size=4, views=2, progress=False)
+
+
+class Descendants:
+    """Every process below `pid` seen while the block runs, polled in a thread: {pid: start time}."""
+
+    def __init__(self, pid: int, exclude=()):
+        self.pid, self.exclude, self.seen = pid, set(exclude), {}
+        self._stop = threading.Event()
+
+    def poll(self):
+        try:
+            for p in psutil.Process(self.pid).children(recursive=True):
+                if p.pid not in self.exclude and p.pid not in self.seen:
+                    self.seen[p.pid] = p.create_time()
+        except psutil.Error:
+            pass
+
+    def __enter__(self):
+        def loop():
+            while not self._stop.wait(0.05):
+                self.poll()
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def assert_all_gone(seen: dict, wait: float = 15.0):
+    """None of the processes `seen` runs any more (same pid and start time); stragglers are killed, then
+    reported."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = []
+        for pid, started in seen.items():
+            try:
+                p = psutil.Process(pid)
+                if abs(p.create_time() - started) < 1e-3 and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.Error:
+                continue
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    names = [f"{p.pid} {p.name()}" for p in alive]
+    for p in alive:
+        p.kill()
+    assert names == [], f"Ray processes left running: {names}"
+
+
+def assert_same(a, b):
+    assert a.meta.key == b.meta.key
+    for split in ("train", "test"):
+        for x, y in zip(a.load(split), b.load(split)):
+            np.testing.assert_array_equal(x, y)
+        assert a.paths(split) == b.paths(split)
+    np.testing.assert_array_equal(a.load_views(), b.load_views())
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return write_folder(tmp_path / "tiny", n_train=5, n_test=2)   # 15 training rows, 6 test rows
+
+
+@pytest.fixture
+def local(folder, tmp_path):
+    return featcache.open_cache(extract(data=folder, cache_dir=tmp_path / "local", **OPTS))
+
+
+def test_ray_gives_the_local_cache_row_for_row_and_stops_its_processes(folder, local, tmp_path):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with Descendants(os.getpid(), exclude=before) as watch:
+        path = extract(data=folder, cache_dir=tmp_path / "ray", engine="ray", workers=2, shard_rows=4, **OPTS)
+    assert len(watch.seen) >= 4   # the cluster's own processes and the two workers were seen
+    assert_all_gone(watch.seen)
+    assert not ray.is_initialized()
+    cache = featcache.open_cache(path)
+    assert cache.kind == "virtual" and len(cache.shards) == 4 + 2
+    assert_same(local, cache)
+    assert not (join.folder(path) / "ray-processes.json").exists()
+
+
+def test_a_worker_killed_mid_shard_is_restarted_and_its_shard_resumes(folder, local, tmp_path, monkeypatch,
+                                                                       caplog):
+    crashed = tmp_path / "crashed"
+    monkeypatch.setenv(engine.CRASH_ONCE_ENV, str(crashed))   # the first batch written kills its worker
+    caplog.set_level("INFO", logger="featcache")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with Descendants(os.getpid(), exclude=before) as watch:
+        path = extract(data=folder, cache_dir=tmp_path / "ray", engine="ray", workers=2, shard_rows=8, **OPTS)
+    assert crashed.exists()
+    # the rows written before the crash (one batch) were kept, not recomputed
+    assert re.search(r"shard train \d+-\d+ resumed at row \d+ after its worker died", caplog.text), caplog.text
+    assert_same(local, featcache.open_cache(path))
+    assert_all_gone(watch.seen)
+
+
+def test_a_killed_driver_rerun_computes_only_the_missing_shards(tmp_path):
+    data = write_folder(tmp_path / "more", n_train=16, n_test=8)   # 48 + 24 rows: 18 shards of 4
+    local = featcache.open_cache(extract(data=data, cache_dir=tmp_path / "local", **OPTS))
+    command = [sys.executable, "-m", "featcache.cli", "extract", "--data", str(data), "--weights", "random",
+               "--batch-size", "4", "--views", "2", "--cache-dir", str(tmp_path / "ray"), "--no-progress",
+               "--engine", "ray", "--workers", "2", "--shard-rows", "4"]
+    shards = join.folder(tmp_path / "ray" / local.path.name)
+
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with Descendants(first.pid) as watch:
+        deadline = time.monotonic() + 240
+        while len(list(shards.glob("*.h5"))) < 2 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        watch.poll()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    time.sleep(2)   # let the workers notice the driver is gone
+    done = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.h5")}
+    assert 2 <= len(done) < 18, f"the driver was not killed mid-run: {len(done)} shards"
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with Descendants(os.getpid(), exclude=before) as rerun_watch:
+        second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert f"{18 - len(done)} of 18 shards to compute" in second.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("*.h5") if p.name in done} == done  # not redone
+    assert_same(local, featcache.open_cache(second.stdout.strip()))
+    # what the killed driver left running was stopped by the rerun, and the rerun stopped its own
+    assert_all_gone({**watch.seen, **rerun_watch.seen})
