@@ -261,12 +261,15 @@ SOURCES: dict[str, Callable[[str], Dataset]] = {
 
 
 def load_dataset(source: str | Path = "cifar10", *, limit: int | None = None,
-                 skip_bad_images: bool = False) -> Dataset:
+                 skip_bad_images: bool = False, fingerprint_by: str = "auto") -> Dataset:
     """Load `source` (see module doc), keep the first `limit` rows of each split, fingerprint it.
 
-    Image files are checked while they are fingerprinted (their headers: cheap), so an unreadable
-    file is reported before any extraction work. With `skip_bad_images`, every image of an image
-    folder is decoded once first and those that fail are left out (listed in `Dataset.skipped`).
+    Image files are checked while they are fingerprinted by content (their headers: cheap), so an
+    unreadable file is reported before any extraction work. `fingerprint_by` "auto" fingerprints
+    image folders of more than CONTENT_FINGERPRINT_MAX_FILES files by size and time instead
+    ("stat", see `fingerprint`): a bad file is then found when the extraction reaches it. With
+    `skip_bad_images`, every image of an image folder is decoded once first and those that fail are
+    left out (listed in `Dataset.skipped`).
     """
     if limit is not None and limit < 1:
         raise BadInputError(f"--limit must be at least 1, got {limit}")
@@ -286,9 +289,10 @@ def load_dataset(source: str | Path = "cifar10", *, limit: int | None = None,
             log.warning("WARNING: --limit %d keeps %d of the %d classes in the training split (rows are in source "
                         "order); accuracies on it are not comparable; for a balanced subset use train-head "
                         "--per-class", limit, kept, len(ds.class_names))
+    scheme = fingerprint_scheme(ds, fingerprint_by)
     if skip_bad_images:
         ds = _without_bad_images(ds)
-    return replace(ds, fingerprint=fingerprint(ds))
+    return replace(ds, fingerprint=fingerprint(ds, scheme))
 
 
 def _without_bad_images(ds: Dataset) -> Dataset:
@@ -321,8 +325,32 @@ def _without_bad_images(ds: Dataset) -> Dataset:
     return replace(ds, train=splits["train"], test=splits["test"], skipped=tuple(skipped))
 
 
-def fingerprint(ds: Dataset) -> str:
-    """sha256 over class names and, per split, labels, paths and pixels (or image file bytes)."""
+#: Image folders of more files than this are fingerprinted by file metadata under `fingerprint_by="auto"`;
+#: smaller ones (CIFAR-10's 60,000 files among them, so their caches keep their keys) by content.
+CONTENT_FINGERPRINT_MAX_FILES = 100_000
+FINGERPRINTS = ("auto", "content", "stat")
+
+
+def fingerprint_scheme(ds: Dataset, fingerprint_by: str = "auto") -> str:
+    """'content' or 'stat': how `ds` is fingerprinted (in-memory pixels always by content: no disk to spare)."""
+    if fingerprint_by not in FINGERPRINTS:
+        raise BadInputError(f"--fingerprint must be one of {', '.join(FINGERPRINTS)}, got {fingerprint_by!r}")
+    if ds.train.files is None or fingerprint_by == "content":
+        return "content"
+    if fingerprint_by == "stat":
+        return "stat"
+    return "stat" if len(ds.train) + len(ds.test) > CONTENT_FINGERPRINT_MAX_FILES else "content"
+
+
+def fingerprint(ds: Dataset, scheme: str = "content") -> str:
+    """sha256 over class names and, per split, labels, paths and pixels (or image file bytes).
+
+    With scheme 'stat' (image files only) each file contributes its size and modification time in
+    nanoseconds instead of its bytes: one stat per file instead of a full read of the dataset, and
+    the result is prefixed "stat:". It still sees any file added, removed, renamed or moved to
+    another class and any rewrite that changes a size or a time; it misses only a rewrite of the same
+    size whose time was set back, and a copy that does not keep times looks like new data (a
+    rebuild, never a wrong hit)."""
     h = hashlib.sha256()
     h.update("\0".join(ds.class_names).encode())
     for name, split in (("train", ds.train), ("test", ds.test)):
@@ -334,10 +362,14 @@ def fingerprint(ds: Dataset) -> str:
         else:
             for file in split.files:   # names as bytes: a file name need not be valid UTF-8
                 h.update(os.fsencode(file.relative_to(file.parents[2])) + b"\0")
+                if scheme == "stat":
+                    st = file.stat()
+                    h.update(f"{st.st_size}:{st.st_mtime_ns}\0".encode())
+                    continue
                 content = file.read_bytes()
                 _check_header(file, content)
                 h.update(content)
-    return h.hexdigest()
+    return ("stat:" if scheme == "stat" else "") + h.hexdigest()
 
 
 # --------------------------------------------------------------------------- helpers

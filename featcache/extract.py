@@ -38,7 +38,8 @@ def plan(spec: ExtractSpec | None = None, **options) -> tuple[Dataset, store.Cac
     bspec = spec.backbone_spec
     data = spec.data
     ds = data if isinstance(data, Dataset) else load_dataset(data, limit=spec.limit,
-                                                             skip_bad_images=spec.skip_bad_images)
+                                                             skip_bad_images=spec.skip_bad_images,
+                                                             fingerprint_by=spec.fingerprint)
     if spec.input_size:
         size = (spec.input_size, spec.input_size)
     else:
@@ -140,7 +141,8 @@ def check_cache(path: str | Path, **given) -> store.FeatureCache:
     wanted = {}
     if "data" in given or "limit" in given:
         ds = load_dataset(spec.data, limit=given.get("limit", m.limit or None),
-                          skip_bad_images=given.get("skip_bad_images", False) or bool(m.skipped_images))
+                          skip_bad_images=given.get("skip_bad_images", False) or bool(m.skipped_images),
+                          fingerprint_by="stat" if m.dataset_fingerprint.startswith("stat:") else "content")
         wanted.update(dataset_fingerprint=ds.fingerprint, limit=ds.limit or 0)
     if "backbone" in given:
         wanted["backbone"] = spec.backbone

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from featcache import augment as aug
 from featcache import backbones
+from featcache.data import FINGERPRINTS
 from featcache.errors import BadInputError
 
 DTYPES = ("float16", "float32")
@@ -59,6 +60,10 @@ class ExtractSpec:
     augment_seed: int = _option(0, "Seed of the augmented views.")
     skip_bad_images: bool = _option(False, "Decode every image once first and leave out those that fail (recorded "
                                     "in the cache, shown by `info`) instead of stopping at the first.", flag=True)
+    fingerprint: str = _option("auto", "How an image folder is fingerprinted (its part of the cache key): 'content' "
+                               "hashes every byte (a full read of the dataset on every run), 'stat' each file's "
+                               "size and modification time; 'auto' hashes content up to 100,000 images and stats "
+                               "above. In-memory sources are always hashed by content.", choices=FINGERPRINTS)
     cache_dir: str | None = _option(None, f"Cache folder [default: ${CACHE_DIR_ENV} or ./cache].", env=CACHE_DIR_ENV)
     batch_size: int = _option(128, "Images per forward pass.", min=1, cli="extract")
     decode_workers: int | None = _option(None, "Workers decoding images ahead of the model [default: the number of "
@@ -106,6 +111,8 @@ class ExtractSpec:
         elif isinstance(self.decode_workers, bool) or not isinstance(self.decode_workers, int) \
                 or self.decode_workers < 1:
             raise BadInputError(f"--decode-workers must be at least 1, got {self.decode_workers!r}")
+        if self.fingerprint not in FINGERPRINTS:
+            raise BadInputError(f"--fingerprint must be one of {', '.join(FINGERPRINTS)}, got {self.fingerprint!r}")
         if self.engine not in ENGINES:
             raise BadInputError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         for name in ("workers", "shard_rows"):

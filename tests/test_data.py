@@ -141,3 +141,38 @@ def test_cifar10_download_failure_says_offline(monkeypatch):
     monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
     with pytest.raises(DownloadError, match=r"offline; fix: pass a local copy with --data"):
         load_dataset("cifar10")
+
+
+def test_stat_fingerprint_reads_no_file_and_sees_changes(image_folder, monkeypatch):
+    from pathlib import Path
+
+    from featcache import data
+
+    content = load_dataset(image_folder).fingerprint
+    file = image_folder / "train" / "bee" / "01.png"
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read {self}"))
+    stat = load_dataset(image_folder, fingerprint_by="stat").fingerprint
+    assert stat.startswith("stat:") and stat != content
+    assert load_dataset(image_folder, fingerprint_by="stat").fingerprint == stat   # stable
+    st = file.stat()
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns + 1))   # touched: another dataset as far as it can tell
+    assert load_dataset(image_folder, fingerprint_by="stat").fingerprint != stat
+    # "auto" keeps hashing content at CIFAR-10's size (older caches keep their keys) and stats above
+    monkeypatch.undo()
+    assert load_dataset(image_folder).fingerprint == data.fingerprint(load_dataset(image_folder), "content")
+    monkeypatch.setattr(data, "CONTENT_FINGERPRINT_MAX_FILES", 10)
+    assert load_dataset(image_folder).fingerprint.startswith("stat:")
+    assert not load_dataset(image_folder, fingerprint_by="content").fingerprint.startswith("stat:")
+
+
+def test_a_stat_fingerprinted_cache_is_a_hit_until_a_file_changes(image_folder, tmp_path, monkeypatch):
+    from featcache.extract import check_cache, extract
+
+    opts = dict(data=image_folder, weights="random", cache_dir=tmp_path, fingerprint="stat", progress=False)
+    first = extract(**opts)
+    assert extract(**opts) == first
+    check_cache(first, data=image_folder)   # compared by the scheme the cache was made with
+    file = image_folder / "test" / "cow" / "00.png"
+    st = file.stat()
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert extract(**opts) != first
