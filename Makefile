@@ -48,11 +48,12 @@ heads: extract ## train the default head, the reference head (gap, flatten), a l
 curve: extract ## data-efficiency curve: default head vs linear probe, 5..1000 images per class and all (~9 min); docs/curve.*
 	d=$$($(BIN)/featcache -q curve $(SELECT) --runs-dir $(RUNS_DIR)) && cp "$$d"/curve.json "$$d"/curve.md "$$d"/curve.png docs/
 
-bench: extract ## measure speed, size, memory, precision, decoding and streaming side by side; writes docs/benchmarks*.md, .json (~20 min, 12 GB of disk)
+bench: extract ## measure speed, size, memory, precision, decoding, streaming and the Ray engine side by side; writes docs/benchmarks*.md, .json (~30 min, 12 GB of disk)
 	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 	$(BIN)/python bench/precision.py --data "$(DATA)" --weights "$(WEIGHTS)"
 	$(BIN)/python bench/stream.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
+	$(BIN)/python bench/scaling.py --data "$(DATA)" --weights "$(WEIGHTS)"
 
 bench-gpu: install ## extraction img/s on the accelerator: 32/224 px, float32 and auto precision (< 5 min); docs/benchmarks-gpu.*
 	$(BIN)/python bench/gpu.py

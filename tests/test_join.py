@@ -113,13 +113,15 @@ def test_consolidate_writes_one_file_equal_to_the_joined_one(image_folder, tmp_p
         join.consolidate(path)
 
 
-def test_shard_rows_default_to_whole_kilorows_within_4_gib():
-    spec = ExtractSpec(data="x", input_size=224)
-    meta = store.CacheMeta(**{**_meta_fields(), "feature_shape": (28, 28, 256), "input_shape": (224, 224, 3)})
-    rows = join.default_shard_rows(meta)
-    assert rows % 1024 == 0 and rows * 28 * 28 * 256 * 2 <= join.SHARD_BYTES
-    assert join.default_shard_rows(store.CacheMeta(**_meta_fields())) == join.MAX_SHARD_ROWS
-    assert spec.engine == "local"
+def test_default_shards_are_about_256_whole_kilorows_within_4_gib():
+    cifar = store.CacheMeta(**{**_meta_fields(), "n_train": 50000, "n_test": 10000})
+    assert join.default_shard_rows(cifar) == 1024   # 49 + 10 shards: two workers finish together
+    imagenet = dict(n_train=1_281_167, n_test=50_000)
+    assert join.default_shard_rows(store.CacheMeta(**{**_meta_fields(), **imagenet})) == 6144   # 218 shards
+    big = store.CacheMeta(**{**_meta_fields(), **imagenet, "feature_shape": (28, 28, 256), "views": 4})
+    rows = join.default_shard_rows(big)   # 4 views of 224 px maps: the 4 GiB cap decides
+    assert rows % 1024 == 0 and rows * 28 * 28 * 256 * 2 * 4 <= join.SHARD_BYTES < (rows + 1024) * 28 * 28 * 256 * 8
+    assert ExtractSpec(data="x").engine == "local"
 
 
 def test_ray_options_need_the_ray_engine():

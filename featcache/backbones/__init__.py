@@ -153,6 +153,7 @@ class Backbone:
     weights_id: str                # what the features depend on, e.g. "sha256:5ffc..." or "random:seed=0"
     input_size: tuple[int, int]
     _storage_models: dict = field(default_factory=dict, repr=False, compare=False)   # dtype -> keras.Model
+    _warmed: set = field(default_factory=set, repr=False, compare=False)   # (batch shape, dtype) traced already
 
     @property
     def output_shapes(self) -> list[tuple[int, ...]]:
@@ -182,8 +183,11 @@ class Backbone:
     def warm_up(self, batch_shape: tuple[int, ...], dtype: str) -> None:
         """Build and trace `forward_stored` for batches of `batch_shape` before any clock starts; TensorFlow's
         one-time note that oneDNN lacks float16 on some CPUs is kept off stderr."""
+        if (tuple(batch_shape), dtype) in self._warmed:   # a Ray worker warms up once for all its shards
+            return
         with quiet_stderr():
             self._storage_model(dtype).predict_on_batch(np.zeros(batch_shape, np.float32))
+        self._warmed.add((tuple(batch_shape), dtype))
 
     def _storage_model(self, dtype: str):
         if dtype not in self._storage_models:
