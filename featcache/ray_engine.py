@@ -154,13 +154,31 @@ def _import_ray():
 
 def _connect(ray, address: str | None) -> None:
     options = dict(log_to_driver=False, logging_level=logging.WARNING)
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given is None:
         options.update(include_dashboard=False)
+    else:
+        _check_reachable(given)
     try:
         ray.init(address=address, **options)
     except (ConnectionError, ValueError) as e:
         raise BadInputError(f"cannot connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS')} "
                             f"({str(e).splitlines()[0]}); fix: check --ray-address or $RAY_ADDRESS") from e
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse a host:port nobody answers on at once: ray.init retries such an address for minutes."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return   # "auto", "local": Ray resolves those itself, and fails fast
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise BadInputError(f"nothing answers at the Ray address {address} ({e.strerror or e}); fix: pass the head "
+                            "node's host:port (e.g. 10.0.0.5:6379, or ray://10.0.0.5:10001) with --ray-address or "
+                            "$RAY_ADDRESS, or leave both out to start a local cluster") from e
 
 
 def _plan_workers(ray, spec) -> tuple[int, int, float]:

@@ -152,3 +152,32 @@ def test_a_killed_driver_rerun_computes_only_the_missing_shards(tmp_path):
     assert_same(local, featcache.open_cache(second.stdout.strip()))
     # what the killed driver left running was stopped by the rerun, and the rerun stopped its own
     assert_all_gone({**watch.seen, **rerun_watch.seen})
+
+
+def cli(*args, **kw):
+    return [sys.executable, "-m", "featcache.cli", "extract", "--weights", "random", "--batch-size", "4",
+            "--no-progress", "--engine", "ray", *map(str, args)]
+
+
+def test_ctrl_c_stops_the_run_and_every_ray_process(tmp_path):
+    data = write_folder(tmp_path / "d", n_train=16, n_test=8)
+    proc = subprocess.Popen(cli("--data", data, "--cache-dir", tmp_path / "c", "--workers", "2", "--shard-rows", "2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with Descendants(proc.pid) as watch:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "c").glob("*.shards/*.h5")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        watch.poll()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; rerun the same command to resume" in err
+    assert_all_gone(watch.seen)
+
+
+def test_an_address_nobody_answers_on_is_refused_at_once(image_folder, tmp_path):
+    t = time.monotonic()
+    out = subprocess.run(cli("--data", image_folder, "--cache-dir", tmp_path, "--ray-address", "127.0.0.1:1"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and time.monotonic() - t < 60
+    assert out.stderr.strip().splitlines()[-1].startswith("error: nothing answers at the Ray address 127.0.0.1:1")
