@@ -84,35 +84,46 @@ def join(path: Path, meta: store.CacheMeta, shards: list[store.FeatureCache], *,
     import h5py
 
     base = path.parent
-    with h5py.File(path, "w") as f:
-        f.attrs.update(meta.to_attrs())
-        f.attrs["complete"] = False
-        f.create_dataset("class_names", data=np.array(class_names, dtype=h5py.string_dtype()))
-        f.create_dataset("progress", data=np.array([meta.n_train, meta.n_test], np.int64))
-        for split in store.SPLITS:
-            f.create_dataset(f"{split}/labels", data=np.asarray(labels[split], np.int64))
-            if paths.get(split) is not None:
-                f.create_dataset(f"{split}/paths", data=np.array(paths[split], dtype=h5py.string_dtype()))
-        targets = [(split, layer, False) for split in store.SPLITS for layer in meta.layers]
-        if meta.views > 1:
-            targets += [("train", layer, True) for layer in meta.layers]
-        for split, layer, views in targets:
-            name = store.dataset_path(meta, split, layer, views=views)
-            row = ((meta.views - 1,) if views else ()) + meta.shapes[layer]
-            n = meta.n_train if split == "train" else meta.n_test
-            layout = h5py.VirtualLayout((n, *row), meta.dtype)
-            for shard in shards:
-                s_split, start, stop = shard.shard
-                if s_split == split:
-                    rel = os.path.relpath(shard.path, base)
-                    layout[start:stop] = h5py.VirtualSource(rel, name, shape=(stop - start, *row))
-            # a source that goes missing later would read as the fill value: NaN, never plausible zeros
-            f.create_virtual_dataset(name, layout, fillvalue=np.nan)
-        f.attrs["shards"] = json.dumps([
-            {"file": os.path.relpath(s.path, base), "split": s.shard[0], "start": s.shard[1], "stop": s.shard[2],
-             "bytes": s.path.stat().st_size} for s in shards])
-        store.finish(f, max_abs_activation=max((s.max_abs_activation or 0.0) for s in shards),
-                     extract_seconds=extract_seconds)
+    tmp = path.with_name(f".{path.name}.joining")   # written whole, then renamed: `path` is never half a join
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(meta.to_attrs())
+            f.attrs["complete"] = False
+            f.create_dataset("class_names", data=np.array(class_names, dtype=h5py.string_dtype()))
+            f.create_dataset("progress", data=np.array([meta.n_train, meta.n_test], np.int64))
+            for split in store.SPLITS:
+                f.create_dataset(f"{split}/labels", data=np.asarray(labels[split], np.int64))
+                if paths.get(split) is not None:
+                    f.create_dataset(f"{split}/paths", data=np.array(paths[split], dtype=h5py.string_dtype()))
+            _virtual_datasets(f, meta, shards, base)
+            f.attrs["shards"] = json.dumps([
+                {"file": os.path.relpath(s.path, base), "split": s.shard[0], "start": s.shard[1], "stop": s.shard[2],
+                 "bytes": s.path.stat().st_size} for s in shards])
+            store.finish(f, max_abs_activation=max((s.max_abs_activation or 0.0) for s in shards),
+                         extract_seconds=extract_seconds)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _virtual_datasets(f, meta: store.CacheMeta, shards: list[store.FeatureCache], base: Path) -> None:
+    """Each features and views dataset of `meta`, in `f`, as a virtual dataset over the shards' own."""
+    import h5py
+
+    targets = [(split, layer, False) for split in store.SPLITS for layer in meta.layers]
+    if meta.views > 1:
+        targets += [("train", layer, True) for layer in meta.layers]
+    for split, layer, views in targets:
+        name = store.dataset_path(meta, split, layer, views=views)
+        row = ((meta.views - 1,) if views else ()) + meta.shapes[layer]
+        layout = h5py.VirtualLayout((meta.n_train if split == "train" else meta.n_test, *row), meta.dtype)
+        for shard in shards:
+            shard_split, start, stop = shard.shard
+            if shard_split == split:
+                source = os.path.relpath(shard.path, base)
+                layout[start:stop] = h5py.VirtualSource(source, name, shape=(stop - start, *row))
+        # a source that goes missing later would read as the fill value: NaN, never plausible zeros
+        f.create_virtual_dataset(name, layout, fillvalue=np.nan)
 
 
 def check_sources(cache: store.FeatureCache) -> None:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from featcache import engine, join, store
-from featcache.errors import BadInputError, FeatcacheError
+from featcache.errors import BadInputError, CacheError, FeatcacheError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ def run(ds, meta: store.CacheMeta, partial: Path, *, spec, progress: bool, force
     final = partial.with_name(partial.name.removesuffix(".partial"))
     shards = join.folder(final)
     if partial.exists():
+        if _joined(partial, meta):
+            return   # joined already; only the rename into place was interrupted
         raise BadInputError(f"{partial} holds a local extraction of this cache, resumable; fix: rerun with "
                             f"--engine local to finish it, or delete it to start over on Ray")
     if force and shards.exists():
@@ -72,6 +74,14 @@ def run(ds, meta: store.CacheMeta, partial: Path, *, spec, progress: bool, force
               paths={"train": ds.train.paths, "test": ds.test.paths}, class_names=ds.class_names,
               extract_seconds=time.perf_counter() - t0 if len(todo) == len(units) else None)
     log.info("joined %d shards in %s", len(units), shards)
+
+
+def _joined(partial: Path, meta: store.CacheMeta) -> bool:
+    try:
+        cache = store.open_cache(partial)
+    except CacheError:
+        return False
+    return cache.kind == "virtual" and cache.meta.key == meta.key
 
 
 def _run_units(ray, ds, meta, todo, shards: Path, **options) -> None:
