@@ -73,15 +73,16 @@ class ExtractSpec:
                            "(processes for image files when there are more than 4 decode workers).",
                            choices=DECODERS, cli="extract")
     engine: str = _option("local", "Who runs the extraction: 'local' (this process) or 'ray' (shards on Ray actors, "
-                          "one per GPU or per --workers, on the cluster at --ray-address or a local one; needs "
-                          "`pip install featcache[ray]`). Both give the same cache.", choices=ENGINES, cli="extract")
+                          "one per GPU or per --workers, on the cluster at --ray-address or a local one, each "
+                          "decoding in its own threads; needs `pip install featcache[ray]`). Both give the same cache.", choices=ENGINES, cli="extract")
     ray_address: str | None = _option(None, "Ray cluster to run on (e.g. ray://head:10001 or auto) [default: "
                                       "$RAY_ADDRESS, else a local cluster started and stopped by featcache].",
                                       cli="extract")
     workers: int | None = _option(None, "Ray workers [default: one per GPU of the cluster, else one per CPU]; "
                                   "each builds the backbone once and runs shard after shard.", min=1, cli="extract")
-    shard_rows: int | None = _option(None, "Rows per shard with --engine ray [default: up to 65,536, fewer for large "
-                                     "features: at most 4 GiB a shard].", min=1, cli="extract")
+    shard_rows: int | None = _option(None, "Rows per shard with --engine ray [default: about 256 shards: the rows / "
+                                     "256 rounded up to whole 1,024s, at most 65,536 rows and 4 GiB a shard].", min=1,
+                                     cli="extract")
     seed: int = _option(0, "Seed of 'random' weights.", cli=False)
 
     def __post_init__(self):
