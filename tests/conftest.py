@@ -36,6 +36,17 @@ def write_folder(root: Path, n_train: int = 4, n_test: int = 2, size: int = 32, 
     return root
 
 
+def assert_same_cache(a, b) -> None:
+    """Two opened caches hold the same extraction, row for row: key, features, views, labels, paths, classes."""
+    assert a.meta.key == b.meta.key
+    for split in ("train", "test"):
+        for x, y in zip(a.load(split), b.load(split)):
+            np.testing.assert_array_equal(x, y)
+        assert a.paths(split) == b.paths(split)
+    np.testing.assert_array_equal(a.load_views(), b.load_views())
+    assert a.class_names == b.class_names
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_folder(tmp_path / "tiny")

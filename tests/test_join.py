@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 import featcache
 from featcache import engine, join, store
+from conftest import assert_same_cache
 from featcache.cli import main
 from featcache.errors import BadInputError, CacheError
 from featcache.extract import extract, plan
@@ -33,23 +34,13 @@ def sharded(data, cache_dir, rows: int, **options):
     return final, units
 
 
-def assert_same(a, b):
-    assert a.meta.key == b.meta.key
-    for split in ("train", "test"):
-        for x, y in zip(a.load(split), b.load(split)):
-            np.testing.assert_array_equal(x, y)
-        assert a.paths(split) == b.paths(split)
-    np.testing.assert_array_equal(a.load_views(), b.load_views())
-    assert a.class_names == b.class_names
-
-
 def test_joined_shards_read_as_the_single_file(image_folder, tmp_path):
     single = featcache.open_cache(extract(data=image_folder, cache_dir=tmp_path / "one", progress=False, **OPTS))
     path, units = sharded(image_folder, tmp_path / "sharded", rows=5)
     joined = featcache.open_cache(path)
     assert (single.kind, joined.kind) == ("file", "virtual")
     assert len(joined.shards) == len(units) == 5   # train 12 rows: 5+5+2; test 6 rows: 5+1
-    assert_same(single, joined)
+    assert_same_cache(single, joined)
     with joined.array("train") as x:   # the lazy reader reads through the virtual dataset too
         np.testing.assert_array_equal(x[3:9], single.load("train")[0][3:9])
     # a rerun of extract finds it: same name, same key
@@ -102,13 +93,13 @@ def test_consolidate_writes_one_file_equal_to_the_joined_one(image_folder, tmp_p
     copy = featcache.open_cache(out)
     assert copy.kind == "file" and copy.shards == ()
     assert copy.max_abs_activation == joined.max_abs_activation
-    assert_same(joined, copy)
+    assert_same_cache(joined, copy)
     # in place: the joined file becomes self-contained and no longer needs its shards
     join.consolidate(path)
     import shutil
 
     shutil.rmtree(join.folder(path))
-    assert_same(copy, featcache.open_cache(path))
+    assert_same_cache(copy, featcache.open_cache(path))
     with pytest.raises(BadInputError, match="already one self-contained file"):
         join.consolidate(path)
 

@@ -10,14 +10,13 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 
 import featcache
 from featcache import engine, join
 from featcache.extract import extract
 
-from conftest import write_folder
+from conftest import assert_same_cache, write_folder
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'featcache[ray]'); CI installs it")
 psutil = pytest.importorskip("psutil")
@@ -76,15 +75,6 @@ def assert_all_gone(seen: dict, wait: float = 15.0):
     assert names == [], f"Ray processes left running: {names}"
 
 
-def assert_same(a, b):
-    assert a.meta.key == b.meta.key
-    for split in ("train", "test"):
-        for x, y in zip(a.load(split), b.load(split)):
-            np.testing.assert_array_equal(x, y)
-        assert a.paths(split) == b.paths(split)
-    np.testing.assert_array_equal(a.load_views(), b.load_views())
-
-
 @pytest.fixture
 def folder(tmp_path):
     return write_folder(tmp_path / "tiny", n_train=5, n_test=2)   # 15 training rows, 6 test rows
@@ -104,7 +94,7 @@ def test_ray_gives_the_local_cache_row_for_row_and_stops_its_processes(folder, l
     assert not ray.is_initialized()
     cache = featcache.open_cache(path)
     assert cache.kind == "virtual" and len(cache.shards) == 4 + 2
-    assert_same(local, cache)
+    assert_same_cache(local, cache)
     assert not (join.folder(path) / "ray-processes.json").exists()
 
 
@@ -119,7 +109,7 @@ def test_a_worker_killed_mid_shard_is_restarted_and_its_shard_resumes(folder, lo
     assert crashed.exists()
     # the rows written before the crash (one batch) were kept, not recomputed
     assert re.search(r"shard train \d+-\d+ resumed at row \d+ after its worker died", caplog.text), caplog.text
-    assert_same(local, featcache.open_cache(path))
+    assert_same_cache(local, featcache.open_cache(path))
     assert_all_gone(watch.seen)
 
 
@@ -149,7 +139,7 @@ def test_a_killed_driver_rerun_computes_only_the_missing_shards(tmp_path):
     assert second.returncode == 0, second.stderr
     assert f"{18 - len(done)} of 18 shards to compute" in second.stderr
     assert {p.name: p.stat().st_mtime_ns for p in shards.glob("*.h5") if p.name in done} == done  # not redone
-    assert_same(local, featcache.open_cache(second.stdout.strip()))
+    assert_same_cache(local, featcache.open_cache(second.stdout.strip()))
     # what the killed driver left running was stopped by the rerun, and the rerun stopped its own
     assert_all_gone({**watch.seen, **rerun_watch.seen})
 
