@@ -89,7 +89,7 @@ def run_local(ds, meta: store.CacheMeta, partial: Path, start: tuple[int, int] |
 
 
 def run_shard(split, unit: Unit, meta: store.CacheMeta, path: Path, *, model, spec, class_names,
-              require_native) -> dict:
+              require_native, crash_once: str | None = None) -> dict:
     """Compute `unit`'s rows (`split` holds just those rows) into a shard file of their own at `path`.
 
     The shard is a featcache file of the same key holding rows [unit.start, unit.stop) of one split
@@ -121,7 +121,7 @@ def run_shard(split, unit: Unit, meta: store.CacheMeta, path: Path, *, model, sp
     start = (done, 0) if unit.split == "train" else (0, done)
     batches = [(unit.split, s, min(s + spec.batch_size, rows)) for s in range(done, rows, spec.batch_size)]
     _compute(f, model, {unit.split: split}, meta, batches, spec=spec, partial=partial, require_native=require_native,
-             peak=_peak(f, meta, start, spec.batch_size), row0=unit.start)
+             peak=_peak(f, meta, start, spec.batch_size), row0=unit.start, crash_once=crash_once)
     os.replace(partial, path)
     return {"split": unit.split, "start": unit.start, "stop": unit.stop, "computed": rows - done,
             "seconds": time.perf_counter() - t0}
@@ -132,21 +132,17 @@ def _passes(meta, name: str, n: int) -> int:
     return n * (meta.views if name == "train" else 1)
 
 
-#: Tests set this to a file name: the first worker process to write a batch while the file is absent
-#: creates it and dies at once (os._exit), as a worker killed mid-shard would.
-CRASH_ONCE_ENV = "FEATCACHE_TEST_CRASH_ONCE"
-
-
 def _compute(f, model, splits: dict, meta: store.CacheMeta, batches: list, *, spec, partial: Path, require_native,
-             peak: float, bar=None, row0: int = 0) -> None:
+             peak: float, bar=None, row0: int = 0, crash_once: str | None = None) -> None:
     """Run `batches` ((split, start, stop) rows of `splits`, written at the same rows of the open file `f`),
-    mark the file complete and close it. `row0` is the rows' place in the whole split (augmentation seeds)."""
+    mark the file complete and close it. `row0` is the rows' place in the whole split (augmentation seeds).
+    `crash_once` (tests of the Ray engine): a file name; if it does not exist after the first batch is written,
+    it is created and the process dies at once, as a worker killed mid-shard would."""
     size = tuple(meta.input_shape[:2])
     processes = spec.decoder == "processes" or (spec.decoder == "auto" and spec.decode_workers > 4
                                                  and next(iter(splits.values())).files is not None)
     decode = functools.partial(_decode_rows, size=size, require_native=require_native, views=meta.views,
                                augment=meta.augment, augment_seed=meta.augment_seed, row0=row0)
-    crash_once = os.environ.get(CRASH_ONCE_ENV)
 
     def load(batch):   # runs in a decoding thread: decode (here or in a worker process), then preprocess
         images, views = decoders.submit(decode, None, *batch).result() if processes else decode(splits, *batch)

@@ -91,7 +91,7 @@ def extract(*, force: bool = False, progress: bool = True, **options) -> Path:
         log.info("cache hit: %s (%s)", final, _mb(final.stat().st_size))
         return final
     folder = _cache_dir(spec.cache_dir)
-    with _exclusive(final.with_name(final.name + ".lock"), final):
+    with cache_lock(final):
         if final.exists() and not force:
             _check_hit(final, meta)
             log.info("cache hit: %s (%s)", final, _mb(final.stat().st_size))
@@ -103,11 +103,9 @@ def extract(*, force: bool = False, progress: bool = True, **options) -> Path:
             _check_disk_space(folder, meta, 0)
             store.combine(singles, _partial(final), batch_size=spec.batch_size)
         elif spec.engine == "ray":
-            from featcache import join, ray_engine
+            from featcache import ray_engine
 
-            shards = join.folder(final)
-            done = 0 if force else sum(p.stat().st_size for p in shards.glob("*.h5")) if shards.is_dir() else 0
-            _check_disk_space(folder, meta, done)
+            _check_disk_space(folder, meta, 0 if force else ray_engine.done_bytes(final, meta, spec))
             _check_batch_memory(meta, spec)
             ray_engine.run(ds, meta, _partial(final), spec=spec, progress=progress, force=force,
                            require_native=None if spec.input_size else ds.train.native_size())
@@ -267,6 +265,11 @@ def _cache_dir(cache_dir: str | Path) -> Path:
         raise BadInputError(f"cache folder {path} is not writable; fix: pass a writable --cache-dir or "
                             "set FEATCACHE_CACHE_DIR")
     return path
+
+
+def cache_lock(final: Path):
+    """The lock that one process building (or rewriting) the cache `final` holds; others wait for it."""
+    return _exclusive(final.with_name(final.name + ".lock"), final)
 
 
 @contextlib.contextmanager

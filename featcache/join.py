@@ -44,12 +44,15 @@ def shard_path(shards: Path, unit) -> Path:
 
 def default_shard_rows(meta: store.CacheMeta) -> int:
     """Rows per shard: the rows cut into about TARGET_SHARDS shards, in whole thousands of rows (1,024 at least), at
-    most 65,536 rows and SHARD_BYTES of features. It depends on the cache alone, not on the workers or the batch
-    size, so a rerun with other --workers or --batch-size finds the shards already done."""
+    most 65,536 rows and SHARD_BYTES of features (rows so large that 1,024 of them pass SHARD_BYTES: as many as
+    fit). It depends on the cache alone, not on the workers or the batch size, so a rerun with other --workers or
+    --batch-size finds the shards already done."""
     row_bytes = sum(int(np.prod(s)) for s in meta.shapes.values()) * np.dtype(meta.dtype).itemsize * meta.views
-    cap = min(MAX_SHARD_ROWS, SHARD_BYTES // row_bytes) // 1024 * 1024
+    cap = min(MAX_SHARD_ROWS, max(1, SHARD_BYTES // row_bytes))
+    if cap >= 1024:
+        cap = cap // 1024 * 1024
     wanted = -(-(meta.n_train + meta.n_test) // TARGET_SHARDS)
-    return max(1024, min(cap, -(-wanted // 1024) * 1024))
+    return min(cap, max(1024, -(-wanted // 1024) * 1024))
 
 
 def verify(meta: store.CacheMeta, units, shards: Path) -> list[store.FeatureCache]:
@@ -140,31 +143,45 @@ def check_sources(cache: store.FeatureCache) -> None:
                              f"(truncated or replaced); {fix}")
 
 
-def consolidate(path: str | Path, output: str | Path | None = None, *, block_rows: int = 2048) -> Path:
+def consolidate(path: str | Path, output: str | Path | None = None, *, block_bytes: int = 64 << 20) -> Path:
     """Copy the joined cache at `path` into one self-contained file at `output` (default: in place of
-    `path`, replaced atomically); the shard files are left alone. Returns the new file's path."""
+    `path`, replaced atomically); the shard files are left alone. Returns the new file's path.
+
+    The cache's extraction lock is held meanwhile, so no `extract --force` rewrites the shards under it."""
+    import shutil
+
     import h5py
+
+    from featcache.extract import cache_lock, expected_bytes
 
     cache = store.open_cache(path)
     if cache.kind != "virtual":
-        raise BadInputError(f"{cache.path} is already one self-contained file; nothing to consolidate")
+        what = "a shard; consolidate the cache that joins it" if cache.shard else "already one self-contained file"
+        raise BadInputError(f"{cache.path} is {what}; nothing to consolidate")
     out = Path(output) if output is not None else cache.path
     if out.is_dir():
         out = out / cache.path.name
-    tmp = out.with_name(f".{out.name}.consolidating")
     meta = cache.meta
+    free = shutil.disk_usage(out.parent).free
+    if expected_bytes(meta) > free:
+        raise BadInputError(f"the copy needs {expected_bytes(meta) / 1e9:.2f} GB but {out.parent} has "
+                            f"{free / 1e9:.2f} GB free; fix: free some space or pass another -o")
+    tmp = out.with_name(f".{out.name}.consolidating")
     try:
-        with h5py.File(cache.path, "r") as src:
+        with cache_lock(cache.path), h5py.File(cache.path, "r") as src:
+            check_sources(cache)
             labels = {s: src[f"{s}/labels"][...] for s in store.SPLITS}
             paths = {s: src[f"{s}/paths"][...].astype(str) if f"{s}/paths" in src else None for s in store.SPLITS}
             with store.create(tmp, meta, labels=labels, paths=paths, class_names=cache.class_names,
                               batch_size=128) as f:
                 for name in _feature_datasets(meta):
-                    for s in range(0, len(src[name]), block_rows):
-                        f[name][s:s + block_rows] = src[name][s:s + block_rows]
+                    rows = max(1, block_bytes // (int(np.prod(src[name].shape[1:])) * src[name].dtype.itemsize))
+                    for s in range(0, len(src[name]), rows):
+                        f[name][s:s + rows] = src[name][s:s + rows]
                 f["progress"][...] = [meta.n_train, meta.n_test]
                 store.finish(f, max_abs_activation=cache.max_abs_activation, extract_seconds=cache.extract_seconds)
-        os.replace(tmp, out)
+            check_sources(cache)   # no shard went missing while it was read (it would have read as NaN)
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     log.info("consolidated %s into %s (%.1f MB)", cache.path, out, out.stat().st_size / 1e6)

@@ -41,11 +41,27 @@ class ShardWorker:
 
     def __init__(self, spec, meta: store.CacheMeta, class_names, require_native):
         self.spec, self.meta, self.class_names, self.require_native = spec, meta, class_names, require_native
-        self.model = engine.build_model(meta, spec)
+        self.error = None
+        try:
+            self.model = engine.build_model(meta, spec)
+        except Exception as e:  # noqa: BLE001  (handed to the driver by ready(), which raises it there, once)
+            self.error = e
+
+    def ready(self):
+        """None once the backbone is built, else the error that stopped it."""
+        return self.error
 
     def run(self, split, unit: engine.Unit, path: str) -> dict:
         return engine.run_shard(split, unit, self.meta, Path(path), model=self.model, spec=self.spec,
-                                class_names=self.class_names, require_native=self.require_native)
+                                class_names=self.class_names, require_native=self.require_native,
+                                crash_once=os.environ.get(CRASH_ONCE_ENV))
+
+
+#: Tests set this to a file name: the first Ray worker to write a batch while the file is absent creates it
+#: and dies at once (os._exit), as a worker killed mid-shard would. Read only in Ray workers.
+CRASH_ONCE_ENV = "FEATCACHE_TEST_CRASH_ONCE"
+#: Workers the cluster cannot place this long after the first one started are given up (and said so).
+PLACE_SECONDS = 60
 
 
 def run(ds, meta: store.CacheMeta, partial: Path, *, spec, progress: bool, force: bool, require_native) -> None:
@@ -53,17 +69,25 @@ def run(ds, meta: store.CacheMeta, partial: Path, *, spec, progress: bool, force
     of them and write the joined cache at `partial`."""
     ray = _import_ray()
     final = partial.with_name(partial.name.removesuffix(".partial"))
-    shards = join.folder(final)
-    if partial.exists():
+    shards = join.folder(final).absolute()   # workers may run in another working folder
+    if shards.exists():
+        stop_leftovers(shards)
+    if force:   # the old cache reads through the old shards: it goes first, so it is never read half-deleted
+        final.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        shutil.rmtree(shards, ignore_errors=True)
+    elif partial.exists():
         if _joined(partial, meta):
             return   # joined already; only the rename into place was interrupted
         raise BadInputError(f"{partial} holds a local extraction of this cache, resumable; fix: rerun with "
                             f"--engine local to finish it, or delete it to start over on Ray")
-    if force and shards.exists():
-        shutil.rmtree(shards)
     shards.mkdir(exist_ok=True)
-    stop_leftovers(shards)
-    units = engine.units(meta, spec.shard_rows or join.default_shard_rows(meta))
+    units = shard_units(meta, spec)
+    stale = [p for p in shards.glob("*.h5*") if p.name.removesuffix(".partial") not in
+             {join.shard_path(shards, u).name for u in units}]
+    if stale:
+        log.warning("%d files in %s are shards of another --shard-rows, not used (%.1f GB): delete them to free the "
+                    "space", len(stale), shards, sum(p.stat().st_size for p in stale) / 1e9)
     todo = [u for u in units if not join.shard_path(shards, u).exists()]
     t0 = time.perf_counter()
     if todo:
@@ -74,6 +98,17 @@ def run(ds, meta: store.CacheMeta, partial: Path, *, spec, progress: bool, force
               paths={"train": ds.train.paths, "test": ds.test.paths}, class_names=ds.class_names,
               extract_seconds=time.perf_counter() - t0 if len(todo) == len(units) else None)
     log.info("joined %d shards in %s", len(units), shards)
+
+
+def shard_units(meta: store.CacheMeta, spec) -> list[engine.Unit]:
+    return engine.units(meta, spec.shard_rows or join.default_shard_rows(meta))
+
+
+def done_bytes(final: Path, meta: store.CacheMeta, spec) -> int:
+    """Bytes of this cache's shards already on disk (what a rerun need not write again)."""
+    shards = join.folder(final)
+    paths = [join.shard_path(shards, u) for u in shard_units(meta, spec)]
+    return sum(p.stat().st_size for p in paths if p.exists())
 
 
 def _joined(partial: Path, meta: store.CacheMeta) -> bool:
@@ -97,13 +132,13 @@ def _run_on_actors(ray, ds, meta, todo, shards: Path, *, spec, progress: bool, r
     record = shards / PROCESSES_FILE
     before = {p.pid for p in _descendants()}
     owned = not ray.is_initialized()   # a caller's own connection (a notebook's ray.init) is left as it was
-    if owned:
-        _connect(ray, spec.ray_address)
-    started = [p for p in _descendants() if p.pid not in before]   # none when joining a running cluster
-    actors = []
+    started, actors = [], []
     try:
+        if owned:
+            _connect(ray, spec.ray_address)
+        started = [p for p in _descendants() if p.pid not in before]   # none when joining a running cluster
         _record(record, started)
-        workers, threads, gpus = _plan_workers(ray, spec)
+        workers, threads, gpus = _plan_workers(ray, spec, len(todo))
         log.info("ray: %d worker%s x %d thread%s%s; %d of %d shards to compute in %s", workers,
                  "s" * (workers > 1), threads, "s" * (threads > 1), f", {gpus:g} GPU each" if gpus else "",
                  len(todo), total, shards)
@@ -111,15 +146,20 @@ def _run_on_actors(ray, ds, meta, todo, shards: Path, *, spec, progress: bool, r
                "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
                "TF_FORCE_GPU_ALLOW_GROWTH": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
                "KERAS_BACKEND": _keras_backend()}
-        if os.environ.get(engine.CRASH_ONCE_ENV):
-            env[engine.CRASH_ONCE_ENV] = os.environ[engine.CRASH_ONCE_ENV]
-        worker_spec = dataclasses.replace(spec, data=meta.dataset_source, decode_workers=threads, decoder="threads",
-                                          engine="local", ray_address=None, workers=None, shard_rows=None)
+        if os.environ.get(CRASH_ONCE_ENV):
+            env[CRASH_ONCE_ENV] = os.environ[CRASH_ONCE_ENV]
+        weights = Path(spec.weights)
+        worker_spec = dataclasses.replace(
+            spec, data=meta.dataset_source, decode_workers=threads, decoder="threads", engine="local",
+            ray_address=None, workers=None, shard_rows=None,
+            weights=str(weights.absolute()) if weights.is_file() else spec.weights)
         remote = ray.remote(ShardWorker).options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS,
                                                   max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": env})
         actors = [remote.remote(worker_spec, meta, ds.class_names, require_native) for _ in range(workers)]
+        actors = _placed(ray, actors)
         splits = {"train": ds.train, "test": ds.test}
-        tasks = [(splits[u.split].rows(u.start, u.stop), u, str(join.shard_path(shards, u))) for u in todo]
+        tasks = [(_absolute(splits[u.split].rows(u.start, u.stop)), u, str(join.shard_path(shards, u)))
+                 for u in todo]
         passes = sum((u.stop - u.start) * (meta.views if u.split == "train" else 1) for u in todo)
         with tqdm(total=passes, unit="img", desc="extract (ray)", disable=None if progress else True,
                   file=sys.stderr, dynamic_ncols=True) as bar:
@@ -130,9 +170,7 @@ def _run_on_actors(ray, ds, meta, todo, shards: Path, *, spec, progress: bool, r
                 except StopIteration:
                     break
                 except ray.exceptions.RayTaskError as e:
-                    if isinstance(e.cause, FeatcacheError):
-                        raise e.cause from None   # one line, as the local engine would say it
-                    raise
+                    raise _one_line(e.cause) from None
                 except ray.exceptions.ActorDiedError as e:
                     raise RuntimeError(f"a Ray worker died {MAX_RESTARTS + 1} times ({str(e).splitlines()[0]}); the "
                                        f"shards finished so far stay in {shards}: rerun the same command to compute "
@@ -147,14 +185,54 @@ def _run_on_actors(ray, ds, meta, todo, shards: Path, *, spec, progress: bool, r
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
-        if owned:
+        if owned and ray.is_initialized():
             ray.shutdown()   # disconnects; stops the cluster only if this process started it
+        if owned:
             _stop(started + [p for p in _descendants() if p.pid not in before])
         record.unlink(missing_ok=True)
 
 
+def _placed(ray, actors: list) -> list:
+    """The actors that started: the first may take long (a download of the weights, a cluster scaling up);
+    those not placed PLACE_SECONDS after it (the cluster lacks the CPUs or GPUs they ask for) are given up.
+    A worker whose backbone could not be built raises its error here."""
+    pending = {actor.ready.remote(): actor for actor in actors}
+    ready = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=PLACE_SECONDS if ready else None)
+        if not done:
+            break
+        actor = pending.pop(done[0])
+        error = ray.get(done[0])
+        if error is not None:
+            raise _one_line(error) from None
+        ready.append(actor)
+    if pending:
+        log.warning("%d of %d Ray workers could not be placed within %d s (the cluster lacks the CPUs or GPUs "
+                    "they ask for); running with %d", len(pending), len(actors), PLACE_SECONDS, len(ready))
+        for actor in pending.values():
+            ray.kill(actor, no_restart=True)
+    return ready
+
+
+def _one_line(error: BaseException) -> BaseException:
+    """A worker's error as the CLI shows the local engine's (one line); others wrapped with their first line."""
+    if isinstance(error, (FeatcacheError, OSError)):
+        return error
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return RuntimeError(f"a Ray worker failed: {type(error).__name__}: {first}")
+
+
+def _absolute(split):
+    """A split's image files as absolute paths: a Ray worker may run in another working folder."""
+    if split.files is None:
+        return split
+    return dataclasses.replace(split, files=tuple(p.absolute() for p in split.files))
+
+
 def _import_ray():
     try:
+        import psutil  # noqa: F401  (it stops the Ray processes featcache starts)
         import ray
     except ImportError as e:
         raise BadInputError("--engine ray needs Ray; fix: pip install 'featcache[ray]' (or use --engine local)") \
@@ -165,7 +243,8 @@ def _import_ray():
 def _connect(ray, address: str | None) -> None:
     options = dict(log_to_driver=False, logging_level=logging.WARNING)
     given = address or os.environ.get("RAY_ADDRESS")
-    if given is None:
+    if given is None:   # "local": a cluster of its own, even where `ray start` runs one (pass "auto" for that)
+        address = "local"
         options.update(include_dashboard=False)
     else:
         _check_reachable(given)
@@ -191,17 +270,21 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                             "$RAY_ADDRESS, or leave both out to start a local cluster") from e
 
 
-def _plan_workers(ray, spec) -> tuple[int, int, float]:
-    """(workers, threads each, GPUs each): one per GPU where the cluster has GPUs, else one per CPU; the
-    cluster's CPUs shared out so that the workers never ask for more threads than there are cores."""
+def _plan_workers(ray, spec, shards: int) -> tuple[int, int, float]:
+    """(workers, threads each, GPUs each): one per GPU where the cluster has GPUs, else one per CPU, never more
+    than shards to run or CPUs to give; each gets an equal share of the CPUs of the smallest node (an actor lives
+    on one node) and of a GPU (1/k, so that k of them fill each GPU)."""
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-    workers = spec.workers or gpus or cpus
-    if not gpus and workers > cpus:
+    node_cpus = min((int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+                     if n.get("Alive") and n["Resources"].get("CPU")), default=cpus)
+    workers = min(spec.workers or gpus or cpus, shards)
+    if workers > cpus:
         log.warning("--workers %d is more than the cluster's %d CPUs: running %d", workers, cpus, cpus)
         workers = cpus
-    gpu_share = (1.0 if workers <= gpus else gpus / workers) if gpus else 0.0
-    return workers, max(1, cpus // workers), gpu_share
+    threads = max(1, min(node_cpus, cpus // workers))
+    gpu_share = 1.0 / -(-workers // gpus) if gpus else 0.0
+    return workers, threads, gpu_share
 
 
 def _keras_backend() -> str:

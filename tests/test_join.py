@@ -112,6 +112,10 @@ def test_default_shards_are_about_256_whole_kilorows_within_4_gib():
     big = store.CacheMeta(**{**_meta_fields(), **imagenet, "feature_shape": (28, 28, 256), "views": 4})
     rows = join.default_shard_rows(big)   # 4 views of 224 px maps: the 4 GiB cap decides
     assert rows % 1024 == 0 and rows * 28 * 28 * 256 * 2 * 4 <= join.SHARD_BYTES < (rows + 1024) * 28 * 28 * 256 * 8
+    huge = store.CacheMeta(**{**_meta_fields(), **imagenet, "feature_shape": (112, 112, 128), "dtype": "float32",
+                              "views": 8})   # 51 MB a row: the byte cap wins over the 1,024-row floor
+    rows = join.default_shard_rows(huge)
+    assert 1 <= rows * 112 * 112 * 128 * 4 * 8 <= join.SHARD_BYTES and rows < 1024
     assert ExtractSpec(data="x").engine == "local"
 
 
@@ -135,3 +139,31 @@ def test_the_ray_engine_without_ray_says_how_to_install_it(image_folder, tmp_pat
     monkeypatch.setitem(sys.modules, "ray", None)   # import ray -> ImportError
     with pytest.raises(BadInputError, match=r"--engine ray needs Ray; fix: pip install 'featcache\[ray\]'"):
         extract(data=image_folder, cache_dir=tmp_path, engine="ray", progress=False, **OPTS)
+
+
+class FakeRay:
+    """What _plan_workers asks of Ray: the cluster's resources and its nodes."""
+
+    def __init__(self, *node_cpus, gpus=0):
+        self.node_cpus, self.gpus = node_cpus, gpus
+
+    def cluster_resources(self):
+        return {"CPU": float(sum(self.node_cpus)), **({"GPU": float(self.gpus)} if self.gpus else {})}
+
+    def nodes(self):
+        return [{"Alive": True, "Resources": {"CPU": float(c)}} for c in self.node_cpus]
+
+
+@pytest.mark.parametrize("cluster, workers, shards, expected", [
+    (FakeRay(2), None, 100, (2, 1, 0.0)),               # one per CPU, one thread each
+    (FakeRay(2), 4, 100, (2, 1, 0.0)),                  # never more workers than CPUs
+    (FakeRay(16, 8), 2, 100, (2, 8, 0.0)),              # threads fit the smallest node
+    (FakeRay(16), None, 3, (3, 5, 0.0)),                # never more workers than shards
+    (FakeRay(32, gpus=4), None, 100, (4, 8, 1.0)),      # one per GPU
+    (FakeRay(32, gpus=3), 4, 100, (4, 8, 0.5)),         # 2 per GPU fit 3 GPUs: 0.75 each would not
+])
+def test_workers_are_planned_so_that_every_one_can_be_placed(cluster, workers, shards, expected):
+    from featcache import ray_engine
+
+    spec = ExtractSpec(data="x", engine="ray", workers=workers)
+    assert ray_engine._plan_workers(cluster, spec, shards) == expected

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import featcache
-from featcache import engine, join
+from featcache import join, ray_engine
 from featcache.extract import extract
 
 from conftest import assert_same_cache, write_folder
@@ -85,10 +85,11 @@ def local(folder, tmp_path):
     return featcache.open_cache(extract(data=folder, cache_dir=tmp_path / "local", **OPTS))
 
 
-def test_ray_gives_the_local_cache_row_for_row_and_stops_its_processes(folder, local, tmp_path):
+def test_ray_gives_the_local_cache_row_for_row_and_stops_its_processes(folder, local, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # relative data and cache folder: the workers get absolute paths
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with Descendants(os.getpid(), exclude=before) as watch:
-        path = extract(data=folder, cache_dir=tmp_path / "ray", engine="ray", workers=2, shard_rows=4, **OPTS)
+        path = extract(data="tiny", cache_dir="ray", engine="ray", workers=2, shard_rows=4, **OPTS)
     assert len(watch.seen) >= 4   # the cluster's own processes and the two workers were seen
     assert_all_gone(watch.seen)
     assert not ray.is_initialized()
@@ -96,12 +97,22 @@ def test_ray_gives_the_local_cache_row_for_row_and_stops_its_processes(folder, l
     assert cache.kind == "virtual" and len(cache.shards) == 4 + 2
     assert_same_cache(local, cache)
     assert not (join.folder(path) / "ray-processes.json").exists()
+    # --force rebuilds it (the old shards go with the old cache), batches of 3 not lining up with shards of 5
+    with Descendants(os.getpid(), exclude=before) as watch:
+        again = extract(data="tiny", cache_dir="ray", engine="ray", workers=2, shard_rows=5, force=True,
+                        **{**OPTS, "batch_size": 3})
+    assert again == path and len(featcache.open_cache(again).shards) == 3 + 2
+    assert sorted(p.name for p in join.folder(path).iterdir()) == [
+        "test-0000000000-0000000005.h5", "test-0000000005-0000000006.h5", "train-0000000000-0000000005.h5",
+        "train-0000000005-0000000010.h5", "train-0000000010-0000000015.h5"]
+    assert_same_cache(local, featcache.open_cache(again))
+    assert_all_gone(watch.seen)
 
 
 def test_a_worker_killed_mid_shard_is_restarted_and_its_shard_resumes(folder, local, tmp_path, monkeypatch,
                                                                        caplog):
     crashed = tmp_path / "crashed"
-    monkeypatch.setenv(engine.CRASH_ONCE_ENV, str(crashed))   # the first batch written kills its worker
+    monkeypatch.setenv(ray_engine.CRASH_ONCE_ENV, str(crashed))   # the first batch written kills its worker
     caplog.set_level("INFO", logger="featcache")
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with Descendants(os.getpid(), exclude=before) as watch:
@@ -171,3 +182,15 @@ def test_an_address_nobody_answers_on_is_refused_at_once(image_folder, tmp_path)
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and time.monotonic() - t < 60
     assert out.stderr.strip().splitlines()[-1].startswith("error: nothing answers at the Ray address 127.0.0.1:1")
+
+
+def test_a_worker_that_cannot_build_its_backbone_stops_the_run_with_its_one_line_error(folder, tmp_path):
+    bad = tmp_path / "vgg16_notop.h5"
+    bad.write_bytes(os.urandom(5000))
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with Descendants(os.getpid(), exclude=before) as watch, \
+            pytest.raises(featcache.errors.BadInputError, match=r"weights file .* does not fit VGG16") as e:
+        extract(data=folder, cache_dir=tmp_path / "ray", weights=bad, batch_size=4, progress=False, engine="ray",
+                workers=2)
+    assert "\n" not in str(e.value)
+    assert_all_gone(watch.seen)
