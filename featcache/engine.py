@@ -2,9 +2,10 @@
 
 A unit is a shard of rows of one split (`Unit(split, start, stop)`); `units()` cuts a cache's
 rows into them. A unit is done when the file says so: its split's `/progress` has reached the
-unit's last row. The local engine runs the units of one file in order in this process, decoding
-the next batches in worker threads (or processes) while the model runs, and writing each batch
-behind it; a later engine can hand units to other processes or machines.
+unit's last row. The local engine (`run_local`) runs the units of one file in order in this
+process, decoding the next batches in worker threads (or processes) while the model runs, and
+writing each batch behind it. `run_shard` runs one unit, with the same loop, into a file of its
+own: what each worker of the Ray engine (`featcache.ray_engine`) does, shard after shard.
 """
 
 from __future__ import annotations
