@@ -91,6 +91,9 @@ def run(ds, meta: store.CacheMeta, partial: Path, *, spec, progress: bool, force
     todo = [u for u in units if not join.shard_path(shards, u).exists()]
     t0 = time.perf_counter()
     if todo:
+        if spec.weights == "imagenet":
+            # Keras downloads into one file under ~/.keras: once here, not by every worker of this node at once
+            engine.build_model(meta, spec)
         _run_units(ray, ds, meta, todo, shards, spec=spec, progress=progress, require_native=require_native,
                    total=len(units))
     verified = join.verify(meta, units, shards)

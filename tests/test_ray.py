@@ -194,3 +194,28 @@ def test_a_worker_that_cannot_build_its_backbone_stops_the_run_with_its_one_line
                 workers=2)
     assert "\n" not in str(e.value)
     assert_all_gone(watch.seen)
+
+
+def test_a_second_driver_on_the_same_cache_waits_for_the_first(folder, local, tmp_path):
+    import fcntl
+
+    (tmp_path / "ray").mkdir()
+    lock = open(tmp_path / "ray" / (local.path.name + ".lock"), "a")   # as a first driver holds it
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cli("--data", folder, "--cache-dir", tmp_path / "ray", "--views", "2",
+                                    "--workers", "2"), stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "waiting for it to finish" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "another featcache process is extracting" in log.read_text()
+        time.sleep(1)
+        assert proc.poll() is None and not (tmp_path / "ray" / join.folder(local.path).name).exists()
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log.read_text()
+    assert_same_cache(local, featcache.open_cache(out.strip()))
