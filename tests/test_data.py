@@ -3,7 +3,7 @@ import pickle
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import CLASSES, random_images, write_folder
 from featcache.data import load_dataset
@@ -176,3 +176,36 @@ def test_a_stat_fingerprinted_cache_is_a_hit_until_a_file_changes(image_folder, 
     st = file.stat()
     os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert extract(**opts) != first
+
+
+def test_plain_jpegs_decode_fast_to_the_pixels_pillow_gives(tmp_path, monkeypatch):
+    import simplejpeg
+
+    from featcache import data
+
+    rng = np.random.default_rng(0)
+    img = np.clip(np.arange(48 * 40 * 3).reshape(48, 40, 3) % 251 + rng.integers(-20, 20, (48, 40, 3)), 0, 255)
+    img = img.astype(np.uint8)
+    cases = {"444.jpg": dict(subsampling=0), "420.jpg": dict(subsampling=2, quality=60),
+             "progressive.jpeg": dict(progressive=True)}
+    for name, options in cases.items():
+        Image.fromarray(img).save(tmp_path / name, "JPEG", **options)
+    Image.fromarray(img[..., 0]).save(tmp_path / "gray.jpg", "JPEG")
+    Image.fromarray(img).convert("CMYK").save(tmp_path / "cmyk.jpg", "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6   # rotated: only Pillow's path applies the orientation
+    Image.fromarray(img).save(tmp_path / "rotated.jpg", "JPEG", exif=exif)
+
+    fast = []
+    decode = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: fast.append(1) or decode(*a, **k))
+    for name in [*cases, "gray.jpg", "cmyk.jpg", "rotated.jpg"]:
+        before = len(fast)
+        with Image.open(tmp_path / name) as reference:
+            expected = np.asarray(ImageOps.exif_transpose(reference).convert("RGB"))
+        np.testing.assert_array_equal(data._read_image(tmp_path / name), expected, err_msg=name)
+        assert len(fast) - before == (name not in ("cmyk.jpg", "rotated.jpg")), name
+    assert data._read_image(tmp_path / "rotated.jpg").shape == (40, 48, 3)
+    (tmp_path / "broken.jpg").write_bytes((tmp_path / "444.jpg").read_bytes()[:300])
+    with pytest.raises(BadInputError, match="broken.jpg"):   # Pillow names the fault, as before
+        data._read_image(tmp_path / "broken.jpg")
