@@ -83,8 +83,8 @@ def run(ds, meta: store.CacheMeta, partial: Path, *, spec, progress: bool, force
                             f"--engine local to finish it, or delete it to start over on Ray")
     shards.mkdir(exist_ok=True)
     units = shard_units(meta, spec)
-    stale = [p for p in shards.glob("*.h5*") if p.name.removesuffix(".partial") not in
-             {join.shard_path(shards, u).name for u in units}]
+    names = {join.shard_path(shards, u).name for u in units}
+    stale = [p for p in shards.glob("*.h5*") if p.name.removesuffix(".partial") not in names]
     if stale:
         log.warning("%d files in %s are shards of another --shard-rows, not used (%.1f GB): delete them to free the "
                     "space", len(stale), shards, sum(p.stat().st_size for p in stale) / 1e9)
