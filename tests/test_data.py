@@ -209,3 +209,25 @@ def test_plain_jpegs_decode_fast_to_the_pixels_pillow_gives(tmp_path, monkeypatc
     (tmp_path / "broken.jpg").write_bytes((tmp_path / "444.jpg").read_bytes()[:300])
     with pytest.raises(BadInputError, match="broken.jpg"):   # Pillow names the fault, as before
         data._read_image(tmp_path / "broken.jpg")
+
+
+def test_a_batch_of_mixed_images_loads_as_pillow_shows_each(tmp_path):
+    """JPEGs of the batch's size are decoded in place, others resized, non-JPEGs and EXIF-rotated ones go
+    through Pillow: every row is what Pillow gives for its file."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "mixed"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = {"a.jpg": ((32, 32), {}), "b.jpg": ((40, 48), {}), "c.png": ((32, 32), {}),
+             "d.jpg": ((32, 32), {"exif": exif}), "e.jpeg": ((32, 32), {"progressive": True})}
+    for split in ("train", "test"):
+        (folder / split / "x").mkdir(parents=True)
+        for name, (shape, options) in files.items():
+            img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+            Image.fromarray(img).save(folder / split / "x" / name, **options)
+    split = load_dataset(folder).train
+    batch = split.load(0, len(split), (32, 32))
+    for row, path in zip(batch, split.files):
+        with Image.open(path) as img:
+            expected = ImageOps.exif_transpose(img).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+        np.testing.assert_array_equal(row, np.asarray(expected), err_msg=path.name)
