@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from featcache import backbones  # noqa: E402
 from featcache.data import load_dataset  # noqa: E402
 from featcache.extract import extract  # noqa: E402
-from run import LoopTimes, conv_gflop, machine  # noqa: E402
+from run import LoopTimes, conv_gflop, machine, put_section  # noqa: E402
 
 
 def bare_and_loop(args, precision: str, tmp: Path) -> dict:
@@ -70,9 +70,13 @@ def bare_and_loop(args, precision: str, tmp: Path) -> dict:
     logging.getLogger("featcache.engine").removeHandler(loops)
     t_loop = [seconds for _, seconds in loops.runs]
     ips_bare, ips_loop = len(pixels) / statistics.median(t_bare), len(pixels) / statistics.median(t_loop)
+    # each loop is compared with the bare run just before it: this host's speed drifts by several percent
+    # between minutes, more than the gap measured, so a ratio of medians taken apart mixes in that drift
+    pair_ratios = [b / loop for b, loop in zip(t_bare, t_loop)]
     gflop = conv_gflop(bb.model)
     return {"precision": precision, "images": len(pixels), "bare_seconds": t_bare, "loop_seconds": t_loop,
-            "bare_images_per_s": ips_bare, "loop_images_per_s": ips_loop, "loop_vs_bare": ips_loop / ips_bare,
+            "bare_images_per_s": ips_bare, "loop_images_per_s": ips_loop,
+            "loop_vs_bare": statistics.median(pair_ratios), "loop_vs_bare_pairs": pair_ratios,
             "gflop_per_image": gflop, "loop_gflop_per_s": gflop * ips_loop, "bare_gflop_per_s": gflop * ips_bare}
 
 
@@ -155,7 +159,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--images", type=int, default=4096, help="images of the loop-vs-bare comparison")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="bare/loop pairs of the comparison")
     p.add_argument("--decode-images", type=int, default=2048)
     p.add_argument("--quick", action="store_true", help="skip the whole-dataset extractions (smoke test)")
     args = p.parse_args()
@@ -179,7 +183,32 @@ def main() -> None:
     merged.update(results)
     bench_json.write_text(json.dumps(merged, indent=2) + "\n")
     (args.out / "benchmarks-precision.md").write_text(report(results, " ".join(sys.argv)))
+    put_section(args.out / "benchmarks.md", SECTION, summary(results, " ".join(sys.argv)))
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, indent=2))
+
+
+SECTION = "6. Compute precision and decoding"
+
+
+def summary(r: dict, command: str) -> str:
+    """The section of docs/benchmarks.md: the headline figures; the details are in benchmarks-precision.md."""
+    auto = r["precision_auto"]
+    lines = [f"## {SECTION}", "", f"`python {command}` ({time.strftime('%Y-%m-%d')}; details, method and decoding "
+             "throughput in [benchmarks-precision.md](benchmarks-precision.md)). `--precision auto` chose "
+             f"**{auto}** here.", "",
+             "| precision | extraction loop (img/s) | bare compiled model (img/s) | loop ÷ bare (median of pairs) |",
+             "|---|---|---|---|"]
+    for prec, c in r["precision_compare"].items():
+        lines.append(f"| {prec} | {c['loop_images_per_s']:.0f} | {c['bare_images_per_s']:.0f} | "
+                     f"{c['loop_vs_bare']:.2f} |")
+    if "whole_dataset" in r:
+        w = r["whole_dataset"]
+        lines += ["", f"All 60,000 images: float32 {w['float32']['extract_seconds']:.1f} s, {auto} "
+                  f"{w[auto]['extract_seconds']:.1f} s (**{r['auto_vs_float32_extract_speedup']:.2f}x**); reference "
+                  f"head test accuracy (mean of seeds {', '.join(map(str, SEEDS))}) {w['float32']['head_test_accuracy']:.4f} "
+                  f"vs {w[auto]['head_test_accuracy']:.4f} (**{100 * r['auto_minus_float32_test_accuracy']:+.2f} "
+                  "points**)."]
+    return "\n".join(lines) + "\n"
 
 
 def report(r: dict, command: str) -> str:
@@ -196,7 +225,10 @@ def report(r: dict, command: str) -> str:
     lines += ["", f"Both on {r['precision_compare']['float32']['images']} CIFAR-10 JPEGs at 32 px, batch 128; the loop "
               "decodes the JPEGs, runs the model, checks and writes float16 features to HDF5; the bare model is a "
               "`tf.function` over preprocessed tensors already in memory (the fastest way to run the same truncated "
-              "model), alternated with the loop, medians of the repeats. GFLOP/s counts the convolutions "
+              "model), alternated with the loop; img/s are medians of the repeats, loop ÷ bare the median of the ratios of "
+              "each loop to the bare run just before it (range: "
+              + "; ".join(f"{p} {min(c['loop_vs_bare_pairs']):.2f}-{max(c['loop_vs_bare_pairs']):.2f}"
+                          for p, c in r["precision_compare"].items()) + "). GFLOP/s counts the convolutions "
               f"({r['precision_compare']['float32']['gflop_per_image']:.3f} GFLOP per image). The peak is measured, "
               "not a datasheet figure: a 4096x4096x4096 matrix product through TensorFlow in the same compute type, "
               "best of 5.", "", "Decoding and resizing alone (images/s):", "",

@@ -342,7 +342,27 @@ def write_report(results: dict, out: Path, command: str) -> None:
         "| run | peak RSS | seconds |", "|---|---|---|",
         *[f"| {x['what']} | {mb(x['peak_rss_bytes'])} | {x['seconds']:.0f} |" for x in r["rows"]], "",
     ]
-    (out / "benchmarks.md").write_text("\n".join(lines))
+    own = "\n".join(lines)
+    kept = [body for heading, body in md_sections(out / "benchmarks.md")
+            if heading not in {h for h, _ in md_sections(text=own)}]
+    (out / "benchmarks.md").write_text("\n\n".join([own.rstrip("\n"), *(k.rstrip("\n") for k in kept)]) + "\n")
+
+
+def md_sections(path: Path | None = None, text: str | None = None) -> list[tuple[str, str]]:
+    """(heading, text) of each `## ` section of a markdown file (none if it does not exist), in order."""
+    if text is None:
+        text = path.read_text() if path.exists() else ""
+    parts = text.split("\n## ")[1:]
+    return [(part.split("\n", 1)[0], "## " + part.rstrip("\n") + "\n") for part in parts]
+
+
+def put_section(path: Path, heading: str, text: str) -> None:
+    """Replace the `## heading` section of `path` with `text` (appended if absent): each bench script
+    writes its own section of docs/benchmarks.md and keeps the others'."""
+    head = path.read_text().split("\n## ")[0].rstrip("\n") + "\n" if path.exists() else "# Benchmarks\n"
+    sections = dict(md_sections(path))
+    sections[heading] = text.rstrip("\n") + "\n"
+    path.write_text("\n".join([head, *sections.values()]))
 
 
 def main() -> None:
