@@ -225,6 +225,7 @@ def test_a_batch_of_mixed_images_loads_as_pillow_shows_each(tmp_path):
         for name, (shape, options) in files.items():
             img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
             Image.fromarray(img).save(folder / split / "x" / name, **options)
+        Image.fromarray(img[..., 0]).save(folder / split / "x" / "f.jpg")   # gray, decoded in place as RGB
     split = load_dataset(folder).train
     batch = split.load(0, len(split), (32, 32))
     for row, path in zip(batch, split.files):
