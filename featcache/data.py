@@ -536,7 +536,7 @@ def _jpeg_modules():
 
 def _read_bytes(path: Path) -> bytes:
     """A file's bytes with three system calls: half the time of `Path.read_bytes` for a small file."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))   # O_BINARY: no newline translation on Windows
     try:
         size = os.fstat(fd).st_size
         data = os.read(fd, size)
