@@ -19,7 +19,14 @@ import numpy as np
 
 from featcache.errors import BadInputError
 from featcache.pooled import global_pool
-from heads.builders import GLOBAL_POOLINGS, MODELS, POOLINGS, STANDARDISE
+from heads.builders import MODELS, POOLINGS, STANDARDISE
+from heads.data import (TrainData, _in_ram_if_it_fits, _streamed_rows, data_from_cache, data_from_caches,
+                        data_from_dataset, split_indices, stratified_subset, subset)
+
+#: What a notebook imports from here; the data side lives in heads.data and is re-exported.
+__all__ = ["AUTO", "VIEWS_MODES", "RunResult", "TrainConfig", "TrainData", "data_from_cache", "data_from_caches",
+           "data_from_dataset", "fit_schedule", "pools_first", "predict", "split_indices", "stratified_subset",
+           "subset", "train", "train_baseline", "train_head"]
 
 log = logging.getLogger(__name__)
 #: Training steps run per call into TensorFlow: a head step on cached features takes well under a
@@ -92,191 +99,9 @@ class TrainConfig:
         return MODELS[self.model].lr if self.model in MODELS else None
 
 
-@dataclass
-class TrainData:
-    """Arrays to train on, with a description of where they came from (recorded in config.json)."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    class_names: tuple[str, ...]
-    kind: str                      # "features" or "pixels"
-    source: dict = field(default_factory=dict)
-    random_weights: bool = False
-    x_views: np.ndarray | None = None   # (n_train, views - 1, ...) augmented training views, if cached
-    #: set when the x arrays hold pooled vectors of maps of `map_shape` (pooled by `pooled_by`, once, in
-    #: a derived cache): models are built for the maps and fitted past their pooling layer
-    map_shape: tuple | None = None
-    pooled_by: str | None = None
-
-    @property
-    def n_views(self) -> int:
-        return 1 if self.x_views is None else 1 + self.x_views.shape[1]
-
-
-def data_from_cache(cache, layer: str | None = None) -> TrainData:
-    """One layer of a complete cache (a path or an opened FeatureCache), both splits read once into RAM.
-
-    `layer` may be left out when the cache holds one layer."""
-    cache = _open(cache)
-    (x_train, y_train), (x_test, y_test) = cache.load("train", layer), cache.load("test", layer)
-    return TrainData(x_train, y_train, x_test, y_test, cache.class_names, "features",
-                     source=_source(cache, cache.select_layer(layer)), random_weights=cache.meta.random_weights,
-                     x_views=cache.load_views(layer))
-
-
-def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bool = False,
-                     memory_budget: int | None = None, stream: bool = False) -> TrainData:
-    """Features of `layers` (default: every layer) found in `caches`, the same images in each.
-
-    Several layers are each pooled (gap or max), then concatenated per row. One layer: its pooled
-    vectors when the model pools first (`prepooled`); else its maps, in RAM when they fit
-    `memory_budget` bytes (default: half the available memory), streamed from disk otherwise or with
-    `stream`. Pooled vectors come from derived caches that pool each layer once (featcache.pooled).
-    How the data is fed is recorded in `source["feed"]`."""
-    from heads import feed
-
-    sources = _layer_sources([_open(c) for c in caches], layers)
-    budget = feed.default_budget() if memory_budget is None else feed.parse_bytes(memory_budget)
-    if len(sources) == 1 and not (prepooled and pooling in GLOBAL_POOLINGS):
-        cache, layer = sources[0]
-        maps = _maps_bytes(cache, layer)
-        mode = "stream" if stream or feed.RAM_FACTOR * maps > budget else "ram"
-        if mode == "stream":
-            log.info("streaming %s from %s: %s of maps, memory budget %s", layer, cache.path, _gb(maps), _gb(budget))
-        data = _streamed(cache, layer) if mode == "stream" else data_from_cache(cache, layer)
-        data.source["feed"] = {"mode": mode, "memory_budget_bytes": budget, "maps_bytes": maps}
-        if stream:
-            data.source["feed"]["stream_forced"] = True
-        return data
-    if pooling not in GLOBAL_POOLINGS:
-        raise BadInputError(f"concatenating layers needs --pooling gap or max, got {pooling!r}")
-    parts = [_pooled(c, layer, pooling) for c, layer in sources]
-    if len(parts) == 1:
-        parts[0].source["feed"] = {"mode": "pooled", "memory_budget_bytes": budget}
-        return parts[0]
-    first = parts[0]
-    for p in parts[1:]:
-        same = (p.source["cache_meta"]["dataset_fingerprint"] == first.source["cache_meta"]["dataset_fingerprint"]
-                and p.source["cache_meta"]["input_shape"] == first.source["cache_meta"]["input_shape"]
-                and p.n_views == first.n_views)
-        if not same:
-            raise BadInputError(f"{p.source['cache']} and {first.source['cache']} hold different images, input "
-                                "sizes or views; fix: extract every layer with the same options")
-    cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=-1)   # noqa: E731
-    return TrainData(
-        cat([p.x_train for p in parts]), first.y_train, cat([p.x_test for p in parts]), first.y_test,
-        first.class_names, "features", source={"caches": [p.source for p in parts], "pooling": pooling,
-                                               "feed": {"mode": "pooled", "memory_budget_bytes": budget}},
-        random_weights=any(p.random_weights for p in parts), x_views=cat([p.x_views for p in parts]))
-
-
 _PROBE_NEEDS_RAM = ("the linear probe (L-BFGS) needs its training rows in memory, and these maps are streamed from "
                     "the cache (--stream, or more than --memory-budget); fix: --pooling gap or max (vectors pooled "
                     "once), a larger --memory-budget without --stream, or fewer rows with --per-class")
-
-
-def _in_ram_if_it_fits(data: TrainData) -> TrainData:
-    """Streamed training maps read into RAM after all when the rows in use (a --per-class subset, say) fit
-    the memory budget; the test split stays streamed."""
-    from heads.feed import RAM_FACTOR
-
-    feed = data.source.get("feed", {})
-    rows = [x for x in (data.x_train, data.x_views) if x is not None]
-    if feed.get("stream_forced") or RAM_FACTOR * sum(x.nbytes for x in rows) > feed.get("memory_budget_bytes", 0):
-        return data
-    log.info("the %d training rows in use fit the memory budget: read into RAM", len(data.x_train))
-    read = lambda x: None if x is None else x[np.arange(len(x))]   # noqa: E731
-    return replace(data, x_train=read(data.x_train), x_views=read(data.x_views),
-                   source={**data.source, "feed": {**feed, "mode": "ram", "subset_read": True}})
-
-
-def _streamed_rows(x) -> bool:
-    """Whether `x` is read from the cache as needed (heads.feed.CachedRows) rather than held in RAM."""
-    from heads.feed import CachedRows
-
-    return isinstance(x, CachedRows)
-
-
-def _maps_bytes(cache, layer: str) -> int:
-    """Stored bytes of one layer's maps, both splits and any views."""
-    shape = cache.meta.shapes[layer]
-    rows = cache.meta.n_train * cache.meta.views + cache.meta.n_test
-    return rows * int(np.prod(shape)) * np.dtype(cache.meta.dtype).itemsize
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
-def _source(cache, layer: str) -> dict:
-    return {"cache": str(cache.path), "cache_key": cache.meta.key, "layer": layer, "cache_meta": cache.meta.to_dict()}
-
-
-def _pooled(cache, layer: str, pooling: str) -> TrainData:
-    """One layer's pooled vectors (both splits, views), from its derived pooled cache."""
-    from featcache.pooled import pooled
-
-    p = pooled(cache, layer, pooling)
-    return TrainData(p["train"], p["train_labels"], p["test"], p["test_labels"], cache.class_names, "features",
-                     source={**_source(cache, layer), "pooled": pooling}, random_weights=cache.meta.random_weights,
-                     x_views=p["views"], map_shape=tuple(cache.meta.shapes[layer]), pooled_by=pooling)
-
-
-def _streamed(cache, layer: str) -> TrainData:
-    """One layer's maps as CachedRows, read from disk as training needs them; labels in RAM."""
-    import h5py
-
-    from featcache.store import dataset_path
-    from heads.feed import CachedRows
-
-    with h5py.File(cache.path, "r") as f:
-        y_train, y_test = f["train/labels"][...], f["test/labels"][...]
-    rows = {split: CachedRows(cache.path, dataset_path(cache.meta, split, layer)) for split in ("train", "test")}
-    views = CachedRows(cache.path, dataset_path(cache.meta, "train", layer, views=True)) if cache.meta.views > 1 else None
-    return TrainData(rows["train"], y_train, rows["test"], y_test, cache.class_names, "features",
-                     source=_source(cache, layer), random_weights=cache.meta.random_weights, x_views=views)
-
-
-def _open(cache):
-    from featcache.store import FeatureCache, open_cache
-
-    return cache if isinstance(cache, FeatureCache) else open_cache(cache)
-
-
-def _layer_sources(caches, layers) -> list[tuple]:
-    """(cache, layer) for each layer asked for (a name, "a,b" or a sequence; None: all), first cache holding it."""
-    if layers is None:
-        sources = [(c, layer) for c in caches for layer in c.layers]
-        names = [layer for _, layer in sources]
-        for name in names:
-            if names.count(name) > 1:
-                raise BadInputError(f"{name} is in more than one cache given; fix: pick the layers to train on "
-                                    "with --layer")
-        return sources
-    names = tuple(x.strip() for x in layers.split(",")) if isinstance(layers, str) else tuple(layers)
-    if not names or len(set(names)) != len(names):
-        raise BadInputError(f"--layer must name distinct layers separated by commas, got {layers!r}")
-    sources = []
-    for layer in names:   # checked against what the caches hold, whatever backbone made them
-        holder = next((c for c in caches if layer in c.layers), None)
-        if holder is None:
-            held = ", ".join(sorted({name for c in caches for name in c.layers}))
-            raise BadInputError(f"no cache given holds {layer} (they hold {held}); fix: extract it, or pick "
-                                "one of those layers with --layer")
-        sources.append((holder, layer))
-    return sources
-
-
-def data_from_dataset(ds, input_size: int | None = None) -> TrainData:
-    """Raw uint8 pixels of both splits of a featcache Dataset (for the scratch baselines), resized to
-    `input_size` x `input_size` when given (images of mixed sizes need it)."""
-    x_train = ds.train.all_pixels((input_size, input_size) if input_size else None)
-    x_test = ds.test.all_pixels(x_train.shape[1:3])
-    return TrainData(x_train, ds.train.labels, x_test, ds.test.labels, ds.class_names, "pixels",
-                     source={"dataset": ds.source, "dataset_name": ds.name, "dataset_fingerprint": ds.fingerprint,
-                             "limit": ds.limit or 0})
 
 
 @dataclass
@@ -286,51 +111,6 @@ class RunResult:
     metrics: dict
     history: dict
     model: object = field(repr=False, default=None)
-
-
-def stratified_subset(y: np.ndarray, per_class: int, seed: int, class_names=None) -> np.ndarray:
-    """Sorted row indices of `per_class` rows of each class, drawn without replacement (seeded)."""
-    n_classes = len(class_names) if class_names is not None else int(y.max()) + 1
-    counts = np.bincount(y, minlength=n_classes)
-    if counts.min() < per_class:
-        small = int(counts.argmin())
-        name = class_names[small] if class_names is not None else str(small)
-        raise BadInputError(f"--per-class {per_class} is more than the {counts[small]} training images of class "
-                            f"{name!r} (the smallest); fix: pass --per-class {counts[small]} or less")
-    rng = np.random.default_rng(seed)
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), per_class, replace=False)
-                                   for c in range(n_classes)]))
-
-
-def split_indices(y: np.ndarray, val_fraction: float, seed: int, class_names=None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded (train, validation) row indices into the training split.
-
-    Every class present gets at least one validation row and keeps at least one training row, also
-    when `val_fraction` of a small split is fewer rows than there are classes; a class with a
-    single row cannot be split and is refused.
-    """
-    from sklearn.model_selection import train_test_split
-
-    counts = np.bincount(y)
-    if (counts == 1).any():
-        lone = int(np.flatnonzero(counts == 1)[0])
-        name = class_names[lone] if class_names is not None else str(lone)
-        raise BadInputError(f"class {name!r} has 1 training image; a validation split needs at least 2 per class; "
-                            "fix: raise --per-class (or give more images), or lower --val-fraction")
-    present = counts[counts > 0]
-    n_val = round(val_fraction * len(y))
-    idx = np.arange(len(y))
-    if len(present) <= n_val <= len(y) - len(present):
-        tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=y)
-        return np.sort(tr), np.sort(va)
-    rng = np.random.default_rng(seed)   # too few rows for sklearn's proportions: at least one each side per class
-    va = []
-    for c in np.flatnonzero(counts):
-        rows = rng.permutation(np.flatnonzero(y == c))
-        va.append(rows[:min(len(rows) - 1, max(1, round(val_fraction * len(rows))))])
-    va = np.sort(np.concatenate(va))
-    return np.setdiff1d(idx, va), va
 
 
 @dataclass
@@ -437,14 +217,6 @@ def _fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, p
                              memory_budget=data.source.get("feed", {}).get("memory_budget_bytes"))
     best = history.pop("best")
     return _Fitted(config, model, fit_model, history, best, time.perf_counter() - t0)
-
-
-def subset(data: TrainData, per_class: int, seed: int) -> TrainData:
-    """`data` with `per_class` training images per class (stratified, seeded); the test split untouched."""
-    rows = stratified_subset(data.y_train, per_class, seed, data.class_names)
-    pick = lambda x: None if x is None else x.take(rows) if _streamed_rows(x) else x[rows]   # noqa: E731
-    return replace(data, x_train=pick(data.x_train), y_train=data.y_train[rows], x_views=pick(data.x_views),
-                   source={**data.source, "per_class": per_class, "subset_seed": seed})
 
 
 def fit_schedule(n_train: int, batch_size: int, epochs: int) -> tuple[int, int]:
