@@ -225,9 +225,14 @@ def _decode_rows(splits, name: str, s: int, e: int, *, size, require_native, vie
     return images, extra
 
 
-def _start_decoder(splits) -> None:
+def _start_decoder(splits, max_image_pixels) -> None:
+    """A decoding process's start: its splits, and the parent's decompression-bomb limit (a spawned process
+    imports Pillow afresh, with the default, and would ignore a limit the caller set)."""
+    from PIL import Image
+
     global _WORKER_SPLITS
     _WORKER_SPLITS = splits
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
 
 
 @contextlib.contextmanager
@@ -237,7 +242,9 @@ def _decode_processes(n: int, splits):
     if not n:
         yield None
         return
-    pool = spawn_pool(n, _start_decoder, splits)
+    from PIL import Image
+
+    pool = spawn_pool(n, _start_decoder, splits, Image.MAX_IMAGE_PIXELS)
     try:
         list(pool.map(time.sleep, [0.05] * n))   # all n started now (they start on demand), not within the first batches
         yield pool

@@ -226,9 +226,45 @@ def test_a_batch_of_mixed_images_loads_as_pillow_shows_each(tmp_path):
             img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
             Image.fromarray(img).save(folder / split / "x" / name, **options)
         Image.fromarray(img[..., 0]).save(folder / split / "x" / "f.jpg")   # gray, decoded in place as RGB
+        # orientation where a quick look for EXIF at the start would miss it: XMP only, EXIF after 128 KiB
+        xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+               b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+               b'</x:xmpmeta>')
+        Image.fromarray(img).save(folder / split / "x" / "g.jpg", xmp=xmp)
+        Image.fromarray(img).save(folder / split / "x" / "h.jpg", exif=exif)
+        late = (folder / split / "x" / "h.jpg").read_bytes()
+        at = late.index(b"\xff\xe1")
+        comments = (b"\xff\xfe" + (65535).to_bytes(2, "big") + b"c" * 65533) * 2
+        (folder / split / "x" / "h.jpg").write_bytes(late[:at] + comments + late[at:])
     split = load_dataset(folder).train
     batch = split.load(0, len(split), (32, 32))
     for row, path in zip(batch, split.files):
         with Image.open(path) as img:
             expected = ImageOps.exif_transpose(img).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
         np.testing.assert_array_equal(row, np.asarray(expected), err_msg=path.name)
+
+
+def test_the_decompression_bomb_limit_holds_on_every_decoding_path(tmp_path, monkeypatch):
+    """Pillow's limit, as the caller sets it at run time: lowered, or 0 (every image refused), in this process
+    and in spawned decoding processes (which import Pillow afresh)."""
+    import psutil
+
+    from featcache.errors import UnreadableImageError
+    from featcache.extract import extract
+
+    folder = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (folder / split / cls).mkdir(parents=True)
+            Image.fromarray(np.full((32, 32, 3), 99, np.uint8)).save(folder / split / cls / "0.jpg")
+    ds = load_dataset(folder, fingerprint_by="stat")   # a content fingerprint would refuse the files already
+    for limit in (100, 0):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(BadInputError, match="0.jpg"):
+            ds.train.load(0, 1, (32, 32))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(UnreadableImageError, match="0.jpg"):   # raised in the decoding process, passed back
+        extract(data=folder, weights="random", input_size=32, cache_dir=tmp_path / "c", decoder="processes",
+                decode_workers=1, fingerprint="stat", progress=False)
+    workers = [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    assert not workers   # the decoding process is stopped (multiprocessing's resource tracker may stay)
