@@ -228,19 +228,26 @@ def main() -> None:
 SECTION = "6. Compute precision and decoding"
 
 
+def compare_table(r: dict) -> list[str]:
+    """Loop vs bare model per precision, with the GFLOP/s reached against the peaks."""
+    lines = ["| precision | extraction loop (img/s) | bare compiled model (img/s) | loop ÷ bare (median of pairs) | "
+             "loop GFLOP/s | FMA peak GFLOP/s (loop's share) | matmul GFLOP/s |", "|---|---|---|---|---|---|---|"]
+    fma = r.get("fma_peak_gflop_per_s", {})
+    for prec, c in r["precision_compare"].items():
+        share = f"{fma[prec]:.0f} ({c['loop_gflop_per_s'] / fma[prec]:.0%})" if prec in fma else "n/a"
+        lines.append(f"| {prec} | {c['loop_images_per_s']:.0f} | {c['bare_images_per_s']:.0f} | "
+                     f"{c['loop_vs_bare']:.2f} | {c['loop_gflop_per_s']:.0f} | {share} | "
+                     f"{r['matmul_peak_gflop_per_s'][prec]:.0f} |")
+    return lines
+
+
 def summary(r: dict, command: str) -> str:
     """The section of docs/benchmarks.md: the headline figures; the details are in benchmarks-precision.md."""
     auto = r["precision_auto"]
     lines = [f"## {SECTION}", "", f"`python {command}` ({time.strftime('%Y-%m-%d')}; details, method and decoding "
              "throughput in [benchmarks-precision.md](benchmarks-precision.md)). `--precision auto` chose "
              f"**{auto}** here.", "",
-             "| precision | extraction loop (img/s) | bare compiled model (img/s) | loop ÷ bare (median of pairs) | "
-             "loop GFLOP/s (share of the FMA peak) |", "|---|---|---|---|---|"]
-    fma = r.get("fma_peak_gflop_per_s", {})
-    for prec, c in r["precision_compare"].items():
-        share = f" ({c['loop_gflop_per_s'] / fma[prec]:.0%} of {fma[prec]:.0f})" if prec in fma else ""
-        lines.append(f"| {prec} | {c['loop_images_per_s']:.0f} | {c['bare_images_per_s']:.0f} | "
-                     f"{c['loop_vs_bare']:.2f} | {c['loop_gflop_per_s']:.0f}{share} |")
+             *compare_table(r)]
     if "whole_dataset" in r:
         w = r["whole_dataset"]
         lines += ["", f"All 60,000 images: float32 {w['float32']['extract_seconds']:.1f} s, {auto} "
@@ -257,14 +264,7 @@ def report(r: dict, command: str) -> str:
              f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, no GPU; TensorFlow {m.get('tensorflow', '?')}. "
              f"Measured side by side in one run by `python {command}` (part of `make bench`).", "",
              f"`--precision auto` chose **{auto}** here.", "",
-             "| precision | extraction loop (img/s) | bare compiled model (img/s) | loop ÷ bare | loop GFLOP/s | "
-             "FMA peak GFLOP/s (loop's share) | matmul GFLOP/s |", "|---|---|---|---|---|---|---|"]
-    fma = r.get("fma_peak_gflop_per_s", {})
-    for prec, c in r["precision_compare"].items():
-        share = f"{fma[prec]:.0f} ({c['loop_gflop_per_s'] / fma[prec]:.0%})" if prec in fma else "n/a"
-        lines.append(f"| {prec} | {c['loop_images_per_s']:.0f} | {c['bare_images_per_s']:.0f} | "
-                     f"{c['loop_vs_bare']:.2f} | {c['loop_gflop_per_s']:.0f} | {share} | "
-                     f"{r['matmul_peak_gflop_per_s'][prec]:.0f} |")
+             *compare_table(r)]
     lines += ["", f"Both on {r['precision_compare']['float32']['images']} CIFAR-10 JPEGs at 32 px, batch 128; the loop "
               "decodes the JPEGs, runs the model, checks and writes float16 features to HDF5; the bare model is a "
               "`tf.function` over preprocessed tensors already in memory (the fastest way to run the same truncated "
