@@ -509,7 +509,7 @@ def _read_plain_jpeg(path: Path, out: np.ndarray | None = None) -> np.ndarray | 
         return None
     try:
         data = _read_bytes(path)
-        if b"Exif\0" in data or _XMP in data:   # either may carry an orientation, anywhere before the image data
+        if b"Exif\0" in data or _XMP in data:   # either may carry an orientation; a whole-file look costs little
             return None
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         limit = pillow.MAX_IMAGE_PIXELS   # None: no limit; 0 refuses every image, as in Pillow
