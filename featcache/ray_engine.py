@@ -39,8 +39,11 @@ MAX_RESTARTS = 3
 class ShardWorker:
     """One Ray actor's state: the backbone, built once, and what every shard of this cache shares."""
 
-    def __init__(self, spec, meta: store.CacheMeta, class_names, require_native):
+    def __init__(self, spec, meta: store.CacheMeta, class_names, require_native, max_image_pixels):
+        from PIL import Image
+
         self.spec, self.meta, self.class_names, self.require_native = spec, meta, class_names, require_native
+        Image.MAX_IMAGE_PIXELS = max_image_pixels   # the driver's bomb limit; a worker's Pillow has the default
         self.error = None
         try:
             self.model = engine.build_model(meta, spec)
@@ -158,7 +161,10 @@ def _run_on_actors(ray, ds, meta, todo, shards: Path, *, spec, progress: bool, r
             weights=str(weights.absolute()) if weights.is_file() else spec.weights)
         remote = ray.remote(ShardWorker).options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS,
                                                   max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": env})
-        actors = [remote.remote(worker_spec, meta, ds.class_names, require_native) for _ in range(workers)]
+        from PIL import Image
+
+        actors = [remote.remote(worker_spec, meta, ds.class_names, require_native, Image.MAX_IMAGE_PIXELS)
+                  for _ in range(workers)]
         actors = _placed(ray, actors)
         splits = {"train": ds.train, "test": ds.test}
         tasks = [(_absolute(splits[u.split].rows(u.start, u.stop)), u, str(join.shard_path(shards, u)))

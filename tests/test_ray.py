@@ -196,6 +196,19 @@ def test_a_worker_that_cannot_build_its_backbone_stops_the_run_with_its_one_line
     assert_all_gone(watch.seen)
 
 
+def test_workers_keep_the_decompression_bomb_limit_the_caller_set(folder, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)   # the images are larger: refused, by the workers
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with Descendants(os.getpid(), exclude=before) as watch, \
+            pytest.raises(featcache.errors.UnreadableImageError, match="cannot read image") as e:
+        extract(data=folder, cache_dir=tmp_path / "ray", weights="random", input_size=32, fingerprint="stat",
+                batch_size=4, progress=False, engine="ray", workers=2)
+    assert "\n" not in str(e.value)
+    assert_all_gone(watch.seen)
+
+
 def test_a_second_driver_on_the_same_cache_waits_for_the_first(folder, local, tmp_path):
     import fcntl
 
