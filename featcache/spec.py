@@ -67,14 +67,15 @@ class ExtractSpec:
     cache_dir: str | None = _option(None, f"Cache folder [default: ${CACHE_DIR_ENV} or ./cache].", env=CACHE_DIR_ENV)
     batch_size: int = _option(128, "Images per forward pass.", min=1, cli="extract")
     decode_workers: int | None = _option(None, "Workers decoding images ahead of the model [default: the number of "
-                                         "CPU cores, at most 8].", min=1, cli="extract")
+                                         "CPU cores, at most 8]. --engine local only.", min=1, cli="extract")
     decoder: str = _option("auto", "Where images decode: 'threads' (one process; enough for a few cores), "
                            "'processes' (decoding scales with cores, for image files feeding a GPU) or 'auto' "
-                           "(processes for image files when there are more than 4 decode workers).",
-                           choices=DECODERS, cli="extract")
+                           "(processes for image files when there are more than 4 decode workers). "
+                           "--engine local only.", choices=DECODERS, cli="extract")
     engine: str = _option("local", "Who runs the extraction: 'local' (this process) or 'ray' (shards on Ray actors, "
                           "one per GPU or per --workers, on the cluster at --ray-address or a local one, each "
-                          "decoding in its own threads; needs `pip install featcache[ray]`). Both give the same cache.", choices=ENGINES, cli="extract")
+                          "decoding in its own threads; needs `pip install featcache[ray]`). Both give the same "
+                          "cache.", choices=ENGINES, cli="extract")
     ray_address: str | None = _option(None, "Ray cluster to run on (e.g. ray://head:10001 or auto) [default: "
                                       "$RAY_ADDRESS, else a local cluster started and stopped by featcache].",
                                       cli="extract")
@@ -107,6 +108,9 @@ class ExtractSpec:
         if self.precision not in backbones.PRECISIONS:
             raise BadInputError(f"--precision must be one of {', '.join(backbones.PRECISIONS)}, "
                                 f"got {self.precision!r}")
+        if self.engine == "ray" and (self.decoder != "auto" or self.decode_workers is not None):
+            raise BadInputError("--decoder and --decode-workers apply to --engine local; under Ray each worker "
+                                "decodes in threads, one per CPU it holds")
         if self.decode_workers is None:
             set_("decode_workers", min(8, os.cpu_count() or 1))
         elif isinstance(self.decode_workers, bool) or not isinstance(self.decode_workers, int) \

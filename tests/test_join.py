@@ -126,6 +126,14 @@ def test_ray_options_need_the_ray_engine():
         ExtractSpec(data="x", engine="spark")
 
 
+def test_local_decoding_options_are_refused_under_ray():
+    """Ray workers decode in threads of their own: a --decoder or --decode-workers would be silently ignored."""
+    for local_only in (dict(decoder="processes"), dict(decode_workers=4)):
+        with pytest.raises(BadInputError, match="apply to --engine local"):
+            ExtractSpec(data="x", engine="ray", **local_only)
+    assert ExtractSpec(data="x", engine="ray").decode_workers >= 1   # left to their defaults: fine
+
+
 def _meta_fields():
     return dict(backbone="vgg16", layer="block3_pool", weights="random:seed=0", weights_source="random",
                 input_shape=(32, 32, 3), feature_shape=(4, 4, 256), preprocessing="caffe", resize="bilinear",
