@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from featcache import backbones  # noqa: E402
 from featcache.data import load_dataset  # noqa: E402
 from featcache.extract import extract  # noqa: E402
-from run import LoopTimes, conv_gflop, machine, put_section  # noqa: E402
+from run import LoopTimes, conv_gflop, machine, write_sections  # noqa: E402
 
 
 def bare_and_loop(args, precision: str, tmp: Path) -> dict:
@@ -221,7 +221,7 @@ def main() -> None:
     merged.update(results)
     bench_json.write_text(json.dumps(merged, indent=2) + "\n")
     (args.out / "benchmarks-precision.md").write_text(report(results, " ".join(sys.argv)))
-    put_section(args.out / "benchmarks.md", SECTION, summary(results, " ".join(sys.argv)))
+    write_sections(args.out / "benchmarks.md", summary(results, " ".join(sys.argv)))
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, indent=2))
 
 

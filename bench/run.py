@@ -370,27 +370,21 @@ def write_report(results: dict, out: Path, command: str) -> None:
         "| run | peak RSS | seconds |", "|---|---|---|",
         *[f"| {x['what']} | {mb(x['peak_rss_bytes'])} | {x['seconds']:.0f} |" for x in r["rows"]], "",
     ]
-    own = "\n".join(lines)
-    kept = [body for heading, body in md_sections(out / "benchmarks.md")
-            if heading not in {h for h, _ in md_sections(text=own)}]
-    (out / "benchmarks.md").write_text("\n\n".join([own.rstrip("\n"), *(k.rstrip("\n") for k in kept)]) + "\n")
+    write_sections(out / "benchmarks.md", "\n".join(lines))
 
 
-def md_sections(path: Path | None = None, text: str | None = None) -> list[tuple[str, str]]:
-    """(heading, text) of each `## ` section of a markdown file (none if it does not exist), in order."""
-    if text is None:
-        text = path.read_text() if path.exists() else ""
-    parts = text.split("\n## ")[1:]
-    return [(part.split("\n", 1)[0], "## " + part.rstrip("\n") + "\n") for part in parts]
+def write_sections(path: Path, text: str) -> None:
+    """Write `text` (a head, or none, then `## ` sections) into the markdown file `path`: each of its sections
+    replaces the file's section of the same heading, or is appended; the file's other sections stay where they
+    are. So each bench script keeps its own part of docs/benchmarks.md up to date and leaves the others'."""
+    def split(md: str) -> tuple[str, dict]:
+        head, *parts = ("\n" + md).split("\n## ")
+        return head.strip("\n"), {part.split("\n", 1)[0]: "## " + part.strip("\n") for part in parts}
 
-
-def put_section(path: Path, heading: str, text: str) -> None:
-    """Replace the `## heading` section of `path` with `text` (appended if absent): each bench script
-    writes its own section of docs/benchmarks.md and keeps the others'."""
-    head = path.read_text().split("\n## ")[0].rstrip("\n") + "\n" if path.exists() else "# Benchmarks\n"
-    sections = dict(md_sections(path))
-    sections[heading] = text.rstrip("\n") + "\n"
-    path.write_text("\n".join([head, *sections.values()]))
+    old_head, sections = split(path.read_text()) if path.exists() else ("# Benchmarks", {})
+    head, new = split(text)
+    sections.update(new)
+    path.write_text("\n\n".join([head or old_head, *sections.values()]) + "\n")
 
 
 def main() -> None:
