@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import numpy as np  # noqa: E402
 
 from featcache import backbones  # noqa: E402
-from featcache.data import load_dataset  # noqa: E402
+from featcache.sources import load_dataset  # noqa: E402
 from featcache.extract import extract  # noqa: E402
 from run import LoopTimes, conv_gflop  # noqa: E402
 
@@ -89,17 +89,15 @@ def device_name() -> str:
 
 def decode_rate(data: Path, size: int, workers: int, batch_size: int, decoder: str) -> float:
     """Images/s of JPEG decoding and resizing alone (the training split, `workers` threads or processes)."""
-    import functools
     from concurrent.futures import ThreadPoolExecutor
 
-    from featcache import engine
+    from featcache.extract import local as engine
 
     ds = load_dataset(data)
     splits = {"train": ds.train, "test": ds.test}
-    decode = functools.partial(engine._decode_rows, size=(size, size), require_native=None, views=1, augment="",
-                               augment_seed=0)
+    decode = engine.Decoding(size=(size, size), require_native=None).rows
     chunks = [("train", s, min(s + batch_size, len(ds.train))) for s in range(0, len(ds.train), batch_size)]
-    with engine._decode_processes(workers if decoder == "processes" else 0, splits) as processes:
+    with engine.decode_processes(workers if decoder == "processes" else 0, splits) as processes:
         if processes:   # started and warm before the clock, as in an extraction
             list(processes.map(decode, [None] * workers, *zip(*chunks[:workers])))
         t0 = time.perf_counter()
@@ -111,13 +109,13 @@ def decode_rate(data: Path, size: int, workers: int, batch_size: int, decoder: s
 
 def measure(data: Path, size: int, precision: str, args, tmp: Path) -> dict:
     loops = LoopTimes()
-    logging.getLogger("featcache.engine").addHandler(loops)
-    logging.getLogger("featcache.engine").setLevel(logging.INFO)
+    logging.getLogger("featcache.extract.local").addHandler(loops)
+    logging.getLogger("featcache.extract.local").setLevel(logging.INFO)
     for k in range(args.repeats):
         extract(data=str(data), weights=args.weights, input_size=size, precision=precision, batch_size=args.batch_size,
                 cache_dir=tmp / f"{size}-{precision}-{k}", progress=False, decode_workers=args.decode_workers,
                 decoder=args.decoder)
-    logging.getLogger("featcache.engine").removeHandler(loops)
+    logging.getLogger("featcache.extract.local").removeHandler(loops)
     images, seconds = loops.runs[-1][0], statistics.median(s for _, s in loops.runs)
     bb = backbones.build(weights=args.weights, input_size=(size, size), precision=precision)
     ds = load_dataset(data)

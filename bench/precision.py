@@ -31,7 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import numpy as np  # noqa: E402
 
 from featcache import backbones  # noqa: E402
-from featcache.data import load_dataset  # noqa: E402
+from featcache.sources import load_dataset  # noqa: E402
 from featcache.extract import extract  # noqa: E402
 from run import LoopTimes, conv_gflop, machine, write_sections  # noqa: E402
 
@@ -48,8 +48,8 @@ def bare_and_loop(args, precision: str, tmp: Path) -> dict:
                for i in range(0, len(pixels), args.batch_size)]
     forward = tf.function(lambda t: bb.model(t, training=False))
     loops = LoopTimes()
-    logging.getLogger("featcache.engine").addHandler(loops)
-    logging.getLogger("featcache.engine").setLevel(logging.INFO)
+    logging.getLogger("featcache.extract.local").addHandler(loops)
+    logging.getLogger("featcache.extract.local").setLevel(logging.INFO)
 
     def bare():
         for x in batches:
@@ -68,7 +68,7 @@ def bare_and_loop(args, precision: str, tmp: Path) -> dict:
         bare()
         t_bare.append(time.perf_counter() - t0)
         loop(k)
-    logging.getLogger("featcache.engine").removeHandler(loops)
+    logging.getLogger("featcache.extract.local").removeHandler(loops)
     t_loop = [seconds for _, seconds in loops.runs]
     ips_bare, ips_loop = len(pixels) / statistics.median(t_bare), len(pixels) / statistics.median(t_loop)
     # each loop is compared with the bare run just before it: this host's speed drifts by several percent
@@ -166,7 +166,7 @@ SEEDS = (0, 1, 2)
 
 def whole_dataset(args, tmp: Path, auto: str) -> dict:
     """The whole dataset extracted at float32 and at `auto` (alternated), then the reference head and probe."""
-    from featcache.store import open_cache
+    from featcache.cache import open_cache
     from heads.train import train_head
 
     out = {}

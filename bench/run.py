@@ -29,10 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from featcache import backbones as bb  # noqa: E402
-from featcache import store  # noqa: E402
-from featcache.data import load_dataset  # noqa: E402
+from featcache import cache as store  # noqa: E402
+from featcache.cache import write as cache_write  # noqa: E402
+from featcache.sources import load_dataset  # noqa: E402
 from featcache.extract import extract  # noqa: E402
+from heads import fit as hf  # noqa: E402
 from heads import train as ht  # noqa: E402
+from heads.batches import in_ram_dataset  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -127,8 +130,8 @@ def bench_extraction(args, tmp: Path) -> dict:
         model.model.predict(x, batch_size=args.batch_size, verbose=0)
 
     loops = LoopTimes()
-    logging.getLogger("featcache.engine").addHandler(loops)
-    logging.getLogger("featcache.engine").setLevel(logging.INFO)
+    logging.getLogger("featcache.extract.local").addHandler(loops)
+    logging.getLogger("featcache.extract.local").setLevel(logging.INFO)
     featcache_extract()
     loops.runs.clear()
     t_extract, t_predict = alternate(featcache_extract, bare_predict, args.repeats)
@@ -151,12 +154,12 @@ def bench_cached_vs_end_to_end(args, data) -> dict:
     from heads.builders import MODELS, dense_head
 
     tr, _ = ht.split_indices(data.y_train, 0.1, 0)
-    head, (x_fit,) = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), MODELS["dense"],
+    head, (x_fit,) = hf.fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), MODELS["dense"],
                                              {"pooling": "gap"}, [data.x_train])  # as train()
-    head.compile("adam", "sparse_categorical_crossentropy", steps_per_execution=ht.STEPS_PER_EXECUTION,
+    head.compile("adam", "sparse_categorical_crossentropy", steps_per_execution=hf.STEPS_PER_EXECUTION,
                  jit_compile=False)
-    x_all, y_all = ht._as_tensors(x_fit, data.y_train)
-    cached = ht._batches(x_all, y_all, tr, args.head_batch_size, shuffle=True)
+    x_all, y_all = hf.as_tensors(x_fit, data.y_train)
+    cached = in_ram_dataset(x_all, y_all, tr, args.head_batch_size, shuffle=True)
 
     n_e2e = args.e2e_images
     ds = load_dataset(args.data, limit=n_e2e)
@@ -189,16 +192,16 @@ def bench_head_vs_floor(args, data) -> dict:
 
     tr, _ = ht.split_indices(data.y_train, 0.1, 0)
     t0 = time.perf_counter()
-    _, (x_fit,) = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), MODELS["dense"],
+    _, (x_fit,) = hf.fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), MODELS["dense"],
                                           {"pooling": "gap"}, [data.x_train])
     pool_seconds = time.perf_counter() - t0
-    x_all, y_all = ht._as_tensors(x_fit, data.y_train)
+    x_all, y_all = hf.as_tensors(x_fit, data.y_train)
     rows = []
     for bs in args.floor_batch_sizes:
-        batches = ht._batches(x_all, y_all, tr, bs, shuffle=True)
-        head, _ = ht._fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), MODELS["dense"],
+        batches = in_ram_dataset(x_all, y_all, tr, bs, shuffle=True)
+        head, _ = hf.fixed_pooling_split(dense_head(data.x_train.shape[1:], 10), MODELS["dense"],
                                           {"pooling": "gap"}, [data.x_train[:1]])
-        head.compile("adam", "sparse_categorical_crossentropy", steps_per_execution=ht.STEPS_PER_EXECUTION,
+        head.compile("adam", "sparse_categorical_crossentropy", steps_per_execution=hf.STEPS_PER_EXECUTION,
                      jit_compile=False)
         head.fit(batches.take(2), verbose=0)
 
@@ -242,13 +245,13 @@ def bench_size_and_load(args, cache_path: Path, tmp: Path) -> dict:
 
 
 def _write(path, meta, x, compression):
-    f = store.create(path, meta, labels={"train": np.zeros(len(x), np.int64), "test": np.zeros(1, np.int64)},
+    f = cache_write.create(path, meta, labels={"train": np.zeros(len(x), np.int64), "test": np.zeros(1, np.int64)},
                      paths={}, class_names=["x"], batch_size=128,
                      compression=compression)
     with f:
         for s in range(0, len(x), 1024):
             f["train/features"][s:s + 1024] = x[s:s + 1024].astype(meta.dtype)
-        store.finish(f, max_abs_activation=0.0)
+        cache_write.finish(f, max_abs_activation=0.0)
 
 
 def bench_float16_vs_float32(args, tmp: Path) -> dict:
@@ -352,7 +355,7 @@ def write_report(results: dict, out: Path, command: str) -> None:
           f"{x['head_epoch_vs_floor_ratio']:.1f} |" for x in f["rows"]], "",
         "## 4. Cache size and load", "",
         f"{s['rows_measured']} training rows of the block3_pool cache (4x4x256 per row) written with each dtype and "
-        "compression through `featcache.store`; load = `open_cache(...).load('train')`, best of 3.", "",
+        "compression through `featcache.cache.write`; load = `open_cache(...).load('train')`, best of 3.", "",
         "| dtype | compression | bytes on disk | bytes/row | write (s) | load to RAM (s) |", "|---|---|---|---|---|---|",
         *[f"| {x['dtype']} | {x['compression']} | {mb(x['bytes'])} | {x['bytes'] / s['rows_measured']:,.0f} | "
           f"{x['write_s']:.2f} | {x['load_s']:.2f} |" for x in s["rows"]], "",

@@ -30,7 +30,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import numpy as np  # noqa: E402
 
 import featcache  # noqa: E402
-from featcache import engine, join, store  # noqa: E402
+from featcache import cache as store  # noqa: E402
+from featcache.cache import shards as join  # noqa: E402
+from featcache.cache import write as cache_write  # noqa: E402
+from featcache.extract import plan as planning  # noqa: E402
 from featcache.extract import extract  # noqa: E402
 from run import machine  # noqa: E402
 
@@ -71,17 +74,17 @@ def join_cost(tmp: Path, n_shards: int = 1281, rows: int = 16) -> dict:
     final = tmp / "join" / store.cache_filename(meta)
     shards = join.folder(final)
     shards.mkdir(parents=True)
-    units = engine.units(meta, rows)
+    units = planning.units(meta, rows)
     rng = np.random.default_rng(0)
     for u in units:
         n = u.stop - u.start
         other = "test" if u.split == "train" else "train"
-        with store.create(join.shard_path(shards, u), meta, labels={u.split: np.zeros(n, np.int64),
+        with cache_write.create(join.shard_path(shards, u), meta, labels={u.split: np.zeros(n, np.int64),
                                                                     other: np.zeros(0, np.int64)},
                           paths={}, class_names=["a"], batch_size=rows, shard=u) as f:
             f[store.dataset_path(meta, u.split, meta.layer)][...] = rng.standard_normal((n, 4, 4, 256))
             f["progress"][0 if u.split == "train" else 1] = n
-            store.finish(f, max_abs_activation=1.0)
+            cache_write.finish(f, max_abs_activation=1.0)
     t = time.perf_counter()
     verified = join.verify(meta, units, shards)
     verify_s = time.perf_counter() - t

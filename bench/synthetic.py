@@ -18,7 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featcache import store  # noqa: E402
+from featcache import cache as store  # noqa: E402
+from featcache.cache import write as cache_write  # noqa: E402
 
 
 def write_synthetic_cache(path, *, n_train: int, n_test: int, shape=(4, 4, 256), n_classes: int = 10,
@@ -34,7 +35,7 @@ def write_synthetic_cache(path, *, n_train: int, n_test: int, shape=(4, 4, 256),
         dataset_fingerprint=f"{seed:064x}", limit=0, n_train=n_train, n_test=n_test, versions={},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), views=views,
         augment="flip" if views > 1 else "")
-    f = store.create(path, meta, labels=labels, paths={"train": None, "test": None},
+    f = cache_write.create(path, meta, labels=labels, paths={"train": None, "test": None},
                      class_names=[f"class{c}" for c in range(n_classes)], batch_size=block_rows)
     with f:
         for split, y in labels.items():
@@ -49,7 +50,7 @@ def write_synthetic_cache(path, *, n_train: int, n_test: int, shape=(4, 4, 256),
                     f[store.dataset_path(meta, split, meta.layer, views=True)][s:e] = np.maximum(extra, 0).astype(
                         np.float16)
         f["progress"][...] = [n_train, n_test]
-        store.finish(f, max_abs_activation=float(noise * 10))
+        cache_write.finish(f, max_abs_activation=float(noise * 10))
     return path
 
 

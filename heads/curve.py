@@ -10,12 +10,13 @@ curve.png into a new folder under `runs_dir`.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from featcache import system
 from featcache.errors import BadInputError
+from heads.config import TrainConfig, pools_first
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,8 @@ def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: in
     `cache` is a path, a FeatureCache or a list of them (as for `train_head`); `options` are
     TrainConfig fields shared by every run (e.g. epochs, val_fraction).
     """
-    from tqdm import tqdm
-
-    from heads.reports import check_runs_dir, staged_run_dir, write_json
-    from heads.train import TrainConfig, pools_first, data_from_caches, train
+    from heads.data import data_from_caches
+    from heads.reports import check_runs_dir
 
     if repeats < 1:
         raise BadInputError(f"--repeats must be at least 1, got {repeats}")
@@ -61,6 +60,13 @@ def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: in
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     data = data_from_caches(caches, configs[heads[0]].pooling, layer,   # the only read of the cache
                             prepooled=all(pools_first(c) for c in configs.values()))
+    kept = _sizes_that_fit(sizes, data)
+    rows = _runs(data, configs, kept, repeats, progress)
+    return _write_curve(Path(runs_dir), rows, data, heads=heads, kept=kept, repeats=repeats, options=options)
+
+
+def _sizes_that_fit(sizes, data) -> list:
+    """The sizes at most the smallest class (None, the whole split, always fits); the others are skipped."""
     smallest = int(np.bincount(data.y_train, minlength=len(data.class_names)).min())
     kept = [n for n in sizes if n is None or n <= smallest]
     for n in sizes:
@@ -68,24 +74,35 @@ def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: in
             log.info("skipping %d per class: the smallest class has %d training images", n, smallest)
     if not kept:
         raise BadInputError(f"every size in --sizes is above the {smallest} training images of the smallest class")
+    return kept
+
+
+def _runs(data, configs: dict, kept: list, repeats: int, progress: bool) -> list[dict]:
+    """One row per (size, repeat, head): its validation and test figures."""
+    from heads.train import train
+
     rows = []
-    bar = tqdm(total=len(kept) * repeats * len(heads), unit="run", desc="curve", file=sys.stderr,
-               disable=None if progress else True, dynamic_ncols=True)
-    for n in kept:
-        for r in range(repeats):
-            for head in heads:
-                config = TrainConfig(**{**configs[head].__dict__, "per_class": n, "subset_seed": r, "seed": r})
-                m = train(data, config, runs_dir=None, progress=False).metrics
-                rows.append({"per_class": n, "repeat": r, "head": head, "n_train": m["n_train"], "n_val": m["n_val"],
-                             "val_accuracy": m["val_accuracy"], "val_loss": m["val_loss"],
-                             "test_accuracy": m["test_accuracy"], "chosen": m.get("chosen"),
-                             "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"], "C": m.get("C"),
-                             "seconds": m["seconds"]})
-                bar.update(1)
-    bar.close()
+    with system.progress_bar(len(kept) * repeats * len(configs), unit="run", desc="curve", enabled=progress) as bar:
+        for n in kept:
+            for r in range(repeats):
+                for head, base in configs.items():
+                    config = TrainConfig(**{**base.__dict__, "per_class": n, "subset_seed": r, "seed": r})
+                    m = train(data, config, runs_dir=None, progress=False).metrics
+                    rows.append({"per_class": n, "repeat": r, "head": head, "n_train": m["n_train"],
+                                 "n_val": m["n_val"], "val_accuracy": m["val_accuracy"], "val_loss": m["val_loss"],
+                                 "test_accuracy": m["test_accuracy"], "chosen": m.get("chosen"),
+                                 "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"], "C": m.get("C"),
+                                 "seconds": m["seconds"]})
+                    bar.update(1)
+    return rows
+
+
+def _write_curve(runs_dir: Path, rows: list[dict], data, *, heads, kept, repeats: int, options: dict) -> Path:
+    from heads.reports import staged_run_dir, write_json
+
     summary = summarise(rows, heads)
     source = {k: v for k, v in data.source.items() if k != "cache_meta"}
-    with staged_run_dir(Path(runs_dir), "curve") as stage:
+    with staged_run_dir(runs_dir, "curve") as stage:
         write_json(stage.path / "curve.json", {
             "heads": list(heads), "sizes": [n or "all" for n in kept], "repeats": repeats,
             "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}, "data": source,

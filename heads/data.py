@@ -5,14 +5,32 @@ stratified validation splits carved from its training split."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from featcache.cache import FeatureCache, dataset_path, expected_bytes, open_cache
+from featcache.cache import pooled as pooled_vectors
 from featcache.errors import BadInputError
+from heads import feed as feeds
 from heads.builders import GLOBAL_POOLINGS
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeedPlan:
+    """How the features reach the head: "pooled" vectors, maps in "ram", or maps to "stream" from the cache,
+    within `memory_budget_bytes`. Control data for training, and recorded in the run's config.json."""
+
+    mode: str
+    memory_budget_bytes: int
+    maps_bytes: int | None = None
+    stream_forced: bool = False     # --stream: stream even when the maps would fit the budget
+    subset_read: bool = False       # streamed maps whose rows in use (a --per-class subset) were read into RAM
+
+    def record(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (None, False)}
 
 
 @dataclass
@@ -32,6 +50,7 @@ class TrainData:
     #: a derived cache): models are built for the maps and fitted past their pooling layer
     map_shape: tuple | None = None
     pooled_by: str | None = None
+    feed: FeedPlan | None = None        # None: arrays given directly (pixels, or a caller's own TrainData)
 
     @property
     def n_views(self) -> int:
@@ -56,29 +75,18 @@ def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bo
     Several layers are each pooled (gap or max), then concatenated per row. One layer: its pooled
     vectors when the model pools first (`prepooled`); else its maps, in RAM when they fit
     `memory_budget` bytes (default: half the available memory), streamed from disk otherwise or with
-    `stream`. Pooled vectors come from derived caches that pool each layer once (featcache.pooled).
-    How the data is fed is recorded in `source["feed"]`."""
-    from heads import feed
-
+    `stream`. Pooled vectors come from derived caches that pool each layer once (featcache.cache.pooled).
+    How the data is fed is `TrainData.feed`."""
     sources = _layer_sources([_open(c) for c in caches], layers)
-    budget = feed.default_budget() if memory_budget is None else feed.parse_bytes(memory_budget)
+    budget = feeds.default_budget() if memory_budget is None else feeds.parse_bytes(memory_budget)
     if len(sources) == 1 and not (prepooled and pooling in GLOBAL_POOLINGS):
-        cache, layer = sources[0]
-        maps = _maps_bytes(cache, layer)
-        mode = "stream" if stream or feed.RAM_FACTOR * maps > budget else "ram"
-        if mode == "stream":
-            log.info("streaming %s from %s: %s of maps, memory budget %s", layer, cache.path, _gb(maps), _gb(budget))
-        data = _streamed(cache, layer) if mode == "stream" else data_from_cache(cache, layer)
-        data.source["feed"] = {"mode": mode, "memory_budget_bytes": budget, "maps_bytes": maps}
-        if stream:
-            data.source["feed"]["stream_forced"] = True
-        return data
+        return _maps(*sources[0], budget, stream)
     if pooling not in GLOBAL_POOLINGS:
         raise BadInputError(f"concatenating layers needs --pooling gap or max, got {pooling!r}")
     parts = [_pooled(c, layer, pooling) for c, layer in sources]
+    plan = FeedPlan("pooled", budget)
     if len(parts) == 1:
-        parts[0].source["feed"] = {"mode": "pooled", "memory_budget_bytes": budget}
-        return parts[0]
+        return replace(parts[0], feed=plan)
     first = parts[0]
     for p in parts[1:]:
         same = (p.source["cache_meta"]["dataset_fingerprint"] == first.source["cache_meta"]["dataset_fingerprint"]
@@ -90,38 +98,36 @@ def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bo
     cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=-1)   # noqa: E731
     return TrainData(
         cat([p.x_train for p in parts]), first.y_train, cat([p.x_test for p in parts]), first.y_test,
-        first.class_names, "features", source={"caches": [p.source for p in parts], "pooling": pooling,
-                                               "feed": {"mode": "pooled", "memory_budget_bytes": budget}},
-        random_weights=any(p.random_weights for p in parts), x_views=cat([p.x_views for p in parts]))
+        first.class_names, "features", source={"caches": [p.source for p in parts], "pooling": pooling},
+        random_weights=any(p.random_weights for p in parts), x_views=cat([p.x_views for p in parts]), feed=plan)
 
 
-def _in_ram_if_it_fits(data: TrainData) -> TrainData:
+def _maps(cache, layer: str, budget: int, stream: bool) -> TrainData:
+    """One layer's maps: in RAM when they fit `budget`, else (or with `stream`) read from disk as training needs."""
+    maps = expected_bytes(cache.meta, [layer])
+    mode = "stream" if stream or feeds.RAM_FACTOR * maps > budget else "ram"
+    if mode == "stream":
+        log.info("streaming %s from %s: %s of maps, memory budget %s", layer, cache.path, _gb(maps), _gb(budget))
+    data = _streamed(cache, layer) if mode == "stream" else data_from_cache(cache, layer)
+    return replace(data, feed=FeedPlan(mode, budget, maps, stream_forced=stream))
+
+
+def in_ram_if_it_fits(data: TrainData) -> TrainData:
     """Streamed training maps read into RAM after all when the rows in use (a --per-class subset, say) fit
     the memory budget; the test split stays streamed."""
-    from heads.feed import RAM_FACTOR
-
-    feed = data.source.get("feed", {})
+    plan = data.feed
     rows = [x for x in (data.x_train, data.x_views) if x is not None]
-    if feed.get("stream_forced") or RAM_FACTOR * sum(x.nbytes for x in rows) > feed.get("memory_budget_bytes", 0):
+    if plan is None or plan.stream_forced or feeds.RAM_FACTOR * sum(x.nbytes for x in rows) > plan.memory_budget_bytes:
         return data
     log.info("the %d training rows in use fit the memory budget: read into RAM", len(data.x_train))
     read = lambda x: None if x is None else x[np.arange(len(x))]   # noqa: E731
     return replace(data, x_train=read(data.x_train), x_views=read(data.x_views),
-                   source={**data.source, "feed": {**feed, "mode": "ram", "subset_read": True}})
+                   feed=replace(plan, mode="ram", subset_read=True))
 
 
-def _streamed_rows(x) -> bool:
+def streamed_rows(x) -> bool:
     """Whether `x` is read from the cache as needed (heads.feed.CachedRows) rather than held in RAM."""
-    from heads.feed import CachedRows
-
-    return isinstance(x, CachedRows)
-
-
-def _maps_bytes(cache, layer: str) -> int:
-    """Stored bytes of one layer's maps, both splits and any views."""
-    shape = cache.meta.shapes[layer]
-    rows = cache.meta.n_train * cache.meta.views + cache.meta.n_test
-    return rows * int(np.prod(shape)) * np.dtype(cache.meta.dtype).itemsize
+    return isinstance(x, feeds.CachedRows)
 
 
 def _gb(n: int) -> str:
@@ -134,9 +140,7 @@ def _source(cache, layer: str) -> dict:
 
 def _pooled(cache, layer: str, pooling: str) -> TrainData:
     """One layer's pooled vectors (both splits, views), from its derived pooled cache."""
-    from featcache.pooled import pooled
-
-    p = pooled(cache, layer, pooling)
+    p = pooled_vectors.pooled(cache, layer, pooling)
     return TrainData(p["train"], p["train_labels"], p["test"], p["test_labels"], cache.class_names, "features",
                      source={**_source(cache, layer), "pooled": pooling}, random_weights=cache.meta.random_weights,
                      x_views=p["views"], map_shape=tuple(cache.meta.shapes[layer]), pooled_by=pooling)
@@ -146,20 +150,15 @@ def _streamed(cache, layer: str) -> TrainData:
     """One layer's maps as CachedRows, read from disk as training needs them; labels in RAM."""
     import h5py
 
-    from featcache.store import dataset_path
-    from heads.feed import CachedRows
-
     with h5py.File(cache.path, "r") as f:
         y_train, y_test = f["train/labels"][...], f["test/labels"][...]
-    rows = {split: CachedRows(cache.path, dataset_path(cache.meta, split, layer)) for split in ("train", "test")}
-    views = CachedRows(cache.path, dataset_path(cache.meta, "train", layer, views=True)) if cache.meta.views > 1 else None
+    rows = {split: feeds.CachedRows(cache.path, dataset_path(cache.meta, split, layer)) for split in ("train", "test")}
+    views = feeds.CachedRows(cache.path, dataset_path(cache.meta, "train", layer, views=True)) if cache.meta.views > 1 else None
     return TrainData(rows["train"], y_train, rows["test"], y_test, cache.class_names, "features",
                      source=_source(cache, layer), random_weights=cache.meta.random_weights, x_views=views)
 
 
 def _open(cache):
-    from featcache.store import FeatureCache, open_cache
-
     return cache if isinstance(cache, FeatureCache) else open_cache(cache)
 
 
@@ -245,6 +244,6 @@ def split_indices(y: np.ndarray, val_fraction: float, seed: int, class_names=Non
 def subset(data: TrainData, per_class: int, seed: int) -> TrainData:
     """`data` with `per_class` training images per class (stratified, seeded); the test split untouched."""
     rows = stratified_subset(data.y_train, per_class, seed, data.class_names)
-    pick = lambda x: None if x is None else x.take(rows) if _streamed_rows(x) else x[rows]   # noqa: E731
+    pick = lambda x: None if x is None else x.take(rows) if streamed_rows(x) else x[rows]   # noqa: E731
     return replace(data, x_train=pick(data.x_train), y_train=data.y_train[rows], x_views=pick(data.x_views),
                    source={**data.source, "per_class": per_class, "subset_seed": seed})

@@ -1,7 +1,7 @@
 """How cached features reach a head: pooled vectors, maps in RAM, or maps streamed from disk.
 
 - Heads that start with global pooling (the default head, the linear probe, any `--pooling gap|max`)
-  train on pooled vectors, read from a derived cache that pools the maps once (featcache.pooled);
+  train on pooled vectors, read from a derived cache that pools the maps once (featcache.cache.pooled);
   their memory is the vectors', whatever the cache's size.
 - Heads that need the maps (`--pooling flatten`, the conv head) hold them in RAM when the rows they
   need fit the memory budget, and stream them from the cache otherwise (or with `--stream`): each
@@ -16,14 +16,16 @@ short runs of rows, and every training row is seen once per epoch.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
+from concurrent.futures.process import BrokenProcessPool
+
 import numpy as np
 
+from featcache import system
 from featcache.errors import BadInputError
-
-#: Consecutive training rows read together (at most; a batch gathers at least 16 blocks).
-BLOCK_ROWS = 16
+from heads.batches import BLOCK_ROWS, batches_per_epoch, epochs_of_plans
 #: Training rows are shuffled across this many consecutive batches (fewer if the budget is small): a block of
 #: an image-folder cache usually holds one class, so a batch of 16 blocks alone would hold few classes.
 MIX_BATCHES = 8
@@ -31,13 +33,6 @@ MIX_BATCHES = 8
 BUDGET_SHARE = 0.5
 #: Keeping maps in RAM costs about this many times their stored size (float32 tensors, views joined).
 RAM_FACTOR = 3
-
-
-def available_memory() -> int:
-    """Bytes this process can still allocate (MemAvailable capped by a cgroup limit; physical memory elsewhere)."""
-    from featcache.extract import available_memory as available
-
-    return available() or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def parse_bytes(value) -> int:
@@ -52,7 +47,7 @@ def parse_bytes(value) -> int:
 
 
 def default_budget() -> int:
-    return int(available_memory() * BUDGET_SHARE)
+    return int(system.available_memory() * BUDGET_SHARE)
 
 
 class CachedRows:
@@ -127,29 +122,6 @@ def _runs(rows: np.ndarray) -> list[np.ndarray]:
             runs.append(np.arange(start, i))
             start = i
     return runs
-
-
-def plan_batches(positions: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                 n_views: int = 1, all_views: bool = False) -> list[np.ndarray]:
-    """One epoch's batches of rows `positions`, each an array of (row, view) pairs.
-
-    Training (`shuffle`): blocks of consecutive rows (BLOCK_ROWS, fewer for batches under 256, so a batch
-    gathers at least 16 blocks) in an order seeded by (seed, epoch),
-    each row with a random view (or every view once, `all_views`); evaluation: rows in order, view 0.
-    Every row comes once per epoch."""
-    from featcache.reader import block_order
-
-    rows = np.sort(np.asarray(positions, np.int64))
-    if n_views > 1 and all_views and shuffle:
-        pairs = np.stack([np.repeat(rows, n_views), np.tile(np.arange(n_views), len(rows))], axis=1)
-    elif n_views > 1 and shuffle:
-        pairs = np.stack([rows, np.random.default_rng([seed, epoch, 1]).integers(0, n_views, len(rows))], axis=1)
-    else:
-        pairs = np.stack([rows, np.zeros_like(rows)], axis=1)
-    if shuffle:   # the same seeded block order as cache.as_tf_dataset
-        block = max(1, min(BLOCK_ROWS, batch_size // 16))
-        pairs = np.concatenate([pairs[s:e] for s, e in block_order(len(pairs), block, seed, epoch)] or [pairs])
-    return [pairs[s:s + batch_size] for s in range(0, len(pairs), batch_size)]
 
 
 def read_batch(x: CachedRows, views: CachedRows | None, y: np.ndarray, pairs: np.ndarray, dtype=np.float32):
@@ -228,17 +200,12 @@ class Stream:
 
     def batches(self, plan):
         """Read the batches of `plan` (lists of pairs) in order."""
-        import collections
-        from concurrent.futures.process import BrokenProcessPool
-
-        from featcache.workers import spawn_pool
-
         if self.workers == 1:
             for pairs in plan:
                 yield read_batch(*self.source, pairs, dtype=self.source[0].dtype)
             return
         if self._pool is None:
-            self._pool = spawn_pool(self.workers, _start_reader, self.source)
+            self._pool = system.spawn_pool(self.workers, _start_reader, self.source)
         pending = collections.deque()
         try:
             for pairs in plan:
@@ -259,12 +226,13 @@ class Stream:
         float16) and are cast here. Nothing is buffered beyond the batches read ahead and one in TensorFlow."""
         import tensorflow as tf
 
+        plans = epochs_of_plans(positions, batch_size, shuffle=shuffle, seed=seed, n_views=n_views,
+                                all_views=all_views)
         epoch = [-1]
 
         def generate():
             epoch[0] += 1
-            batches = self.batches(plan_batches(positions, batch_size, shuffle=shuffle, seed=seed, epoch=epoch[0],
-                                                n_views=n_views, all_views=all_views))
+            batches = self.batches(plans())
             if shuffle:
                 batches = _mixed(batches, self.mix, batch_size, np.random.default_rng([seed, epoch[0], 2]))
             for features, labels in batches:
@@ -273,8 +241,8 @@ class Stream:
         x = self.source[0]
         ds = tf.data.Dataset.from_generator(generate, output_signature=(
             tf.TensorSpec((None, *x.row_shape), tf.float32), tf.TensorSpec((None,), self.source[2].dtype)))
-        rows = len(positions) * (n_views if n_views > 1 and all_views and shuffle else 1)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(-(-rows // batch_size)))   # Keras knows the epoch
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches_per_epoch(   # Keras knows the epoch
+            positions, batch_size, shuffle=shuffle, n_views=n_views, all_views=all_views)))
         options = tf.data.Options()
         options.autotune.enabled = False   # AUTOTUNE may buffer up to half the machine's memory
         return ds.prefetch(1).with_options(options)

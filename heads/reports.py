@@ -37,7 +37,8 @@ def write_run(runs_dir: Path, result, data) -> Path:
 def _write_records(run_dir: Path, result, data) -> None:
     m = result.metrics
     config = {**asdict(result.config), "units": list(result.config.units), "learning_rate": result.config.learning_rate,
-              "data": data.source, "random_weights": data.random_weights, "class_names": list(data.class_names)}
+              "data": {**data.source, **({"feed": data.feed.record()} if data.feed is not None else {})},
+              "random_weights": data.random_weights, "class_names": list(data.class_names)}
     write_json(run_dir / "config.json", config)
     write_json(run_dir / "metrics.json", {k: v for k, v in m.items() if k != "classification_report"})
     with open(run_dir / "history.csv", "w", newline="") as f:

@@ -36,14 +36,23 @@ def write_folder(root: Path, n_train: int = 4, n_test: int = 2, size: int = 32, 
     return root
 
 
+def assert_same_features(x, y) -> None:
+    """Features of the same images computed in batches cut differently: equal but for float32 rounding (1e-5 of
+    the largest feature) and one float16 step. On CPUs without AVX-512, oneDNN's convolutions sum a row in
+    another order in a batch of 2 than in a batch of 4 (seen here: 3e-6 on features up to 5)."""
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    np.testing.assert_allclose(x, y, rtol=2 ** -10, atol=1e-5 * max(1.0, float(np.abs(y).max(initial=0))))
+
+
 def assert_same_cache(a, b) -> None:
     """Two opened caches hold the same extraction, row for row: key, features, views, labels, paths, classes."""
     assert a.meta.key == b.meta.key
     for split in ("train", "test"):
-        for x, y in zip(a.load(split), b.load(split)):
-            np.testing.assert_array_equal(x, y)
+        (xa, ya), (xb, yb) = a.load(split), b.load(split)
+        assert_same_features(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
         assert a.paths(split) == b.paths(split)
-    np.testing.assert_array_equal(a.load_views(), b.load_views())
+    assert_same_features(a.load_views(), b.load_views())
     assert a.class_names == b.class_names
 
 

@@ -1,12 +1,13 @@
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 from conftest import CLASSES, random_images, write_folder
-from featcache.data import load_dataset
+from featcache.sources import load_dataset
 from featcache.errors import BadInputError, DownloadError, MissingInputError
 
 
@@ -146,7 +147,7 @@ def test_cifar10_download_failure_says_offline(monkeypatch):
 def test_stat_fingerprint_reads_no_file_and_sees_changes(image_folder, monkeypatch):
     from pathlib import Path
 
-    from featcache import data
+    from featcache import sources as data
 
     content = load_dataset(image_folder).fingerprint
     file = image_folder / "train" / "bee" / "01.png"
@@ -160,7 +161,7 @@ def test_stat_fingerprint_reads_no_file_and_sees_changes(image_folder, monkeypat
     # "auto" keeps hashing content at CIFAR-10's size (older caches keep their keys) and stats above
     monkeypatch.undo()
     assert load_dataset(image_folder).fingerprint == data.fingerprint(load_dataset(image_folder), "content")
-    monkeypatch.setattr(data, "CONTENT_FINGERPRINT_MAX_FILES", 10)
+    monkeypatch.setattr(sys.modules["featcache.sources.fingerprints"], "CONTENT_FINGERPRINT_MAX_FILES", 10)
     assert load_dataset(image_folder).fingerprint.startswith("stat:")
     assert not load_dataset(image_folder, fingerprint_by="content").fingerprint.startswith("stat:")
 
@@ -181,7 +182,7 @@ def test_a_stat_fingerprinted_cache_is_a_hit_until_a_file_changes(image_folder, 
 def test_plain_jpegs_decode_fast_to_the_pixels_pillow_gives(tmp_path, monkeypatch):
     import simplejpeg
 
-    from featcache import data
+    from featcache import sources as data
 
     rng = np.random.default_rng(0)
     img = np.clip(np.arange(48 * 40 * 3).reshape(48, 40, 3) % 251 + rng.integers(-20, 20, (48, 40, 3)), 0, 255)
@@ -203,12 +204,12 @@ def test_plain_jpegs_decode_fast_to_the_pixels_pillow_gives(tmp_path, monkeypatc
         before = len(fast)
         with Image.open(tmp_path / name) as reference:
             expected = np.asarray(ImageOps.exif_transpose(reference).convert("RGB"))
-        np.testing.assert_array_equal(data._read_image(tmp_path / name), expected, err_msg=name)
+        np.testing.assert_array_equal(data.read_image(tmp_path / name), expected, err_msg=name)
         assert len(fast) - before == (name not in ("cmyk.jpg", "rotated.jpg")), name
-    assert data._read_image(tmp_path / "rotated.jpg").shape == (40, 48, 3)
+    assert data.read_image(tmp_path / "rotated.jpg").shape == (40, 48, 3)
     (tmp_path / "broken.jpg").write_bytes((tmp_path / "444.jpg").read_bytes()[:300])
     with pytest.raises(BadInputError, match="broken.jpg"):   # Pillow names the fault, as before
-        data._read_image(tmp_path / "broken.jpg")
+        data.read_image(tmp_path / "broken.jpg")
 
 
 def test_a_batch_of_mixed_images_loads_as_pillow_shows_each(tmp_path):

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 import featcache
-from featcache import engine
+from featcache.extract import local as engine
 from featcache.errors import BadInputError
 from featcache.extract import extract
-from featcache.spec import ExtractSpec
+from featcache.extract import ExtractSpec
 
 
 def test_decoding_processes_give_the_rows_threads_give_and_are_stopped(image_folder, tmp_path, monkeypatch):
     pids = []
-    start = engine._decode_processes
+    start = engine.decode_processes
 
     def recorded(n, splits):
         ctx = start(n, splits)
@@ -37,7 +37,7 @@ def test_decoding_processes_give_the_rows_threads_give_and_are_stopped(image_fol
                 return ctx.__exit__(*exc)
         return Context()
 
-    monkeypatch.setattr(engine, "_decode_processes", recorded)
+    monkeypatch.setattr(engine, "decode_processes", recorded)
     opts = dict(data=image_folder, weights="random", batch_size=4, views=2, decode_workers=3, progress=False)
     a = featcache.open_cache(extract(**opts, decoder="threads", cache_dir=tmp_path / "threads"))
     assert pids == []

@@ -4,8 +4,8 @@ import pytest
 import featcache
 from conftest import REAL_DATA, REAL_WEIGHTS, needs_shared, write_folder
 from featcache import backbones as bb
-from featcache import store
-from featcache.data import load_dataset
+from featcache import cache as store
+from featcache.sources import load_dataset
 from featcache.errors import BadInputError, CacheError
 from featcache.extract import extract, plan
 
@@ -214,7 +214,7 @@ def test_every_key_option_is_compared_with_a_given_cache(image_folder, cache_dir
 
 
 def test_units_cover_every_row_once_and_resume_from_progress():
-    from featcache.engine import Unit, units
+    from featcache.extract import Unit, units
 
     class Meta:   # units() reads the row counts only
         n_train, n_test = 10, 3

@@ -11,9 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 import featcache
-from featcache import pooled as pooled_module
+from featcache.cache import pooled as pooled_module
 from featcache.cli import main
 from heads import feed
+from heads.batches import plan_batches
 from heads.train import data_from_cache, data_from_caches, train, train_head, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +32,13 @@ def synthetic(tmp_path):
 
 def count_pooling(monkeypatch):
     calls = []
-    original = pooled_module._pool_source
+    original = pooled_module.pool_source
 
     def counted(*a, **kw):
         calls.append(a[1:])
         return original(*a, **kw)
 
-    monkeypatch.setattr(pooled_module, "_pool_source", counted)
+    monkeypatch.setattr(pooled_module, "pool_source", counted)
     return calls
 
 
@@ -106,7 +107,7 @@ def test_stream_views(synthetic, all_views):
     stored = np.concatenate([cache.load("train")[0][:, None], cache.load_views()], axis=1).astype(np.float32)
     rows = np.arange(40)
     got = [feed.read_batch(x, views, np.arange(300), pairs)
-           for pairs in feed.plan_batches(rows, 16, shuffle=True, n_views=3, all_views=all_views)]
+           for pairs in plan_batches(rows, 16, shuffle=True, n_views=3, all_views=all_views)]
     features, labels = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
     which = [next(v for v in range(3) if np.array_equal(f, stored[r, v])) for f, r in zip(features, labels)]
     if all_views:
@@ -128,9 +129,9 @@ def test_memory_budget_decides_and_the_choice_is_recorded(synthetic, tmp_path):
     maps = 300 * 3 * 512 * 2 + 100 * 512 * 2
     small = data_from_caches([synthetic], "flatten", memory_budget=maps)
     large = data_from_caches([synthetic], "flatten", memory_budget="1GB")
-    assert small.source["feed"] == {"mode": "stream", "memory_budget_bytes": maps, "maps_bytes": maps}
-    assert isinstance(small.x_train, feed.CachedRows) and large.source["feed"]["mode"] == "ram"
-    assert data_from_caches([synthetic], "gap", prepooled=True).source["feed"]["mode"] == "pooled"
+    assert small.feed.record() == {"mode": "stream", "memory_budget_bytes": maps, "maps_bytes": maps}
+    assert isinstance(small.x_train, feed.CachedRows) and large.feed.mode == "ram"
+    assert data_from_caches([synthetic], "gap", prepooled=True).feed.mode == "pooled"
     r = CliRunner().invoke(main, ["train-head", "--cache", str(synthetic), "--pooling", "flatten", "--head", "dense",
                                   "--memory-budget", "10kB", "--epochs", "1", "--units", "8", "--runs-dir",
                                   str(tmp_path / "runs"), "--no-progress"])
@@ -185,8 +186,8 @@ def test_auto_on_streamed_maps_fits_the_dense_head_and_the_probe_is_refused_up_f
     from heads import train as ht
 
     fitted = []
-    original = ht._fit
-    monkeypatch.setattr(ht, "_fit", lambda data, config, *a: fitted.append(config.model) or original(data, config, *a))
+    original = ht.fit
+    monkeypatch.setattr(ht, "fit", lambda data, config, *a: fitted.append(config.model) or original(data, config, *a))
     run = train_head(synthetic, pooling="flatten", stream=True, runs_dir=None, progress=False, **QUICK)
     assert fitted == ["dense"] and run.metrics["chosen"] == "dense"
     with pytest.raises(featcache.BadInputError, match="linear probe .* needs its training rows in memory"):
@@ -210,10 +211,11 @@ import sys
 sys.path.insert(0, {str(ROOT)!r})
 import numpy as np
 from heads import feed
+from heads.batches import plan_batches
 if __name__ == "__main__":
     x = feed.CachedRows({str(synthetic)!r}, "train/features")
     stream = feed.Stream(x, None, np.zeros(len(x), np.int64), workers=2)
-    next(iter(stream.batches(feed.plan_batches(np.arange(len(x)), 16, shuffle=True))))
+    next(iter(stream.batches(plan_batches(np.arange(len(x)), 16, shuffle=True))))
     print(*stream._pool._processes, flush=True)
     import time
     time.sleep(60)

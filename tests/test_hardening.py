@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from featcache.cli import main
-from featcache.data import _read_image, load_dataset
+from featcache.sources import load_dataset, read_image
 from conftest import write_folder
 
 
@@ -23,7 +23,7 @@ def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
     path = tmp_path / "g16.png"
     Image.fromarray(gradient).save(path)
     assert Image.open(path).mode.startswith("I")
-    pixels = _read_image(path)
+    pixels = read_image(path)
     assert pixels.shape == (8, 64, 3) and pixels.dtype == np.uint8
     assert pixels[0, 0, 0] == 0 and pixels[0, -1, 0] == 255 and abs(pixels.mean() - 127.5) < 2
 
@@ -36,7 +36,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6    # "rotate 90 CW to display"
     Image.fromarray(img).save(tmp_path / "r.jpg", exif=exif, quality=95)
-    shown = _read_image(tmp_path / "r.jpg")
+    shown = read_image(tmp_path / "r.jpg")
     assert shown.shape == (32, 16, 3)                           # displayed upright: 16 wide, 32 high
     assert shown[:8].mean() > 200 and shown[-8:].mean() < 50   # the white half is now on top
 
@@ -85,7 +85,7 @@ def test_unwritable_runs_dir_is_refused_before_training(image_folder, cache_dir,
     path = run("extract", "--data", image_folder, "--weights", "random", "--no-progress").stdout.strip()
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    monkeypatch.setattr(ht, "_fit_keras", lambda *a, **k: pytest.fail("trained before checking --runs-dir"))
+    monkeypatch.setattr(ht, "fit", lambda *a, **k: pytest.fail("trained before checking --runs-dir"))
     r = run("train-head", "--cache", path, "--runs-dir", blocked / "runs", "--no-progress")
     assert r.exit_code == 2 and "--runs-dir" in r.stderr and "resume" not in r.stderr
 
@@ -121,15 +121,15 @@ def test_help_explains_every_training_option():
 def test_cache_hit_needs_no_write_access(image_folder, cache_dir, monkeypatch):
     import sys
 
-    fx = sys.modules["featcache.extract"]
+    fx = sys.modules["featcache.extract.build"]
 
     path = run("extract", "--data", image_folder, "--weights", "random", "--no-progress").stdout.strip()
 
     def refuse(*a, **k):
         raise AssertionError("a cache hit must not create folders or lock files")
 
-    monkeypatch.setattr(fx, "_cache_dir", refuse)
-    monkeypatch.setattr(fx, "_exclusive", refuse)
+    monkeypatch.setattr(fx.system, "writable_folder", refuse)
+    monkeypatch.setattr(fx, "cache_lock", refuse)
     r = run("extract", "--data", image_folder, "--weights", "random", "--no-progress")
     assert r.exit_code == 0 and r.stdout.strip() == path and "cache hit" in r.stderr
 
@@ -155,7 +155,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_up_front(image_folder, cac
     import sys
 
     if memory is not None:   # 12 images of 32x32 in one batch need ~6 MB: pretend 5 MB are free
-        monkeypatch.setattr(sys.modules["featcache.extract"], "available_memory", lambda: memory)
+        monkeypatch.setattr(sys.modules["featcache.system"], "available_memory", lambda: memory)
     r = run("extract", "--data", image_folder, "--weights", "random", "--no-progress", *args)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
     assert r.exit_code == 2 and len(errors) == 1 and "GB of memory is available" in errors[0], r.stderr
@@ -301,7 +301,7 @@ def test_interrupted_training_does_not_promise_a_resume(image_folder, cache_dir,
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ht, "_fit_keras", ctrl_c)
+    monkeypatch.setattr(ht, "fit", ctrl_c)
     r = run("train-head", "--cache", path, "--runs-dir", tmp_path / "runs", "--no-progress")
     assert r.exit_code == 130 and "resume" not in r.stderr and "no run folder was written" in r.stderr
     assert list((tmp_path / "runs").iterdir()) == []
@@ -362,6 +362,6 @@ def test_interrupted_forced_extraction_does_not_promise_a_resume(image_folder, c
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sys.modules["featcache.engine"], "run_local", ctrl_c)
+    monkeypatch.setattr(sys.modules["featcache.extract.local"], "run_local", ctrl_c)
     r = run("extract", "--data", image_folder, "--weights", "random", "--no-progress", "--force")
     assert r.exit_code == 130 and "a rerun with --force starts again from the first batch" in r.stderr

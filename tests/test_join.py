@@ -6,12 +6,15 @@ import pytest
 from click.testing import CliRunner
 
 import featcache
-from featcache import engine, join, store
+from featcache import cache as store
+from featcache.cache import shards as join
+from featcache.extract import local as engine
+from featcache.extract import planner as planning
 from conftest import assert_same_cache
 from featcache.cli import main
 from featcache.errors import BadInputError, CacheError
 from featcache.extract import extract, plan
-from featcache.spec import ExtractSpec
+from featcache.extract import ExtractSpec
 
 OPTS = dict(weights="random", batch_size=4, views=2)
 
@@ -24,11 +27,11 @@ def sharded(data, cache_dir, rows: int, **options):
     final = cache_dir / store.cache_filename(meta)
     shards = join.folder(final)
     shards.mkdir(parents=True)
-    units = engine.units(meta, rows)
+    units = planning.units(meta, rows)
     splits = {"train": ds.train, "test": ds.test}
     for u in units:
         engine.run_shard(splits[u.split].rows(u.start, u.stop), u, meta, join.shard_path(shards, u), model=model,
-                         spec=spec, class_names=ds.class_names, require_native=None)
+                         spec=spec, class_names=ds.class_names, decoding=engine.Decoding.of(meta, None))
     join.join(final, meta, join.verify(meta, units, shards), labels={s: splits[s].labels for s in splits},
               paths={s: splits[s].paths for s in splits}, class_names=ds.class_names)
     return final, units
@@ -42,7 +45,7 @@ def test_joined_shards_read_as_the_single_file(image_folder, tmp_path):
     assert len(joined.shards) == len(units) == 5   # train 12 rows: 5+5+2; test 6 rows: 5+1
     assert_same_cache(single, joined)
     with joined.array("train") as x:   # the lazy reader reads through the virtual dataset too
-        np.testing.assert_array_equal(x[3:9], single.load("train")[0][3:9])
+        np.testing.assert_array_equal(x[3:9], joined.load("train")[0][3:9])
     # a rerun of extract finds it: same name, same key
     assert extract(data=image_folder, cache_dir=tmp_path / "sharded", progress=False, **OPTS) == path
     out = CliRunner().invoke(main, ["info", str(path)])
@@ -171,7 +174,7 @@ class FakeRay:
     (FakeRay(32, gpus=3), 4, 100, (4, 8, 0.5)),         # 2 per GPU fit 3 GPUs: 0.75 each would not
 ])
 def test_workers_are_planned_so_that_every_one_can_be_placed(cluster, workers, shards, expected):
-    from featcache import ray_engine
+    from featcache.extract import ray as ray_engine
 
     spec = ExtractSpec(data="x", engine="ray", workers=workers)
-    assert ray_engine._plan_workers(cluster, spec, shards) == expected
+    assert ray_engine.plan_workers(cluster, spec, shards) == expected

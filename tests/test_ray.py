@@ -13,7 +13,7 @@ import time
 import pytest
 
 import featcache
-from featcache import join, ray_engine
+from featcache.cache import shards as join
 from featcache.extract import extract
 
 from conftest import assert_same_cache, write_folder
@@ -109,14 +109,29 @@ def test_ray_gives_the_local_cache_row_for_row_and_stops_its_processes(folder, l
     assert_all_gone(watch.seen)
 
 
-def test_a_worker_killed_mid_shard_is_restarted_and_its_shard_resumes(folder, local, tmp_path, monkeypatch,
-                                                                       caplog):
+class CrashOnce:
+    """An `after_batch` hook: the first worker to write a batch while `flag` is absent creates it and dies at once
+    (os._exit), as a worker killed mid-shard would."""
+
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def __call__(self, split, start, stop):
+        if not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            os._exit(1)
+
+
+def test_a_worker_killed_mid_shard_is_restarted_and_its_shard_resumes(folder, local, tmp_path, caplog):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import this test module
     crashed = tmp_path / "crashed"
-    monkeypatch.setenv(ray_engine.CRASH_ONCE_ENV, str(crashed))   # the first batch written kills its worker
     caplog.set_level("INFO", logger="featcache")
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with Descendants(os.getpid(), exclude=before) as watch:
-        path = extract(data=folder, cache_dir=tmp_path / "ray", engine="ray", workers=2, shard_rows=8, **OPTS)
+        path = extract(data=folder, cache_dir=tmp_path / "ray", engine="ray", workers=2, shard_rows=8,
+                       after_batch=CrashOnce(crashed), **OPTS)
     assert crashed.exists()
     # the rows written before the crash (one batch) were kept, not recomputed
     assert re.search(r"shard train \d+-\d+ resumed at row \d+ after its worker died", caplog.text), caplog.text

@@ -5,7 +5,7 @@ import pytest
 
 import featcache
 from featcache.extract import extract
-from featcache.reader import block_order
+from featcache.cache.read import block_order
 
 
 @pytest.fixture

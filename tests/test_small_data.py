@@ -124,7 +124,7 @@ def test_cli_per_class_is_recorded_and_shown(tiny_cache, tmp_path):
 
 
 def test_curve_end_to_end_reads_the_cache_once(tiny_cache, tmp_path, monkeypatch):
-    from featcache import pooled
+    from featcache.cache import pooled
 
     reads = []
     real = pooled.pooled

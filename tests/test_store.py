@@ -4,12 +4,14 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import store
+from featcache.cache import FORMAT_VERSION, CacheMeta, cache_filename, dataset_path, differences, open_cache
+from featcache.cache.format import chunk_rows
+from featcache.cache.write import combine, create, finish
 from featcache.errors import CacheError
 
 
-def make_meta(**changes) -> store.CacheMeta:
-    meta = store.CacheMeta(
+def make_meta(**changes) -> CacheMeta:
+    meta = CacheMeta(
         backbone="vgg16", layer="block3_pool", weights="random:seed=0", weights_source="random",
         input_shape=(32, 32, 3), feature_shape=(4, 4, 256), preprocessing="caffe", resize="PIL bilinear",
         dtype="float16", dataset_name="tiny", dataset_source="folder:/tmp/tiny", dataset_fingerprint="ab" * 32,
@@ -19,20 +21,20 @@ def make_meta(**changes) -> store.CacheMeta:
 
 def write_cache(path, meta=None, complete=True, value=1.0, seconds=None):
     meta = meta or make_meta()
-    f = store.create(path, meta, labels={"train": [0, 1, 2], "test": [1, 0]},
+    f = create(path, meta, labels={"train": [0, 1, 2], "test": [1, 0]},
                      paths={"train": ["a", "b", "c"], "test": None}, class_names=["x", "y", "z"], batch_size=2)
     with f:
-        f[store.dataset_path(meta, "train", meta.layer)][...] = value
+        f[dataset_path(meta, "train", meta.layer)][...] = value
         f["progress"][0] = 3
         if complete:
-            store.finish(f, max_abs_activation=value, extract_seconds=seconds)
+            finish(f, max_abs_activation=value, extract_seconds=seconds)
     return path
 
 
 def test_meta_round_trip(tmp_path):
     meta = make_meta()
     path = write_cache(tmp_path / "c.h5", meta)
-    c = store.open_cache(path)
+    c = open_cache(path)
     assert c.meta == meta and c.meta.key == meta.key
     assert c.class_names == ("x", "y", "z") and c.complete and c.progress == (3, 0)
     assert c.splits["train"].shapes == {"block3_pool": (3, 4, 4, 256)}
@@ -62,14 +64,14 @@ def test_several_layers_in_one_file(tmp_path):
     meta = make_meta(layer="block3_pool,block4_pool", feature_shape={"block3_pool": (4, 4, 256),
                                                                      "block4_pool": (2, 2, 512)})
     assert meta.format_version == 2 and meta.layers == ("block3_pool", "block4_pool")
-    assert store.cache_filename(meta).startswith("tiny-block3_pool+block4_pool-")
+    assert cache_filename(meta).startswith("tiny-block3_pool+block4_pool-")
     assert meta.key != make_meta().key
-    with store.create(tmp_path / "c.h5", meta, labels={"train": [0, 1, 2], "test": [1, 0]}, paths={},
+    with create(tmp_path / "c.h5", meta, labels={"train": [0, 1, 2], "test": [1, 0]}, paths={},
                       class_names=["x", "y", "z"], batch_size=2) as f:
         f["train/features/block3_pool"][...] = 1
         f["train/features/block4_pool"][...] = 2
-        store.finish(f, max_abs_activation=2.0)
-    c = store.open_cache(tmp_path / "c.h5")
+        finish(f, max_abs_activation=2.0)
+    c = open_cache(tmp_path / "c.h5")
     assert c.meta == meta and c.layers == meta.layers
     assert c.splits["test"].shapes == {"block3_pool": (2, 4, 4, 256), "block4_pool": (2, 2, 2, 512)}
     assert (c.load("train", "block3_pool")[0] == 1).all() and (c.load("train", "block4_pool")[0] == 2).all()
@@ -85,8 +87,8 @@ def test_combine_copies_each_layer_and_counts_one_pass_once(tmp_path, same_pass)
     other_pass = {} if same_pass else {"created": "2026-01-02T00:00:00+00:00"}
     b4 = write_cache(tmp_path / "b4.h5", make_meta(layer="block4_pool", feature_shape=(2, 2, 512), **other_pass),
                      value=3.0, seconds=12.0)
-    meta = store.combine([store.open_cache(b3), store.open_cache(b4)], tmp_path / "both.h5")
-    c = store.open_cache(tmp_path / "both.h5")
+    meta = combine([open_cache(b3), open_cache(b4)], tmp_path / "both.h5")
+    c = open_cache(tmp_path / "both.h5")
     assert c.meta == meta and c.layers == ("block3_pool", "block4_pool") and c.complete
     assert (c.load("train", "block3_pool")[0] == 1).all() and (c.load("train", "block4_pool")[0] == 3).all()
     assert c.load("test", "block4_pool")[1].tolist() == [1, 0] and c.paths("train") == ["a", "b", "c"]
@@ -95,15 +97,15 @@ def test_combine_copies_each_layer_and_counts_one_pass_once(tmp_path, same_pass)
 
 
 def test_differences_name_the_field():
-    assert store.differences(make_meta(), {"layer": "block3_pool"}) == []
-    assert store.differences(make_meta(), {"weights": "sha256:9"}) == [
+    assert differences(make_meta(), {"layer": "block3_pool"}) == []
+    assert differences(make_meta(), {"weights": "sha256:9"}) == [
         "weights: cache has 'random:seed=0', asked for 'sha256:9'"]
 
 
 def test_chunks_hold_whole_rows_within_1mib():
-    assert store.chunk_rows((4, 4, 256), "float16", 128) == 128          # 1 MiB exactly
-    assert store.chunk_rows((8, 8, 256), "float32", 128) == 16
-    assert store.chunk_rows((4, 4, 256), "float16", 32) == 32
+    assert chunk_rows((4, 4, 256), "float16", 128) == 128          # 1 MiB exactly
+    assert chunk_rows((8, 8, 256), "float32", 128) == 16
+    assert chunk_rows((4, 4, 256), "float16", 32) == 32
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -115,24 +117,24 @@ def test_foreign_or_corrupt_files_are_refused(tmp_path, damage, message):
     path = write_cache(tmp_path / "c.h5")
     damage(path)
     with pytest.raises(CacheError, match=f"c.h5.*({message}).*--force"):
-        store.open_cache(path)
+        open_cache(path)
 
 
 def test_future_format_is_refused(tmp_path):
     path = write_cache(tmp_path / "c.h5")
     with h5py.File(path, "r+") as f:
-        f.attrs["format_version"] = store.FORMAT_VERSION + 1
+        f.attrs["format_version"] = FORMAT_VERSION + 1
     with pytest.raises(CacheError, match="cache format 3, this featcache reads up to 2; fix: upgrade"):
-        store.open_cache(path)
+        open_cache(path)
 
 
 def test_incomplete_cache_is_refused_unless_asked(tmp_path):
     path = write_cache(tmp_path / "c.h5", complete=False)
     with pytest.raises(CacheError, match="incomplete.*resume"):
-        store.open_cache(path)
-    assert not store.open_cache(path, require_complete=False).complete
+        open_cache(path)
+    assert not open_cache(path, require_complete=False).complete
 
 
 def test_missing_cache_file(tmp_path):
     with pytest.raises(CacheError, match="no cache file at .*nope.h5"):
-        store.open_cache(tmp_path / "nope.h5")
+        open_cache(tmp_path / "nope.h5")

@@ -11,6 +11,7 @@ from featcache.cli import main
 from featcache.errors import BadInputError
 from featcache.extract import extract
 from heads import train as ht
+from heads.batches import in_ram_dataset
 from heads.builders import MODELS
 from test_extract import count_calls
 
@@ -107,12 +108,12 @@ def test_batches_give_validation_the_original_and_training_every_view():
     x[:, :, 1] = np.arange(k)[None, :]            # view number
     xt, yt = tf.constant(x), tf.constant(np.arange(n))
     idx = np.arange(0, n, 2)
-    val = np.concatenate([b[0].numpy() for b in ht._batches(xt, yt, idx, 7, shuffle=False, n_views=k)])
+    val = np.concatenate([b[0].numpy() for b in in_ram_dataset(xt, yt, idx, 7, shuffle=False, n_views=k)])
     assert (val[:, 1] == 0).all() and sorted(val[:, 0]) == list(idx)
-    every = np.concatenate([b[0].numpy() for b in ht._batches(xt, yt, idx, 7, shuffle=True, n_views=k,
+    every = np.concatenate([b[0].numpy() for b in in_ram_dataset(xt, yt, idx, 7, shuffle=True, n_views=k,
                                                               all_views=True)])
     assert sorted(map(tuple, every.tolist())) == sorted((float(i), float(v)) for i in idx for v in range(k))
-    sampled = ht._batches(xt, yt, idx, 7, shuffle=True, n_views=k)
+    sampled = in_ram_dataset(xt, yt, idx, 7, shuffle=True, n_views=k)
     epochs = [np.concatenate([b[0].numpy() for b in sampled]) for _ in range(2)]
     for e in epochs:
         assert sorted(e[:, 0]) == list(idx) and set(e[:, 1]) <= {0, 1, 2}

@@ -31,7 +31,7 @@ from featcache.backbones.resnet import RESNET50
 from featcache.backbones.spec import BackboneSpec
 from featcache.backbones.vgg16 import VGG16
 from featcache.errors import BadInputError, DownloadError, MissingInputError, first_line
-from featcache.native_log import quiet_stderr
+from featcache.system import quiet_stderr
 
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     VGG16, RESNET50, MOBILENET_V2, EFFICIENTNET_V2B0, CONVNEXT_TINY,

@@ -1,13 +1,13 @@
 """The Ray engine: a cache's units run as shards on long-lived Ray actors, then are joined.
 
 Ray is an optional extra (`pip install featcache[ray]`) and is imported only here. Each actor
-builds the backbone once and computes shard after shard (`featcache.engine.run_shard`), writing
+builds the backbone once and computes shard after shard (`featcache.extract.local.run_shard`), writing
 its own files: activations never travel through Ray's object store, only each shard's rows of the
 dataset (file names, or pixels for in-memory sources) go to it. Ray's `ActorPool` hands out the
 shards; an actor that dies is restarted by Ray and its shard retried, resuming from the rows the
 shard's partial file already holds. A finished shard is a file on disk, so a rerun after the
-driver was killed computes only the missing ones. When every shard is verified, `featcache.join`
-writes the cache as virtual datasets over them.
+driver was killed computes only the missing ones. When every shard is verified,
+`featcache.cache.shards` writes the cache as virtual datasets over them.
 
 A cluster that featcache starts (no address given and none in $RAY_ADDRESS) is stopped at the end,
 also on errors and Ctrl-C; the processes it started are recorded in the shard folder, so a run
@@ -26,8 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-from featcache import engine, join, store
+from featcache import system
+from featcache.cache import CacheMeta, open_cache
+from featcache.cache import shards as join
 from featcache.errors import BadInputError, CacheError, FeatcacheError
+from featcache.extract import local
+from featcache.extract.planner import Unit, units
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +43,15 @@ MAX_RESTARTS = 3
 class ShardWorker:
     """One Ray actor's state: the backbone, built once, and what every shard of this cache shares."""
 
-    def __init__(self, spec, meta: store.CacheMeta, class_names, require_native, max_image_pixels):
+    def __init__(self, spec, meta: CacheMeta, class_names, decoding, max_image_pixels, after_batch=None):
         from PIL import Image
 
-        self.spec, self.meta, self.class_names, self.require_native = spec, meta, class_names, require_native
+        self.spec, self.meta, self.class_names, self.decoding = spec, meta, class_names, decoding
+        self.after_batch = after_batch
         Image.MAX_IMAGE_PIXELS = max_image_pixels   # the driver's bomb limit; a worker's Pillow has the default
         self.error = None
         try:
-            self.model = engine.build_model(meta, spec)
+            self.model = local.build_model(meta, spec)
         except Exception as e:  # noqa: BLE001  (handed to the driver by ready(), which raises it there, once)
             self.error = e
 
@@ -54,20 +59,16 @@ class ShardWorker:
         """None once the backbone is built, else the error that stopped it."""
         return self.error
 
-    def run(self, split, unit: engine.Unit, path: str) -> dict:
-        return engine.run_shard(split, unit, self.meta, Path(path), model=self.model, spec=self.spec,
-                                class_names=self.class_names, require_native=self.require_native,
-                                crash_once=os.environ.get(CRASH_ONCE_ENV))
+    def run(self, split, unit: Unit, path: str) -> dict:
+        return local.run_shard(split, unit, self.meta, Path(path), model=self.model, spec=self.spec,
+                               class_names=self.class_names, decoding=self.decoding, after_batch=self.after_batch)
 
-
-#: Tests set this to a file name: the first Ray worker to write a batch while the file is absent creates it
-#: and dies at once (os._exit), as a worker killed mid-shard would. Read only in Ray workers.
-CRASH_ONCE_ENV = "FEATCACHE_TEST_CRASH_ONCE"
 #: Workers the cluster cannot place this long after the first one started are given up (and said so).
 PLACE_SECONDS = 60
 
 
-def run(ds, meta: store.CacheMeta, partial: Path, *, spec, progress: bool, force: bool, require_native) -> None:
+def run(ds, meta: CacheMeta, partial: Path, *, spec, progress: bool, force: bool, decoding: local.Decoding,
+        after_batch=None) -> None:
     """Compute the shards of the cache that `partial` becomes (those not on disk yet) on Ray, verify all
     of them and write the joined cache at `partial`."""
     ray = _import_ray()
@@ -85,120 +86,158 @@ def run(ds, meta: store.CacheMeta, partial: Path, *, spec, progress: bool, force
         raise BadInputError(f"{partial} holds a local extraction of this cache, resumable; fix: rerun with "
                             f"--engine local to finish it, or delete it to start over on Ray")
     shards.mkdir(exist_ok=True)
-    units = shard_units(meta, spec)
-    names = {join.shard_path(shards, u).name for u in units}
-    stale = [p for p in shards.glob("*.h5*") if p.name.removesuffix(".partial") not in names]
-    if stale:
-        log.warning("%d files in %s are shards of another --shard-rows, not used (%.1f GB): delete them to free the "
-                    "space", len(stale), shards, sum(p.stat().st_size for p in stale) / 1e9)
-    todo = [u for u in units if not join.shard_path(shards, u).exists()]
+    all_units = shard_units(meta, spec)
+    _warn_stale(shards, all_units)
+    todo = [u for u in all_units if not join.shard_path(shards, u).exists()]
     t0 = time.perf_counter()
     if todo:
         if spec.weights == "imagenet":
             # Keras downloads into one file under ~/.keras: once here, not by every worker of this node at once
-            engine.build_model(meta, spec)
-        _run_units(ray, ds, meta, todo, shards, spec=spec, progress=progress, require_native=require_native,
-                   total=len(units))
-    verified = join.verify(meta, units, shards)
+            local.build_model(meta, spec)
+        with contextlib.redirect_stdout(sys.stderr):   # Ray prints workers' failures on stdout, the CLI's result
+            _run_units(ray, ds, meta, todo, shards, Job(spec, decoding, progress, len(all_units), after_batch))
+    verified = join.verify(meta, all_units, shards)
     join.join(partial, meta, verified, labels={"train": ds.train.labels, "test": ds.test.labels},
               paths={"train": ds.train.paths, "test": ds.test.paths}, class_names=ds.class_names,
-              extract_seconds=time.perf_counter() - t0 if len(todo) == len(units) else None)
-    log.info("joined %d shards in %s", len(units), shards)
+              extract_seconds=time.perf_counter() - t0 if len(todo) == len(all_units) else None)
+    log.info("joined %d shards in %s", len(all_units), shards)
 
 
-def shard_units(meta: store.CacheMeta, spec) -> list[engine.Unit]:
-    return engine.units(meta, spec.shard_rows or join.default_shard_rows(meta))
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What every shard of one Ray run shares, besides the cache's meta and rows."""
+
+    spec: object
+    decoding: local.Decoding
+    progress: bool
+    total: int                  # shards of the cache, done or not
+    after_batch: object = None  # called in the workers once each batch is on disk (tests inject crashes)
 
 
-def done_bytes(final: Path, meta: store.CacheMeta, spec) -> int:
+def _warn_stale(shards: Path, all_units: list[Unit]) -> None:
+    names = {join.shard_path(shards, u).name for u in all_units}
+    stale = [p for p in shards.glob("*.h5*") if p.name.removesuffix(".partial") not in names]
+    if stale:
+        log.warning("%d files in %s are shards of another --shard-rows, not used (%.1f GB): delete them to free the "
+                    "space", len(stale), shards, sum(p.stat().st_size for p in stale) / 1e9)
+
+
+def shard_units(meta: CacheMeta, spec) -> list[Unit]:
+    return units(meta, spec.shard_rows or join.default_shard_rows(meta))
+
+
+def done_bytes(final: Path, meta: CacheMeta, spec) -> int:
     """Bytes of this cache's shards already on disk (what a rerun need not write again)."""
     shards = join.folder(final)
     paths = [join.shard_path(shards, u) for u in shard_units(meta, spec)]
     return sum(p.stat().st_size for p in paths if p.exists())
 
 
-def _joined(partial: Path, meta: store.CacheMeta) -> bool:
+def _joined(partial: Path, meta: CacheMeta) -> bool:
     try:
-        cache = store.open_cache(partial)
+        cache = open_cache(partial)
     except CacheError:
         return False
     return cache.kind == "virtual" and cache.meta.key == meta.key
 
 
-def _run_units(ray, ds, meta, todo, shards: Path, **options) -> None:
-    # Ray prints its workers' failures (even retried ones) on stdout, where the CLI's result goes
-    with contextlib.redirect_stdout(sys.stderr):
-        _run_on_actors(ray, ds, meta, todo, shards, **options)
-
-
-def _run_on_actors(ray, ds, meta, todo, shards: Path, *, spec, progress: bool, require_native, total: int) -> None:
-    from ray.util import ActorPool
-    from tqdm import tqdm
-
-    record = shards / PROCESSES_FILE
-    before = {p.pid for p in _descendants()}
-    owned = not ray.is_initialized()   # a caller's own connection (a notebook's ray.init) is left as it was
-    started, actors = [], []
-    try:
-        if owned:
-            _connect(ray, spec.ray_address)
-        started = [p for p in _descendants() if p.pid not in before]   # none when joining a running cluster
-        _record(record, started)
-        workers, threads, gpus = _plan_workers(ray, spec, len(todo))
+def _run_units(ray, ds, meta, todo: list[Unit], shards: Path, job: Job) -> None:
+    """Run the shards `todo` on actors of the cluster (featcache's own unless a connection or address is given)."""
+    with owned_cluster(ray, job.spec.ray_address, shards / PROCESSES_FILE) as cluster:
+        workers, threads, gpus = plan_workers(ray, job.spec, len(todo))
         log.info("ray: %d worker%s x %d thread%s%s; %d of %d shards to compute in %s", workers,
                  "s" * (workers > 1), threads, "s" * (threads > 1), f", {gpus:g} GPU each" if gpus else "",
-                 len(todo), total, shards)
-        env = {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1",
-               "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-               "TF_FORCE_GPU_ALLOW_GROWTH": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-               "KERAS_BACKEND": _keras_backend()}
-        if os.environ.get(CRASH_ONCE_ENV):
-            env[CRASH_ONCE_ENV] = os.environ[CRASH_ONCE_ENV]
-        weights = Path(spec.weights)
-        worker_spec = dataclasses.replace(
-            spec, data=meta.dataset_source, decode_workers=threads, decoder="threads", engine="local",
-            ray_address=None, workers=None, shard_rows=None,
-            weights=str(weights.absolute()) if weights.is_file() else spec.weights)
-        remote = ray.remote(ShardWorker).options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS,
-                                                  max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": env})
-        from PIL import Image
-
-        actors = [remote.remote(worker_spec, meta, ds.class_names, require_native, Image.MAX_IMAGE_PIXELS)
-                  for _ in range(workers)]
-        actors = _placed(ray, actors)
+                 len(todo), job.total, shards)
+        actors = _start_actors(ray, ds, meta, job, cluster, (workers, threads, gpus))
         splits = {"train": ds.train, "test": ds.test}
         tasks = [(_absolute(splits[u.split].rows(u.start, u.stop)), u, str(join.shard_path(shards, u)))
                  for u in todo]
         passes = sum((u.stop - u.start) * (meta.views if u.split == "train" else 1) for u in todo)
-        with tqdm(total=passes, unit="img", desc="extract (ray)", disable=None if progress else True,
-                  file=sys.stderr, dynamic_ncols=True) as bar:
-            results = ActorPool(actors).map_unordered(lambda actor, task: actor.run.remote(*task), tasks)
-            while True:
-                try:
-                    done = next(results)
-                except StopIteration:
-                    break
-                except ray.exceptions.RayTaskError as e:
-                    raise _one_line(e.cause) from None
-                except ray.exceptions.ActorDiedError as e:
-                    raise RuntimeError(f"a Ray worker died {MAX_RESTARTS + 1} times ({str(e).splitlines()[0]}); the "
-                                       f"shards finished so far stay in {shards}: rerun the same command to compute "
-                                       "the others") from None
+        with system.progress_bar(passes, unit="img", desc="extract (ray)", enabled=job.progress) as bar:
+            for done in _results(ray, actors, tasks, shards):
                 rows = done["stop"] - done["start"]
                 if done["computed"] < rows:
                     log.info("shard %s %d-%d resumed at row %d after its worker died", done["split"], done["start"],
                              done["stop"], done["start"] + rows - done["computed"])
                 bar.update(rows * (meta.views if done["split"] == "train" else 1))
-                started += [p for p in _descendants() if p.pid not in before and p not in started]
-                _record(record, started)
-    finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
-        if owned and ray.is_initialized():
-            ray.shutdown()   # disconnects; stops the cluster only if this process started it
-        if owned:
-            _stop(started + [p for p in _descendants() if p.pid not in before])
-        record.unlink(missing_ok=True)
+                cluster.record()
+
+
+def _start_actors(ray, ds, meta, job: Job, cluster: "owned_cluster", plan: tuple[int, int, float]) -> list:
+    """`workers` ShardWorker actors of `plan` (workers, threads and GPUs each), each building the backbone once;
+    those that could not start are given up. The cluster kills them all when it closes."""
+    from PIL import Image
+
+    workers, threads, gpus = plan
+    env = {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1",
+           "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+           "TF_FORCE_GPU_ALLOW_GROWTH": "true", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "KERAS_BACKEND": _keras_backend()}
+    weights = Path(job.spec.weights)
+    worker_spec = dataclasses.replace(
+        job.spec, data=meta.dataset_source, decode_workers=threads, decoder="threads", engine="local",
+        ray_address=None, workers=None, shard_rows=None,
+        weights=str(weights.absolute()) if weights.is_file() else job.spec.weights)
+    remote = ray.remote(ShardWorker).options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS,
+                                              max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": env})
+    cluster.actors = [remote.remote(worker_spec, meta, ds.class_names, job.decoding, Image.MAX_IMAGE_PIXELS,
+                                    job.after_batch) for _ in range(workers)]
+    return _placed(ray, cluster.actors)
+
+
+def _results(ray, actors: list, tasks: list, shards: Path):
+    """What each shard's run returned, as they finish; a worker's failure as the one line the local engine gives."""
+    from ray.util import ActorPool
+
+    results = ActorPool(actors).map_unordered(lambda actor, task: actor.run.remote(*task), tasks)
+    while True:
+        try:
+            yield next(results)
+        except StopIteration:
+            return
+        except ray.exceptions.RayTaskError as e:
+            raise _one_line(e.cause) from None
+        except ray.exceptions.ActorDiedError as e:
+            raise RuntimeError(f"a Ray worker died {MAX_RESTARTS + 1} times ({str(e).splitlines()[0]}); the "
+                               f"shards finished so far stay in {shards}: rerun the same command to compute "
+                               "the others") from None
+
+
+class owned_cluster:
+    """`with owned_cluster(ray, address, record) as cluster:` connected to Ray for the block, as img2dataset
+    owns its Spark session: a cluster of featcache's own unless Ray is connected already (a notebook's
+    `ray.init`, left as it was) or an address is given. The processes it starts are recorded in `record`
+    (`cluster.record()` adds later ones), so a run after a driver killed outright can stop them; on leaving,
+    its actors are killed, the connection closed and the processes it started stopped."""
+
+    def __init__(self, ray, address: str | None, record: Path):
+        self.ray, self.address, self.path = ray, address, record
+        self.before = {p.pid for p in _descendants()}
+        self.owned = not ray.is_initialized()
+        self.started, self.actors = [], []
+
+    def __enter__(self):
+        try:
+            if self.owned:
+                _connect(self.ray, self.address)
+            self.record()   # none when joining a running cluster
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def record(self) -> None:
+        self.started += [p for p in _descendants() if p.pid not in self.before and p not in self.started]
+        _record(self.path, self.started)
+
+    def __exit__(self, *exc):
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
+        if self.owned and self.ray.is_initialized():
+            self.ray.shutdown()   # disconnects; stops the cluster only if this process started it
+        if self.owned:
+            _stop(self.started + [p for p in _descendants() if p.pid not in self.before])
+        self.path.unlink(missing_ok=True)
 
 
 def _placed(ray, actors: list) -> list:
@@ -279,7 +318,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                             "$RAY_ADDRESS, or leave both out to start a local cluster") from e
 
 
-def _plan_workers(ray, spec, shards: int) -> tuple[int, int, float]:
+def plan_workers(ray, spec, shards: int) -> tuple[int, int, float]:
     """(workers, threads each, GPUs each): one per GPU where the cluster has GPUs, else one per CPU, never more
     than shards to run or CPUs to give; each gets an equal share of the CPUs of the smallest node (an actor lives
     on one node) and of a GPU (1/k, so that k of them fill each GPU)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.cache.format import dataset_path
 from featcache.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def pooled(cache, layer: str | None, pooling: str) -> dict:
             log.warning("%s was made from another version of %s; pooling again", path.name, Path(cache.path).name)
         except OSError as e:
             log.warning("%s is unreadable (%s); pooling again", path, e)
-    arrays = _pool_source(cache, layer, pooling)
+    arrays = pool_source(cache, layer, pooling)
     if not os.access(path.parent, os.W_OK):
         log.warning("cannot write in %s: pooled features are kept in memory only", path.parent)
         return arrays
@@ -104,11 +105,9 @@ def _read(f) -> dict:
             "views": f["train/views"][...] if "train/views" in f else None}
 
 
-def _pool_source(cache, layer: str, pooling: str) -> dict:
+def pool_source(cache, layer: str, pooling: str) -> dict:
     """Pool every row of the source, reading blocks of about BLOCK_BYTES."""
     import h5py
-
-    from featcache.store import dataset_path
 
     out = {}
     with h5py.File(cache.path, "r") as f:

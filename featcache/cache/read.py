@@ -1,0 +1,222 @@
+"""Reading a cache: `open_cache` checks a file and describes it (`FeatureCache`); arrays are read on demand,
+whole (`load`), as a read-only view (`array`), or as block-shuffled tf.data streams (`as_tf_dataset`).
+
+Random single-row reads from HDF5 are slow (each touches a chunk); contiguous blocks of rows are
+fast. A training stream therefore shuffles the order of blocks each epoch and mixes rows in a
+bounded buffer, so every row is seen once per epoch while memory holds a few blocks at a time.
+A virtual cache (joined shards) is opened only while each shard is still the file it joined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache.cache.files import being_written
+from featcache.cache.format import FORMAT_VERSION, SPLITS, CacheMeta, dataset_path
+from featcache.cache.pooled import POOLINGS, global_pool
+from featcache.errors import BadInputError, CacheError, first_line
+
+#: Rows per block read from HDF5 (a few chunks: chunks hold up to one batch, capped at 1 MiB).
+BLOCK_ROWS = 256
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    n: int
+    shapes: dict               # {layer: shape of its features dataset, rows included}
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """An opened cache: its metadata and shapes; arrays are read on demand with `load`."""
+
+    path: Path
+    meta: CacheMeta
+    class_names: tuple[str, ...]
+    complete: bool
+    progress: tuple[int, int]
+    splits: dict
+    max_abs_activation: float | None
+    extract_seconds: float | None = None
+    shard: tuple | None = None   # a shard's (split, start, stop)
+    shards: tuple = ()           # a virtual cache's shard files: ({"file", "split", "start", "stop", "bytes"}, ...)
+
+    @property
+    def kind(self) -> str:
+        """'file' (self-contained), 'virtual' (joined shards, see `featcache.cache.shards`) or 'shard'."""
+        return "shard" if self.shard else "virtual" if self.shards else "file"
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.meta.layers
+
+    def load(self, split: str, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of `split` at `layer` (may be left out with one layer), in their stored dtype."""
+        import h5py
+
+        with h5py.File(self.path, "r") as f:
+            return f[dataset_path(self.meta, split, self.select_layer(layer))][...], f[f"{split}/labels"][...]
+
+    def load_views(self, layer: str | None = None) -> np.ndarray | None:
+        """(n_train, views - 1, *feature_shape) augmented training views at `layer`, or None without views."""
+        import h5py
+
+        name = dataset_path(self.meta, "train", self.select_layer(layer), views=True)
+        with h5py.File(self.path, "r") as f:
+            return f[name][...] if name in f else None
+
+    def select_layer(self, layer: str | None) -> str:
+        """`layer`, checked to be in this cache; None stands for its only layer."""
+        if layer is None and len(self.layers) == 1:
+            return self.layers[0]
+        if layer not in self.layers:
+            raise BadInputError(f"{self.path} holds {', '.join(self.layers)}"
+                                + ("" if layer is None else f", not {layer}")
+                                + "; fix: name one of these layers (--layer)")
+        return layer
+
+    def as_tf_dataset(self, split: str, layer: str | None = None, **options):
+        """Batches (float32 features, labels) streamed from disk; see `as_tf_dataset` below."""
+        return as_tf_dataset(self, split, layer=layer, **options)
+
+    def array(self, split: str, layer: str | None = None):
+        """`with cache.array("train") as x:` a read-only, lazily read view of a split's features."""
+        return array_view(self, split, layer)
+
+    def paths(self, split: str) -> list[str] | None:
+        import h5py
+
+        with h5py.File(self.path, "r") as f:
+            if f"{split}/paths" not in f:
+                return None
+            return [p.decode() for p in f[f"{split}/paths"][...]]
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk: the file, plus its shards for a joined (virtual) cache."""
+        return self.path.stat().st_size + sum(s["bytes"] for s in self.shards)
+
+
+def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCache:
+    """Open and check a cache file; a CacheError says what is wrong and how to fix it."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"no cache file at {path}; fix: run `featcache extract` first or check the path")
+    fix = "fix: delete it, or rerun `featcache extract` with --force to rebuild it"
+    if path.name.endswith(".partial") and being_written(path):
+        fix = "it is being written by another featcache process; fix: wait for that extraction to finish"
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise CacheError(f"{path} is not a readable HDF5 file ({first_line(e)}); {fix}") from e
+    try:
+        with f:
+            cache = _describe(path, f, fix)
+    except (KeyError, ValueError, OSError, TypeError) as e:
+        raise CacheError(f"{path} is damaged or not a featcache cache ({first_line(e)}); {fix}") from e
+    if cache.shards:
+        check_sources(cache)
+    if require_complete and not cache.complete:
+        if being_written(path):
+            raise CacheError(f"{path} is being written by another featcache process; fix: wait for that "
+                             "extraction to finish, then use the finished file without .partial")
+        raise CacheError(f"{path} is incomplete (its extraction was interrupted); fix: rerun the same "
+                         "`featcache extract` command to resume it")
+    return cache
+
+
+def _describe(path: Path, f, fix: str) -> FeatureCache:
+    """The FeatureCache of an open file (h5py raises KeyError and the like where a part is missing)."""
+    if "format_version" not in f.attrs or "dataset_fingerprint" not in f.attrs:
+        raise CacheError(f"{path} is an HDF5 file but not a featcache cache; {fix}")
+    version = int(f.attrs["format_version"])
+    if version > FORMAT_VERSION:
+        raise CacheError(f"{path} has cache format {version}, this featcache reads up to "
+                         f"{FORMAT_VERSION}; fix: upgrade featcache, or re-extract with --force")
+    meta = CacheMeta.from_attrs(f.attrs)
+    splits = {s: SplitInfo(n=len(f[f"{s}/labels"]),
+                           shapes={layer: tuple(f[dataset_path(meta, s, layer)].shape) for layer in meta.layers})
+              for s in SPLITS}
+    number = lambda name: float(f.attrs[name]) if name in f.attrs else None   # noqa: E731
+    return FeatureCache(
+        path=path, meta=meta, class_names=tuple(c.decode() for c in f["class_names"][...]),
+        complete=bool(f.attrs.get("complete", False)), progress=tuple(int(v) for v in f["progress"][...]),
+        splits=splits, max_abs_activation=number("max_abs_activation"), extract_seconds=number("extract_seconds"),
+        shard=tuple(json.loads(f.attrs["shard"])) if "shard" in f.attrs else None,
+        shards=tuple(json.loads(f.attrs["shards"])) if "shards" in f.attrs else ())
+
+
+def check_sources(cache: FeatureCache) -> None:
+    """Refuse a joined cache one of whose shards is missing or has changed size since the join."""
+    for record in cache.shards:
+        shard = cache.path.parent / record["file"]
+        fix = (f"fix: restore it, or delete {cache.path} and rerun the same `featcache extract` command "
+               "(it recomputes missing shards; delete a damaged one first)")
+        if not shard.is_file():
+            raise CacheError(f"{cache.path} is missing its shard {shard}; {fix}")
+        size = shard.stat().st_size
+        if size != record["bytes"]:
+            raise CacheError(f"{cache.path}: its shard {shard} has {size} bytes, {record['bytes']} when joined "
+                             f"(truncated or replaced); {fix}")
+
+
+
+@contextlib.contextmanager
+def array_view(cache, split: str, layer: str | None = None):
+    """`with array_view(cache, "train") as x:` a read-only h5py dataset of that split's features:
+    slice it like a numpy array (`x[1000:2000]`), nothing is read until you do."""
+    import h5py
+
+    with h5py.File(cache.path, "r") as f:
+        yield f[dataset_path(cache.meta, split, cache.select_layer(layer))]
+
+
+def block_order(n_rows: int, block_rows: int, seed: int, epoch: int) -> list[tuple[int, int]]:
+    """(start, stop) of every block of `n_rows`, in a seeded order that differs from epoch to epoch."""
+    blocks = [(s, min(s + block_rows, n_rows)) for s in range(0, n_rows, block_rows)]
+    order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+    return [blocks[i] for i in order]
+
+
+def as_tf_dataset(cache, split: str, *, layer: str | None = None, batch_size: int = 256, shuffle: bool = False,
+                  seed: int = 0, pooling: str | None = None, block_rows: int = BLOCK_ROWS,
+                  shuffle_blocks: int = 8):
+    """A tf.data.Dataset of (features as float32, labels) batches of one split, read from disk as it goes.
+
+    With `shuffle`, blocks of `block_rows` contiguous rows are read in a new seeded order each epoch
+    and their rows mixed in a buffer of `shuffle_blocks` blocks; without it, rows come in order.
+    `pooling` ("gap" or "max") pools each feature map to a vector as it is read.
+    """
+    import tensorflow as tf
+
+    if pooling is not None and pooling not in POOLINGS:
+        raise BadInputError(f"pooling must be None or one of {', '.join(POOLINGS)}, got {pooling!r}")
+    name = dataset_path(cache.meta, split, cache.select_layer(layer))
+    path, n = str(Path(cache.path)), cache.splits[split].n
+    shape = cache.splits[split].shapes[cache.select_layer(layer)][1:]
+    out_shape = (shape[-1],) if pooling else tuple(shape)
+    epoch = [-1]
+
+    def blocks():
+        import h5py
+
+        epoch[0] += 1
+        order = block_order(n, block_rows, seed, epoch[0]) if shuffle else \
+            [(s, min(s + block_rows, n)) for s in range(0, n, block_rows)]
+        with h5py.File(path, "r") as f:   # opened per epoch, in the reading thread: h5py objects do not fork
+            for s, e in order:
+                x = global_pool(f[name][s:e], pooling) if pooling else f[name][s:e].astype(np.float32)
+                yield x, f[f"{split}/labels"][s:e]
+
+    ds = tf.data.Dataset.from_generator(blocks, output_signature=(
+        tf.TensorSpec((None, *out_shape), tf.float32), tf.TensorSpec((None,), tf.int64))).unbatch()
+    if shuffle:
+        ds = ds.shuffle(shuffle_blocks * block_rows, seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

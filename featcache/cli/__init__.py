@@ -1,0 +1,13 @@
+"""The `featcache` command line: `group` (the click group, errors, TensorFlow start-up), `cache` (extract, info,
+consolidate, backbones) and `train` (train-head, train-baseline, curve, runs); options from `options`.
+
+The CLI is the composition root: the one place that imports both featcache and heads.
+"""
+
+from featcache.cli import cache, train  # noqa: F401  (importing them registers their commands)
+from featcache.cli.group import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    main()

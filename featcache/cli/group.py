@@ -1,0 +1,95 @@
+"""The `featcache` group: its options, one-line errors and exit codes, and TensorFlow started only by commands
+that run a model.
+
+The `featcache` command is the composition root, the one place that imports both featcache and heads.
+
+Every command is a thin click layer over plain functions (`featcache.extract`, `featcache.cache`,
+`heads.train`, `heads.curve`, `heads.reports`). Results meant for scripts (a cache path, a run
+folder, JSON) go to stdout; messages and progress go to stderr. Errors a user can fix print one line
+and exit with code 2. TensorFlow is imported by the commands that run a model, never for `--help`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from featcache.errors import FeatcacheError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's start-up chatter off stderr
+
+FORCED = "featcache.force"   # ctx.meta key: `extract --force` restarts from zero, so nothing resumes
+VERBOSE = "featcache.verbose"
+
+
+def start_tensorflow(verbose: bool = False) -> None:
+    """Import TensorFlow and find its devices with the C++ start-up chatter (oneDNN, CUDA stubs, absl) kept
+    off stderr; it is printed after all if the import fails. GPUs are found and used as before."""
+    if verbose or "tensorflow" in sys.modules:
+        return
+    from featcache.system import quiet_stderr
+
+    with quiet_stderr():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+
+
+def needs_tensorflow(command):
+    """Start TensorFlow quietly when `command` runs (not while its options are parsed or --help is printed)."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        start_tensorflow(click.get_current_context().meta.get(VERBOSE, False))
+        return command(*args, **kwargs)
+    return run
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FeatcacheError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            if ctx.invoked_subcommand != "extract":
+                hint = "; no run folder was written"
+            elif ctx.meta.get(FORCED):
+                hint = "; a rerun with --force starts again from the first batch"
+            else:
+                hint = "; rerun the same command to resume where it stopped"
+            click.echo("interrupted" + hint, err=True)
+            ctx.exit(130)
+        except OSError as e:
+            resumes = ctx.invoked_subcommand == "extract" and not ctx.meta.get(FORCED)
+            click.echo(f"error: {e}" + ("; rerun the same command to resume the extraction" if resumes else ""),
+                       err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="featcache", prog_name="featcache")
+@click.option("-q", "--quiet", is_flag=True, help="Only print results and errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Also show TensorFlow's own start-up messages.")
+@click.pass_context
+def main(ctx, quiet: bool, verbose: bool) -> None:
+    """Cache a frozen Keras backbone's features (VGG16 by default) once in HDF5, then train heads on them
+    in seconds.
+
+    \b
+    featcache extract --data ROOT --weights FILE     build (or reuse) a feature cache
+    featcache info cache/NAME.h5                     what produced a cache
+    featcache train-head --cache cache/NAME.h5       train the default head on it
+    featcache backbones [NAME]                       the backbones, their layers and shapes
+    featcache consolidate cache/NAME.h5              a cache joined from Ray shards, as one file
+    """
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr, force=True)
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    ctx.meta[VERBOSE] = verbose
+

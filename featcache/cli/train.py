@@ -1,0 +1,153 @@
+"""Commands on heads: `train-head` (on a cache), `train-baseline` (on raw pixels), `curve` (the data-efficiency
+curve) and `runs` (the table of runs). Their training options come from `heads.config.TrainConfig`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from featcache.cli.cache import selection, selection_options
+from featcache.cli.group import main, needs_tensorflow
+from featcache.cli.options import add_options, click_option
+from featcache.extract.spec import options as spec_options
+from heads.builders import BASELINES, HEADS
+from heads.config import AUTO, BASELINE, CURVE, HEAD, TrainConfig
+from heads.config import options as config_options
+
+_MODEL = next(f for f in config_options() if f.name == "model")
+
+
+def run_options(f):
+    """Where runs go and whether a progress bar shows: every command that trains."""
+    f = click.option("--no-progress", is_flag=True, help="No progress bar (and no progress lines on a non-terminal "
+                                                         "stderr).")(f)
+    return click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True,
+                        help="Each run writes a new folder in here.")(f)
+
+
+def cache_option(f):
+    return click.option("--cache", "cache_paths", type=click.Path(dir_okay=False), multiple=True,
+                        help="A cache file (repeat to join layers kept in separate files of the same images); "
+                             "every layer in it unless --layer picks some. Default: the cache the selection "
+                             "options below lead to (built if missing).")(f)
+
+
+def _config(command: str, kw: dict, **given) -> TrainConfig:
+    """The TrainConfig of a command's options (popped from `kw`), validated before any work."""
+    return TrainConfig(**given, **{f.name: kw.pop(f.name) for f in config_options(command)})
+
+
+def _caches(ctx, cache_paths, selected: dict, *, progress: bool):
+    """(cache paths, layers to train on) from --cache or from the selection options (extracting if needed)."""
+    from featcache.extract import check_cache, extract
+
+    if not cache_paths:
+        return [extract(progress=progress, **selected)], None
+    given = {k: v for k, v in selected.items() if k not in ("layer", "cache_dir")
+             and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    pick = None   # the layers to train on; None: every layer of the caches
+    if ctx.get_parameter_source("layer") != click.core.ParameterSource.DEFAULT:
+        pick = selected["layer"]
+        if len(cache_paths) == 1:
+            given["layer"] = pick
+    for path in cache_paths:
+        check_cache(path, **given)
+    return list(cache_paths), pick
+
+
+@main.command("train-head")
+@cache_option
+@selection_options
+@click.option("--head", type=click.Choice((AUTO, *HEADS)), default=AUTO, show_default=True,
+              help=_MODEL.metadata["help"])
+@add_options(config_options(HEAD))
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="Memory for feature maps, e.g. 2GB [default: half the available memory]. Heads on maps "
+                   "(--pooling flatten, conv) keep them in RAM within it and stream them from the cache beyond it; "
+                   "heads that pool first read pooled vectors, made once per cache and kept beside it.")
+@click.option("--stream", is_flag=True, help="Stream the maps from the cache even if they fit the memory budget.")
+@run_options
+@click.pass_context
+@needs_tensorflow
+def train_head(ctx, cache_paths, head, memory_budget, stream, runs_dir, no_progress, **kw):
+    """Train a head on cached features; evaluate once on the test split; print the run folder.
+
+    The features are standardised with statistics of the training rows (kept in the saved model)
+    and small training splits get smaller batches, so the default head works from a few images per
+    class to the whole split without changing an option.
+    """
+    from heads.feed import parse_bytes
+    from heads.train import train_head as run
+
+    if memory_budget is not None:
+        memory_budget = parse_bytes(memory_budget)   # a bad size is refused before any work
+    config = _config(HEAD, kw, model=head)
+    caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)
+    result = run(caches, layer=pick, runs_dir=runs_dir, progress=not no_progress, memory_budget=memory_budget,
+                 stream=stream, **config.__dict__)
+    click.echo(str(result.run_dir))
+
+
+@main.command()
+@cache_option
+@selection_options
+@click.option("--sizes", default="5,10,25,50,100,250,500,1000,all", show_default=True,
+              help="Training images per class of each point ('all': the whole training split); sizes above the "
+                   "smallest class are skipped.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeded subsets per size (mean and standard deviation are reported).")
+@add_options(config_options(CURVE))
+@run_options
+@click.pass_context
+@needs_tensorflow
+def curve(ctx, cache_paths, sizes, repeats, runs_dir, no_progress, **kw):
+    """Data-efficiency curve: test accuracy of the default head and the linear probe vs images per class.
+
+    Reads the cache once; trains both heads on REPEATS seeded stratified subsets of each size;
+    writes curve.json, curve.md and curve.png into a new folder under --runs-dir and prints it.
+    """
+    from heads.curve import data_efficiency_curve, parse_sizes
+
+    points = parse_sizes(sizes)
+    options = {f.name: kw.pop(f.name) for f in config_options(CURVE)}
+    caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)
+    out = data_efficiency_curve(caches, layer=pick, sizes=points, repeats=repeats, runs_dir=runs_dir,
+                                progress=not no_progress, **options)
+    click.echo(str(out))
+
+
+@main.command("train-baseline")
+@click.argument("model", type=click.Choice(BASELINES))
+@add_options(f for f in spec_options() if f.name in ("data", "limit", "input_size"))
+@add_options(config_options(BASELINE))
+@run_options
+@needs_tensorflow
+def train_baseline(model, data, limit, input_size, runs_dir, no_progress, **kw):
+    """Train a scratch ANN or CNN on raw pixels (same split and evaluation as heads); print the run folder."""
+    from heads.train import train_baseline as run
+
+    config = _config(BASELINE, kw, model=model)
+    result = run(model, data=data, limit=limit, input_size=input_size, runs_dir=runs_dir, progress=not no_progress,
+                 **{k: v for k, v in config.__dict__.items() if k != "model"})
+    click.echo(str(result.run_dir))
+
+
+@main.command()
+@click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list on stdout.")
+@click.option("--markdown", is_flag=True, help="A Markdown table.")
+def runs(runs_dir, as_json, markdown):
+    """Compare runs, best validation accuracy first (never ordered by test accuracy)."""
+    from heads.reports import collect_runs, format_table
+
+    rows = collect_runs(runs_dir)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo(f"no runs in {runs_dir}", err=True)
+    else:
+        click.echo(format_table(rows, markdown=markdown))
+
+
+__all__ = ["click_option"]

@@ -1,0 +1,120 @@
+"""Option sets declared once: each dataclass field carries its default, help and constraints; one validator.
+
+`option(default, help, choices=..., low=..., high=...)` declares a field of an option set (ExtractSpec,
+heads' TrainConfig); `validate(instance)` checks every field against its declaration, with one
+message shape for every option ("--batch-size must be an integer >= 1, got 0"), and the CLI builds
+its click options from the same declarations, so each default and each bound is written once.
+Cross-field rules stay in the option set's own `__post_init__`, after `validate`.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from dataclasses import field, fields
+
+from featcache.errors import BadInputError
+
+#: Value kinds a field may declare; "path" is text or a path-like object, "units" a tuple of positive integers
+#: written "400,256,256".
+KINDS = ("str", "path", "int", "float", "bool", "units", "any")
+
+
+def option(default, help: str, *, kind: str = "any", choices=None, low=None, high=None, low_open: bool = False,
+           high_open: bool = False, **cli):
+    """A dataclass field with its declaration in the metadata. `cli` holds what only the command line needs
+    (flag=True, env=VAR, cli=False or the commands that show it) and `label`, the name messages use
+    (default: the option's flag, --field-name)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    meta = dict(help=help, kind=kind, choices=None if choices is None else tuple(choices), low=low, high=high,
+                low_open=low_open, high_open=high_open, **cli)
+    return field(default=default, metadata=meta)
+
+
+def declared(cls) -> list:
+    """The fields of an option set that carry a declaration, in order."""
+    return [f for f in fields(cls) if "kind" in f.metadata]
+
+
+def flag_name(f) -> str:
+    """The option's flag, --field-name, as the command line spells it."""
+    return "--" + f.name.replace("_", "-")
+
+
+def label(f) -> str:
+    return f.metadata.get("label") or flag_name(f)
+
+
+def parse_units(value) -> tuple:
+    """'400,256,256' (or a sequence) -> (400, 256, 256); None where it is not positive integers."""
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    if isinstance(value, str) and not all(p.isdigit() for p in parts):
+        return None
+    units = tuple(int(p) if isinstance(p, str) else p for p in parts)
+    ok = units and all(isinstance(u, numbers.Integral) and not isinstance(u, bool) and u > 0 for u in units)
+    return tuple(int(u) for u in units) if ok else None
+
+
+def validate(instance) -> None:
+    """Check (and normalise: "400,256,256" -> a tuple) every declared field of `instance`, a frozen dataclass."""
+    for f in declared(type(instance)):
+        value = _checked(f, getattr(instance, f.name))
+        object.__setattr__(instance, f.name, value)
+
+
+def _checked(f, value):
+    meta = f.metadata
+    if value is None and f.default is None:
+        return value
+    kind = meta["kind"]
+    if kind == "units":
+        units = parse_units(value)
+        if units is None:
+            raise BadInputError(f"{label(f)} must be positive integers separated by commas like 400,256,256, "
+                                f"got {value!r}")
+        return units
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise BadInputError(f"{label(f)} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    if not _of_kind(value, kind):
+        raise BadInputError(f"{label(f)} must be {_KIND_WORDS[kind]}, got {value!r}")
+    if not _in_range(value, meta):
+        raise BadInputError(f"{label(f)} must be {range_text(meta)}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+_KIND_WORDS = {"str": "text", "path": "text or a path", "int": "a whole number", "float": "a number",
+               "bool": "true or false", "any": "a value"}
+
+
+def _of_kind(value, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value   # not NaN
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "path":
+        return isinstance(value, (str, os.PathLike))
+    return True
+
+
+def _in_range(value, meta: dict) -> bool:
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        return False
+    return high is None or not (value > high or (meta["high_open"] and value == high))
+
+
+def range_text(meta: dict) -> str:
+    """'at least 1', 'greater than 0', 'in [0, 1)', ...: the declared bounds in words."""
+    low, high = meta["low"], meta["high"]
+    if low is not None and high is not None:
+        return f"in {'(' if meta['low_open'] else '['}{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
+    if low is not None:
+        return f"{'greater than' if meta['low_open'] else 'at least'} {low:g}"
+    if high is not None:
+        return f"{'less than' if meta['high_open'] else 'at most'} {high:g}"
+    return ""

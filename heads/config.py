@@ -1,0 +1,75 @@
+"""Every training option in one place: `TrainConfig`, each field declared once with its default, help and
+constraints (`featcache.options`), validated by the one validator; the CLI builds its options from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from featcache.options import declared, option, validate
+from heads.builders import MODELS, POOLINGS
+
+#: The default head: the reference dense head or the linear probe, whichever has the lower validation loss.
+AUTO = "auto"
+AUTO_CANDIDATES = ("dense", "linear")
+VIEWS_MODES = ("sample", "all", "original")
+#: The commands each field is an option of (besides the Python API).
+HEAD, BASELINE, CURVE = "train-head", "train-baseline", "curve"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = option(
+        "dense", "auto: the dense head or the linear probe, whichever has the lower validation loss (the probe "
+        "wins on small splits); dense: pooling -> standardise -> BatchNorm -> Dense(units) -> Dropout -> softmax; "
+        "linear: a linear probe (logistic regression solved by L-BFGS, L2 strength chosen on validation); conv: "
+        "BatchNorm -> 1x1 Conv(filters) -> Flatten -> Dense(units) -> softmax.", kind="str",
+        choices=(AUTO, *MODELS), label="model", cli=())
+    units: tuple[int, ...] = option((400, 256, 256), "Dense layer sizes of the dense and conv heads.", kind="units",
+                                    cli=(HEAD,))
+    pooling: str = option("gap", "How feature maps become vectors: global average, flatten, or global max.",
+                          kind="str", choices=POOLINGS, cli=(HEAD,))
+    batchnorm: bool = option(True, "Leave out the dense head's BatchNormalization.", kind="bool", flag="--no-batchnorm",
+                             cli=(HEAD,))
+    dropout: float = option(0.2, "Dropout rate before the classifier (dense and conv heads; cnn baseline).",
+                            kind="float", low=0, high=1, high_open=True, cli=(HEAD, BASELINE))
+    epochs: int = option(50, "Most epochs to train; early stopping usually ends sooner.", kind="int", low=1,
+                         cli=(HEAD, BASELINE, CURVE))
+    patience: int = option(5, "Early stopping: epochs without a better validation loss (best weights restored); "
+                           "never before 200 optimiser steps.", kind="int", low=0, cli=(HEAD, BASELINE))
+    batch_size: int = option(256, "Largest batch; a small training split gets smaller ones (at least 8 steps per "
+                             "epoch).", kind="int", low=1, cli=(HEAD, BASELINE))
+    lr: float | None = option(None, "Learning rate [default: 1e-3 for Adam models, 1e-2 for the SGD ann].",
+                              kind="float", low=0, low_open=True, cli=(HEAD, BASELINE))
+    val_fraction: float = option(0.1, "Share of the training split (or of each --per-class subset) held out for "
+                                 "validation (stratified, at least one per class).", kind="float", low=0, high=1,
+                                 low_open=True, high_open=True, cli=(HEAD, BASELINE, CURVE))
+    seed: int = option(0, "Seed of the validation split, weight initialisation and shuffling.", kind="int",
+                       cli=(HEAD, BASELINE))
+    name: str | None = option(None, "Run name (default: the model name).", kind="str", cli=(HEAD, BASELINE))
+    filters: int = option(128, "conv head only: channels of its 1x1 convolution.", kind="int", low=1, cli=(HEAD,))
+    views_mode: str = option("sample", "With cached views: one random view per image per epoch, every view, or "
+                             "the originals only.", kind="str", choices=VIEWS_MODES, cli=(HEAD,))
+    per_class: int | None = option(None, "Train and validate on N training images per class, drawn from the cache "
+                                   "(stratified, seeded by --subset-seed); the test split stays whole.", kind="int",
+                                   low=1, cli=(HEAD,))
+    subset_seed: int = option(0, "Which images --per-class draws.", kind="int", cli=(HEAD,))
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def learning_rate(self) -> float | None:
+        if self.lr is not None:
+            return self.lr
+        return MODELS[self.model].lr if self.model in MODELS else None
+
+
+def options(command: str | None = None) -> list:
+    """The declared fields of TrainConfig, in order; with `command`, those that are its options."""
+    return [f for f in declared(TrainConfig) if command is None or command in f.metadata.get("cli", ())]
+
+
+def pools_first(config: TrainConfig) -> bool:
+    """Whether every model `config` fits starts with a global pooling (then it trains on pooled vectors)."""
+    models = AUTO_CANDIDATES if config.model == AUTO else (config.model,)
+    return all(MODELS[m].prepooled({k: getattr(config, k) for k in MODELS[m].options}) is not None for m in models)

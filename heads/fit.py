@@ -1,0 +1,261 @@
+"""Fitting one model on the training rows, choosing by the validation rows: the one training loop.
+
+Keras models train by mini-batches with early stopping on validation loss (best weights restored);
+the linear probe is solved to convergence by L-BFGS instead (`heads.probe`). Models that start with a
+global pooling are fitted past it, on vectors pooled once. Features are standardised with statistics
+of the training rows only, kept in the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from featcache import system
+from featcache.cache.pooled import global_pool
+from featcache.errors import BadInputError
+from heads.batches import in_ram_dataset
+from heads.builders import MODELS, STANDARDISE
+from heads.config import TrainConfig
+from heads.data import TrainData, streamed_rows
+
+log = logging.getLogger(__name__)
+#: Training steps run per call into TensorFlow: a head step on cached features takes well under a
+#: millisecond of compute, so with one step per call Keras' per-call overhead dominates an epoch.
+STEPS_PER_EXECUTION = 32
+#: Small training splits: batches shrink so an epoch has at least this many optimiser steps ...
+MIN_STEPS_PER_EPOCH = 8
+#: ... and early stopping may end a run only after this many steps in all.
+MIN_STEPS = 200
+
+PROBE_NEEDS_RAM = ("the linear probe (L-BFGS) needs its training rows in memory, and these maps are streamed from "
+                   "the cache (--stream, or more than --memory-budget); fix: --pooling gap or max (vectors pooled "
+                   "once), a larger --memory-budget without --stream, or fewer rows with --per-class")
+
+
+@dataclass
+class Fitted:
+    config: TrainConfig
+    model: object
+    fit_model: object                 # the part of `model` fitted (past a global pooling layer, if any)
+    history: dict
+    best: int
+    seconds: float
+
+    @property
+    def val_loss(self) -> float:
+        return float(self.history["val_loss"][self.best])
+
+
+def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, progress: bool,
+        pooled: dict | None = None) -> Fitted:
+    """Build `config.model` and fit it on rows `tr` of the training split, choosing by rows `va`. `pooled`,
+    when given, keeps the pooled arrays by pooling for the next model fitted on the same data."""
+    spec = MODELS[config.model]
+    options = {k: getattr(config, k) for k in spec.options}
+    model = spec.build(data.map_shape or data.x_train.shape[1:], len(data.class_names), **options)
+    fit_model, (x_fit, views_fit) = fixed_pooling_split(model, spec, options, [data.x_train, data.x_views],
+                                                        pooled, data.pooled_by)
+    set_standardisation(fit_model, x_fit, tr)
+    n_views = data.n_views if config.views_mode != "original" else 1
+    t0 = time.perf_counter()
+    if spec.optimizer == "lbfgs":
+        history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, tr, va,
+                             len(data.class_names), config.seed)
+    else:
+        budget = data.feed.memory_budget_bytes if data.feed is not None else None
+        history = _fit_keras(fit_model, spec, config, (x_fit, views_fit, data.y_train), (tr, va), n_views, progress,
+                             memory_budget=budget)
+    best = history.pop("best")
+    return Fitted(config, model, fit_model, history, best, time.perf_counter() - t0)
+
+
+def fit_schedule(n_train: int, batch_size: int, epochs: int) -> tuple[int, int]:
+    """(batch size, first epoch early stopping may stop at) for a training split of `n_train` rows.
+
+    A small split gets smaller batches, so that an epoch is several optimiser steps, and early
+    stopping waits until the head has taken MIN_STEPS steps: validation loss on a few dozen images is
+    noisy and rises early (the head grows confident) while test accuracy still improves (measured:
+    docs/benchmarks.md and the README's small-data section).
+    """
+    batch = max(1, min(batch_size, -(-n_train // MIN_STEPS_PER_EPOCH)))
+    steps_per_epoch = -(-n_train // batch)
+    return batch, min(epochs - 1, max(0, -(-MIN_STEPS // steps_per_epoch) - 1))
+
+
+def compile_for_training(fit_model, spec, learning_rate: float) -> None:
+    import keras
+
+    optimizer = (keras.optimizers.Adam(learning_rate) if spec.optimizer == "adam"
+                 else keras.optimizers.SGD(learning_rate, momentum=0.9))
+    fit_model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                      steps_per_execution=STEPS_PER_EXECUTION, jit_compile=False)   # XLA: 4x slower on CPU here
+
+
+def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int, progress: bool, *,
+               memory_budget: int | None = None) -> dict:
+    """Mini-batch training on `arrays` (x, views, y) rows `rows` (train, validation), with early stopping on
+    validation loss (best weights restored)."""
+    import keras
+
+    (x_fit, views_fit, y), (tr, va) = arrays, rows
+    compile_for_training(fit_model, spec, config.learning_rate)
+    batch_size, start_from = fit_schedule(len(tr), config.batch_size, config.epochs)
+    if batch_size != config.batch_size:
+        log.info("batch size %d for %d training rows (at least %d steps per epoch)", batch_size, len(tr),
+                 MIN_STEPS_PER_EPOCH)
+    stream, train_ds, val_ds = _datasets(x_fit, views_fit, y, tr, va, batch_size, config, n_views, memory_budget)
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
+                                            restore_best_weights=True, start_from_epoch=start_from)
+    timer = epoch_log(config.epochs, progress)
+    try:
+        history = fit_model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[stopper, timer],
+                                shuffle=False, verbose=0).history   # shuffled by the batch planner
+    finally:
+        if stream is not None:
+            stream.close()
+    history["best"] = stopper.best_epoch   # the epoch whose weights were restored (monitored epochs only)
+    history["seconds"] = timer.seconds
+    history["batch_size"] = batch_size
+    return history
+
+
+def _datasets(x_fit, views_fit, y, tr, va, batch_size: int, config, n_views: int, memory_budget):
+    """(stream or None, training batches, validation batches): from rows in RAM, or streamed from the cache."""
+    all_views = config.views_mode == "all"
+    if streamed_rows(x_fit):   # maps streamed from the cache (heads.feed)
+        from heads.feed import Stream
+
+        stream = Stream(x_fit, views_fit, y.astype(np.int64), budget=memory_budget, batch_size=batch_size)
+        return (stream, stream.dataset(tr, batch_size, shuffle=True, seed=config.seed, n_views=n_views,
+                                       all_views=all_views),
+                stream.dataset(va, batch_size, shuffle=False))
+    if n_views > 1:   # (n, views, ...): view 0 is the original image
+        x_fit = np.concatenate([x_fit[:, None], views_fit], axis=1)
+    x_all, y_all = as_tensors(x_fit, y)
+    return (None, in_ram_dataset(x_all, y_all, tr, batch_size, shuffle=True, seed=config.seed, n_views=n_views,
+                                 all_views=all_views),
+            in_ram_dataset(x_all, y_all, va, batch_size, shuffle=False, n_views=n_views))
+
+
+def _fit_probe(fit_model, x_fit, views_fit, y, tr, va, n_classes, seed) -> dict:
+    """L-BFGS on the standardised vectors the probe's Dense layer sees; views add training rows."""
+    from heads.probe import fit_linear_probe
+
+    if streamed_rows(x_fit):
+        raise BadInputError(PROBE_NEEDS_RAM)
+    mean, std = _stats_of(fit_model.get_layer(STANDARDISE))
+
+    def z(x):   # in place: three float64 copies of a large split would triple the probe's memory
+        out = x.reshape(len(x), -1).astype(np.float64)
+        out -= mean
+        out /= std
+        return out
+
+    x_train, y_train = z(x_fit[tr]), y[tr]
+    if views_fit is not None:
+        x_train = np.concatenate([x_train, *(z(views_fit[tr, v]) for v in range(views_fit.shape[1]))])
+        y_train = np.tile(y_train, 1 + views_fit.shape[1])
+    return fit_linear_probe(fit_model, x_train, y_train, z(x_fit[va]), y[va], n_classes=n_classes, seed=seed)
+
+
+def set_standardisation(fit_model, x: np.ndarray, rows: np.ndarray) -> None:
+    """Set the model's standardise layer to the mean and variance of what it sees on `x[rows]`.
+
+    Statistics come from the training rows only (never validation or test). A feature that is
+    constant on them keeps unit variance, so that it cannot blow up on other rows.
+    """
+    import keras
+
+    try:
+        norm = fit_model.get_layer(STANDARDISE)
+    except ValueError:
+        return
+    if fit_model.layers.index(norm) == 1:   # right after the input
+        features = lambda x: x   # noqa: E731
+    else:
+        features = keras.Model(fit_model.inputs[0], norm.input).predict_on_batch
+    total, total_sq, count = 0.0, 0.0, 0
+    step = max(1, min(4096, (16 << 20) // (4 * int(np.prod(x.shape[1:])))))   # ~16 MB of float32 at a time
+    for i in range(0, len(rows), step):   # never a copy of the whole split
+        v = np.asarray(features(x[rows[i:i + step]].astype(np.float32)), np.float64)
+        v = v.reshape(-1, v.shape[-1])
+        total, total_sq, count = total + v.sum(0), total_sq + (v * v).sum(0), count + len(v)
+    mean = total / count
+    var = np.maximum(total_sq / count - mean * mean, 0.0)
+    var[var <= 1e-12 * np.maximum(1.0, mean * mean)] = 1.0
+    norm.adapt_mean.assign(mean.astype(np.float32))
+    norm.adapt_variance.assign(var.astype(np.float32))
+    norm.finalize_state()
+
+
+def _stats_of(norm) -> tuple[np.ndarray, np.ndarray]:
+    import keras
+
+    mean = np.asarray(norm.adapt_mean, np.float64)
+    std = np.maximum(np.sqrt(np.asarray(norm.adapt_variance, np.float64)), keras.backend.epsilon())
+    return mean, std
+
+
+def fixed_pooling_split(model, spec, options: dict, arrays: list, pooled: dict | None = None,
+                        pooled_by: str | None = None):
+    """(model to fit, its inputs): global pooling has no weights, so pool the features once.
+
+    When the model spec says the model starts with a global pooling layer (`spec.prepooled`), the
+    rest of it is fitted on pooled vectors (computed here once instead of every epoch, or read from a
+    derived cache: `pooled_by` says the arrays are those vectors already); it shares its layers with
+    `model`, which still takes feature maps for evaluation and saving. `arrays` are (n, h, w, c) maps or
+    (n, views, h, w, c) views; None passes through. `pooled`, when given, keeps the pooled arrays by
+    pooling for the next model fitted on the same arrays.
+    """
+    import keras
+
+    pooling = spec.prepooled(options)
+    if pooled_by is not None and pooling != pooled_by:
+        raise BadInputError(f"these features were pooled by {pooled_by}, but the model pools by {pooling}")
+    if pooling is None or (pooled_by is None and len(arrays[0].shape) < 4):   # vectors of concatenated layers
+        return model, arrays
+    layer = model.get_layer(f"pool_{pooling}")
+    if pooled_by is None:
+        pooled = {} if pooled is None else pooled
+        if pooling not in pooled:
+            pooled[pooling] = [global_pool(x, pooling) for x in arrays]
+        arrays = pooled[pooling]
+    return keras.Model(layer.output, model.output), arrays
+
+
+def as_tensors(x, y):
+    import tensorflow as tf
+
+    return tf.convert_to_tensor(x), tf.convert_to_tensor(y.astype(np.int64))
+
+
+def epoch_log(epochs: int, progress: bool):
+    """A Keras callback recording per-epoch seconds, with a progress bar of epochs on stderr.
+
+    Built in a function so that importing heads.fit does not import Keras.
+    """
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.seconds = []
+            self.bar = system.progress_bar(epochs, unit="epoch", desc="train", enabled=progress)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.t0)
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", val_loss=f"{logs['val_loss']:.3f}",
+                                 val_acc=f"{logs['val_accuracy']:.3f}", refresh=False)
+            self.bar.update(1)
+
+        def on_train_end(self, logs=None):
+            self.bar.close()
+
+    return EpochLog()

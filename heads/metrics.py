@@ -1,0 +1,30 @@
+"""What a trained model is judged by: its class probabilities on a split, and the metrics computed from them
+(argmax accuracy, loss, macro-F1, per-class figures, the confusion matrix)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities, cast to float32 batch by batch (x may be float16 or uint8)."""
+    out = [model.predict_on_batch(x[i:i + batch_size].astype(np.float32)) for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
+
+
+def evaluate(probs: np.ndarray, y: np.ndarray, class_names) -> dict:
+    from sklearn.metrics import classification_report, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = np.arange(len(class_names))
+    pred = probs.argmax(axis=1)
+    p, r, f, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    return {
+        "test_accuracy": float(np.mean(pred == y)),
+        "test_loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)))),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "per_class": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                             "support": int(support[i])} for i, name in enumerate(class_names)},
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        "classification_report": classification_report(y, pred, labels=labels, target_names=list(class_names),
+                                                       digits=4, zero_division=0),
+    }
