@@ -19,7 +19,7 @@ SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER) --precision 
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 .DEFAULT_GOAL := help
-.PHONY: help install extract heads curve bench bench-gpu study test clean
+.PHONY: help install extract heads curve bench bench-gpu study lint test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,7 +62,11 @@ study: install ## the accuracy study: input size x layer x views x head, chosen 
 	$(BIN)/python bench/study.py --data "$(DATA)" --weights "$(WEIGHTS)" --cache-dir $(CACHE_DIR) \
 		--runs-dir $(RUNS_DIR)/study
 
-test: install ## run the test suite in two processes (under 2 minutes on 2 cores)
+lint: install ## the import contracts (layers, function-local imports counted) and ruff
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+
+test: lint ## the import contracts, ruff, then the test suite in two processes (about 5 minutes on 2 cores)
 	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 clean: ## remove caches, runs and build leftovers (keeps .venv)

@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import numpy as np  # noqa: E402
+from run import LoopTimes, conv_gflop  # noqa: E402
 
 from featcache import backbones  # noqa: E402
-from featcache.sources import load_dataset  # noqa: E402
 from featcache.extract import extract  # noqa: E402
-from run import LoopTimes, conv_gflop  # noqa: E402
+from featcache.sources import load_dataset  # noqa: E402
 
 
 def write_images(root: Path, n: int, size: int = 256, seed: int = 0) -> Path:
@@ -184,6 +184,7 @@ def main() -> None:
 
 def _backend_version() -> str:
     import importlib
+
     import keras
 
     return importlib.import_module(keras.backend.backend()).__version__

@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import numpy as np  # noqa: E402
+from run import LoopTimes, conv_gflop, machine, write_sections  # noqa: E402
 
 from featcache import backbones  # noqa: E402
-from featcache.sources import load_dataset  # noqa: E402
 from featcache.extract import extract  # noqa: E402
-from run import LoopTimes, conv_gflop, machine, write_sections  # noqa: E402
+from featcache.sources import load_dataset  # noqa: E402
 
 
 def bare_and_loop(args, precision: str, tmp: Path) -> dict:

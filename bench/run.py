@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 from featcache import backbones as bb  # noqa: E402
 from featcache import cache as store  # noqa: E402
 from featcache.cache import write as cache_write  # noqa: E402
-from featcache.sources import load_dataset  # noqa: E402
 from featcache.extract import extract  # noqa: E402
+from featcache.sources import load_dataset  # noqa: E402
 from heads import fit as hf  # noqa: E402
 from heads import train as ht  # noqa: E402
 from heads.batches import in_ram_dataset  # noqa: E402

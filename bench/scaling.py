@@ -28,14 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import numpy as np  # noqa: E402
+from run import machine  # noqa: E402
 
 import featcache  # noqa: E402
 from featcache import cache as store  # noqa: E402
 from featcache.cache import shards as join  # noqa: E402
 from featcache.cache import write as cache_write  # noqa: E402
-from featcache.extract import plan as planning  # noqa: E402
 from featcache.extract import extract  # noqa: E402
-from run import machine  # noqa: E402
+from featcache.extract import plan as planning  # noqa: E402
 
 
 def engines(args, tmp: Path) -> dict:

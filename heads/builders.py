@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from featcache.cache.pooled import GLOBAL_POOLINGS
+
+#: How a head turns maps into vectors: the global poolings (computed once, see featcache.cache.pooled) or flatten.
 POOLINGS = ("gap", "flatten", "max")
-GLOBAL_POOLINGS = ("gap", "max")   # poolings without weights over the whole map: computed once by heads.train
 #: Name of the layer whose statistics `heads.train` sets from the training rows before fitting.
 STANDARDISE = "standardise"
 

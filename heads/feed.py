@@ -26,6 +26,7 @@ import numpy as np
 from featcache import system
 from featcache.errors import BadInputError
 from heads.batches import BLOCK_ROWS, batches_per_epoch, epochs_of_plans
+
 #: Training rows are shuffled across this many consecutive batches (fewer if the budget is small): a block of
 #: an image-folder cache usually holds one class, so a batch of 16 blocks alone would hold few classes.
 MIX_BATCHES = 8

@@ -29,10 +29,11 @@ def fit_linear_probe(model, x_train, y_train, x_val, y_val, *, n_classes: int, s
     """Fit the last Dense layer of `model` on (x_train, y_train) by L-BFGS for each C of the grid;
     keep the C with the lowest validation loss. Inputs are the vectors the Dense layer sees
     (already standardised). Returns a history: one row per C, and "best", the index of the C kept."""
+    import warnings
+
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
-    import warnings
 
     labels = np.arange(n_classes)
     history = {k: [] for k in ("C", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")}

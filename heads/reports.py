@@ -65,8 +65,8 @@ def plot_confusion(matrix, class_names, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
     import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(class_names)).plot(

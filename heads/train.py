@@ -18,8 +18,17 @@ import numpy as np
 from featcache.errors import BadInputError
 from heads.builders import MODELS
 from heads.config import AUTO, AUTO_CANDIDATES, VIEWS_MODES, TrainConfig, pools_first
-from heads.data import (TrainData, data_from_cache, data_from_caches, data_from_dataset, in_ram_if_it_fits,
-                        split_indices, streamed_rows, stratified_subset, subset)
+from heads.data import (
+    TrainData,
+    data_from_cache,
+    data_from_caches,
+    data_from_dataset,
+    in_ram_if_it_fits,
+    split_indices,
+    stratified_subset,
+    streamed_rows,
+    subset,
+)
 from heads.fit import PROBE_NEEDS_RAM, Fitted, fit, fit_schedule
 from heads.metrics import evaluate, predict
 
@@ -40,7 +49,7 @@ class RunResult:
     model: object = field(repr=False, default=None)
 
 
-def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str | Path | None = "runs",
+def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str | Path | None = "runs",
           progress: bool = True) -> RunResult:
     """Train `config.model` on `data`, evaluate once on the test split, and record the run.
 
@@ -51,6 +60,7 @@ def train(data: TrainData, config: TrainConfig = TrainConfig(), *, runs_dir: str
     """
     import keras
 
+    config = TrainConfig() if config is None else config
     if data.random_weights:
         log.warning("WARNING: these features come from RANDOM backbone weights, not ImageNet")
     if runs_dir is not None:

@@ -89,9 +89,9 @@ def test_every_backbone_matches_its_keras_application(name, image_folder, tmp_pa
 
     import keras
 
-    from featcache.sources import load_dataset
-    from featcache.extract import extract
     from featcache.cache import open_cache
+    from featcache.extract import extract
+    from featcache.sources import load_dataset
     from heads.train import train_head
 
     spec = bb.get(name)

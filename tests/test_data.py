@@ -4,11 +4,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import CLASSES, random_images, write_folder
 from PIL import Image, ImageOps
 
-from conftest import CLASSES, random_images, write_folder
-from featcache.sources import load_dataset
 from featcache.errors import BadInputError, DownloadError, MissingInputError
+from featcache.sources import load_dataset
 
 
 def test_image_folder_rows_are_ordered_by_class_then_file(image_folder):

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 import featcache
-from featcache.extract import local as engine
 from featcache.errors import BadInputError
-from featcache.extract import extract
-from featcache.extract import ExtractSpec
+from featcache.extract import ExtractSpec, extract
+from featcache.extract import local as engine
 
 
 def test_decoding_processes_give_the_rows_threads_give_and_are_stopped(image_folder, tmp_path, monkeypatch):

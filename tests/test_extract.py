@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
+from conftest import REAL_DATA, REAL_WEIGHTS, needs_shared, write_folder
 
 import featcache
-from conftest import REAL_DATA, REAL_WEIGHTS, needs_shared, write_folder
 from featcache import backbones as bb
 from featcache import cache as store
-from featcache.sources import load_dataset
 from featcache.errors import BadInputError, CacheError
 from featcache.extract import extract, plan
+from featcache.sources import load_dataset
 
 
 def direct_features(data, layer="block3_pool", size=32, weights="random", limit=None):

@@ -15,7 +15,7 @@ from featcache.cache import pooled as pooled_module
 from featcache.cli import main
 from heads import feed
 from heads.batches import plan_batches
-from heads.train import data_from_cache, data_from_caches, train, train_head, TrainConfig
+from heads.train import TrainConfig, data_from_cache, data_from_caches, train, train_head
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -80,7 +80,7 @@ def test_stream_reads_every_training_row_once_per_epoch_in_seeded_block_orders(s
     with feed.Stream(x, None, y, workers=2) as stream:
         ds = stream.dataset(rows, 32, shuffle=True, seed=4)
         orders = []
-        for epoch in range(2):
+        for _ in range(2):
             batches = [(f.numpy(), l.numpy()) for f, l in ds]
             seen = np.concatenate([b[1] for b in batches])
             assert sorted(seen) == list(rows), "every training row once per epoch"

@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import write_folder
 
 from featcache.cli import main
 from featcache.sources import load_dataset, read_image
-from conftest import write_folder
 
 
 def run(*args):
@@ -91,10 +91,11 @@ def test_unwritable_runs_dir_is_refused_before_training(image_folder, cache_dir,
 
 
 def test_interrupted_run_write_leaves_no_run_folder(tmp_path, monkeypatch):
+    from test_heads import blob_data
+
     import heads.reports as reports
     from heads import train as ht
     from heads.train import TrainConfig
-    from test_heads import blob_data
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pytest
 
+from featcache.errors import BadInputError
 from heads import train as ht
 from heads.builders import MODELS
 from heads.reports import collect_runs, format_table
 from heads.train import TrainConfig, TrainData, split_indices
-from featcache.errors import BadInputError
 
 
 def layer_summary(model):

@@ -4,17 +4,16 @@ truncated or foreign shard is refused with its name."""
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import assert_same_cache
 
 import featcache
 from featcache import cache as store
 from featcache.cache import shards as join
-from featcache.extract import local as engine
-from featcache.extract import planner as planning
-from conftest import assert_same_cache
 from featcache.cli import main
 from featcache.errors import BadInputError, CacheError
-from featcache.extract import extract, plan
-from featcache.extract import ExtractSpec
+from featcache.extract import ExtractSpec, extract, plan
+from featcache.extract import local as engine
+from featcache.extract import planner as planning
 
 OPTS = dict(weights="random", batch_size=4, views=2)
 

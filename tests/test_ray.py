@@ -11,12 +11,11 @@ import threading
 import time
 
 import pytest
+from conftest import assert_same_cache, write_folder
 
 import featcache
 from featcache.cache import shards as join
 from featcache.extract import extract
-
-from conftest import assert_same_cache, write_folder
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'featcache[ray]'); CI installs it")
 psutil = pytest.importorskip("psutil")

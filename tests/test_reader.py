@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import featcache
-from featcache.extract import extract
 from featcache.cache.read import block_order
+from featcache.extract import extract
 
 
 @pytest.fixture

@@ -13,13 +13,13 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import write_folder
+from test_extract import count_calls
 
 import featcache
-from conftest import write_folder
 from featcache import backbones as bb
 from featcache.cli import main
 from featcache.extract import extract
-from test_extract import count_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 

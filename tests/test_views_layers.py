@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_extract import count_calls
 
 import featcache
 from featcache import augment as aug
@@ -13,7 +14,6 @@ from featcache.extract import extract
 from heads import train as ht
 from heads.batches import in_ram_dataset
 from heads.builders import MODELS
-from test_extract import count_calls
 
 
 def test_several_layers_in_one_pass_and_one_file_equal_separate_extractions(image_folder, tmp_path, monkeypatch):

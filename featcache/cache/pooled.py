@@ -29,7 +29,8 @@ from featcache.cache.format import dataset_path
 from featcache.errors import BadInputError
 
 log = logging.getLogger(__name__)
-POOLINGS = ("gap", "max")
+#: The poolings over the whole map (no weights), computed once and kept: the one list of them.
+GLOBAL_POOLINGS = ("gap", "max")
 #: Bytes of maps read per block while pooling.
 BLOCK_BYTES = 64 << 20
 
@@ -60,8 +61,8 @@ def pooled(cache, layer: str | None, pooling: str) -> dict:
     `layer`, read from the derived cache (made first when missing or stale)."""
     import h5py
 
-    if pooling not in POOLINGS:
-        raise BadInputError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if pooling not in GLOBAL_POOLINGS:
+        raise BadInputError(f"pooling must be one of {', '.join(GLOBAL_POOLINGS)}, got {pooling!r}")
     layer = cache.select_layer(layer)
     path = pooled_path(cache, layer, pooling)
     if path.exists():

@@ -18,7 +18,7 @@ import numpy as np
 
 from featcache.cache.files import being_written
 from featcache.cache.format import FORMAT_VERSION, SPLITS, CacheMeta, dataset_path
-from featcache.cache.pooled import POOLINGS, global_pool
+from featcache.cache.pooled import GLOBAL_POOLINGS, global_pool
 from featcache.errors import BadInputError, CacheError, first_line
 
 #: Rows per block read from HDF5 (a few chunks: chunks hold up to one batch, capped at 1 MiB).
@@ -196,8 +196,8 @@ def as_tf_dataset(cache, split: str, *, layer: str | None = None, batch_size: in
     """
     import tensorflow as tf
 
-    if pooling is not None and pooling not in POOLINGS:
-        raise BadInputError(f"pooling must be None or one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if pooling is not None and pooling not in GLOBAL_POOLINGS:
+        raise BadInputError(f"pooling must be None or one of {', '.join(GLOBAL_POOLINGS)}, got {pooling!r}")
     name = dataset_path(cache.meta, split, cache.select_layer(layer))
     path, n = str(Path(cache.path)), cache.splits[split].n
     shape = cache.splits[split].shapes[cache.select_layer(layer)][1:]

@@ -30,7 +30,7 @@ from featcache.errors import BadInputError, CacheError
 log = logging.getLogger(__name__)
 
 #: About this many shards by default, so that workers finish together (the last shard is a small part of the
-#: run: with 2 workers on CIFAR-10 two shards of 50,000 and 10,000 rows left one worker idle for 60% of the run).
+#: run; a few large shards leave workers idle while the last ones run).
 TARGET_SHARDS = 256
 #: And at most these many bytes of features (a retry redoes at most that) and rows per shard.
 SHARD_BYTES = 4 << 30

@@ -19,11 +19,9 @@ from typing import Callable
 import numpy as np
 
 from featcache.errors import BadInputError
-from featcache.sources.arrays import (CIFAR10_CLASSES, load_cifar_python, load_keras_cifar10,
-                                      load_npz)
+from featcache.sources.arrays import CIFAR10_CLASSES, load_cifar_python, load_keras_cifar10, load_npz
 from featcache.sources.dataset import Dataset, Split, existing
-from featcache.sources.fingerprints import (CONTENT_FINGERPRINT_MAX_FILES, FINGERPRINTS, fingerprint,
-                                           fingerprint_scheme)
+from featcache.sources.fingerprints import CONTENT_FINGERPRINT_MAX_FILES, FINGERPRINTS, fingerprint, fingerprint_scheme
 from featcache.sources.folder import load_image_folder, without_bad_images
 from featcache.sources.images import read_image, resize
 

@@ -15,7 +15,6 @@ from featcache.errors import BadInputError, MissingInputError
 from featcache.sources.images import read_image, resize
 
 
-
 @dataclass(frozen=True)
 class Split:
     """One split (train or test): labels plus pixels held in memory or image files on disk."""

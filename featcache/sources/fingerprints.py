@@ -11,7 +11,6 @@ from featcache.errors import BadInputError
 from featcache.sources.dataset import Dataset
 from featcache.sources.images import check_header
 
-
 #: Image folders of more files than this are fingerprinted by file metadata under `fingerprint_by="auto"`;
 #: smaller ones (CIFAR-10's 60,000 files among them, so their caches keep their keys) by content.
 CONTENT_FINGERPRINT_MAX_FILES = 100_000

@@ -7,11 +7,11 @@ file name; hidden and system files are skipped and anything else that is not an 
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import replace
 
 import numpy as np
 
+from featcache import system
 from featcache.errors import BadInputError, UnreadableImageError
 from featcache.sources.dataset import Dataset, Split, existing
 from featcache.sources.images import is_system_file, pillow_extensions, printable, read_image
@@ -67,13 +67,10 @@ def load_image_folder(path: str) -> Dataset:
 
 def without_bad_images(ds: Dataset) -> Dataset:
     """`ds` without the images that fail to decode; each is logged and listed in `skipped`."""
-    from tqdm import tqdm
-
     if ds.train.files is None:
         return ds   # pixels in memory: nothing to decode
     skipped, splits = [], {}
-    bar = tqdm(total=len(ds.train) + len(ds.test), unit="img", desc="check images", file=sys.stderr,
-               dynamic_ncols=True, disable=None)
+    bar = system.progress_bar(len(ds.train) + len(ds.test), unit="img", desc="check images")
     for name, split in (("train", ds.train), ("test", ds.test)):
         keep = []
         for i, file in enumerate(split.files):
