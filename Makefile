@@ -41,6 +41,8 @@ heads: extract ## train the default head, the reference head (gap, flatten), a l
 	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name dense-gap --head dense
 	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name dense-flatten --head dense --pooling flatten
 	$(BIN)/featcache train-head $(SELECT) --runs-dir $(RUNS_DIR) --name linear --head linear
+	@echo "the heads so far (the baselines follow: the CNN takes about 24 minutes on 2 cores):" >&2
+	$(BIN)/featcache runs --runs-dir $(RUNS_DIR) --markdown
 	$(BIN)/featcache train-baseline ann --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name ann
 	$(BIN)/featcache train-baseline cnn --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name cnn
 	$(BIN)/featcache runs --runs-dir $(RUNS_DIR) --markdown | tee $(RUNS_DIR)/summary.md

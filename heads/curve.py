@@ -152,10 +152,15 @@ def plot_curve(summary: list[dict], heads, path: Path, n_classes: int, n_train_s
 
     x = [r["per_class"] if r["per_class"] != "all" else n_train_split / n_classes for r in summary]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for head in heads:
-        ax.errorbar(x, [r[head]["mean"] for r in summary], yerr=[r[head]["std"] for r in summary], marker="o",
-                    capsize=3, label={"auto": "default head (auto: dense or probe on validation)",
-                                      "dense": "dense head", "linear": "linear probe (L-BFGS)"}.get(head, head))
+    # where auto chose the probe the two lines coincide: drawn apart by style and a small shift, never hidden
+    styles = [dict(marker="o", linestyle="-", zorder=3), dict(marker="s", linestyle="--", mfc="none", zorder=2),
+              dict(marker="^", linestyle=":", zorder=1)]
+    for k, head in enumerate(heads):
+        shift = 1.0 + 0.03 * (k - (len(heads) - 1) / 2)   # a few percent along the log axis
+        ax.errorbar([v * shift for v in x], [r[head]["mean"] for r in summary], yerr=[r[head]["std"] for r in summary],
+                    capsize=3, **styles[k % len(styles)],
+                    label={"auto": "default head (auto: dense or probe on validation)", "dense": "dense head",
+                           "linear": "linear probe (L-BFGS)"}.get(head, head))
     ax.set_xscale("log")
     ax.set_xlabel("training images per class (log scale; last point: whole split)")
     ax.set_ylabel("test accuracy")

@@ -221,11 +221,16 @@ def split_indices(y: np.ndarray, val_fraction: float, seed: int, class_names=Non
     from sklearn.model_selection import train_test_split
 
     counts = np.bincount(y)
+    if np.count_nonzero(counts) < 2:
+        held = [class_names[c] if class_names is not None else str(c) for c in np.flatnonzero(counts)]
+        raise BadInputError(f"the training split holds one class ({', '.join(held) or 'none'}); a classifier needs at "
+                            "least two; fix: give images of more classes (--limit keeps the first images in source "
+                            "order, often of one class: train-head --per-class N draws N of every class)")
     if (counts == 1).any():
         lone = int(np.flatnonzero(counts == 1)[0])
         name = class_names[lone] if class_names is not None else str(lone)
         raise BadInputError(f"class {name!r} has 1 training image; a validation split needs at least 2 per class; "
-                            "fix: raise --per-class (or give more images), or lower --val-fraction")
+                            "fix: raise --per-class to 2 or more, or give that class more images")
     present = counts[counts > 0]
     n_val = round(val_fraction * len(y))
     idx = np.arange(len(y))

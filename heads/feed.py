@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from featcache import system
-from featcache.errors import BadInputError
+from featcache.errors import BadInputError, CacheError
 from heads.batches import BLOCK_ROWS, batches_per_epoch, epochs_of_plans
 
 #: Training rows are shuffled across this many consecutive batches (fewer if the budget is small): a block of
@@ -66,6 +66,7 @@ class CachedRows:
         with h5py.File(self.path, "r") as f:
             self.row_shape, self.dtype = tuple(f[name].shape[1:]), f[name].dtype
             n = f[name].shape[0]
+            self.file_id = f.attrs.get("file_id")   # checked at every read: the same file, not a rewritten one
         self.rows = np.arange(n) if rows is None else np.asarray(rows, np.int64)
 
     @property
@@ -93,24 +94,44 @@ class CachedRows:
             positions = np.arange(len(self.rows))[positions]
         return self.read(np.asarray(positions, np.int64))
 
+    def _open(self):
+        """The cache file, opened again for one read: the same file as at the start, or a CacheError."""
+        import h5py
+
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise _reopen_failed(self.path, f"could not be opened again ({e.strerror or e})") from e
+        if f.attrs.get("file_id") != self.file_id:
+            f.close()
+            raise _reopen_failed(self.path, "was replaced by another file")
+        return f
+
     def read(self, positions: np.ndarray, dtype=np.float32) -> np.ndarray:
         """The rows at `positions` (into this view), in that order, as `dtype`; contiguous runs of file
         rows are read as one slice each."""
-        import h5py
-
         file_rows = self.rows[positions]
         order = np.argsort(file_rows, kind="stable")
         wanted = file_rows[order]
         out = np.empty((len(wanted), *self.row_shape), dtype)
         if len(wanted):
-            with h5py.File(self.path, "r") as f:
+            with self._open() as f:
                 data = f[self.name]
                 for run in _runs(wanted):
                     first, last = wanted[run[0]], wanted[run[-1]]
                     out[run] = data[first:last + 1][wanted[run] - first]
+            if np.issubdtype(out.dtype, np.floating) and np.isnan(out).any():
+                raise CacheError(f"{self.path}: rows of {self.name} read as NaN, the fill value of a joined cache whose "
+                                 "shard went missing or changed during the run; fix: restore it (or rerun "
+                                 "`featcache extract`) and train again")
         result = np.empty_like(out)
         result[order] = out
         return result
+
+
+def _reopen_failed(path: str, why: str) -> CacheError:
+    return CacheError(f"{path} {why} during the run (deleted, or rewritten by `extract --force`); fix: wait for or "
+                      "redo the extraction, then train again")
 
 
 def _runs(rows: np.ndarray) -> list[np.ndarray]:

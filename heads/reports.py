@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -30,11 +31,11 @@ def write_run(runs_dir: Path, result, data) -> Path:
     The folder is written under a hidden temporary name and renamed when complete, so an
     interrupted write never leaves a folder that looks like a finished run."""
     with staged_run_dir(runs_dir, result.config.name or result.config.model) as stage:
-        _write_records(stage.path, result, data)
+        _write_records(stage.path, result, data, run_id=stage.stem)
     return stage.final
 
 
-def _write_records(run_dir: Path, result, data) -> None:
+def _write_records(run_dir: Path, result, data, *, run_id: str) -> None:
     m = result.metrics
     config = {**asdict(result.config), "units": list(result.config.units), "learning_rate": result.config.learning_rate,
               "data": {**data.source, **({"feed": data.feed.record()} if data.feed is not None else {})},
@@ -44,7 +45,7 @@ def _write_records(run_dir: Path, result, data) -> None:
     with open(run_dir / "history.csv", "w", newline="") as f:
         keys = [k for k in ("C", "loss", "accuracy", "val_loss", "val_accuracy", "seconds") if k in result.history]
         w = csv.writer(f)
-        w.writerow(["epoch", *keys])
+        w.writerow(["C_tried" if "C" in result.history else "epoch", *keys])   # the probe's rows are L2 strengths
         for i in range(len(result.history["loss"])):
             w.writerow([i + 1, *(f"{result.history[k][i]:.6g}" for k in keys)])
     chosen = (f"L2 strength C={m['C']:.3g} ({m['best_epoch']} of {m['epochs_run']} tried)" if "C" in m
@@ -54,7 +55,9 @@ def _write_records(run_dir: Path, result, data) -> None:
          f"loss at {chosen}.\n"
          f"test accuracy {m['test_accuracy']:.4f}, validation accuracy {m['val_accuracy']:.4f}\n\n")
     (run_dir / "classification_report.txt").write_text(header + m["classification_report"])
-    title = f"{run_dir.name}" + ("\n" + RANDOM_FLAG if data.random_weights else "")
+    model = f"auto, chose {m['chosen']}" if "chosen" in m else result.config.model
+    title = f"{run_id}: {model}, test accuracy {m['test_accuracy']:.4f}" + ("\n" + RANDOM_FLAG if data.random_weights
+                                                                             else "")
     plot_confusion(m["confusion_matrix"], data.class_names, run_dir / "confusion_matrix.png", title)
     plot_curves(result.history, m["best_epoch"], run_dir / "curves.png", title)
     result.model.save(run_dir / "model.keras")
@@ -118,7 +121,20 @@ def collect_runs(runs_dir: str | Path) -> list[dict]:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("skipping %s: unreadable run records (%s: %s); fix: delete the folder or rerun it",
                         run.parent, type(e).__name__, str(e)[:100])
-    return sorted(rows, key=lambda r: -r["val_accuracy"])
+    return sorted(rows, key=_best_first)
+
+
+def _best_first(row: dict):
+    """Validation accuracy, best first; runs without a finite number there come last (and are flagged)."""
+    value = row["val_accuracy"]
+    return (0, -value) if value is not None else (1, 0)
+
+
+def _number(value) -> float | None:
+    """A finite number from a run's records, or None: NaN, infinities, booleans and text are not figures."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _row(run: Path) -> dict:
@@ -131,12 +147,30 @@ def _row(run: Path) -> dict:
             }.get(m.get("chosen", c["model"]), "")
     if m.get("n_views", 1) > 1:
         opts += f" views={m['n_views']} ({c.get('views_mode')})"
+    opts = " ".join([opts, *_changed(c)]).strip()
     model = f"auto ({m['chosen']})" if c["model"] == "auto" else c["model"]
+    capped = "C" not in m and m["epochs_run"] == c.get("epochs") and m["best_epoch"] == m["epochs_run"]
     return {"run": run.parent.name, "model": model, "options": opts, "data": _data_label(c),
-            "epochs": f"C={m['C']:.3g}" if "C" in m else f"{m['epochs_run']}/{m['best_epoch']}",
-            "val_accuracy": float(m["val_accuracy"]), "test_accuracy": float(m["test_accuracy"]),
-            "seconds": float(m["seconds"]), "seconds_per_epoch": float(m["seconds_per_epoch"]),
+            "epochs": f"C={m['C']:.3g}" if "C" in m else f"{m['epochs_run']}/{m['best_epoch']}"
+                      + (" (cap: still improving)" if capped else ""),
+            **{k: _number(m.get(k)) for k in ("val_accuracy", "test_accuracy", "seconds", "seconds_per_epoch")},
             "random_weights": m.get("random_weights", False)}
+
+
+#: Training options the table shows where a run set them to other than the default.
+_SHOWN_IF_CHANGED = {"lr": "lr", "batch_size": "bs", "patience": "patience", "epochs": "epochs",
+                     "val_fraction": "val", "seed": "seed"}
+
+
+def _changed(config: dict) -> list[str]:
+    """'lr=0.01', 'bs=64', ...: the training options of `config` that differ from TrainConfig's defaults."""
+    from dataclasses import fields
+
+    from heads.config import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return [f"{short}={config[k]:g}" if isinstance(config[k], float) else f"{short}={config[k]}"
+            for k, short in _SHOWN_IF_CHANGED.items() if k in config and config[k] != defaults[k]]
 
 
 def _data_label(config: dict) -> str:
@@ -156,8 +190,8 @@ def format_table(rows: list[dict], *, markdown: bool = False) -> str:
     head = ["run", "model", "data", "options", "epochs run/best", "val acc", "test acc", "seconds", "s/epoch"]
     body = [[r["run"] + (" [RANDOM WEIGHTS]" if r["random_weights"] else ""), r["model"], r["data"], r["options"],
              r["epochs"],
-             f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}", f"{r['seconds']:.1f}",
-             f"{r['seconds_per_epoch']:.2f}"] for r in rows]
+             _shown(r["val_accuracy"], ".4f"), _shown(r["test_accuracy"], ".4f"), _shown(r["seconds"], ".1f"),
+             _shown(r["seconds_per_epoch"], ".2f")] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -165,6 +199,10 @@ def format_table(rows: list[dict], *, markdown: bool = False) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*row) for row in [head, *body])
+
+
+def _shown(value, spec: str) -> str:
+    return "n/a (not a number)" if value is None else format(value, spec)
 
 
 def check_runs_dir(runs_dir: str | Path) -> Path:

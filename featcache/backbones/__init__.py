@@ -17,6 +17,7 @@ import contextlib
 import functools
 import hashlib
 import numbers
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,7 +205,10 @@ class Backbone:
 def _base(spec: BackboneSpec, weights, shape: tuple[int, int, int]):
     """The Keras application without its top, with `weights` (None, 'imagenet' or a file path)."""
     application = spec.keras_application()
-    if weights is None or weights == "imagenet":
+    local = local_imagenet_weights(spec) if weights == "imagenet" else None
+    if local is not None:
+        weights = str(local)
+    elif weights is None or weights == "imagenet":
         try:
             with contextlib.redirect_stdout(sys.stderr):   # Keras prints its download progress on stdout
                 return application(weights=weights, include_top=False, input_shape=shape)
@@ -213,12 +217,27 @@ def _base(spec: BackboneSpec, weights, shape: tuple[int, int, int]):
                 raise
             raise DownloadError(
                 f"could not download the ImageNet {spec.title} weights ({first_line(e)}); this machine seems offline; "
-                f"fix: pass --weights PATH to a local {spec.weights_file}") from e
+                f"fix: pass --weights PATH to a local {spec.weights_file}, or put it in ${WEIGHTS_DIR_ENV}") from e
     try:
         return application(weights=str(Path(weights).expanduser()), include_top=False, input_shape=shape)
     except (ValueError, OSError, KeyError) as e:
         raise BadInputError(f"weights file {weights} does not fit {spec.title} without top ({first_line(e)}); "
                             f"expected {spec.weights_file} or a file of the same layout") from e
+
+
+#: A folder of Keras' ImageNet weight files, each under its Keras name: where `--weights imagenet` looks first.
+WEIGHTS_DIR_ENV = "FEATCACHE_WEIGHTS_DIR"
+
+
+def local_imagenet_weights(spec: BackboneSpec) -> Path | None:
+    """The backbone's ImageNet weights file, if it lies in $FEATCACHE_WEIGHTS_DIR or Keras' own ~/.keras/models
+    under its Keras name (what Keras would download): `--weights imagenet` then works offline."""
+    folders = [os.environ.get(WEIGHTS_DIR_ENV), os.path.join(os.environ.get("KERAS_HOME", "~/.keras"), "models")]
+    for folder in filter(None, folders):
+        path = Path(folder).expanduser() / spec.weights_file
+        if path.is_file():
+            return path
+    return None
 
 
 def build(*, backbone: str = DEFAULT_BACKBONE, layer=None, weights: str = "imagenet",
@@ -248,6 +267,24 @@ def build(*, backbone: str = DEFAULT_BACKBONE, layer=None, weights: str = "image
                         name=f"{spec.name}_{'_'.join(layers)}")
     model.trainable = False
     return Backbone(spec=spec, model=model, layers=layers, weights_id=wid, input_size=tuple(input_size))
+
+
+def check_cached_shapes(path, backbone: str, input_size: tuple[int, int], shapes: dict) -> None:
+    """Refuse a cache at `path` whose stored shapes ({layer: row shape}) are not what `backbone` gives at that
+    layer and input size: its `layer`, `backbone` or `input_shape` attribute was edited (tampered)."""
+    from featcache.errors import CacheError
+
+    try:
+        expected = output_shapes(backbone, tuple(input_size))
+    except BadInputError as e:
+        raise CacheError(f"{path}: its backbone or input_shape attribute is not one featcache writes ({e}); fix: "
+                         "delete it and rerun `featcache extract`") from e
+    for layer, shape in shapes.items():
+        if layer not in expected or tuple(expected[layer]) != tuple(shape):
+            got = "no such layer" if layer not in expected else f"{tuple(expected[layer])}"
+            raise CacheError(f"{path}: its rows of {layer} are {tuple(shape)}, but {backbone}'s {layer} at "
+                             f"{input_size[0]}x{input_size[1]} gives {got}: its layer, backbone or input_shape attribute "
+                             "was edited (tampered); fix: delete it and rerun `featcache extract`")
 
 
 @functools.lru_cache(maxsize=32)

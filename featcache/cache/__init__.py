@@ -1,8 +1,8 @@
 """The HDF5 feature cache: its format, the files around it, writing, reading, pooled vectors, shards.
 
-Layers inside: `format` (what a file holds) ◄ `files` (partial, lock, resume point) ◄ `write` ◄ `shards`
-(join, consolidate); `format` ◄ `pooled` ◄ `read` (open_cache, FeatureCache, streams). Reading never
-imports writing. Nothing here imports extraction: caches are made by `featcache.extract`, read by anyone.
+Layers inside: `format` (what a file holds) ◄ `files` (partial, lock, resume point, the one write-verify-
+rename path) ◄ `write` ◄ `shards` (join, consolidate); `files` ◄ `pooled` ◄ `read` (open_cache,
+FeatureCache, streams). Reading never imports writing. Nothing here imports extraction: caches are made by `featcache.extract`, read by anyone.
 """
 
 from featcache.cache.format import (FORMAT_VERSION, SPLITS, CacheMeta, cache_filename, cache_key, dataset_path,

@@ -3,6 +3,11 @@
 A cache is built as ``<name>.partial`` by the one process holding ``<name>.lock`` and renamed to
 ``<name>`` when complete, so a finished name is never half-written. A partial of the same key
 (and, for a shard, the same rows) is resumed from its `/progress`; any other partial is deleted.
+
+Every file featcache writes takes one path to its name (`publish`): written under a temporary name,
+flushed and closed with their errors raised (`close_checked`: h5py only prints write errors it meets
+while closing), re-opened and checked by the caller's `verify`, then renamed. Temporary files of
+featcache's own naming that a killed process left behind are removed by the next run (`sweep`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
+import re
 from pathlib import Path
+from typing import Callable
 
 from featcache.cache.format import CacheMeta
 from featcache.errors import first_line
@@ -83,3 +91,65 @@ def resume_point(partial: Path, meta: CacheMeta, *, shard: tuple | None = None) 
             return progress
     partial.unlink()
     return None
+
+
+def close_checked(f) -> None:
+    """Flush and close an open h5py.File, raising the write errors (a full disk) that a plain close only prints."""
+    try:
+        f.flush()
+    finally:
+        f.close()
+
+
+def publish(tmp: Path, final: Path, verify: Callable[[Path], None] | None = None) -> Path:
+    """Give the closed file `tmp` its name `final`, once `verify(tmp)` (re-opening it) has passed; a file that
+    fails it is deleted, and `final` is left as it was."""
+    try:
+        if verify is not None:
+            verify(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
+    return final
+
+
+def temporary_path(final: Path, purpose: str) -> Path:
+    """A hidden name beside `final` for writing it, carrying this process's id so that `sweep` can tell a
+    leftover of a killed process from a file another process is writing right now."""
+    return final.with_name(f".{final.name}.{purpose}.{os.getpid()}.tmp")
+
+
+_TEMPORARY = re.compile(r"^\.(?P<final>.+)\.(?P<purpose>[a-z]+)\.(?P<pid>\d+)\.tmp$")
+
+
+def sweep(folder: Path, final_name: str | None = None) -> list[Path]:
+    """Remove the temporary files (`temporary_path`) in `folder` (of `final_name` only, if given) whose process is
+    gone; returns what was removed. Files of running processes are left alone."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        m = _TEMPORARY.match(path.name)
+        if not m or (final_name is not None and m["final"] != final_name) or _alive(int(m["pid"])):
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+        log.warning("removed %s (%.1f MB), left by a featcache process that was killed", path, size / 1e6)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: alive
+        return True
+    return True

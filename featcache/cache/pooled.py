@@ -11,8 +11,9 @@ blocks), pools each in float32, and writes ``<source stem>.<layer>.<pooling>.poo
     /train/views      (n, views - 1, channels) float32   (only when the source has views)
 
 A derived file is reused while its source is the same file it was made from (same key, size and
-modification time); otherwise it is made again. It is written to a temporary name and renamed, so a
-reader never sees half a file and two processes making the same one cannot clash. Where the source's
+modification time); otherwise it is made again. It is written to a temporary name, re-read and renamed
+(`featcache.cache.files.publish`), so a reader never sees half a file and two processes making the same
+one cannot clash; a temporary file a killed process left is removed by the next. Where the source's
 folder is read-only, the pooled arrays are computed in memory and not kept.
 """
 
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from featcache.cache.files import close_checked, publish, sweep, temporary_path
 from featcache.cache.format import dataset_path
-from featcache.errors import BadInputError
+from featcache.errors import BadInputError, CacheError
 
 log = logging.getLogger(__name__)
 #: The poolings over the whole map (no weights), computed once and kept: the one list of them.
@@ -58,30 +59,49 @@ def _stamp(cache) -> str:
 
 def pooled(cache, layer: str | None, pooling: str) -> dict:
     """{"train": (n, c), "test": (n, c), "views": (n, views - 1, c) or None} float32 pooled features of
-    `layer`, read from the derived cache (made first when missing or stale)."""
-    import h5py
-
+    `layer`, read from the derived cache (made first when missing, stale or damaged)."""
     if pooling not in GLOBAL_POOLINGS:
         raise BadInputError(f"pooling must be one of {', '.join(GLOBAL_POOLINGS)}, got {pooling!r}")
     layer = cache.select_layer(layer)
     path = pooled_path(cache, layer, pooling)
-    if path.exists():
-        try:
-            with h5py.File(path, "r") as f:
-                if f.attrs.get("source_stamp") == _stamp(cache) and f.attrs.get("complete"):
-                    log.debug("pooled features from %s", path)
-                    return _read(f)
-            log.warning("%s was made from another version of %s; pooling again", path.name, Path(cache.path).name)
-        except OSError as e:
-            log.warning("%s is unreadable (%s); pooling again", path, e)
+    arrays = _kept(cache, path)
+    if arrays is not None:
+        return arrays
     arrays = pool_source(cache, layer, pooling)
     if not os.access(path.parent, os.W_OK):
         log.warning("cannot write in %s: pooled features are kept in memory only", path.parent)
         return arrays
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    sweep(path.parent, path.name)   # what a killed run left (GBs on a large cache)
+    _write(path, cache, layer, pooling, arrays)
+    log.info("pooled %s (%s) into %s", Path(cache.path).name, pooling, path.name)
+    return arrays
+
+
+def _kept(cache, path: Path) -> dict | None:
+    """The arrays of the derived file at `path` if it is complete and made from this very source, else None."""
+    import h5py
+
+    if not path.exists():
+        return None
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("source_stamp") == _stamp(cache) and f.attrs.get("complete"):
+                log.debug("pooled features from %s", path)
+                return _read(f)
+        log.warning("%s was made from another version of %s; pooling again", path.name, Path(cache.path).name)
+    except (OSError, KeyError) as e:   # unreadable, or a dataset missing
+        log.warning("%s is unreadable or incomplete (%s); pooling again", path, e)
+    return None
+
+
+def _write(path: Path, cache, layer: str, pooling: str, arrays: dict) -> None:
+    """The derived file, through featcache's one write path: a temporary name, checked close, re-read, renamed."""
+    import h5py
+
+    tmp = temporary_path(path, "pooling")
+    try:
+        f = h5py.File(tmp, "w")
+        try:
             f.attrs.update(source=Path(cache.path).name, source_key=cache.meta.key, source_stamp=_stamp(cache),
                            layer=layer, pooling=pooling, views=cache.meta.views)
             for split in ("train", "test"):
@@ -90,14 +110,21 @@ def pooled(cache, layer: str | None, pooling: str) -> dict:
             if arrays["views"] is not None:
                 f["train/views"] = arrays["views"]
             f.attrs["complete"] = True
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # as an ordinary new file: mkstemp's 0600 would hide it from other users
-        os.replace(tmp, path)
+        finally:
+            close_checked(f)
+        publish(tmp, path, lambda written: _check_written(written, arrays))
     finally:
-        Path(tmp).unlink(missing_ok=True)
-    log.info("pooled %s (%s) into %s", Path(cache.path).name, pooling, path.name)
-    return arrays
+        tmp.unlink(missing_ok=True)
+
+
+def _check_written(path: Path, arrays: dict) -> None:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        again = _read(f)
+    for k, v in arrays.items():
+        if (v is None) != (again[k] is None) or (v is not None and not np.array_equal(v, again[k], equal_nan=True)):
+            raise OSError(f"{path}: {k} read back differs from what was written (a full disk?)")
 
 
 def _read(f) -> dict:
@@ -120,7 +147,15 @@ def pool_source(cache, layer: str, pooling: str) -> dict:
             data = f[name]
             row_bytes = int(np.prod(data.shape[1:])) * data.dtype.itemsize
             block = max(1, BLOCK_BYTES // row_bytes)
-            out["views" if views else split] = global_pool(data, pooling, rows=block)
+            out["views" if views else split] = _finite(global_pool(data, pooling, rows=block), cache, name)
             if not views:
                 out[f"{split}_labels"] = f[f"{split}/labels"][...]
     return out
+
+
+def _finite(x: np.ndarray, cache, name: str) -> np.ndarray:
+    """NaN in pooled maps of a joined cache: a shard went missing while it was read (the fill value is NaN)."""
+    if getattr(cache, "shards", ()) and np.isnan(x).any():
+        raise CacheError(f"{cache.path}: {name} read as NaN, so one of its shards went missing or changed while it was "
+                         "read; fix: restore the shard (or rerun `featcache extract`) and run again")
+    return x

@@ -10,14 +10,16 @@ A virtual cache (joined shards) is opened only while each shard is still the fil
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from featcache.cache.files import being_written
-from featcache.cache.format import FORMAT_VERSION, SPLITS, CacheMeta, dataset_path
+from featcache.cache.format import FORMAT_VERSION, SPLITS, CacheMeta, dataset_path, feature_datasets
 from featcache.cache.pooled import GLOBAL_POOLINGS, global_pool
 from featcache.errors import BadInputError, CacheError, first_line
 
@@ -60,7 +62,8 @@ class FeatureCache:
         import h5py
 
         with h5py.File(self.path, "r") as f:
-            return f[dataset_path(self.meta, split, self.select_layer(layer))][...], f[f"{split}/labels"][...]
+            x = f[dataset_path(self.meta, split, self.select_layer(layer))][...]
+            return check_finite(x, self, f"{split} features"), f[f"{split}/labels"][...]
 
     def load_views(self, layer: str | None = None) -> np.ndarray | None:
         """(n_train, views - 1, *feature_shape) augmented training views at `layer`, or None without views."""
@@ -68,7 +71,7 @@ class FeatureCache:
 
         name = dataset_path(self.meta, "train", self.select_layer(layer), views=True)
         with h5py.File(self.path, "r") as f:
-            return f[name][...] if name in f else None
+            return check_finite(f[name][...], self, "training views") if name in f else None
 
     def select_layer(self, layer: str | None) -> str:
         """`layer`, checked to be in this cache; None stands for its only layer."""
@@ -121,6 +124,7 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCac
             cache = _describe(path, f, fix)
     except (KeyError, ValueError, OSError, TypeError) as e:
         raise CacheError(f"{path} is damaged or not a featcache cache ({first_line(e)}); {fix}") from e
+    _check_name(cache)
     if cache.shards:
         check_sources(cache)
     if require_complete and not cache.complete:
@@ -130,6 +134,20 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCac
         raise CacheError(f"{path} is incomplete (its extraction was interrupted); fix: rerun the same "
                          "`featcache extract` command to resume it")
     return cache
+
+
+#: How featcache names a cache: ...-<first 12 hex digits of its key>.h5, maybe .partial.
+_NAMED_BY_KEY = re.compile(r"-(?P<key12>[0-9a-f]{12})\.h5(\.partial)?$")
+
+
+def _check_name(cache: FeatureCache) -> None:
+    """Refuse a cache whose attributes no longer give the key in its name (edited after it was written). Files
+    renamed by hand (no key in the name), shards and pooled files are not named by key."""
+    m = _NAMED_BY_KEY.search(cache.path.name)
+    if m and cache.shard is None and m["key12"] != cache.meta.key[:12]:
+        raise CacheError(f"{cache.path} is named for key {m['key12']} but its attributes give {cache.meta.key[:12]}: "
+                         "its metadata was edited (tampered) after it was written; fix: delete it and rerun "
+                         "`featcache extract`")
 
 
 def _describe(path: Path, f, fix: str) -> FeatureCache:
@@ -144,6 +162,11 @@ def _describe(path: Path, f, fix: str) -> FeatureCache:
     splits = {s: SplitInfo(n=len(f[f"{s}/labels"]),
                            shapes={layer: tuple(f[dataset_path(meta, s, layer)].shape) for layer in meta.layers})
               for s in SPLITS}
+    for s, info in splits.items():   # the attributes describe the datasets they sit beside
+        for layer, shape in info.shapes.items():
+            if tuple(shape[1:]) != meta.shapes[layer]:
+                raise CacheError(f"{path}: its feature_shape attribute says {layer} rows are {meta.shapes[layer]} but "
+                                 f"/{dataset_path(meta, s, layer)} holds {tuple(shape[1:])} (tampered); {fix}")
     number = lambda name: float(f.attrs[name]) if name in f.attrs else None   # noqa: E731
     return FeatureCache(
         path=path, meta=meta, class_names=tuple(c.decode() for c in f["class_names"][...]),
@@ -154,9 +177,13 @@ def _describe(path: Path, f, fix: str) -> FeatureCache:
 
 
 def check_sources(cache: FeatureCache) -> None:
-    """Refuse a joined cache one of whose shards is missing or has changed size since the join."""
+    """Refuse a joined cache one of whose shards is missing, or is not the file it joined: its size, or its
+    identity (key, rows, the file id each file gets when created, its content digest) differs from the record."""
+    import h5py
+
+    base = cache.path.resolve().parent   # relative sources: from the real file's folder, also through a link
     for record in cache.shards:
-        shard = cache.path.parent / record["file"]
+        shard = base / record["file"]
         fix = (f"fix: restore it, or delete {cache.path} and rerun the same `featcache extract` command "
                "(it recomputes missing shards; delete a damaged one first)")
         if not shard.is_file():
@@ -165,7 +192,86 @@ def check_sources(cache: FeatureCache) -> None:
         if size != record["bytes"]:
             raise CacheError(f"{cache.path}: its shard {shard} has {size} bytes, {record['bytes']} when joined "
                              f"(truncated or replaced); {fix}")
+        try:
+            with h5py.File(shard, "r") as f:
+                have = {"key": CacheMeta.from_attrs(f.attrs).key, "rows": json.loads(f.attrs["shard"]),
+                        "file_id": _text(f.attrs.get("file_id")), "digest": _text(f.attrs.get("digest"))}
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise CacheError(f"{cache.path}: its shard {shard} cannot be read ({first_line(e)}); {fix}") from e
+        wanted = {"key": cache.meta.key, "rows": [record["split"], record["start"], record["stop"]],
+                  **{k: record[k] for k in ("file_id", "digest") if k in record}}   # joins before both: size only
+        diffs = [k for k, v in wanted.items() if have[k] != v]
+        if diffs:
+            raise CacheError(f"{cache.path}: its shard {shard} is not the file it joined ({', '.join(diffs)} "
+                             f"differ: replaced or edited); {fix}")
 
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def features_digest(f, meta: CacheMeta, *, block_bytes: int = 64 << 20) -> str:
+    """sha256 over every features and views dataset of the open file `f`, in `feature_datasets` order, rows in
+    order: what a copy or a shard is checked by, read back after it was written."""
+    h = hashlib.sha256()
+    for d in feature_datasets(meta):
+        data = f[d.path]
+        rows = max(1, block_bytes // max(1, int(np.prod(data.shape[1:])) * data.dtype.itemsize))
+        for s in range(0, len(data), rows):
+            h.update(np.ascontiguousarray(data[s:s + rows]).tobytes())
+    return h.hexdigest()
+
+
+def verify(path: Path, meta: CacheMeta, *, digest: str | None = None) -> FeatureCache:
+    """Re-open a cache file just written and check it is what was meant: complete, of `meta`'s key, every row
+    counted, its largest activation finite, and (given `digest`) its features' digest; a CacheError otherwise."""
+    import h5py
+
+    cache = open_cache(path)
+    problems = []
+    if cache.meta.key != meta.key:
+        problems.append("another key")
+    if (cache.splits["train"].n, cache.splits["test"].n) != (meta.n_train, meta.n_test) or \
+            cache.progress != (meta.n_train, meta.n_test):
+        problems.append(f"rows {cache.progress} of {(meta.n_train, meta.n_test)}")
+    if cache.max_abs_activation is None or not np.isfinite(cache.max_abs_activation):
+        problems.append("no finite largest activation")
+    if digest is not None and not problems:
+        with h5py.File(path, "r") as f:
+            if features_digest(f, meta) != digest:
+                problems.append("its features read back differ from what was written")
+    if problems:
+        raise CacheError(f"{path} failed its check after writing ({'; '.join(problems)}): a full disk or a failing "
+                         "device; fix: free some space or check the disk, then rerun")
+    return cache
+
+
+def verify_content(cache: FeatureCache) -> int:
+    """Read every shard of a joined cache again and compare its content digest with the one recorded when it was
+    written; returns how many were checked (0 for a self-contained file). A CacheError names the first that differs:
+    any change of a shard's features, even of one byte, is found (the cheap checks on open see size and identity)."""
+    import h5py
+
+    base = cache.path.resolve().parent
+    checked = 0
+    for record in cache.shards:
+        if "digest" not in record:
+            continue   # joined before shards carried digests
+        shard = base / record["file"]
+        with h5py.File(shard, "r") as f:
+            if features_digest(f, cache.meta) != record["digest"]:
+                raise CacheError(f"{cache.path}: the features of its shard {shard} changed since they were written; "
+                                 f"fix: delete {shard} and rerun the same `featcache extract` command")
+        checked += 1
+    return checked
+
+
+def check_finite(x: np.ndarray, cache: FeatureCache, what: str) -> np.ndarray:
+    """`x`, refused when it holds NaN: the fill value of a joined cache whose shard went missing while it was read."""
+    if cache.shards and np.issubdtype(x.dtype, np.floating) and np.isnan(x).any():
+        raise CacheError(f"{cache.path}: {what} read as NaN, so one of its shards went missing or changed while it "
+                         "was read; fix: restore the shard (or rerun `featcache extract`) and run again")
+    return x
 
 
 @contextlib.contextmanager
@@ -212,8 +318,8 @@ def as_tf_dataset(cache, split: str, *, layer: str | None = None, batch_size: in
             [(s, min(s + block_rows, n)) for s in range(0, n, block_rows)]
         with h5py.File(path, "r") as f:   # opened per epoch, in the reading thread: h5py objects do not fork
             for s, e in order:
-                x = global_pool(f[name][s:e], pooling) if pooling else f[name][s:e].astype(np.float32)
-                yield x, f[f"{split}/labels"][s:e]
+                x = check_finite(f[name][s:e], cache, f"{split} rows {s}-{e}")
+                yield (global_pool(x, pooling) if pooling else x.astype(np.float32)), f[f"{split}/labels"][s:e]
 
     ds = tf.data.Dataset.from_generator(blocks, output_signature=(
         tf.TensorSpec((None, *out_shape), tf.float32), tf.TensorSpec((None,), tf.int64))).unbatch()

@@ -13,6 +13,8 @@ self-contained file, e.g. to move it to another machine.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -21,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from featcache import system
-from featcache.cache.files import cache_lock
+from featcache.cache.files import cache_lock, close_checked, publish, sweep, temporary_path
 from featcache.cache.format import SPLITS, CacheMeta, expected_bytes, feature_datasets, row_bytes
 from featcache.cache.read import FeatureCache, check_sources, open_cache
+from featcache.cache.read import verify as verify_written
 from featcache.cache.write import copy_rows, create, finish, read_labels_and_paths
 from featcache.errors import BadInputError, CacheError
 
@@ -86,13 +89,15 @@ def verify(meta: CacheMeta, units, shards: Path) -> list[FeatureCache]:
 def join(path: Path, meta: CacheMeta, shards: list[FeatureCache], *, labels: dict, paths: dict,
          class_names, extract_seconds: float | None = None) -> None:
     """Write the cache of `meta` at `path`: labels and paths copied, features and views virtual over the
-    verified `shards` (source files named relative to `path`'s folder, so the two move together)."""
+    verified `shards` (source files named relative to `path`'s folder, so the two move together). Each shard is
+    recorded by its size and identity (key, rows, file id, content digest), which every open checks."""
     import h5py
 
     base = path.parent
-    tmp = path.with_name(f".{path.name}.joining")   # written whole, then renamed: `path` is never half a join
+    tmp = temporary_path(path, "joining")   # written whole, checked, then renamed: `path` is never half a join
     try:
-        with h5py.File(tmp, "w") as f:
+        f = h5py.File(tmp, "w")
+        try:
             f.attrs.update(meta.to_attrs())
             f.attrs["complete"] = False
             f.create_dataset("class_names", data=np.array(class_names, dtype=h5py.string_dtype()))
@@ -102,14 +107,24 @@ def join(path: Path, meta: CacheMeta, shards: list[FeatureCache], *, labels: dic
                 if paths.get(split) is not None:
                     f.create_dataset(f"{split}/paths", data=np.array(paths[split], dtype=h5py.string_dtype()))
             _virtual_datasets(f, meta, shards, base)
-            f.attrs["shards"] = json.dumps([
-                {"file": os.path.relpath(s.path, base), "split": s.shard[0], "start": s.shard[1], "stop": s.shard[2],
-                 "bytes": s.path.stat().st_size} for s in shards])
+            f.attrs["shards"] = json.dumps([_record(s, base) for s in shards])
             finish(f, max_abs_activation=max((s.max_abs_activation or 0.0) for s in shards),
-                         extract_seconds=extract_seconds)
-        os.replace(tmp, path)
+                   extract_seconds=extract_seconds)
+        finally:
+            close_checked(f)
+        publish(tmp, path, lambda written: verify_written(written, meta))
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _record(shard: FeatureCache, base: Path) -> dict:
+    """What the join keeps of a shard to know it again: its file, rows, size, file id and content digest."""
+    import h5py
+
+    with h5py.File(shard.path, "r") as f:
+        ids = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items() if k in ("file_id", "digest")}
+    return {"file": os.path.relpath(shard.path, base), "split": shard.shard[0], "start": shard.shard[1],
+            "stop": shard.shard[2], "bytes": shard.path.stat().st_size, **ids}
 
 
 def _virtual_datasets(f, meta: CacheMeta, shards: list[FeatureCache], base: Path) -> None:
@@ -127,37 +142,69 @@ def _virtual_datasets(f, meta: CacheMeta, shards: list[FeatureCache], base: Path
         f.create_virtual_dataset(d.path, layout, fillvalue=np.nan)
 
 
-def consolidate(path: str | Path, output: str | Path | None = None, *,
+def consolidate(path: str | Path, output: str | Path | None = None, *, force: bool = False,
                 block_bytes: int = 64 << 20) -> Path:
     """Copy the joined cache at `path` into one self-contained file at `output` (default: in place of
     `path`, replaced atomically); the shard files are left alone. Returns the new file's path.
 
-    The cache's extraction lock is held meanwhile, so no `extract --force` rewrites the shards under it."""
-    import h5py
-
+    The copy is written under a temporary name, flushed, re-read and compared with what was copied (content
+    digest) before it takes its name; an existing `output` that is not this cache is kept unless `force`. The
+    cache's lock is held meanwhile (where its folder can be written), so no `extract --force` rewrites the
+    shards under it."""
     cache = open_cache(path)
     if cache.kind != "virtual":
         what = "a shard; consolidate the cache that joins it" if cache.shard else "already one self-contained file"
         raise BadInputError(f"{cache.path} is {what}; nothing to consolidate")
-    out = Path(output) if output is not None else cache.path
-    if out.is_dir():
-        out = out / cache.path.name
-    system.check_free_space(out.parent, expected_bytes(cache.meta), what="the copy",
-                            fix="free some space or pass another -o")
-    tmp = out.with_name(f".{out.name}.consolidating")
+    out = _output(cache, output, force)
+    need = cache.path.stat().st_size + expected_bytes(cache.meta) + (1 << 20)   # the whole file, not its features
+    system.check_free_space(out.parent, need, what="the copy", fix="free some space or pass another -o")
+    sweep(out.parent, out.name)
+    tmp = temporary_path(out, "consolidating")
+    writable = os.access(cache.path.parent, os.W_OK)   # a read-only shared cache: nobody can rewrite its shards
     try:
-        with cache_lock(cache.path), h5py.File(cache.path, "r") as src:
-            check_sources(cache)
-            labels, paths = read_labels_and_paths(cache.path)
-            with create(tmp, cache.meta, labels=labels, paths=paths, class_names=cache.class_names,
-                        batch_size=128) as f:
-                for d in feature_datasets(cache.meta):
-                    copy_rows(src[d.path], f[d.path], block_bytes)
-                f["progress"][...] = [cache.meta.n_train, cache.meta.n_test]
-                finish(f, max_abs_activation=cache.max_abs_activation, extract_seconds=cache.extract_seconds)
+        with cache_lock(cache.path) if writable else contextlib.nullcontext():
+            digest = _copy(cache, tmp, block_bytes)
             check_sources(cache)   # no shard went missing while it was read (it would have read as NaN)
-            os.replace(tmp, out)
+            publish(tmp, out, lambda written: verify_written(written, cache.meta, digest=digest))
     finally:
         tmp.unlink(missing_ok=True)
     log.info("consolidated %s into %s (%.1f MB)", cache.path, out, out.stat().st_size / 1e6)
     return out
+
+
+def _output(cache: FeatureCache, output, force: bool) -> Path:
+    """Where the copy goes: `output` (a file, or a folder to put it in), refused where it would replace a file
+    that is not this cache without `force`."""
+    out = Path(output) if output is not None else cache.path
+    if out.is_dir():
+        out = out / cache.path.name
+    if not out.parent.is_dir():
+        raise BadInputError(f"no folder {out.parent} to write the copy in; fix: create it, or pass an existing "
+                            "folder with -o")
+    if out.exists() and out.resolve() != cache.path.resolve() and not force:
+        try:
+            same = open_cache(out).meta.key == cache.meta.key
+        except CacheError:
+            same = False
+        if not same:
+            raise BadInputError(f"{out} exists and is not this cache; fix: pass another -o, or --force to "
+                                "replace it")
+    return out
+
+
+def _copy(cache: FeatureCache, tmp: Path, block_bytes: int) -> str:
+    """Copy every row of `cache` into a new file at `tmp`; returns the digest of the features as copied."""
+    import h5py
+
+    labels, paths = read_labels_and_paths(cache.path)
+    digest = hashlib.sha256()
+    with h5py.File(cache.path, "r") as src:
+        f = create(tmp, cache.meta, labels=labels, paths=paths, class_names=cache.class_names, batch_size=128)
+        try:
+            for d in feature_datasets(cache.meta):
+                copy_rows(src[d.path], f[d.path], block_bytes, digest=digest)
+            f["progress"][...] = [cache.meta.n_train, cache.meta.n_test]
+            finish(f, max_abs_activation=cache.max_abs_activation, extract_seconds=cache.extract_seconds)
+        finally:
+            close_checked(f)
+    return digest.hexdigest()

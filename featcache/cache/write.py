@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import json
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_name
     try:
         f.attrs.update(meta.to_attrs())
         f.attrs["complete"] = False
+        f.attrs["file_id"] = uuid.uuid4().hex   # which file this is: a joined shard is checked by it
         if shard is not None:
             f.attrs["shard"] = json.dumps(list(dataclasses.astuple(shard) if dataclasses.is_dataclass(shard)
                                                else shard))
@@ -69,11 +71,15 @@ def _allocate(f, name: str, shape: tuple, chunks: tuple, dtype: str, compression
                      fill_time="never" if compression is None else None)
 
 
-def copy_rows(source, target, block_bytes: int = COPY_BLOCK_BYTES) -> None:
-    """Copy every row of the h5py dataset `source` into `target`, about `block_bytes` at a time."""
+def copy_rows(source, target, block_bytes: int = COPY_BLOCK_BYTES, *, digest=None) -> None:
+    """Copy every row of the h5py dataset `source` into `target`, about `block_bytes` at a time (and into the
+    hashlib object `digest`, as `featcache.cache.read.features_digest` reads them)."""
     rows = max(1, block_bytes // max(1, int(np.prod(source.shape[1:])) * source.dtype.itemsize))
     for s in range(0, len(source), rows):
-        target[s:s + rows] = source[s:s + rows]
+        block = np.ascontiguousarray(source[s:s + rows])
+        target[s:s + rows] = block
+        if digest is not None:
+            digest.update(block.tobytes())
 
 
 def combine(sources, path: Path, *, batch_size: int = 128) -> CacheMeta:

@@ -80,11 +80,20 @@ def backbones(name, input_size, as_json):
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def info(path, as_json):
+@click.option("--verify", is_flag=True, help="Also check the stored shapes against the backbone's own at its layers, "
+                                             "and read every shard of a joined cache to compare its content with the "
+                                             "digest recorded when it was written (a full read).")
+def info(path, as_json, verify):
     """Show what produced a cache, its shapes, size and completeness."""
     from featcache.cache import open_cache
+    from featcache.cache.read import verify_content
 
     c = open_cache(path, require_complete=False)
+    if verify:
+        from featcache import backbones
+
+        backbones.check_cached_shapes(c.path, c.meta.backbone, c.meta.input_shape[:2], c.meta.shapes)
+        click.echo(f"content: shapes are {c.meta.backbone}'s; {verify_content(c)} shard digests match", err=True)
     summary = {
         "path": str(c.path), "kind": c.kind, "shards": len(c.shards), "complete": c.complete, "layer": c.meta.layer, "dtype": c.meta.dtype,
         "size_bytes": c.size_bytes, "random_weights": c.meta.random_weights,
@@ -136,11 +145,12 @@ def _kind(c) -> str:
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False, exists=True))
 @click.option("-o", "--output", type=click.Path(), default=None,
-              help="Where to write the self-contained file [default: in place of PATH].")
-def consolidate(path, output):
+              help="Where to write the self-contained file, a file or an existing folder [default: in place of PATH].")
+@click.option("--force", is_flag=True, help="Replace an existing -o file that is not this cache.")
+def consolidate(path, output, force):
     """Copy a cache joined from shards (--engine ray) into one self-contained file, e.g. to move it to
     another machine; print its path. The shard files are left alone: delete PATH's .shards folder once
     the copy replaced PATH."""
     from featcache.cache.shards import consolidate as run
 
-    click.echo(str(run(path, output)))
+    click.echo(str(run(path, output, force=force)))

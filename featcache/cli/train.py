@@ -143,7 +143,7 @@ def runs(runs_dir, as_json, markdown):
 
     rows = collect_runs(runs_dir)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2, allow_nan=False))
     elif not rows:
         click.echo(f"no runs in {runs_dir}", err=True)
     else:

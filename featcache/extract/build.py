@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
-from featcache import system
+from featcache import backbones, system
 from featcache.cache import CacheMeta, FeatureCache, cache_filename, differences, expected_bytes, open_cache
-from featcache.cache.files import cache_lock, partial_path, resume_point
+from featcache.cache.files import cache_lock, partial_path, publish, resume_point
+from featcache.cache.read import verify
 from featcache.cache.write import combine
 from featcache.errors import BadInputError, CacheError
 from featcache.extract import local
@@ -52,7 +52,7 @@ def extract(*, force: bool = False, progress: bool = True, after_batch=None, **o
             return _hit(final, meta)
         decoding = local.Decoding.of(meta, None if spec.input_size else ds.train.native_size())
         _build(ds, meta, final, spec, force=force, progress=progress, decoding=decoding, after_batch=after_batch)
-        os.replace(partial_path(final), final)
+        publish(partial_path(final), final, lambda written: verify(written, meta))
         log.info("cache: %s (%s)", final, system.megabytes(open_cache(final).size_bytes))
     return final
 
@@ -74,6 +74,7 @@ def _build(ds, meta: CacheMeta, final: Path, spec: ExtractSpec, *, force: bool, 
         ray.run(ds, meta, partial, spec=spec, progress=progress, force=force, decoding=decoding,
                 after_batch=after_batch)
     else:
+        _report_ray_leftovers(final)
         if force:
             partial.unlink(missing_ok=True)
         start = resume_point(partial, meta)
@@ -83,13 +84,36 @@ def _build(ds, meta: CacheMeta, final: Path, spec: ExtractSpec, *, force: bool, 
                         after_batch=after_batch)
 
 
+def _report_ray_leftovers(final: Path) -> None:
+    """A local run beside the shard folder of an interrupted Ray run: say what is left and how to stop it."""
+    from featcache.cache.shards import folder
+
+    shards = folder(final)
+    if not shards.is_dir():
+        return
+    running = ""
+    if (shards / "ray-processes.json").exists():
+        try:
+            from featcache.extract import ray
+
+            alive = ray.leftovers(shards)
+            running = f"; {len(alive)} of the Ray processes it started still run (pids {[p.pid for p in alive]})"
+        except ImportError:   # no psutil: say what the record is, without looking
+            running = "; it recorded the Ray processes it started in ray-processes.json"
+    log.warning("%s holds shards of an interrupted --engine ray run of this cache, not used by --engine local%s; a "
+                "rerun with --engine ray resumes them and stops its leftover processes; or delete the folder",
+                shards, running)
+
+
 def _hit(final: Path, meta: CacheMeta) -> Path:
     cached = open_cache(final)
+    if cached.meta.shapes != meta.shapes:   # same key, other shapes: the attributes were edited
+        backbones.check_cached_shapes(final, meta.backbone, meta.input_shape[:2], cached.meta.shapes)
     if cached.meta.key != meta.key:
         diffs = differences(cached.meta, meta.key_fields())
         raise CacheError(f"{final} holds another extraction ({'; '.join(diffs)}); fix: rerun with --force to "
                          "rebuild it")
-    log.info("cache hit: %s (%s)", final, system.megabytes(final.stat().st_size))
+    log.info("cache hit: %s (%s)", final, system.megabytes(cached.size_bytes))
     return final
 
 

@@ -13,7 +13,6 @@ import collections
 import contextlib
 import functools
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -26,7 +25,8 @@ import numpy as np
 from featcache import augment as aug
 from featcache import backbones, system
 from featcache.cache import CacheMeta
-from featcache.cache.files import resume_point
+from featcache.cache.files import close_checked, publish, resume_point
+from featcache.cache.read import features_digest
 from featcache.cache.write import BatchWriter, create, finish, written_peak
 from featcache.errors import BadInputError, UnreadableImageError
 from featcache.extract.planner import Unit, units
@@ -136,7 +136,10 @@ def run_shard(split, unit: Unit, meta: CacheMeta, path: Path, *, model, spec, cl
     batches = [(unit.split, s, min(s + spec.batch_size, rows)) for s in range(done, rows, spec.batch_size)]
     job = Job(model, meta, {unit.split: split}, decoding, spec, partial, row0=unit.start, after_batch=after_batch)
     _compute(f, job, batches, peak=written_peak(f, meta, start, spec.batch_size))
-    os.replace(partial, path)
+    with h5py.File(partial, "r+") as f:   # read back: its digest is what the join records and checks it by
+        f.attrs["digest"] = features_digest(f, meta)
+        close_checked(f)
+    publish(partial, path)
     return {"split": unit.split, "start": unit.start, "stop": unit.stop, "computed": rows - done,
             "seconds": time.perf_counter() - t0}
 
@@ -166,6 +169,7 @@ def _compute(f, job: Job, batches: list, *, peak: float) -> None:
                 if job.bar is not None:
                     job.bar.update(_passes(job.meta, name, e - s))
         finish(f, max_abs_activation=peak, extract_seconds=time.perf_counter() - t0)
+        close_checked(f)
     except UnreadableImageError:
         log.warning("the %d rows computed so far stay in %s", n, job.partial)
         raise

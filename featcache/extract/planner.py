@@ -81,6 +81,8 @@ def check_cache(path: str | Path, **given) -> FeatureCache:
         raise TypeError(f"check_cache() got options it cannot compare: {', '.join(sorted(unknown))}")
     cache = open_cache(path)
     m = cache.meta
+    if given:   # asked for something: the file must really be it (its shapes, the backbone's at that layer)
+        backbones.check_cached_shapes(cache.path, m.backbone, m.input_shape[:2], m.shapes)
     # the cache's own options fill in what was not given, so only the given ones can differ
     spec = ExtractSpec(data=given.get("data", m.dataset_source), backbone=given.get("backbone", m.backbone),
                        layer=given.get("layer", m.layer), views=given.get("views", m.views),

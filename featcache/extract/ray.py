@@ -251,7 +251,12 @@ def _placed(ray, actors: list) -> list:
         if not done:
             break
         actor = pending.pop(done[0])
-        error = ray.get(done[0])
+        try:
+            error = ray.get(done[0])
+        except ray.exceptions.RayActorError as e:   # died while building its backbone, restarts used up
+            raise RuntimeError(f"a Ray worker died while starting, {MAX_RESTARTS + 1} times "
+                               f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); out of "
+                               "memory is the usual cause: fix: fewer --workers per node, or more memory") from None
         if error is not None:
             raise _one_line(error) from None
         ready.append(actor)
@@ -364,25 +369,56 @@ def _record(path: Path, processes) -> None:
 
 
 def stop_leftovers(shards: Path) -> int:
-    """Stop the Ray processes that a killed run recorded in `shards` and left behind; returns how many."""
+    """Stop the Ray processes that a killed run recorded in `shards` and left behind; returns how many. The
+    record is a hint, not an order: only processes that are still the ones recorded are stopped (`leftovers`)."""
+    found = leftovers(shards)
+    _stop(found)
+    (shards / PROCESSES_FILE).unlink(missing_ok=True)
+    if found:
+        log.warning("stopped %d Ray processes left by an interrupted run", len(found))
+    return len(found)
+
+
+def leftovers(shards: Path) -> list:
+    """The processes recorded in `shards` that are verifiably the ones a featcache Ray run started: the same pid
+    and start time, this user's, and Ray's by their command line. Anything else in the record (another user's
+    process, a reused pid, a process that is not Ray's, a malformed entry or file) is ignored, with a warning."""
     import psutil
 
     path = shards / PROCESSES_FILE
-    if not path.exists():
-        return 0
-    alive = []
-    for entry in json.loads(path.read_text()):
+    try:
+        entries = json.loads(path.read_text()) if path.exists() else []
+        if not isinstance(entries, list):
+            raise ValueError(f"expected a list, got {type(entries).__name__}")
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s: not a record of Ray processes (%s)", path, e)
+        return []
+    found = []
+    for entry in entries:
         try:
-            p = psutil.Process(entry["pid"])
-            if abs(p.create_time() - entry["started"]) < 1e-3:
-                alive.append(p)
+            p = psutil.Process(int(entry["pid"]))
+            if _is_ours(p, float(entry["started"])):
+                found.append(p)
+            else:
+                log.warning("not stopping pid %s named in %s: not a Ray process this user started then", p.pid, path)
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("ignoring a malformed entry of %s: %r (%s)", path, entry, e)
         except psutil.Error:
-            continue
-    _stop(alive)
-    path.unlink()
-    if alive:
-        log.warning("stopped %d Ray processes left by an interrupted run", len(alive))
-    return len(alive)
+            continue   # gone already
+    return found
+
+
+def _is_ours(p, started: float) -> bool:
+    """Whether `p` is the process recorded: started then, by this user, and one of Ray's (its command line)."""
+    import psutil
+
+    try:
+        if abs(p.create_time() - started) >= 1e-3 or p.uids().real != os.getuid():
+            return False
+        command = " ".join(p.cmdline()).lower() + " " + p.name().lower()
+    except psutil.Error:
+        return False
+    return "ray" in command
 
 
 def _stop(processes, grace: float = 5.0) -> None:
