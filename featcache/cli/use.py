@@ -1,0 +1,93 @@
+"""Commands that use a trained head: `predict` classifies image files, `export` writes one end-to-end model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+
+import click
+
+from featcache.cli.group import main, needs_tensorflow
+
+
+def _rows(result, k: int) -> list[dict]:
+    return [{"path": str(f), "predictions": [{"class": c, "probability": p} for c, p in top]}
+            for f, top in zip(result.files, result.top(k))]
+
+
+def format_predictions(result, *, k: int, fmt: str) -> str:
+    """The predictions as a table, CSV (path,class_1,probability_1,...) or a JSON list."""
+    rows = _rows(result, k)
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["path"] + [f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "probability")])
+        for r in rows:
+            w.writerow([r["path"]] + [x for p in r["predictions"] for x in (p["class"], f"{p['probability']:.6f}")])
+        return out.getvalue().rstrip("\n")
+    width = max([len(r["path"]) for r in rows] + [4])
+    lines = [f"{'path':<{width}}  " + "  ".join(f"top {i}" for i in range(1, k + 1))]
+    lines += [f"{r['path']:<{width}}  " + "  ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+              for r in rows]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per forward pass.")
+@click.option("--format", "fmt", type=click.Choice(("table", "csv", "json")), default=None,
+              help="Output format [default: table on a terminal, csv otherwise].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the results here, not stdout.")
+@click.option("--weights", default=None, help="The backbone weights file, if it moved since the cache was made (its "
+                                              "hash must be the one the cache recorded).")
+@click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable images (listed on stderr) instead of "
+                                                      "stopping at the end with an error.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@needs_tensorflow
+def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_images, no_progress):
+    """Classify IMAGES (files, or folders walked recursively) with the head of RUN (a run folder, or a folder
+    `featcache export` wrote): the top classes of each image with their probabilities, on stdout (or -o).
+
+    Images are decoded and resized exactly as `extract` does, then go through the same backbone, weights
+    (checked by hash) and precision as the cache the head was trained on."""
+    from heads.inference import predict as run_predict
+
+    result = run_predict(run, list(images), batch_size=batch_size, weights=weights, skip_bad_images=True,
+                         progress=not no_progress)
+    for _, why in result.bad:
+        click.echo(f"error: {why}", err=True)
+    k = min(top_k, len(result.class_names))
+    text = format_predictions(result, k=k, fmt=fmt or ("table" if sys.stdout.isatty() else "csv"))
+    if output:
+        with open(output, "w") as f:
+            f.write(text + "\n")
+    else:
+        click.echo(text)
+    if result.bad and not skip_bad_images:
+        click.echo(f"error: {len(result.bad)} unreadable images (above); fix: replace or remove them, or pass "
+                   "--skip-bad-images", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the model and export.json into.")
+@click.option("--format", "fmt", type=click.Choice(("keras", "saved_model")), default="keras", show_default=True,
+              help="keras: DIR/model.keras (loads with plain keras.saving.load_model); saved_model: DIR/saved_model/ "
+                   "(Keras' model.export).")
+@click.option("--weights", default=None, help="The backbone weights file, if it moved since the cache was made.")
+@needs_tensorflow
+def export(run, output, fmt, weights):
+    """Write RUN's head with its backbone as one model, from uint8 images at the cache's input size to class
+    probabilities, plus export.json (class names, input size, the cache's and weights' provenance); print the
+    folder."""
+    from heads.inference import export as run_export
+
+    click.echo(str(run_export(run, output, format=fmt, weights=weights)))

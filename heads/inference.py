@@ -1,0 +1,227 @@
+"""Use a trained head on new images: `predict(run, images)`, and `export(run, path)` of one model from image to
+probabilities.
+
+A head's `model.keras` takes what it was trained on: the cached layer's maps (or pooled vectors of several
+layers), or raw pixels for the scratch baselines. `end_to_end(run)` rebuilds what stood before it from the
+run's provenance: uint8 pixels at the cache's input size -> the backbone's own preprocessing (as one affine
+Dense layer over the channels, read off `preprocess_input`) -> the frozen backbone up to the cached layer(s),
+with the weights the cache was made from (checked by their hash) -> the storage dtype the head saw -> the
+head. Images are decoded and resized by the extraction's own code (`featcache.sources`), on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache import backbones, system
+from featcache.errors import BadInputError, MissingInputError, UnreadableImageError
+from featcache.sources import Split
+from featcache.sources.images import is_system_file, pillow_extensions
+
+log = logging.getLogger(__name__)
+EXPORT_FILE = "export.json"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run folder (or an exported folder) says about the model in it and the images it takes."""
+
+    folder: Path
+    model_path: Path
+    class_names: tuple[str, ...]
+    input_size: tuple[int, int] | None     # pixels the model (or its backbone) takes; None: each image's own
+    kind: str                              # "features" (a head on a cache), "pixels" (a baseline), "exported"
+    config: dict
+
+    @property
+    def cache_metas(self) -> list[dict]:
+        d = self.config.get("data", {})
+        return [d["cache_meta"]] if "cache_meta" in d else [c["cache_meta"] for c in d.get("caches", [])]
+
+
+def load_run(run) -> RunInfo:
+    """The RunInfo of a run folder or of a folder `export` wrote; a one-line error where it holds no model."""
+    folder = Path(run)
+    exported = folder / EXPORT_FILE
+    config_path = exported if exported.is_file() else folder / "config.json"
+    model_path = folder / "model.keras"
+    if not config_path.is_file() or not model_path.is_file():
+        raise MissingInputError(f"{folder} holds no {'model.keras' if config_path.is_file() else 'config.json'}; "
+                                "expected a run folder (featcache train-head prints it) or a folder featcache export "
+                                "wrote; fix: pass one of those")
+    config = json.loads(config_path.read_text())
+    if exported.is_file():
+        return RunInfo(folder, model_path, tuple(config["class_names"]), tuple(config["input_size"]), "exported",
+                       config)
+    kind = "pixels" if config["model"] in ("ann", "cnn") else "features"
+    metas = RunInfo(folder, model_path, (), None, kind, config).cache_metas
+    size = tuple(metas[0]["input_shape"][:2]) if metas else None
+    return RunInfo(folder, model_path, tuple(config["class_names"]), size, kind, config)
+
+
+def end_to_end(info: RunInfo, *, weights: str | None = None):
+    """One keras.Model from uint8 images to class probabilities (see the module's doc)."""
+    import keras
+
+    head = keras.saving.load_model(info.model_path, compile=False)
+    if info.kind in ("pixels", "exported"):
+        return head
+    data = info.config["data"]
+    parts = data.get("caches", [data])   # several layers: pooled, concatenated in this order
+    meta = parts[0]["cache_meta"]
+    if len({(p["cache_meta"]["backbone"], p["cache_meta"]["weights"]) for p in parts}) > 1:
+        raise BadInputError(f"{info.folder} joins layers of different backbones or weights; one model cannot hold them")
+    backbone = _backbone(meta, [p["layer"] for p in parts], weights)
+    images = keras.Input((*info.input_size, 3), dtype="uint8", name="images")
+    x = affine_preprocessing(backbone.spec, name="preprocess")(keras.layers.Identity(dtype="float32")(images))
+    outputs = backbone.model(x)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    stored = [keras.layers.Identity(dtype=meta["dtype"], name=f"stored_{i}")(o) for i, o in enumerate(outputs)]
+    if "caches" in data:   # pooled vectors of layers, concatenated
+        pool = {"gap": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}[data["pooling"]]
+        stored = [keras.layers.Concatenate(name="layers")([pool(dtype="float32")(s) for s in stored])]
+    probs = head(stored[0])
+    return keras.Model(images, probs, name=f"{meta['backbone']}_{head.name}")
+
+
+def _backbone(meta: dict, layers: list[str], weights: str | None):
+    """The frozen backbone of the cache `meta` describes, cut at `layers`, with the weights it was made from
+    (hash checked)."""
+    recorded = meta["weights"]
+    if recorded.startswith("random:"):
+        source, seed = "random", int(recorded.split("=", 1)[1])
+        log.warning("WARNING: this run's features come from RANDOM backbone weights, not ImageNet")
+    else:
+        source, seed = (weights or ("imagenet" if recorded.startswith("imagenet:") else meta["weights_source"])), 0
+        given = backbones.weights_identity(source)
+        if given != recorded:
+            raise BadInputError(f"weights {source} are not the ones the cache was made from (hash {given[:23]}..., "
+                                f"the cache recorded {recorded[:23]}...); fix: pass --weights with the file the cache "
+                                "was extracted with")
+    return backbones.build(backbone=meta["backbone"], layer=layers, weights=source, seed=seed,
+                           input_size=tuple(meta["input_shape"][:2]), precision=meta.get("precision", "float32"))
+
+
+def affine_preprocessing(spec, *, name: str):
+    """The backbone's `preprocess_input` as one Dense layer over the channels (a plain Keras layer, so the
+    exported model needs no custom code): every one of them is x -> x @ A + b per pixel (RGB->BGR and means,
+    a scale to [-1, 1], or the identity). A, b are read off the function and checked on random pixels."""
+    import keras
+
+    probe = np.concatenate([np.zeros((1, 3)), np.eye(3) * 100.0]).astype(np.float32).reshape(4, 1, 1, 3)
+    out = np.asarray(spec.preprocess(probe.copy()), np.float64).reshape(4, 3)
+    bias, kernel = out[0], (out[1:] - out[0]) / 100.0
+    check = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
+    if not np.allclose(np.asarray(spec.preprocess(check.copy())), check @ kernel + bias, atol=1e-3):
+        raise BadInputError(f"{spec.name}'s preprocess_input is not affine per pixel; it cannot be exported as a layer")
+    layer = keras.layers.Dense(3, name=name, dtype="float32", trainable=False)
+    layer.build((None, 3))
+    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return layer
+
+
+def image_files(paths) -> list[Path]:
+    """The image files among `paths`, folders walked recursively in sorted order (hidden and system files left out)."""
+    exts = pillow_extensions()
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts
+                          and not any(is_system_file(part) for part in f.relative_to(p).parts))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise MissingInputError(f"no image or folder at {p}; fix: check the path")
+    if not out:
+        raise BadInputError(f"no image files in {', '.join(map(str, paths))}; expected images or folders of images")
+    return out
+
+
+@dataclass
+class Predictions:
+    files: list[Path]
+    probabilities: np.ndarray      # (n, n_classes), rows in `files` order
+    class_names: tuple[str, ...]
+    bad: list[tuple[Path, str]]    # unreadable images: (file, why)
+
+    @property
+    def indices(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+    def top(self, k: int) -> list[list[tuple[str, float]]]:
+        """Per image, the k most probable (class name, probability), most probable first."""
+        order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
+        return [[(self.class_names[c], float(p[c])) for c in row] for row, p in zip(order, self.probabilities)]
+
+
+def predict(run, images, *, batch_size: int = 128, weights: str | None = None, skip_bad_images: bool = False,
+            progress: bool = True, model=None) -> Predictions:
+    """Class probabilities of the image files `images` (or folders of them) from the run (or exported) folder
+    `run`. An unreadable image is a one-line UnreadableImageError, or with `skip_bad_images` left out and listed
+    in `Predictions.bad`. Images are decoded and resized as the extraction does; memory is one batch."""
+    info = load_run(run)
+    files = image_files(images if isinstance(images, (list, tuple)) else [images])
+    model = model if model is not None else end_to_end(info, weights=weights)
+    size = info.input_size or tuple(model.input_shape[1:3])
+    probs, kept, bad = [], [], []
+    with system.progress_bar(len(files), unit="img", desc="predict", enabled=progress) as bar:
+        for s in range(0, len(files), batch_size):
+            chunk = files[s:s + batch_size]
+            pixels, ok, failed = _decode(chunk, size, skip_bad_images)
+            bad += failed
+            if ok:
+                probs.append(np.asarray(model.predict_on_batch(pixels), np.float32))
+                kept += ok
+            bar.update(len(chunk))
+    out = np.concatenate(probs) if probs else np.zeros((0, len(info.class_names)), np.float32)
+    return Predictions(kept, out, info.class_names, bad)
+
+
+def _decode(files: list[Path], size: tuple[int, int], skip_bad_images: bool):
+    """(uint8 batch, the files in it, [(file, why)] left out): the batch decoded as a split of the extraction is."""
+    split = Split(labels=np.zeros(len(files), np.int64), files=tuple(files))
+    try:
+        return split.load(0, len(files), size), list(files), []
+    except UnreadableImageError:
+        pass   # find which, image by image
+    ok, pixels, bad = [], [], []
+    for f in files:
+        try:
+            pixels.append(Split(labels=np.zeros(1, np.int64), files=(f,)).load(0, 1, size)[0])
+            ok.append(f)
+        except UnreadableImageError as e:
+            if not skip_bad_images:
+                raise
+            bad.append((f, str(e)))
+            log.warning("skipping %s", e)
+    return (np.stack(pixels) if pixels else None), ok, bad
+
+
+def export(run, path, *, format: str = "keras", weights: str | None = None) -> Path:
+    """Write the run's end-to-end model into the folder `path`: model.keras (or saved_model/) and export.json
+    (class names, input size, the provenance of cache and weights); returns the folder."""
+    if format not in ("keras", "saved_model"):
+        raise BadInputError(f"--format must be keras or saved_model, got {format!r} (ONNX: see the README)")
+    info = load_run(run)
+    out = Path(path)
+    target = out / ("model.keras" if format == "keras" else "saved_model")
+    if target.exists():
+        raise BadInputError(f"{target} exists; fix: pass another -o, or delete it")
+    model = end_to_end(info, weights=weights)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(target) if format == "keras" else model.export(str(target))
+    metas = info.cache_metas
+    record = {"class_names": list(info.class_names), "input_size": list(info.input_size or model.input_shape[1:3]),
+              "takes": "uint8 RGB images (n, height, width, 3) already at input_size (resize: PIL bilinear)",
+              "returns": "class probabilities (n, n_classes), softmax", "format": format, "run": str(info.folder),
+              "model": info.config.get("model"),
+              "cache": [{k: m.get(k) for k in ("backbone", "layer", "weights", "weights_source", "input_shape", "resize",
+                                               "preprocessing", "dtype", "precision")} for m in metas],
+              "random_weights": any(m["weights"].startswith("random") for m in metas)}
+    (out / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return out

@@ -1,0 +1,123 @@
+"""Using a trained head on new images: predict and export reproduce the run's own predictions."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import featcache
+from featcache.cli import main
+from featcache.errors import BadInputError, MissingInputError
+from featcache.extract import extract
+from heads import inference
+from heads.train import train_baseline, train_head
+
+OPTS = dict(weights="random", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A dense head (and a linear probe) on a tiny image folder, random weights."""
+    from conftest import write_folder
+
+    tmp = tmp_path_factory.mktemp("inference")
+    folder = write_folder(tmp / "tiny")
+    cache = extract(data=folder, cache_dir=tmp / "cache", progress=False, **OPTS)
+    runs = {m: train_head(cache, model=m, units=(8,), epochs=2, runs_dir=tmp / "runs", progress=False).run_dir
+            for m in ("dense", "linear")}
+    runs["conv"] = train_head(cache, model="conv", filters=4, units=(8,), epochs=1, runs_dir=tmp / "runs",
+                              progress=False).run_dir
+    return folder, cache, runs, tmp
+
+
+def _cached_probabilities(run_dir, cache):
+    import keras
+
+    head = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    x, _ = featcache.open_cache(cache).load("test")
+    return np.asarray(head.predict_on_batch(x.astype(np.float32)))
+
+
+def _test_files(cache):
+    c = featcache.open_cache(cache)
+    root = c.meta.dataset_source.removeprefix("folder:")
+    return [f"{root}/{p}" for p in c.paths("test")]
+
+
+@pytest.mark.parametrize("model", ["dense", "linear", "conv"])
+def test_predict_on_the_raw_test_images_gives_the_heads_predictions_on_the_cached_features(trained, model):
+    _, cache, runs, _ = trained
+    got = inference.predict(runs[model], _test_files(cache), progress=False)
+    want = _cached_probabilities(runs[model], cache)
+    assert (got.indices == want.argmax(1)).mean() >= 0.995
+    np.testing.assert_allclose(got.probabilities, want, atol=1e-3)   # float16 storage, batches cut differently
+
+
+def test_the_export_loads_and_predicts_where_featcache_cannot_be_imported(trained, tmp_path):
+    _, cache, runs, _ = trained
+    out = inference.export(runs["dense"], tmp_path / "exported")
+    record = json.loads((out / "export.json").read_text())
+    assert record["random_weights"] is True and record["input_size"] == [32, 32]
+    files = _test_files(cache)
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    np.save(tmp_path / "pixels.npy", pixels)
+    code = ("import sys; sys.modules['featcache'] = None; sys.modules['heads'] = None\n"   # neither can be imported
+            "import numpy as np, keras\n"
+            f"m = keras.saving.load_model({str(out / 'model.keras')!r})\n"
+            f"np.save({str(tmp_path / 'probs.npy')!r}, np.asarray(m.predict_on_batch(np.load({str(tmp_path / 'pixels.npy')!r}))))")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    probs = np.load(tmp_path / "probs.npy")
+    np.testing.assert_allclose(probs, inference.predict(out, files, progress=False).probabilities, atol=1e-5)
+    np.testing.assert_allclose(probs, _cached_probabilities(runs["dense"], cache), atol=1e-3)
+
+
+def test_predict_cli_formats_top_k_and_bad_images(trained, tmp_path):
+    folder, _, runs, _ = trained
+    images = tmp_path / "new"
+    images.mkdir()
+    for i, f in enumerate(sorted((folder / "test").rglob("*.png"))[:3]):
+        (images / f"{i}.png").write_bytes(f.read_bytes())
+    r = CliRunner().invoke(main, ["predict", str(runs["dense"]), str(images), "--format", "json", "--top-k", "2",
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert len(rows) == 3 and all(len(row["predictions"]) == 2 for row in rows)
+    assert all(row["predictions"][0]["probability"] >= row["predictions"][1]["probability"] for row in rows)
+    csv = CliRunner().invoke(main, ["predict", str(runs["dense"]), str(images), "--format", "csv", "--no-progress"])
+    assert csv.stdout.splitlines()[0] == "path,class_1,probability_1,class_2,probability_2,class_3,probability_3"
+    (images / "broken.png").write_bytes(b"not an image")
+    bad = CliRunner().invoke(main, ["predict", str(runs["dense"]), str(images), "--format", "csv", "--no-progress"])
+    assert bad.exit_code == 2 and "broken.png" in bad.stderr and len(bad.stdout.splitlines()) == 4   # header + 3
+    skipped = CliRunner().invoke(main, ["predict", str(runs["dense"]), str(images), "--skip-bad-images",
+                                        "--format", "csv", "--no-progress"])
+    assert skipped.exit_code == 0 and "broken.png" in skipped.stderr
+
+
+def test_a_baseline_run_predicts_from_pixels(trained, tmp_path):
+    folder, cache, _, tmp = trained
+    run = train_baseline("ann", data=folder, epochs=1, runs_dir=tmp_path, progress=False).run_dir
+    got = inference.predict(run, _test_files(cache), progress=False)
+    assert got.probabilities.shape == (len(_test_files(cache)), 3)
+
+
+def test_weights_of_another_hash_are_refused_and_a_folder_without_a_model_named(trained, tmp_path):
+    _, _, runs, _ = trained
+    config = json.loads((runs["dense"] / "config.json").read_text())
+    config["data"]["cache_meta"]["weights"] = "sha256:" + "0" * 64
+    config["data"]["cache_meta"]["weights_source"] = str(tmp_path / "w.h5")
+    (tmp_path / "w.h5").write_bytes(b"other weights")
+    moved = tmp_path / "run"
+    moved.mkdir()
+    (moved / "model.keras").write_bytes((runs["dense"] / "model.keras").read_bytes())
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInputError, match="are not the ones the cache was made from"):
+        inference.end_to_end(inference.load_run(moved))
+    (moved / "model.keras").unlink()
+    r = CliRunner().invoke(main, ["predict", str(moved), str(tmp_path)])
+    assert r.exit_code == 2 and "holds no model.keras" in r.output
+    with pytest.raises(MissingInputError):
+        inference.load_run(moved)
