@@ -56,6 +56,8 @@ bench: extract ## measure speed, size, memory, precision, decoding, streaming an
 	$(BIN)/python bench/precision.py --data "$(DATA)" --weights "$(WEIGHTS)"
 	$(BIN)/python bench/stream.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 	$(BIN)/python bench/scaling.py --data "$(DATA)" --weights "$(WEIGHTS)"
+	$(BIN)/python bench/predict.py --data "$(DATA)" --weights "$(WEIGHTS)" \
+		--run "$$($(BIN)/featcache -q train-head $(SELECT) --runs-dir $(RUNS_DIR)/bench --name default --no-progress)"
 
 bench-gpu: install ## extraction img/s on the accelerator: 32/224 px, float32 and auto precision (< 5 min); docs/benchmarks-gpu.*
 	$(BIN)/python bench/gpu.py

@@ -98,6 +98,9 @@ def _backbone(meta: dict, layers: list[str], weights: str | None):
         log.warning("WARNING: this run's features come from RANDOM backbone weights, not ImageNet")
     else:
         source, seed = (weights or ("imagenet" if recorded.startswith("imagenet:") else meta["weights_source"])), 0
+        if source not in ("imagenet", "random") and not Path(source).expanduser().is_file():
+            raise MissingInputError(f"the weights file the cache was made from, {source}, is not there; fix: pass "
+                                    "--weights FILE (the same file: its hash is checked)")
         given = backbones.weights_identity(source)
         if given != recorded:
             raise BadInputError(f"weights {source} are not the ones the cache was made from (hash {given[:23]}..., "

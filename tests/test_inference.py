@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +122,12 @@ def test_weights_of_another_hash_are_refused_and_a_folder_without_a_model_named(
     assert r.exit_code == 2 and "holds no model.keras" in r.output
     with pytest.raises(MissingInputError):
         inference.load_run(moved)
+
+
+def test_a_weights_file_is_recorded_by_its_absolute_path(image_folder, tmp_path, monkeypatch):
+    from featcache.extract import plan
+
+    monkeypatch.chdir(tmp_path)
+    Path("w.h5").write_bytes(b"any bytes: planning hashes the file, it does not load it")
+    _, meta = plan(data=image_folder, weights="w.h5")
+    assert meta.weights_source == str(tmp_path / "w.h5")   # predict and export find it from any folder

@@ -86,6 +86,8 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
     featcache train-head --cache cache/NAME.h5       train the default head on it
     featcache backbones [NAME]                       the backbones, their layers and shapes
     featcache consolidate cache/NAME.h5              a cache joined from Ray shards, as one file
+    featcache predict runs/RUN IMAGES...             classify new images with a trained head
+    featcache export runs/RUN -o DIR                 backbone + head as one Keras model
     """
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)

@@ -41,12 +41,17 @@ def plan(spec: ExtractSpec | None = None, **options) -> tuple[Dataset, CacheMeta
     return ds, CacheMeta(
         layer=spec.layer, feature_shape=shapes if len(shapes) > 1 else shapes[spec.layers[0]],
         backbone=spec.backbone, weights=backbones.weights_identity(spec.weights, seed=spec.seed),
-        weights_source=str(spec.weights), input_shape=(*size, 3), preprocessing=bspec.preprocessing,
+        weights_source=_weights_source(spec.weights), input_shape=(*size, 3), preprocessing=bspec.preprocessing,
         resize=backbones.RESIZE, dtype=spec.dtype, dataset_name=ds.name, dataset_source=ds.source,
         dataset_fingerprint=ds.fingerprint, limit=ds.limit or 0, n_train=len(ds.train), n_test=len(ds.test),
         versions=system.package_versions(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         views=spec.views, augment=spec.augment, augment_seed=spec.augment_seed,
         skipped_images=tuple(tuple(x) for x in ds.skipped), precision=_precision(spec.precision))
+
+
+def _weights_source(weights) -> str:
+    """What the user passed, with a file made absolute: predict and export find it again from any folder."""
+    return str(weights) if str(weights) in ("imagenet", "random") else str(Path(weights).expanduser().absolute())
 
 
 def _precision(asked: str) -> str:
