@@ -131,3 +131,49 @@ def test_a_weights_file_is_recorded_by_its_absolute_path(image_folder, tmp_path,
     Path("w.h5").write_bytes(b"any bytes: planning hashes the file, it does not load it")
     _, meta = plan(data=image_folder, weights="w.h5")
     assert meta.weights_source == str(tmp_path / "w.h5")   # predict and export find it from any folder
+
+
+def test_a_head_on_pooled_layers_concatenated_and_one_on_a_joined_cache_predict_as_trained(image_folder, tmp_path):
+    import keras
+    from test_join import sharded
+
+    from heads.data import data_from_caches
+
+    several = extract(data=image_folder, cache_dir=tmp_path / "c", layer="block2_pool,block3_pool", progress=False,
+                      **OPTS)
+    joined, _ = sharded(image_folder, tmp_path / "j", rows=5)
+    for cache, model in ((several, "dense"), (joined, "dense")):
+        run = train_head(cache, model=model, units=(8,), epochs=2, runs_dir=tmp_path / "runs", progress=False).run_dir
+        head = keras.saving.load_model(run / "model.keras", compile=False)
+        x = data_from_caches([cache], "gap", prepooled=True).x_test if cache == several else \
+            featcache.open_cache(cache).load("test")[0]
+        want = np.asarray(head.predict_on_batch(np.asarray(x, np.float32)))
+        got = inference.predict(run, _test_files(cache), progress=False)
+        np.testing.assert_allclose(got.probabilities, want, atol=1e-3)
+
+
+def test_inspect_writes_the_most_confused_pairs_and_the_highest_loss_images(trained):
+    import keras
+
+    from heads.mistakes import most_confused, top_losses
+
+    _, cache, runs, _ = trained
+    r = CliRunner().invoke(main, ["inspect", str(runs["dense"]), "--images", "4"])
+    assert r.exit_code == 0, r.output
+    assert (runs["dense"] / "mistakes.md").read_text().count("|") > 6 and (runs["dense"] / "top_losses.png").is_file()
+    # the images shown are the wrongly predicted ones with the highest loss
+    head = keras.saving.load_model(runs["dense"] / "model.keras", compile=False)
+    x, y = featcache.open_cache(cache).load("test")
+    probs = np.asarray(head.predict_on_batch(x.astype(np.float32)))
+    rows = top_losses(probs, y, 4)
+    loss = -np.log(probs[np.arange(len(y)), y])
+    wrong = probs.argmax(1) != y
+    assert all(wrong[rows]) and list(loss[rows]) == sorted(loss[wrong], reverse=True)[:len(rows)]
+    assert most_confused([[5, 2, 0], [7, 1, 1], [0, 0, 3]], ["a", "b", "c"], 2) == [("b", "a", 7), ("a", "b", 2)]
+
+
+def test_predict_on_a_labelled_folder_reports_its_accuracy(trained):
+    folder, _, runs, _ = trained
+    r = CliRunner().invoke(main, ["predict", str(runs["dense"]), str(folder / "test"), "--format", "csv",
+                                  "--no-progress"])
+    assert r.exit_code == 0 and "labelled by their folders: accuracy" in r.stderr

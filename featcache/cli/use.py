@@ -36,6 +36,23 @@ def format_predictions(result, *, k: int, fmt: str) -> str:
     return "\n".join(lines)
 
 
+def _report_if_labelled(result) -> None:
+    """Images in folders named after the classes (ROOT/<class>/...): their accuracy and most confused pairs."""
+    import numpy as np
+
+    from heads.mistakes import confused_table, most_confused
+
+    names = list(result.class_names)
+    truth = [f.parent.name for f in result.files]
+    if not truth or not all(t in names for t in truth):
+        return
+    y = np.array([names.index(t) for t in truth])
+    matrix = np.zeros((len(names), len(names)), np.int64)
+    np.add.at(matrix, (y, result.indices), 1)
+    click.echo(f"labelled by their folders: accuracy {np.mean(result.indices == y):.4f} on {len(y)} images; most "
+               "confused:\n" + confused_table(most_confused(matrix, names, 5)).rstrip(), err=True)
+
+
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False, exists=True))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
@@ -69,6 +86,7 @@ def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_image
             f.write(text + "\n")
     else:
         click.echo(text)
+    _report_if_labelled(result)
     if result.bad and not skip_bad_images:
         click.echo(f"error: {len(result.bad)} unreadable images (above); fix: replace or remove them, or pass "
                    "--skip-bad-images", err=True)
@@ -91,3 +109,19 @@ def export(run, output, fmt, weights):
     from heads.inference import export as run_export
 
     click.echo(str(run_export(run, output, format=fmt, weights=weights)))
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.option("--images", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Test images shown, highest loss first.")
+@needs_tensorflow
+def inspect(run, images):
+    """Look at RUN's mistakes: write mistakes.md (the most confused class pairs on the test split) and
+    top_losses.png (the test images it got most confidently wrong) into the run folder; print the table."""
+    from heads.mistakes import confused_table
+    from heads.mistakes import inspect as run_inspect
+
+    written = run_inspect(run, n_images=images)
+    click.echo(confused_table(written["pairs"]).rstrip())
+    click.echo(f"wrote {', '.join(written['files'])} in {run}", err=True)
