@@ -44,8 +44,15 @@ def standardise():
     return keras.layers.Normalization(axis=-1, name=STANDARDISE)
 
 
+def _kernels(l2: float) -> dict:
+    """Weight decay on a layer's kernel (L2 strength `l2`; 0: none, the default)."""
+    import keras
+
+    return {"kernel_regularizer": keras.regularizers.L2(l2)} if l2 else {}
+
+
 def dense_head(input_shape, n_classes: int, *, units=(400, 256, 256), pooling: str = "gap",
-               batchnorm: bool = True, dropout: float = 0.2):
+               batchnorm: bool = True, dropout: float = 0.2, l2: float = 0.0):
     """The reference head: pooling -> standardise -> BatchNorm -> Dense(units, relu)... -> Dropout -> softmax."""
     import keras
 
@@ -54,9 +61,9 @@ def dense_head(input_shape, n_classes: int, *, units=(400, 256, 256), pooling: s
     if batchnorm:
         x = keras.layers.BatchNormalization(name="batchnorm")(x)
     for i, n in enumerate(units):
-        x = keras.layers.Dense(n, activation="relu", name=f"dense_{i}")(x)
+        x = keras.layers.Dense(n, activation="relu", name=f"dense_{i}", **_kernels(l2))(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="classes")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="classes", **_kernels(l2))(x)
     return keras.Model(inputs, outputs, name="dense_head")
 
 
@@ -107,7 +114,8 @@ def cnn(input_shape, n_classes: int, *, dropout: float = 0.2, seed: int = 0):
     return keras.Model(inputs, outputs, name="cnn")
 
 
-def conv_head(input_shape, n_classes: int, *, filters: int = 128, units=(400, 256, 256), dropout: float = 0.2):
+def conv_head(input_shape, n_classes: int, *, filters: int = 128, units=(400, 256, 256), dropout: float = 0.2,
+              l2: float = 0.0):
     """standardise -> BN -> 1x1 Conv(filters, relu) -> Flatten -> Dropout -> Dense(units, relu)... -> softmax.
 
     The 1x1 convolution shrinks the channels before flattening, so the head keeps where in the image
@@ -118,12 +126,12 @@ def conv_head(input_shape, n_classes: int, *, filters: int = 128, units=(400, 25
 
     inputs = keras.Input(input_shape, name="features")
     x = layers.BatchNormalization(name="batchnorm")(standardise()(inputs))
-    x = layers.Conv2D(filters, 1, activation="relu", name="conv1x1")(x)
+    x = layers.Conv2D(filters, 1, activation="relu", name="conv1x1", **_kernels(l2))(x)
     x = layers.Dropout(dropout, name="dropout_maps")(layers.Flatten()(x))
     for i, n in enumerate(units):
-        x = layers.Dense(n, activation="relu", name=f"dense_{i}")(x)
+        x = layers.Dense(n, activation="relu", name=f"dense_{i}", **_kernels(l2))(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="classes")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", name="classes", **_kernels(l2))(x)
     return keras.Model(inputs, outputs, name="conv_head")
 
 
@@ -143,10 +151,10 @@ class ModelSpec:
 
 
 MODELS = {
-    "dense": ModelSpec(dense_head, "features", "adam", 1e-3, ("units", "pooling", "batchnorm", "dropout"),
+    "dense": ModelSpec(dense_head, "features", "adam", 1e-3, ("units", "pooling", "batchnorm", "dropout", "l2"),
                        pools_first=True),
     "linear": ModelSpec(linear_probe, "features", "lbfgs", 0.0, ("pooling",), pools_first=True),
-    "conv": ModelSpec(conv_head, "features", "adam", 1e-3, ("filters", "units", "dropout")),
+    "conv": ModelSpec(conv_head, "features", "adam", 1e-3, ("filters", "units", "dropout", "l2")),
     "ann": ModelSpec(ann, "pixels", "sgd", 1e-2, ()),
     "cnn": ModelSpec(cnn, "pixels", "adam", 1e-3, ("dropout", "seed")),
 }

@@ -32,6 +32,8 @@ class TrainConfig:
                              cli=(HEAD,))
     dropout: float = option(0.2, "Dropout rate before the classifier (dense and conv heads; cnn baseline).",
                             kind="float", low=0, high=1, high_open=True, cli=(HEAD, BASELINE))
+    l2: float = option(0.0, "Weight decay: L2 strength on the kernels of the dense and conv heads (0: none).",
+                       kind="float", low=0, cli=(HEAD,))
     epochs: int = option(50, "Most epochs to train; early stopping usually ends sooner.", kind="int", low=1,
                          cli=(HEAD, BASELINE, CURVE))
     patience: int = option(5, "Early stopping: epochs without a better validation loss (best weights restored); "

@@ -74,8 +74,10 @@ def end_to_end(info: RunInfo, *, weights: str | None = None):
     data = info.config["data"]
     parts = data.get("caches", [data])   # several layers: pooled, concatenated in this order
     meta = parts[0]["cache_meta"]
-    if len({(p["cache_meta"]["backbone"], p["cache_meta"]["weights"]) for p in parts}) > 1:
-        raise BadInputError(f"{info.folder} joins layers of different backbones or weights; one model cannot hold them")
+    fields = ("backbone", "weights", "dtype", "precision", "input_shape")
+    if len({tuple(str(p["cache_meta"].get(k)) for k in fields) for p in parts}) > 1:
+        raise BadInputError(f"{info.folder} joins layers of caches that differ in backbone, weights, dtype, precision "
+                            "or input size; one model cannot hold them")
     backbone = _backbone(meta, [p["layer"] for p in parts], weights)
     images = keras.Input((*info.input_size, 3), dtype="uint8", name="images")
     x = affine_preprocessing(backbone.spec, name="preprocess")(keras.layers.Identity(dtype="float32")(images))
@@ -96,8 +98,13 @@ def _backbone(meta: dict, layers: list[str], weights: str | None):
     if recorded.startswith("random:"):
         source, seed = "random", int(recorded.split("=", 1)[1])
         log.warning("WARNING: this run's features come from RANDOM backbone weights, not ImageNet")
+    elif recorded.startswith("imagenet:"):   # Keras' own file, known by the Keras version that fetched it
+        source, seed = weights or "imagenet", 0
+        if backbones.weights_identity(source) != recorded:
+            log.warning("the cache was made with the ImageNet weights of %s; using %s, which cannot be checked "
+                        "against it by hash", recorded.removeprefix("imagenet:"), source)
     else:
-        source, seed = (weights or ("imagenet" if recorded.startswith("imagenet:") else meta["weights_source"])), 0
+        source, seed = weights or meta["weights_source"], 0
         if source not in ("imagenet", "random") and not Path(source).expanduser().is_file():
             raise MissingInputError(f"the weights file the cache was made from, {source}, is not there; fix: pass "
                                     "--weights FILE (the same file: its hash is checked)")

@@ -159,7 +159,7 @@ def _row(run: Path) -> dict:
 
 #: Training options the table shows where a run set them to other than the default.
 _SHOWN_IF_CHANGED = {"lr": "lr", "batch_size": "bs", "patience": "patience", "epochs": "epochs",
-                     "val_fraction": "val", "seed": "seed"}
+                     "val_fraction": "val", "seed": "seed", "l2": "l2"}
 
 
 def _changed(config: dict) -> list[str]:

@@ -154,3 +154,17 @@ def test_runs_are_ordered_by_validation_never_test(tmp_path):
     assert [r["run"] for r in rows] == ["b", "c", "a"]
     table = format_table(rows, markdown=True)
     assert table.index("| b |") < table.index("| c |") < table.index("| a |")
+
+
+@pytest.mark.parametrize("model", ["dense", "conv"])
+def test_l2_lowers_the_kernels_norms(model):
+    data = blob_data()
+    norms = {}
+    for l2 in (0.0, 0.5):
+        config = TrainConfig(model=model, units=(16,), filters=8, epochs=8, patience=8, l2=l2)
+        fitted = ht.train(data, config, runs_dir=None, progress=False).model
+        norms[l2] = sum(float(np.sum(np.square(layer.kernel.numpy()))) for layer in fitted.layers
+                        if type(layer).__name__ in ("Dense", "Conv2D"))
+    assert norms[0.5] < 0.8 * norms[0.0], norms
+    with pytest.raises(BadInputError, match="--l2 must be at least 0"):
+        TrainConfig(l2=-1.0)

@@ -93,11 +93,13 @@ def test_a_temporary_file_of_a_killed_run_is_removed_by_the_next(tmp_path):
     final = tmp_path / "x.pooled.h5"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    left = final.with_name(f".{final.name}.pooling.{dead}.tmp")
-    left.write_bytes(b"x" * 100)
     mine = temporary_path(final, "pooling")   # this process is alive: its file is being written
     mine.write_bytes(b"y")
-    assert sweep(tmp_path) == [left] and not left.exists() and mine.exists()
+    left = mine.with_name(mine.name.replace(f".{os.getpid()}.tmp", f".{dead}.tmp"))
+    left.write_bytes(b"x" * 100)
+    elsewhere = final.with_name(f".{final.name}.pooling.another-host.{dead}.tmp")   # a host sharing the folder
+    elsewhere.write_bytes(b"z")
+    assert sweep(tmp_path) == [left] and not left.exists() and mine.exists() and elsewhere.exists()
 
 
 # --------------------------------------------------------------------------- shards known by content
@@ -317,3 +319,28 @@ def test_bad_input_error_is_the_one_a_missing_output_folder_gives(joined, tmp_pa
     path, _ = joined
     with pytest.raises(BadInputError, match="no folder"):
         join.consolidate(path, tmp_path / "missing" / "x.h5")
+
+
+def test_found_in_review_layer_sequences_and_fingerprint_with_cache(image_folder, cache_dir, tmp_path):
+    from featcache.extract import ExtractSpec
+
+    assert ExtractSpec(weights="random", layer=("block3_pool", "block4_pool")).layer == "block3_pool,block4_pool"
+    path = extract(data=image_folder, cache_dir=cache_dir, progress=False, **OPTS)
+    r = run("train-head", "--cache", path, "--fingerprint", "stat", "--head", "linear", "--runs-dir", tmp_path / "r",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+
+
+def test_a_partial_whose_datasets_were_not_all_created_is_discarded_not_resumed(image_folder, cache_dir, caplog):
+    from featcache.cache.files import partial_path, resume_point
+    from featcache.extract import plan
+
+    _, meta = plan(data=image_folder, cache_dir=str(cache_dir), **OPTS)
+    partial = partial_path(cache_dir / featcache.cache.cache_filename(meta))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with h5py.File(partial, "w") as f:   # what a create() cut short by a full quota leaves: attributes, progress
+        f.attrs.update(meta.to_attrs())
+        f["progress"] = np.zeros(2, np.int64)
+    assert resume_point(partial, meta) is None and not partial.exists()
+    assert "were not all created" in caplog.text
+    assert featcache.open_cache(extract(data=image_folder, cache_dir=cache_dir, progress=False, **OPTS)).complete

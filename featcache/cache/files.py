@@ -18,11 +18,12 @@ import json
 import logging
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Callable
 
-from featcache.cache.format import CacheMeta
-from featcache.errors import first_line
+from featcache.cache.format import FORMAT_VERSION, CacheMeta, feature_datasets
+from featcache.errors import CacheError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,15 @@ def resume_point(partial: Path, meta: CacheMeta, *, shard: tuple | None = None) 
             old = CacheMeta.from_attrs(f.attrs)
             progress = tuple(int(v) for v in f["progress"][...])
             old_shard = tuple(json.loads(f.attrs["shard"])) if "shard" in f.attrs else None
+            whole = int(f.attrs["format_version"]) <= FORMAT_VERSION and all(   # a create() cut short lacks some
+                d.path in f and tuple(f[d.path].shape[1:]) == d.row_shape for d in feature_datasets(meta))
     except (OSError, KeyError, ValueError, TypeError) as e:
         log.warning("discarding unusable partial file %s (%s)", partial, first_line(e))
     else:
-        if old.key == meta.key and old_shard == (tuple(shard) if shard is not None else None):
+        if old.key == meta.key and old_shard == (tuple(shard) if shard is not None else None) and whole:
             return progress
+        if not whole:
+            log.warning("discarding partial file %s: its datasets were not all created", partial)
     partial.unlink()
     return None
 
@@ -102,12 +107,13 @@ def close_checked(f) -> None:
 
 
 def publish(tmp: Path, final: Path, verify: Callable[[Path], None] | None = None) -> Path:
-    """Give the closed file `tmp` its name `final`, once `verify(tmp)` (re-opening it) has passed; a file that
-    fails it is deleted, and `final` is left as it was."""
+    """Give the closed file `tmp` its name `final`, once `verify(tmp)` (re-opening it) has passed; a file shown
+    wrong (a CacheError) is deleted, and `final` is left as it was. An interruption or a read error while checking
+    leaves `tmp` too (a resume of a partial then redoes nothing)."""
     try:
         if verify is not None:
             verify(tmp)
-    except BaseException:
+    except CacheError:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, final)
@@ -115,17 +121,23 @@ def publish(tmp: Path, final: Path, verify: Callable[[Path], None] | None = None
 
 
 def temporary_path(final: Path, purpose: str) -> Path:
-    """A hidden name beside `final` for writing it, carrying this process's id so that `sweep` can tell a
-    leftover of a killed process from a file another process is writing right now."""
-    return final.with_name(f".{final.name}.{purpose}.{os.getpid()}.tmp")
+    """A hidden name beside `final` for writing it, carrying this host's name and this process's id so that
+    `sweep` can tell a leftover of a killed process from a file another process (here, or on another machine
+    sharing the folder) is writing right now."""
+    return final.with_name(f".{final.name}.{purpose}.{_host()}.{os.getpid()}.tmp")
 
 
-_TEMPORARY = re.compile(r"^\.(?P<final>.+)\.(?P<purpose>[a-z]+)\.(?P<pid>\d+)\.tmp$")
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+_TEMPORARY = re.compile(r"^\.(?P<final>.+)\.(?P<purpose>[a-z]+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.tmp$")
 
 
 def sweep(folder: Path, final_name: str | None = None) -> list[Path]:
-    """Remove the temporary files (`temporary_path`) in `folder` (of `final_name` only, if given) whose process is
-    gone; returns what was removed. Files of running processes are left alone."""
+    """Remove the temporary files (`temporary_path`) in `folder` (of `final_name` only, if given) that a process of
+    this host left and that is gone; returns what was removed. Files of running processes, and of other hosts
+    (whose processes cannot be seen from here), are left alone."""
     removed = []
     try:
         entries = list(folder.iterdir())
@@ -133,7 +145,8 @@ def sweep(folder: Path, final_name: str | None = None) -> list[Path]:
         return removed
     for path in entries:
         m = _TEMPORARY.match(path.name)
-        if not m or (final_name is not None and m["final"] != final_name) or _alive(int(m["pid"])):
+        if not m or (final_name is not None and m["final"] != final_name) or m["host"] != _host() \
+                or _alive(int(m["pid"])):
             continue
         try:
             size = path.stat().st_size

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,7 @@ def join(path: Path, meta: CacheMeta, shards: list[FeatureCache], *, labels: dic
         try:
             f.attrs.update(meta.to_attrs())
             f.attrs["complete"] = False
+            f.attrs["file_id"] = uuid.uuid4().hex   # a reader during a run knows this join from a later one
             f.create_dataset("class_names", data=np.array(class_names, dtype=h5py.string_dtype()))
             f.create_dataset("progress", data=np.array([meta.n_train, meta.n_test], np.int64))
             for split in SPLITS:

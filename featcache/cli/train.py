@@ -10,6 +10,7 @@ import click
 from featcache.cli.cache import selection, selection_options
 from featcache.cli.group import main, needs_tensorflow
 from featcache.cli.options import add_options, click_option
+from featcache.extract.spec import KEY_OPTIONS
 from featcache.extract.spec import options as spec_options
 from heads.builders import BASELINES, HEADS
 from heads.config import AUTO, BASELINE, CURVE, HEAD, TrainConfig
@@ -44,7 +45,8 @@ def _caches(ctx, cache_paths, selected: dict, *, progress: bool):
 
     if not cache_paths:
         return [extract(progress=progress, **selected)], None
-    given = {k: v for k, v in selected.items() if k not in ("layer", "cache_dir")
+    comparable = set(KEY_OPTIONS) - {"layer"} | {"skip_bad_images"}   # --cache-dir, --fingerprint: how, not what
+    given = {k: v for k, v in selected.items() if k in comparable
              and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     pick = None   # the layers to train on; None: every layer of the caches
     if ctx.get_parameter_source("layer") != click.core.ParameterSource.DEFAULT:

@@ -26,9 +26,9 @@ from featcache import augment as aug
 from featcache import backbones, system
 from featcache.cache import CacheMeta
 from featcache.cache.files import close_checked, publish, resume_point
-from featcache.cache.read import features_digest
+from featcache.cache.read import features_digest, open_cache
 from featcache.cache.write import BatchWriter, create, finish, written_peak
-from featcache.errors import BadInputError, UnreadableImageError
+from featcache.errors import BadInputError, CacheError, UnreadableImageError
 from featcache.extract.planner import Unit, units
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,17 @@ def run_shard(split, unit: Unit, meta: CacheMeta, path: Path, *, model, spec, cl
     with h5py.File(partial, "r+") as f:   # read back: its digest is what the join records and checks it by
         f.attrs["digest"] = features_digest(f, meta)
         close_checked(f)
-    publish(partial, path)
+    publish(partial, path, lambda written: _check_shard(written, meta, unit))
     return {"split": unit.split, "start": unit.start, "stop": unit.stop, "computed": rows - done,
             "seconds": time.perf_counter() - t0}
+
+
+def _check_shard(path: Path, meta: CacheMeta, unit: Unit) -> None:
+    """A shard just written: complete, of this cache's key and of exactly `unit`'s rows."""
+    shard = open_cache(path)
+    if shard.meta.key != meta.key or shard.shard != (unit.split, unit.start, unit.stop) or \
+            shard.splits[unit.split].n != unit.stop - unit.start:
+        raise CacheError(f"shard {path} failed its check after writing (key, rows); fix: rerun to recompute it")
 
 
 def _passes(meta, name: str, n: int) -> int:

@@ -29,6 +29,7 @@ from pathlib import Path
 from featcache import system
 from featcache.cache import CacheMeta, open_cache
 from featcache.cache import shards as join
+from featcache.cache.files import sweep
 from featcache.errors import BadInputError, CacheError, FeatcacheError
 from featcache.extract import local
 from featcache.extract.planner import Unit, units
@@ -97,6 +98,7 @@ def run(ds, meta: CacheMeta, partial: Path, *, spec, progress: bool, force: bool
         with contextlib.redirect_stdout(sys.stderr):   # Ray prints workers' failures on stdout, the CLI's result
             _run_units(ray, ds, meta, todo, shards, Job(spec, decoding, progress, len(all_units), after_batch))
     verified = join.verify(meta, all_units, shards)
+    sweep(partial.parent, partial.name)   # a join a killed driver left half-written
     join.join(partial, meta, verified, labels={"train": ds.train.labels, "test": ds.test.labels},
               paths={"train": ds.train.paths, "test": ds.test.paths}, class_names=ds.class_names,
               extract_seconds=time.perf_counter() - t0 if len(todo) == len(all_units) else None)
@@ -231,13 +233,17 @@ class owned_cluster:
         _record(self.path, self.started)
 
     def __exit__(self, *exc):
-        for actor in self.actors:
-            self.ray.kill(actor, no_restart=True)
-        if self.owned and self.ray.is_initialized():
-            self.ray.shutdown()   # disconnects; stops the cluster only if this process started it
-        if self.owned:
-            _stop(self.started + [p for p in _descendants() if p.pid not in self.before])
-        self.path.unlink(missing_ok=True)
+        try:
+            for actor in self.actors:
+                with contextlib.suppress(Exception):   # an actor of a cluster that is gone already
+                    self.ray.kill(actor, no_restart=True)
+            if self.owned and self.ray.is_initialized():
+                self.ray.shutdown()   # disconnects; stops the cluster only if this process started it
+        finally:
+            if self.owned:   # Ray's processes only: a notebook's other workers started meanwhile are left alone
+                _stop([p for p in self.started + [p for p in _descendants() if p.pid not in self.before]
+                       if _command(p) is not None and looks_like_ray(_command(p))])
+            self.path.unlink(missing_ok=True)
 
 
 def _placed(ray, actors: list) -> list:
@@ -408,6 +414,16 @@ def leftovers(shards: Path) -> list:
     return found
 
 
+def _command(p) -> str | None:
+    """A process's command line and name, lower case; None when it is gone."""
+    import psutil
+
+    try:
+        return " ".join(p.cmdline()).lower() + " " + p.name().lower()
+    except psutil.Error:
+        return None
+
+
 def _is_ours(p, started: float) -> bool:
     """Whether `p` is the process recorded: started then, by this user, and one of Ray's (its command line)."""
     import psutil
@@ -418,7 +434,15 @@ def _is_ours(p, started: float) -> bool:
         command = " ".join(p.cmdline()).lower() + " " + p.name().lower()
     except psutil.Error:
         return False
-    return "ray" in command
+    return looks_like_ray(command)
+
+
+#: What Ray's processes have in their command lines: workers (ray::...), raylet, gcs_server, its Python agents.
+_RAY_TOKENS = ("ray::", "/ray/", "raylet", "gcs_server")
+
+
+def looks_like_ray(command: str) -> bool:
+    return any(token in command for token in _RAY_TOKENS)
 
 
 def _stop(processes, grace: float = 5.0) -> None:

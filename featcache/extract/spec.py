@@ -39,7 +39,7 @@ class ExtractSpec:
     layer: str | None = option(None, "Layer to cut the backbone at (default: the backbone's own, block3_pool for "
                                 "vgg16); several, comma-separated, share one forward pass and one cache file "
                                 "(train-head concatenates their pooled features; with --cache, picks these layers "
-                                "from the file).", kind="str")
+                                "from the file).", kind="any")
     input_size: int | None = option(None, "Resize images to NxN (N >= the backbone's minimum, 32). Default: the "
                                      "images' own size (32 for CIFAR-10).", kind="int")
     dtype: str = option("float16", "Storage dtype; float16 halves the file and refuses activations beyond its "
