@@ -29,6 +29,11 @@ class CacheError(FeatcacheError):
     """A cache file is not usable: foreign, corrupt, stale, or of another format version."""
 
 
+class WorkerError(RuntimeError):
+    """A process featcache started (a Ray worker, a decoding or reading process) failed or died: killed, or out of
+    memory. Not bad input (the CLI exits with 1), but said in one line, with what was kept and how to go on."""
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message cut to its first line (at most 200 characters), for one-line errors."""
     return str(e).strip().split("\n")[0][:200]

@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from featcache import system
-from featcache.errors import BadInputError, CacheError
+from featcache.errors import BadInputError, CacheError, WorkerError
 from heads.batches import BLOCK_ROWS, batches_per_epoch, epochs_of_plans
 
 #: Training rows are shuffled across this many consecutive batches (fewer if the budget is small): a block of
@@ -237,7 +237,7 @@ class Stream:
             while pending:
                 yield pending.popleft().result()
         except BrokenProcessPool as e:
-            raise RuntimeError("a process reading the cache died (out of memory or killed; or featcache was called "
+            raise WorkerError("a process reading the cache died (out of memory or killed; or featcache was called "
                                "from a script without `if __name__ == '__main__':`, which processes started by "
                                "spawning need)") from e
 

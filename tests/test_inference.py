@@ -177,3 +177,16 @@ def test_predict_on_a_labelled_folder_reports_its_accuracy(trained):
     r = CliRunner().invoke(main, ["predict", str(runs["dense"]), str(folder / "test"), "--format", "csv",
                                   "--no-progress"])
     assert r.exit_code == 0 and "labelled by their folders: accuracy" in r.stderr
+
+
+def test_a_saved_model_export_serves_the_same_probabilities(trained, tmp_path):
+    import tensorflow as tf
+
+    _, cache, runs, _ = trained
+    out = inference.export(runs["dense"], tmp_path / "sm", format="saved_model")
+    files = _test_files(cache)
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    loaded = tf.saved_model.load(str(out / "saved_model"))   # kept: its functions need their variables alive
+    served = loaded.serve(tf.constant(pixels))
+    np.testing.assert_allclose(np.asarray(served), inference.predict(runs["dense"], files, progress=False)
+                               .probabilities, atol=1e-5)

@@ -344,3 +344,31 @@ def test_a_partial_whose_datasets_were_not_all_created_is_discarded_not_resumed(
     assert resume_point(partial, meta) is None and not partial.exists()
     assert "were not all created" in caplog.text
     assert featcache.open_cache(extract(data=image_folder, cache_dir=cache_dir, progress=False, **OPTS)).complete
+
+
+def test_a_ray_worker_dying_while_it_starts_is_one_line():
+    from featcache.errors import WorkerError
+    from featcache.extract import ray as engine
+
+    class ActorDied(Exception):
+        pass
+
+    class FakeRay:   # what ray.wait/get do when a worker was OOM-killed building its backbone, restarts used up
+        class exceptions:
+            RayActorError = ActorDied
+
+        def wait(self, refs, num_returns, timeout):
+            return refs[:1], refs[1:]
+
+        def get(self, ref):
+            raise ActorDied("The actor died unexpectedly before finishing this task.\nmore lines")
+
+    class Actor:
+        class ready:
+            @staticmethod
+            def remote():
+                return object()
+
+    with pytest.raises(WorkerError, match="died while starting, 4 times \\(The actor died unexpectedly"):
+        engine._placed(FakeRay(), [Actor()])
+

@@ -18,7 +18,7 @@ import sys
 
 import click
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, WorkerError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's start-up chatter off stderr
 
@@ -64,7 +64,7 @@ class _Group(click.Group):
                 hint = "; rerun the same command to resume where it stopped"
             click.echo("interrupted" + hint, err=True)
             ctx.exit(130)
-        except OSError as e:
+        except (OSError, WorkerError) as e:
             resumes = ctx.invoked_subcommand == "extract" and not ctx.meta.get(FORCED)
             click.echo(f"error: {e}" + ("; rerun the same command to resume the extraction" if resumes else ""),
                        err=True)

@@ -28,7 +28,7 @@ from featcache.cache import CacheMeta
 from featcache.cache.files import close_checked, publish, resume_point
 from featcache.cache.read import features_digest, open_cache
 from featcache.cache.write import BatchWriter, create, finish, written_peak
-from featcache.errors import BadInputError, CacheError, UnreadableImageError
+from featcache.errors import BadInputError, CacheError, UnreadableImageError, WorkerError
 from featcache.extract.planner import Unit, units
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def _compute(f, job: Job, batches: list, *, peak: float) -> None:
         log.warning("the %d rows computed so far stay in %s", n, job.partial)
         raise
     except BrokenProcessPool as e:
-        raise RuntimeError(f"a decoding process died (out of memory or killed; or featcache was called from a "
+        raise WorkerError(f"a decoding process died (out of memory or killed; or featcache was called from a "
                            f"script without `if __name__ == '__main__':`, which processes that start by spawning "
                            f"need); the rows computed so far stay in {job.partial}: rerun to resume, with "
                            "--decoder threads to decode in this process") from e

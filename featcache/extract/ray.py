@@ -30,7 +30,7 @@ from featcache import system
 from featcache.cache import CacheMeta, open_cache
 from featcache.cache import shards as join
 from featcache.cache.files import sweep
-from featcache.errors import BadInputError, CacheError, FeatcacheError
+from featcache.errors import BadInputError, CacheError, FeatcacheError, WorkerError
 from featcache.extract import local
 from featcache.extract.planner import Unit, units
 
@@ -200,7 +200,7 @@ def _results(ray, actors: list, tasks: list, shards: Path):
         except ray.exceptions.RayTaskError as e:
             raise _one_line(e.cause) from None
         except ray.exceptions.ActorDiedError as e:
-            raise RuntimeError(f"a Ray worker died {MAX_RESTARTS + 1} times ({str(e).splitlines()[0]}); the "
+            raise WorkerError(f"a Ray worker died {MAX_RESTARTS + 1} times ({str(e).splitlines()[0]}); the "
                                f"shards finished so far stay in {shards}: rerun the same command to compute "
                                "the others") from None
 
@@ -260,7 +260,7 @@ def _placed(ray, actors: list) -> list:
         try:
             error = ray.get(done[0])
         except ray.exceptions.RayActorError as e:   # died while building its backbone, restarts used up
-            raise RuntimeError(f"a Ray worker died while starting, {MAX_RESTARTS + 1} times "
+            raise WorkerError(f"a Ray worker died while starting, {MAX_RESTARTS + 1} times "
                                f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); out of "
                                "memory is the usual cause: fix: fewer --workers per node, or more memory") from None
         if error is not None:
@@ -279,7 +279,7 @@ def _one_line(error: BaseException) -> BaseException:
     if isinstance(error, (FeatcacheError, OSError)):
         return error
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return RuntimeError(f"a Ray worker failed: {type(error).__name__}: {first}")
+    return WorkerError(f"a Ray worker failed: {type(error).__name__}: {first}")
 
 
 def _absolute(split):
