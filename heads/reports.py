@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from featcache.errors import BadInputError
+from featcache import system
 
 log = logging.getLogger(__name__)
 RANDOM_FLAG = "RANDOM BACKBONE WEIGHTS (not ImageNet features)"
@@ -207,14 +207,7 @@ def _shown(value, spec: str) -> str:
 
 def check_runs_dir(runs_dir: str | Path) -> Path:
     """Create `runs_dir` if needed and make sure a run can be written there, before any training."""
-    path = Path(runs_dir).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadInputError(f"cannot create runs folder {path} ({e.strerror}); fix: pass a writable --runs-dir") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise BadInputError(f"runs folder {path} is not writable; fix: pass a writable --runs-dir")
-    return path
+    return system.writable_folder(runs_dir, what="runs folder", fix="pass a writable --runs-dir")
 
 
 class staged_run_dir:

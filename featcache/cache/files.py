@@ -120,6 +120,25 @@ def publish(tmp: Path, final: Path, verify: Callable[[Path], None] | None = None
     return final
 
 
+@contextlib.contextmanager
+def writing(final: Path, purpose: str, verify: Callable[[Path], None], opener=None):
+    """`with writing(final, "joining", verify) as f:` an h5py.File open on a temporary name beside `final`; when the
+    block succeeds it is closed with its errors raised, verified and renamed to `final` (`publish`); whatever
+    happens the temporary name is gone afterwards. `opener(tmp)` opens it (default: a new empty file)."""
+    import h5py
+
+    tmp = temporary_path(final, purpose)
+    try:
+        f = opener(tmp) if opener is not None else h5py.File(tmp, "w")
+        try:
+            yield f
+        finally:
+            close_checked(f)
+        publish(tmp, final, verify)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def temporary_path(final: Path, purpose: str) -> Path:
     """A hidden name beside `final` for writing it, carrying this host's name and this process's id so that
     `sweep` can tell a leftover of a killed process from a file another process (here, or on another machine

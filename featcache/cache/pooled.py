@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache.files import close_checked, publish, sweep, temporary_path
+from featcache.cache.files import sweep, writing
 from featcache.cache.format import dataset_path
 from featcache.errors import BadInputError, CacheError
 
@@ -96,25 +96,15 @@ def _kept(cache, path: Path) -> dict | None:
 
 def _write(path: Path, cache, layer: str, pooling: str, arrays: dict) -> None:
     """The derived file, through featcache's one write path: a temporary name, checked close, re-read, renamed."""
-    import h5py
-
-    tmp = temporary_path(path, "pooling")
-    try:
-        f = h5py.File(tmp, "w")
-        try:
-            f.attrs.update(source=Path(cache.path).name, source_key=cache.meta.key, source_stamp=_stamp(cache),
-                           layer=layer, pooling=pooling, views=cache.meta.views)
-            for split in ("train", "test"):
-                f[f"{split}/features"] = arrays[split]
-                f[f"{split}/labels"] = arrays[f"{split}_labels"]
-            if arrays["views"] is not None:
-                f["train/views"] = arrays["views"]
-            f.attrs["complete"] = True
-        finally:
-            close_checked(f)
-        publish(tmp, path, lambda written: _check_written(written, arrays))
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(path, "pooling", lambda written: _check_written(written, arrays)) as f:
+        f.attrs.update(source=Path(cache.path).name, source_key=cache.meta.key, source_stamp=_stamp(cache),
+                       layer=layer, pooling=pooling, views=cache.meta.views)
+        for split in ("train", "test"):
+            f[f"{split}/features"] = arrays[split]
+            f[f"{split}/labels"] = arrays[f"{split}_labels"]
+        if arrays["views"] is not None:
+            f["train/views"] = arrays["views"]
+        f.attrs["complete"] = True
 
 
 def _check_written(path: Path, arrays: dict) -> None:

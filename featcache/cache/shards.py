@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache import system
-from featcache.cache.files import cache_lock, close_checked, publish, sweep, temporary_path
+from featcache.cache.files import cache_lock, sweep, writing
 from featcache.cache.format import SPLITS, CacheMeta, expected_bytes, feature_datasets, row_bytes
 from featcache.cache.read import FeatureCache, check_sources, open_cache
 from featcache.cache.read import verify as verify_written
@@ -95,28 +95,21 @@ def join(path: Path, meta: CacheMeta, shards: list[FeatureCache], *, labels: dic
     import h5py
 
     base = path.parent
-    tmp = temporary_path(path, "joining")   # written whole, checked, then renamed: `path` is never half a join
-    try:
-        f = h5py.File(tmp, "w")
-        try:
-            f.attrs.update(meta.to_attrs())
-            f.attrs["complete"] = False
-            f.attrs["file_id"] = uuid.uuid4().hex   # a reader during a run knows this join from a later one
-            f.create_dataset("class_names", data=np.array(class_names, dtype=h5py.string_dtype()))
-            f.create_dataset("progress", data=np.array([meta.n_train, meta.n_test], np.int64))
-            for split in SPLITS:
-                f.create_dataset(f"{split}/labels", data=np.asarray(labels[split], np.int64))
-                if paths.get(split) is not None:
-                    f.create_dataset(f"{split}/paths", data=np.array(paths[split], dtype=h5py.string_dtype()))
-            _virtual_datasets(f, meta, shards, base)
-            f.attrs["shards"] = json.dumps([_record(s, base) for s in shards])
-            finish(f, max_abs_activation=max((s.max_abs_activation or 0.0) for s in shards),
-                   extract_seconds=extract_seconds)
-        finally:
-            close_checked(f)
-        publish(tmp, path, lambda written: verify_written(written, meta))
-    finally:
-        tmp.unlink(missing_ok=True)
+    # written whole, checked, then renamed: `path` is never half a join
+    with writing(path, "joining", lambda written: verify_written(written, meta)) as f:
+        f.attrs.update(meta.to_attrs())
+        f.attrs["complete"] = False
+        f.attrs["file_id"] = uuid.uuid4().hex   # a reader during a run knows this join from a later one
+        f.create_dataset("class_names", data=np.array(class_names, dtype=h5py.string_dtype()))
+        f.create_dataset("progress", data=np.array([meta.n_train, meta.n_test], np.int64))
+        for split in SPLITS:
+            f.create_dataset(f"{split}/labels", data=np.asarray(labels[split], np.int64))
+            if paths.get(split) is not None:
+                f.create_dataset(f"{split}/paths", data=np.array(paths[split], dtype=h5py.string_dtype()))
+        _virtual_datasets(f, meta, shards, base)
+        f.attrs["shards"] = json.dumps([_record(s, base) for s in shards])
+        finish(f, max_abs_activation=max((s.max_abs_activation or 0.0) for s in shards),
+               extract_seconds=extract_seconds)
 
 
 def _record(shard: FeatureCache, base: Path) -> dict:
@@ -161,15 +154,16 @@ def consolidate(path: str | Path, output: str | Path | None = None, *, force: bo
     need = cache.path.stat().st_size + expected_bytes(cache.meta) + (1 << 20)   # the whole file, not its features
     system.check_free_space(out.parent, need, what="the copy", fix="free some space or pass another -o")
     sweep(out.parent, out.name)
-    tmp = temporary_path(out, "consolidating")
     writable = os.access(cache.path.parent, os.W_OK)   # a read-only shared cache: nobody can rewrite its shards
-    try:
-        with cache_lock(cache.path) if writable else contextlib.nullcontext():
-            digest = _copy(cache, tmp, block_bytes)
-            check_sources(cache)   # no shard went missing while it was read (it would have read as NaN)
-            publish(tmp, out, lambda written: verify_written(written, cache.meta, digest=digest))
-    finally:
-        tmp.unlink(missing_ok=True)
+    digest = hashlib.sha256()   # of the rows as copied; the copy is read back and compared before it takes its name
+    labels, paths = read_labels_and_paths(cache.path)
+    opener = lambda tmp: create(tmp, cache.meta, labels=labels, paths=paths,  # noqa: E731
+                                class_names=cache.class_names, batch_size=128)
+    with cache_lock(cache.path) if writable else contextlib.nullcontext(), \
+            writing(out, "consolidating", lambda copy: verify_written(copy, cache.meta, digest=digest.hexdigest()),
+                    opener) as f:
+        _copy(cache, f, block_bytes, digest)
+        check_sources(cache)   # no shard went missing while it was read (it would have read as NaN)
     log.info("consolidated %s into %s (%.1f MB)", cache.path, out, out.stat().st_size / 1e6)
     return out
 
@@ -194,19 +188,12 @@ def _output(cache: FeatureCache, output, force: bool) -> Path:
     return out
 
 
-def _copy(cache: FeatureCache, tmp: Path, block_bytes: int) -> str:
-    """Copy every row of `cache` into a new file at `tmp`; returns the digest of the features as copied."""
+def _copy(cache: FeatureCache, f, block_bytes: int, digest) -> None:
+    """Copy every row of `cache` into the open new file `f`, and into `digest` as copied; then mark it complete."""
     import h5py
 
-    labels, paths = read_labels_and_paths(cache.path)
-    digest = hashlib.sha256()
     with h5py.File(cache.path, "r") as src:
-        f = create(tmp, cache.meta, labels=labels, paths=paths, class_names=cache.class_names, batch_size=128)
-        try:
-            for d in feature_datasets(cache.meta):
-                copy_rows(src[d.path], f[d.path], block_bytes, digest=digest)
-            f["progress"][...] = [cache.meta.n_train, cache.meta.n_test]
-            finish(f, max_abs_activation=cache.max_abs_activation, extract_seconds=cache.extract_seconds)
-        finally:
-            close_checked(f)
-    return digest.hexdigest()
+        for d in feature_datasets(cache.meta):
+            copy_rows(src[d.path], f[d.path], block_bytes, digest=digest)
+    f["progress"][...] = [cache.meta.n_train, cache.meta.n_test]
+    finish(f, max_abs_activation=cache.max_abs_activation, extract_seconds=cache.extract_seconds)

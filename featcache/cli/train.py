@@ -9,7 +9,7 @@ import click
 
 from featcache.cli.cache import selection, selection_options
 from featcache.cli.group import main, needs_tensorflow
-from featcache.cli.options import add_options, click_option
+from featcache.cli.options import add_options
 from featcache.extract.spec import KEY_OPTIONS
 from featcache.extract.spec import options as spec_options
 from heads.builders import BASELINES, HEADS
@@ -151,5 +151,3 @@ def runs(runs_dir, as_json, markdown):
     else:
         click.echo(format_table(rows, markdown=markdown))
 
-
-__all__ = ["click_option"]
