@@ -170,26 +170,108 @@ class Predictions:
 
 
 def predict(run, images, *, batch_size: int = 128, weights: str | None = None, skip_bad_images: bool = False,
-            progress: bool = True, model=None) -> Predictions:
+            progress: bool = True, model=None, engine: str = "local", ray_address: str | None = None,
+            workers: int | None = None) -> Predictions:
     """Class probabilities of the image files `images` (or folders of them) from the run (or exported) folder
     `run`. An unreadable image is a one-line UnreadableImageError, or with `skip_bad_images` left out and listed
-    in `Predictions.bad`. Images are decoded and resized as the extraction does; memory is one batch."""
+    in `Predictions.bad`. Images are decoded and resized as the extraction does; memory is one batch. With
+    `engine="ray"` shards of the files run on Ray actors (each builds the model once), on the cluster at
+    `ray_address` or one of featcache's own, as `extract --engine ray` does; rows come back in the same order."""
+    if engine not in ("local", "ray"):
+        raise BadInputError(f"--engine must be local or ray, got {engine!r}")
     info = load_run(run)
     files = image_files(images if isinstance(images, (list, tuple)) else [images])
+    if engine == "ray":
+        probs, kept, bad = _on_ray(info, files, batch_size=batch_size, weights=weights, skip=skip_bad_images,
+                                   progress=progress, address=ray_address, workers=workers)
+        return Predictions(kept, probs, info.class_names, bad)
     model = model if model is not None else end_to_end(info, weights=weights)
     size = info.input_size or tuple(model.input_shape[1:3])
-    probs, kept, bad = [], [], []
     with system.progress_bar(len(files), unit="img", desc="predict", enabled=progress) as bar:
-        for s in range(0, len(files), batch_size):
-            chunk = files[s:s + batch_size]
-            pixels, ok, failed = _decode(chunk, size, skip_bad_images)
-            bad += failed
-            if ok:
-                probs.append(np.asarray(model.predict_on_batch(pixels), np.float32))
-                kept += ok
+        probs, kept, bad = predict_files(model, files, size, batch_size, skip_bad_images, bar)
+    return Predictions(kept, probs, info.class_names, bad)
+
+
+def predict_files(model, files: list[Path], size, batch_size: int, skip_bad_images: bool, bar=None):
+    """(probabilities, the files they are of, [(file, why)] left out): `files` a batch at a time."""
+    probs, kept, bad = [], [], []
+    for s in range(0, len(files), batch_size):
+        chunk = files[s:s + batch_size]
+        pixels, ok, failed = _decode(chunk, size, skip_bad_images)
+        bad += failed
+        if ok:
+            probs.append(np.asarray(model.predict_on_batch(pixels), np.float32))
+            kept += ok
+        if bar is not None:
             bar.update(len(chunk))
+    out = np.concatenate(probs) if probs else np.zeros((0, model.output_shape[-1]), np.float32)
+    return out, kept, bad
+
+
+class PredictWorker:
+    """One Ray actor of `predict(engine="ray")`: the end-to-end model, built once, predicting shard after shard."""
+
+    def __init__(self, run: str, weights, batch_size: int, skip_bad_images: bool):
+        self.error, self.batch_size, self.skip = None, batch_size, skip_bad_images
+        try:
+            self.info = load_run(run)
+            self.model = end_to_end(self.info, weights=weights)
+            self.size = self.info.input_size or tuple(self.model.input_shape[1:3])
+        except Exception as e:  # noqa: BLE001  (handed to the driver by ready(), which raises it there, once)
+            self.error = e
+
+    def ready(self):
+        return self.error
+
+    def run(self, files: list[str]):
+        probs, kept, bad = predict_files(self.model, [Path(f) for f in files], self.size, self.batch_size, self.skip)
+        return probs, [str(f) for f in kept], [(str(f), why) for f, why in bad]
+
+
+def _on_ray(info: RunInfo, files: list[Path], *, batch_size: int, weights, skip: bool, progress: bool, address,
+            workers) -> tuple:
+    """predict_files over shards of `files` on Ray actors (ordered results); the cluster handled as extraction's."""
+    import contextlib
+    import sys
+    import tempfile
+
+    from featcache import cluster
+
+    ray = cluster.import_ray()
+    shard = max(batch_size, 8 * batch_size)
+    shards = [[str(f.absolute()) for f in files[s:s + shard]] for s in range(0, len(files), shard)]
+    probs, kept, bad = [], [], []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr), \
+            cluster.owned_cluster(ray, address, Path(tmp) / cluster.PROCESSES_FILE) as owned, \
+            system.progress_bar(len(files), unit="img", desc="predict (ray)", enabled=progress) as bar:
+        n, threads, gpus = cluster.plan_workers(ray, workers, len(shards))
+        remote = ray.remote(PredictWorker).options(num_cpus=threads, num_gpus=gpus, max_restarts=cluster.MAX_RESTARTS,
+                                                    max_task_retries=cluster.MAX_RESTARTS,
+                                                    runtime_env={"env_vars": cluster.worker_env(threads)})
+        owned.actors = [remote.remote(str(info.folder.absolute()), weights, batch_size, skip) for _ in range(n)]
+        for p, k, b in _ordered(ray, cluster.placed(ray, owned.actors), shards):
+            probs.append(p)
+            kept += [Path(f) for f in k]
+            bad += [(Path(f), why) for f, why in b]
+            bar.update(len(k) + len(b))
+            owned.record()
     out = np.concatenate(probs) if probs else np.zeros((0, len(info.class_names)), np.float32)
-    return Predictions(kept, out, info.class_names, bad)
+    return out, kept, bad
+
+
+def _ordered(ray, actors: list, shards: list):
+    from ray.util import ActorPool
+
+    from featcache import cluster
+
+    results = ActorPool(actors).map(lambda actor, files: actor.run.remote(files), shards)
+    while True:
+        try:
+            yield next(results)
+        except StopIteration:
+            return
+        except ray.exceptions.RayTaskError as e:
+            raise cluster.one_line(e.cause) from None
 
 
 def _decode(files: list[Path], size: tuple[int, int], skip_bad_images: bool):

@@ -230,7 +230,7 @@ def _record(shards: Path, entries) -> Path:
 @pytest.mark.parametrize("entries", ["{not json", '[{"pid": 1}]', '{"pid": 1}', '[{"pid": "x", "started": 0}]'])
 def test_a_malformed_process_record_is_ignored_with_a_warning(tmp_path, entries, caplog):
     pytest.importorskip("psutil")
-    from featcache.extract import ray as engine
+    from featcache import cluster as engine
 
     _record(tmp_path / "s", entries)
     assert engine.stop_leftovers(tmp_path / "s") == 0
@@ -239,7 +239,7 @@ def test_a_malformed_process_record_is_ignored_with_a_warning(tmp_path, entries,
 
 def test_a_record_naming_a_process_that_is_not_rays_stops_nothing(tmp_path, caplog):
     psutil = pytest.importorskip("psutil")
-    from featcache.extract import ray as engine
+    from featcache import cluster as engine
 
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -347,8 +347,8 @@ def test_a_partial_whose_datasets_were_not_all_created_is_discarded_not_resumed(
 
 
 def test_a_ray_worker_dying_while_it_starts_is_one_line():
+    from featcache import cluster as engine
     from featcache.errors import WorkerError
-    from featcache.extract import ray as engine
 
     class ActorDied(Exception):
         pass
@@ -370,5 +370,5 @@ def test_a_ray_worker_dying_while_it_starts_is_one_line():
                 return object()
 
     with pytest.raises(WorkerError, match="died while starting, 4 times \\(The actor died unexpectedly"):
-        engine._placed(FakeRay(), [Actor()])
+        engine.placed(FakeRay(), [Actor()])
 

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 from conftest import assert_same_cache, write_folder
 
@@ -246,3 +247,23 @@ def test_a_second_driver_on_the_same_cache_waits_for_the_first(folder, local, tm
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log.read_text()
     assert_same_cache(local, featcache.open_cache(out.strip()))
+
+
+def test_predict_on_ray_gives_the_local_rows_and_stops_its_processes(tmp_path):
+    from heads import inference
+    from heads.train import train_head
+
+    data = write_folder(tmp_path / "tiny", n_train=10, n_test=12)
+    cache = extract(data=data, cache_dir=tmp_path / "c", weights="random", batch_size=4, progress=False)
+    run = train_head(cache, model="dense", units=(8,), epochs=1, runs_dir=tmp_path / "runs", progress=False).run_dir
+    local = inference.predict(run, [data / "test"], batch_size=4, progress=False)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with Descendants(os.getpid(), exclude=before) as watch:
+        on_ray = inference.predict(run, [data / "test"], batch_size=4, progress=False, engine="ray", workers=2)
+    assert [f.resolve() for f in on_ray.files] == [f.resolve() for f in local.files]
+    assert (on_ray.indices == local.indices).all()
+    # workers of 1 thread sum in another order than 2 local threads: float32 rounding, amplified by random weights
+    np.testing.assert_allclose(on_ray.probabilities, local.probabilities, atol=1e-3)
+    assert [[c for c, _ in row] for row in on_ray.top(3)] == [[c for c, _ in row] for row in local.top(3)]
+    assert not ray.is_initialized()
+    assert_all_gone(watch.seen)

@@ -65,9 +65,16 @@ def _report_if_labelled(result) -> None:
                                               "hash must be the one the cache recorded).")
 @click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable images (listed on stderr) instead of "
                                                       "stopping at the end with an error.")
+@click.option("--engine", type=click.Choice(("local", "ray")), default="local", show_default=True,
+              help="ray: shards of the images on Ray actors (each builds the model once), on --ray-address or a local "
+                   "cluster featcache starts and stops, as `extract --engine ray`; the same rows come back.")
+@click.option("--ray-address", default=None, help="Ray cluster to run on [default: $RAY_ADDRESS, else a local one].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray workers [default: one per GPU of the cluster, else one per CPU].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @needs_tensorflow
-def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_images, no_progress):
+def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_images, engine, ray_address, workers,
+            no_progress):
     """Classify IMAGES (files, or folders walked recursively) with the head of RUN (a run folder, or a folder
     `featcache export` wrote): the top classes of each image with their probabilities, on stdout (or -o).
 
@@ -75,8 +82,10 @@ def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_image
     (checked by hash) and precision as the cache the head was trained on."""
     from heads.inference import predict as run_predict
 
+    if engine == "local" and (ray_address or workers):
+        raise click.UsageError("--ray-address and --workers need --engine ray")
     result = run_predict(run, list(images), batch_size=batch_size, weights=weights, skip_bad_images=True,
-                         progress=not no_progress)
+                         progress=not no_progress, engine=engine, ray_address=ray_address, workers=workers)
     for _, why in result.bad:
         click.echo(f"error: {why}", err=True)
     k = min(top_k, len(result.class_names))

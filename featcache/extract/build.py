@@ -94,9 +94,9 @@ def _report_ray_leftovers(final: Path) -> None:
     running = ""
     if (shards / "ray-processes.json").exists():
         try:
-            from featcache.extract import ray
+            from featcache import cluster
 
-            alive = ray.leftovers(shards)
+            alive = cluster.leftovers(shards)
             running = f"; {len(alive)} of the Ray processes it started still run (pids {[p.pid for p in alive]})"
         except ImportError:   # no psutil: say what the record is, without looking
             running = "; it recorded the Ray processes it started in ray-processes.json"
