@@ -25,6 +25,8 @@ from featcache.sources.images import is_system_file, pillow_extensions
 
 log = logging.getLogger(__name__)
 EXPORT_FILE = "export.json"
+#: What `export` writes for each format, in its folder.
+EXPORT_FORMATS = {"keras": "model.keras", "saved_model": "saved_model", "onnx": "model.onnx"}
 
 
 @dataclass(frozen=True)
@@ -294,19 +296,42 @@ def _decode(files: list[Path], size: tuple[int, int], skip_bad_images: bool):
     return (np.stack(pixels) if pixels else None), ok, bad
 
 
+def _onnx(model, target: Path) -> None:
+    """ONNX through tf2onnx, from the SavedModel Keras exports (the `onnx` extra: tf2onnx, onnxruntime)."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+
+    if importlib.util.find_spec("tf2onnx") is None:
+        raise BadInputError("--format onnx needs tf2onnx; fix: pip install 'featcache[onnx]' (or use --format keras)")
+    with tempfile.TemporaryDirectory() as tmp:
+        model.export(f"{tmp}/saved_model")
+        done = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--saved-model", f"{tmp}/saved_model",
+                               "--output", str(target), "--opset", "17"], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise BadInputError(f"tf2onnx could not convert the model ({last[:200]}); fix: export --format saved_model")
+
+
 def export(run, path, *, format: str = "keras", weights: str | None = None) -> Path:
     """Write the run's end-to-end model into the folder `path`: model.keras (or saved_model/) and export.json
     (class names, input size, the provenance of cache and weights); returns the folder."""
-    if format not in ("keras", "saved_model"):
-        raise BadInputError(f"--format must be keras or saved_model, got {format!r} (ONNX: see the README)")
+    if format not in EXPORT_FORMATS:
+        raise BadInputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
     info = load_run(run)
     out = Path(path)
-    target = out / ("model.keras" if format == "keras" else "saved_model")
+    target = out / EXPORT_FORMATS[format]
     if target.exists():
         raise BadInputError(f"{target} exists; fix: pass another -o, or delete it")
     model = end_to_end(info, weights=weights)
     out.mkdir(parents=True, exist_ok=True)
-    model.save(target) if format == "keras" else model.export(str(target))
+    if format == "keras":
+        model.save(target)
+    elif format == "saved_model":
+        model.export(str(target))
+    else:
+        _onnx(model, target)
     metas = info.cache_metas
     record = {"class_names": list(info.class_names), "input_size": list(info.input_size or model.input_shape[1:3]),
               "takes": "uint8 RGB images (n, height, width, 3) already at input_size (resize: PIL bilinear)",

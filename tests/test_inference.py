@@ -190,3 +190,15 @@ def test_a_saved_model_export_serves_the_same_probabilities(trained, tmp_path):
     served = loaded.serve(tf.constant(pixels))
     np.testing.assert_allclose(np.asarray(served), inference.predict(runs["dense"], files, progress=False)
                                .probabilities, atol=1e-5)
+
+
+def test_an_onnx_export_runs_in_onnxruntime_and_gives_the_same_probabilities(trained, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    _, cache, runs, _ = trained
+    out = inference.export(runs["dense"], tmp_path / "onnx", format="onnx")
+    files = _test_files(cache)
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    probs = session.run(None, {session.get_inputs()[0].name: pixels})[0]
+    np.testing.assert_allclose(probs, inference.predict(runs["dense"], files, progress=False).probabilities, atol=1e-3)
