@@ -194,18 +194,29 @@ def predict(run, images, *, batch_size: int = 128, weights: str | None = None, s
     return Predictions(kept, probs, info.class_names, bad)
 
 
+#: Batches decoded ahead of the model, each in a thread of its own (as extraction's decoding threads do).
+DECODE_AHEAD = 2
+
+
 def predict_files(model, files: list[Path], size, batch_size: int, skip_bad_images: bool, bar=None):
-    """(probabilities, the files they are of, [(file, why)] left out): `files` a batch at a time."""
+    """(probabilities, the files they are of, [(file, why)] left out): `files` a batch at a time, the next
+    DECODE_AHEAD batches decoding in threads while the model runs (memory: those few batches)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [files[s:s + batch_size] for s in range(0, len(files), batch_size)]
     probs, kept, bad = [], [], []
-    for s in range(0, len(files), batch_size):
-        chunk = files[s:s + batch_size]
-        pixels, ok, failed = _decode(chunk, size, skip_bad_images)
-        bad += failed
-        if ok:
-            probs.append(np.asarray(model.predict_on_batch(pixels), np.float32))
-            kept += ok
-        if bar is not None:
-            bar.update(len(chunk))
+    with ThreadPoolExecutor(DECODE_AHEAD) as pool:
+        ahead = [pool.submit(_decode, c, size, skip_bad_images) for c in chunks[:DECODE_AHEAD]]
+        for k, chunk in enumerate(chunks):
+            pixels, ok, failed = ahead.pop(0).result()
+            if k + DECODE_AHEAD < len(chunks):
+                ahead.append(pool.submit(_decode, chunks[k + DECODE_AHEAD], size, skip_bad_images))
+            bad += failed
+            if ok:
+                probs.append(np.asarray(model.predict_on_batch(pixels), np.float32))
+                kept += ok
+            if bar is not None:
+                bar.update(len(chunk))
     out = np.concatenate(probs) if probs else np.zeros((0, model.output_shape[-1]), np.float32)
     return out, kept, bad
 
