@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import REAL_DATA, REAL_WEIGHTS, needs_shared
 from PIL import Image
 
 import featcache
@@ -202,3 +203,30 @@ def test_an_onnx_export_runs_in_onnxruntime_and_gives_the_same_probabilities(tra
     session = ort.InferenceSession(str(out / "model.onnx"))
     probs = session.run(None, {session.get_inputs()[0].name: pixels})[0]
     np.testing.assert_allclose(probs, inference.predict(runs["dense"], files, progress=False).probabilities, atol=1e-3)
+
+
+@needs_shared
+def test_real_images_and_weights_whose_file_moved(tmp_path):
+    """A few hundred real CIFAR-10 JPEGs with the real weights: the weights file the cache recorded is gone (moved),
+    predict says so in one line, and with --weights (the same file, hash checked) gives the cached predictions."""
+    import shutil
+
+    data = tmp_path / "cifar"
+    for split, n in (("train", 20), ("test", 10)):
+        for c in sorted((REAL_DATA / split).iterdir()):
+            (data / split / c.name).mkdir(parents=True)
+            for f in sorted(c.iterdir())[:n]:
+                shutil.copy(f, data / split / c.name / f.name)
+    moved = tmp_path / "w" / REAL_WEIGHTS.name
+    moved.parent.mkdir()
+    shutil.copy(REAL_WEIGHTS, moved)
+    cache = extract(data=data, weights=moved, cache_dir=tmp_path / "c", progress=False)
+    run = train_head(cache, model="dense", units=(16,), epochs=3, runs_dir=tmp_path / "runs", progress=False).run_dir
+    kept = tmp_path / "kept.h5"
+    moved.rename(kept)
+    r = CliRunner().invoke(main, ["predict", str(run), str(data / "test"), "--no-progress"])
+    assert r.exit_code == 2 and "is not there; fix: pass --weights FILE" in r.output
+    got = inference.predict(run, _test_files(cache), weights=str(kept), progress=False)
+    want = _cached_probabilities(run, cache)
+    assert (got.indices == want.argmax(1)).mean() >= 0.99
+    np.testing.assert_allclose(got.probabilities, want, atol=2e-3)
