@@ -93,6 +93,12 @@ def end_to_end(info: RunInfo, *, weights: str | None = None):
     return keras.Model(images, probs, name=f"{meta['backbone']}_{head.name}")
 
 
+def _parts(info: RunInfo) -> list[dict]:
+    """The run's data records, one per cached layer it trained on (none for a baseline)."""
+    data = info.config.get("data", {})
+    return data.get("caches", [data] if "cache_meta" in data else [])
+
+
 def _backbone(meta: dict, layers: list[str], weights: str | None):
     """The frozen backbone of the cache `meta` describes, cut at `layers`, with the weights it was made from
     (hash checked)."""
@@ -348,8 +354,9 @@ def export(run, path, *, format: str = "keras", weights: str | None = None) -> P
               "takes": "uint8 RGB images (n, height, width, 3) already at input_size (resize: PIL bilinear)",
               "returns": "class probabilities (n, n_classes), softmax", "format": format, "run": str(info.folder),
               "model": info.config.get("model"),
-              "cache": [{k: m.get(k) for k in ("backbone", "layer", "weights", "weights_source", "input_shape", "resize",
-                                               "preprocessing", "dtype", "precision")} for m in metas],
+              "cache": [{"key": part.get("cache_key"), **{k: part["cache_meta"].get(k) for k in (
+                  "backbone", "layer", "weights", "weights_source", "input_shape", "resize", "preprocessing", "dtype",
+                  "precision")}} for part in _parts(info)],
               "random_weights": any(m["weights"].startswith("random") for m in metas)}
     (out / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out

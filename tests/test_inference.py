@@ -64,6 +64,7 @@ def test_the_export_loads_and_predicts_where_featcache_cannot_be_imported(traine
     out = inference.export(runs["dense"], tmp_path / "exported")
     record = json.loads((out / "export.json").read_text())
     assert record["random_weights"] is True and record["input_size"] == [32, 32]
+    assert record["cache"][0]["key"] == featcache.open_cache(cache).meta.key
     files = _test_files(cache)
     pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     np.save(tmp_path / "pixels.npy", pixels)
@@ -228,5 +229,5 @@ def test_real_images_and_weights_whose_file_moved(tmp_path):
     assert r.exit_code == 2 and "is not there; fix: pass --weights FILE" in r.output
     got = inference.predict(run, _test_files(cache), weights=str(kept), progress=False)
     want = _cached_probabilities(run, cache)
-    assert (got.indices == want.argmax(1)).mean() >= 0.99
-    np.testing.assert_allclose(got.probabilities, want, atol=2e-3)
+    assert (got.indices == want.argmax(1)).mean() >= 0.995
+    np.testing.assert_allclose(got.probabilities, want, atol=1e-3)   # float16 storage of the cached features
