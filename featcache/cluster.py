@@ -28,6 +28,26 @@ PLACE_SECONDS = 60
 _RAY_TOKENS = ("ray::", "/ray/", "raylet", "gcs_server")
 
 
+def results(ray, actors: list, tasks: list, *, ordered: bool, after_death: str):
+    """What `actor.run.remote(*task)` returns for each task on a pool of `actors` (in the tasks' order, or as they
+    finish); a task's error as the one line the local run gives, and a worker that died MAX_RESTARTS + 1 times as a
+    WorkerError ending with `after_death` (what was kept, and how to go on)."""
+    from ray.util import ActorPool
+
+    pool = ActorPool(actors)
+    run = (pool.map if ordered else pool.map_unordered)(lambda actor, task: actor.run.remote(*task), tasks)
+    while True:
+        try:
+            yield next(run)
+        except StopIteration:
+            return
+        except ray.exceptions.RayTaskError as e:
+            raise one_line(e.cause) from None
+        except ray.exceptions.ActorDiedError as e:
+            raise WorkerError(f"a Ray worker died {MAX_RESTARTS + 1} times ({str(e).splitlines()[0]}); "
+                              f"{after_death}") from None
+
+
 def plan_workers(ray, workers: int | None, tasks: int) -> tuple[int, int, float]:
     """(workers, threads each, GPUs each): one per GPU where the cluster has GPUs, else one per CPU, never more
     than tasks to run or CPUs to give; each gets an equal share of the CPUs of the smallest node (an actor lives

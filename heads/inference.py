@@ -268,7 +268,9 @@ def _on_ray(info: RunInfo, files: list[Path], *, batch_size: int, weights, skip:
                                                     max_task_retries=cluster.MAX_RESTARTS,
                                                     runtime_env={"env_vars": cluster.worker_env(threads)})
         owned.actors = [remote.remote(str(info.folder.absolute()), weights, batch_size, skip) for _ in range(n)]
-        for p, k, b in _ordered(ray, cluster.placed(ray, owned.actors), shards):
+        tasks = [(files,) for files in shards]
+        for p, k, b in cluster.results(ray, cluster.placed(ray, owned.actors), tasks, ordered=True,
+                                       after_death="nothing was written: rerun the same command"):
             probs.append(p)
             kept += [Path(f) for f in k]
             bad += [(Path(f), why) for f, why in b]
@@ -276,21 +278,6 @@ def _on_ray(info: RunInfo, files: list[Path], *, batch_size: int, weights, skip:
             owned.record()
     out = np.concatenate(probs) if probs else np.zeros((0, len(info.class_names)), np.float32)
     return out, kept, bad
-
-
-def _ordered(ray, actors: list, shards: list):
-    from ray.util import ActorPool
-
-    from featcache import cluster
-
-    results = ActorPool(actors).map(lambda actor, files: actor.run.remote(files), shards)
-    while True:
-        try:
-            yield next(results)
-        except StopIteration:
-            return
-        except ray.exceptions.RayTaskError as e:
-            raise cluster.one_line(e.cause) from None
 
 
 def _decode(files: list[Path], size: tuple[int, int], skip_bad_images: bool):

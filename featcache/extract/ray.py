@@ -28,7 +28,7 @@ from featcache import cluster, system
 from featcache.cache import CacheMeta, open_cache
 from featcache.cache import shards as join
 from featcache.cache.files import sweep
-from featcache.errors import BadInputError, CacheError, WorkerError
+from featcache.errors import BadInputError, CacheError
 from featcache.extract import local
 from featcache.extract.planner import Unit, units
 
@@ -149,7 +149,8 @@ def _run_units(ray, ds, meta, todo: list[Unit], shards: Path, job: Job) -> None:
                  for u in todo]
         passes = sum((u.stop - u.start) * (meta.views if u.split == "train" else 1) for u in todo)
         with system.progress_bar(passes, unit="img", desc="extract (ray)", enabled=job.progress) as bar:
-            for done in _results(ray, actors, tasks, shards):
+            for done in cluster.results(ray, actors, tasks, ordered=False, after_death=(
+                    f"the shards finished so far stay in {shards}: rerun the same command to compute the others")):
                 rows = done["stop"] - done["start"]
                 if done["computed"] < rows:
                     log.info("shard %s %d-%d resumed at row %d after its worker died", done["split"], done["start"],
@@ -175,24 +176,6 @@ def _start_actors(ray, ds, meta, job: Job, owned: "cluster.owned_cluster", plan:
     owned.actors = [remote.remote(worker_spec, meta, ds.class_names, job.decoding, Image.MAX_IMAGE_PIXELS,
                                     job.after_batch) for _ in range(workers)]
     return cluster.placed(ray, owned.actors)
-
-
-def _results(ray, actors: list, tasks: list, shards: Path):
-    """What each shard's run returned, as they finish; a worker's failure as the one line the local engine gives."""
-    from ray.util import ActorPool
-
-    results = ActorPool(actors).map_unordered(lambda actor, task: actor.run.remote(*task), tasks)
-    while True:
-        try:
-            yield next(results)
-        except StopIteration:
-            return
-        except ray.exceptions.RayTaskError as e:
-            raise cluster.one_line(e.cause) from None
-        except ray.exceptions.ActorDiedError as e:
-            raise WorkerError(f"a Ray worker died {cluster.MAX_RESTARTS + 1} times ({str(e).splitlines()[0]}); the "
-                               f"shards finished so far stay in {shards}: rerun the same command to compute "
-                               "the others") from None
 
 
 def _absolute(split):
