@@ -372,3 +372,11 @@ def test_a_ray_worker_dying_while_it_starts_is_one_line():
     with pytest.raises(WorkerError, match="died while starting, 4 times \\(The actor died unexpectedly"):
         engine.placed(FakeRay(), [Actor()])
 
+
+
+def test_a_hit_on_a_joined_cache_reports_the_size_of_its_shards(joined, image_folder, caplog):
+    path, files = joined
+    caplog.set_level("INFO")
+    assert extract(data=image_folder, cache_dir=path.parent, progress=False, **OPTS) == path
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    assert f"cache hit: {path} (" in caplog.text and "(0.0 MB)" not in caplog.text and mb > 0.05
