@@ -93,7 +93,9 @@ def info(path, as_json, verify):
         from featcache import backbones
 
         backbones.check_cached_shapes(c.path, c.meta.backbone, c.meta.input_shape[:2], c.meta.shapes)
-        click.echo(f"content: shapes are {c.meta.backbone}'s; {verify_content(c)} shard digests match", err=True)
+        checked = verify_content(c)
+        shards = f"{checked} shard digests match" if c.shards else "one file (no shards to re-read)"
+        click.echo(f"content: shapes are {c.meta.backbone}'s at {c.meta.layer}; {shards}", err=True)
     summary = {
         "path": str(c.path), "kind": c.kind, "shards": len(c.shards), "complete": c.complete, "layer": c.meta.layer, "dtype": c.meta.dtype,
         "size_bytes": c.size_bytes, "random_weights": c.meta.random_weights,
