@@ -41,9 +41,18 @@ class RunInfo:
     config: dict
 
     @property
+    def parts(self) -> list[dict]:
+        """The run's data records, one per cached layer it trained on, in the head's order (none for a baseline)."""
+        return _parts(self.config)
+
+    @property
     def cache_metas(self) -> list[dict]:
-        d = self.config.get("data", {})
-        return [d["cache_meta"]] if "cache_meta" in d else [c["cache_meta"] for c in d.get("caches", [])]
+        return [p["cache_meta"] for p in self.parts]
+
+
+def _parts(config: dict) -> list[dict]:
+    data = config.get("data", {})
+    return data.get("caches", [data] if "cache_meta" in data else [])
 
 
 def load_run(run) -> RunInfo:
@@ -61,8 +70,8 @@ def load_run(run) -> RunInfo:
         return RunInfo(folder, model_path, tuple(config["class_names"]), tuple(config["input_size"]), "exported",
                        config)
     kind = "pixels" if config["model"] in ("ann", "cnn") else "features"
-    metas = RunInfo(folder, model_path, (), None, kind, config).cache_metas
-    size = tuple(metas[0]["input_shape"][:2]) if metas else None
+    parts = _parts(config)
+    size = tuple(parts[0]["cache_meta"]["input_shape"][:2]) if parts else None
     return RunInfo(folder, model_path, tuple(config["class_names"]), size, kind, config)
 
 
@@ -73,8 +82,7 @@ def end_to_end(info: RunInfo, *, weights: str | None = None):
     head = keras.saving.load_model(info.model_path, compile=False)
     if info.kind in ("pixels", "exported"):
         return head
-    data = info.config["data"]
-    parts = data.get("caches", [data])   # several layers: pooled, concatenated in this order
+    data, parts = info.config["data"], info.parts   # several layers: pooled, concatenated in this order
     meta = parts[0]["cache_meta"]
     fields = ("backbone", "weights", "dtype", "precision", "input_shape")
     if len({tuple(str(p["cache_meta"].get(k)) for k in fields) for p in parts}) > 1:
@@ -91,12 +99,6 @@ def end_to_end(info: RunInfo, *, weights: str | None = None):
         stored = [keras.layers.Concatenate(name="layers")([pool(dtype="float32")(s) for s in stored])]
     probs = head(stored[0])
     return keras.Model(images, probs, name=f"{meta['backbone']}_{head.name}")
-
-
-def _parts(info: RunInfo) -> list[dict]:
-    """The run's data records, one per cached layer it trained on (none for a baseline)."""
-    data = info.config.get("data", {})
-    return data.get("caches", [data] if "cache_meta" in data else [])
 
 
 def _backbone(meta: dict, layers: list[str], weights: str | None):
@@ -343,7 +345,7 @@ def export(run, path, *, format: str = "keras", weights: str | None = None) -> P
               "model": info.config.get("model"),
               "cache": [{"key": part.get("cache_key"), **{k: part["cache_meta"].get(k) for k in (
                   "backbone", "layer", "weights", "weights_source", "input_shape", "resize", "preprocessing", "dtype",
-                  "precision")}} for part in _parts(info)],
+                  "precision")}} for part in info.parts],
               "random_weights": any(m["weights"].startswith("random") for m in metas)}
     (out / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out
