@@ -64,20 +64,24 @@ def batches_per_epoch(positions, batch_size: int, *, shuffle: bool, n_views: int
 
 
 def in_ram_dataset(x, y, positions, batch_size: int, *, shuffle: bool, seed: int = 0, n_views: int = 1,
-                   all_views: bool = False):
+                   all_views: bool = False, class_weights=None):
     """A tf.data.Dataset of (float32 features, labels) batches gathered from tensors held in RAM in their stored
-    dtype (x: (n, ...) or, with views, (n, n_views, ...) with view 0 the original), cast per batch. Each pass
-    over it is one epoch of `plan_batches` (rows shuffled one by one): one gather per batch."""
+    dtype (x: (n, ...) or, with views, (n, n_views, ...) with view 0 the original), cast per batch; with
+    `class_weights` ((n_classes,)), (features, labels, row weights). Each pass over it is one epoch of
+    `plan_batches` (rows shuffled one by one): one gather per batch."""
     import tensorflow as tf
 
     plans = epochs_of_plans(positions, batch_size, shuffle=shuffle, seed=seed, n_views=n_views,
                             all_views=all_views, block_rows=1)
+    class_weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
 
     @tf.autograph.experimental.do_not_convert   # plain tensor ops: nothing for AutoGraph to convert
     def gather(pairs):
-        if n_views > 1:
-            return tf.cast(tf.gather_nd(x, pairs), tf.float32), tf.gather(y, pairs[:, 0])
-        return tf.cast(tf.gather(x, pairs[:, 0]), tf.float32), tf.gather(y, pairs[:, 0])
+        labels = tf.gather(y, pairs[:, 0])
+        features = tf.gather_nd(x, pairs) if n_views > 1 else tf.gather(x, pairs[:, 0])
+        if class_weights is None:
+            return tf.cast(features, tf.float32), labels
+        return tf.cast(features, tf.float32), labels, tf.gather(class_weights, labels)
 
     ds = tf.data.Dataset.from_generator(plans, output_signature=tf.TensorSpec((None, 2), tf.int64))
     ds = ds.apply(tf.data.experimental.assert_cardinality(

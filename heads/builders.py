@@ -82,6 +82,19 @@ def linear_probe(input_shape, n_classes: int, *, pooling: str = "gap"):
     return keras.Model(inputs, outputs, name="linear_probe")
 
 
+def knn_head(input_shape, n_classes: int, *, pooling: str = "gap", bank_size: int = 1):
+    """pooling -> standardise -> L2-normalise -> a temperature-weighted vote of the k most similar of
+    `bank_size` training rows (heads.knn: the rows, k and temperature are set when fitted)."""
+    import keras
+
+    from heads.knn import KnnVote
+
+    inputs = keras.Input(input_shape, name="features")
+    x = keras.layers.UnitNormalization(name="unit_norm")(standardise()(_pool(inputs, pooling)))
+    outputs = KnnVote(bank_size, n_classes, name="knn")(x)
+    return keras.Model(inputs, outputs, name="knn_head")
+
+
 def ann(input_shape, n_classes: int, *, units=(512, 256, 128)):
     """Scratch baseline: Flatten -> three Dense(relu) -> softmax, on pixels scaled to [0, 1]."""
     import keras
@@ -139,7 +152,7 @@ def conv_head(input_shape, n_classes: int, *, filters: int = 128, units=(400, 25
 class ModelSpec:
     build: Callable
     input: str            # "features" (from a cache) or "pixels" (raw images)
-    optimizer: str        # "adam", "sgd", or "lbfgs" (fitted to convergence by heads.probe, no epochs)
+    optimizer: str        # "adam", "sgd", "lbfgs" (fitted to convergence by heads.probe, no epochs) or "knn"
     lr: float
     options: tuple        # TrainConfig fields this builder takes
     pools_first: bool = False   # the model starts with `_pool(inputs, options["pooling"])`
@@ -154,6 +167,7 @@ MODELS = {
     "dense": ModelSpec(dense_head, "features", "adam", 1e-3, ("units", "pooling", "batchnorm", "dropout", "l2"),
                        pools_first=True),
     "linear": ModelSpec(linear_probe, "features", "lbfgs", 0.0, ("pooling",), pools_first=True),
+    "knn": ModelSpec(knn_head, "features", "knn", 0.0, ("pooling",), pools_first=True),
     "conv": ModelSpec(conv_head, "features", "adam", 1e-3, ("filters", "units", "dropout", "l2")),
     "ann": ModelSpec(ann, "pixels", "sgd", 1e-2, ()),
     "cnn": ModelSpec(cnn, "pixels", "adam", 1e-3, ("dropout", "seed")),

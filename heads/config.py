@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from featcache.options import declared, option, validate
+from heads.balance import CLASS_WEIGHTS, IMBALANCE_RATIO
 from heads.builders import MODELS, POOLINGS
 
 #: The default head: the reference dense head or the linear probe, whichever has the lower validation loss.
@@ -22,7 +23,8 @@ class TrainConfig:
         "dense", "auto: the dense head or the linear probe, whichever has the lower validation loss (the probe "
         "wins on small splits); dense: pooling -> standardise -> BatchNorm -> Dense(units) -> Dropout -> softmax; "
         "linear: a linear probe (logistic regression solved by L-BFGS, L2 strength chosen on validation); conv: "
-        "BatchNorm -> 1x1 Conv(filters) -> Flatten -> Dense(units) -> softmax.", kind="str",
+        "BatchNorm -> 1x1 Conv(filters) -> Flatten -> Dense(units) -> softmax; knn: cosine k-nearest-neighbour "
+        "vote on standardised pooled features (k and temperature chosen on validation).", kind="str",
         choices=(AUTO, *MODELS), label="model", cli=())
     units: tuple[int, ...] = option((400, 256, 256), "Dense layer sizes of the dense and conv heads.", kind="units",
                                     cli=(HEAD,))
@@ -34,6 +36,10 @@ class TrainConfig:
                             kind="float", low=0, high=1, high_open=True, cli=(HEAD, BASELINE))
     l2: float = option(0.0, "Weight decay: L2 strength on the kernels of the dense and conv heads (0: none).",
                        kind="float", low=0, cli=(HEAD,))
+    class_weight: str = option(
+        "auto", f"Weigh each class by n / (k * n_class) in training and in the validation loss that chooses the "
+        f"model: balanced; none; auto: balanced when the largest training class has {IMBALANCE_RATIO:g}x the rows of "
+        "the smallest or more, else none.", kind="str", choices=CLASS_WEIGHTS, cli=(HEAD, CURVE))
     epochs: int = option(50, "Most epochs to train; early stopping usually ends sooner.", kind="int", low=1,
                          cli=(HEAD, BASELINE, CURVE))
     patience: int = option(5, "Early stopping: epochs without a better validation loss (best weights restored); "

@@ -21,7 +21,10 @@ from heads.config import TrainConfig, pools_first
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (5, 10, 25, 50, 100, 250, 500, 1000, None)   # None: the whole training split
-CURVE_HEADS = ("auto", "linear")   # the default head (dense or probe, chosen on validation) and the probe
+CURVE_HEADS = ("auto", "linear", "knn")   # the default head (dense or probe, chosen on validation), the probe, kNN
+#: How the curve's plots and tables name each head.
+HEAD_LABELS = {"auto": "default head (auto: dense or probe on validation)", "dense": "dense head",
+               "linear": "linear probe (L-BFGS)", "knn": "kNN vote (cosine, k and T on validation)"}
 
 
 def parse_sizes(text: str) -> tuple[int | None, ...]:
@@ -88,13 +91,16 @@ def _runs(data, configs: dict, kept: list, repeats: int, progress: bool) -> list
                 for head, base in configs.items():
                     config = TrainConfig(**{**base.__dict__, "per_class": n, "subset_seed": r, "seed": r})
                     m = train(data, config, runs_dir=None, progress=False).metrics
-                    rows.append({"per_class": n, "repeat": r, "head": head, "n_train": m["n_train"],
-                                 "n_val": m["n_val"], "val_accuracy": m["val_accuracy"], "val_loss": m["val_loss"],
-                                 "test_accuracy": m["test_accuracy"], "chosen": m.get("chosen"),
-                                 "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"], "C": m.get("C"),
-                                 "seconds": m["seconds"]})
+                    rows.append({"per_class": n, "repeat": r, "head": head, **run_row(m)})
                     bar.update(1)
     return rows
+
+
+def run_row(m: dict) -> dict:
+    """What a curve keeps of one run's metrics."""
+    keys = ("n_train", "n_val", "val_accuracy", "val_loss", "test_accuracy", "test_balanced_accuracy", "macro_f1",
+            "chosen", "best_epoch", "epochs_run", "C", "k", "temperature", "class_weight", "seconds")
+    return {k: m.get(k) for k in keys}
 
 
 def _write_curve(runs_dir: Path, rows: list[dict], data, *, heads, kept, repeats: int, options: dict) -> Path:
@@ -159,8 +165,7 @@ def plot_curve(summary: list[dict], heads, path: Path, n_classes: int, n_train_s
         shift = 1.0 + 0.03 * (k - (len(heads) - 1) / 2)   # a few percent along the log axis
         ax.errorbar([v * shift for v in x], [r[head]["mean"] for r in summary], yerr=[r[head]["std"] for r in summary],
                     capsize=3, **styles[k % len(styles)],
-                    label={"auto": "default head (auto: dense or probe on validation)", "dense": "dense head",
-                           "linear": "linear probe (L-BFGS)"}.get(head, head))
+                    label=HEAD_LABELS.get(head, head))
     ax.set_xscale("log")
     ax.set_xlabel("training images per class (log scale; last point: whole split)")
     ax.set_ylabel("test accuracy")

@@ -196,17 +196,20 @@ def data_from_dataset(ds, input_size: int | None = None) -> TrainData:
                              "limit": ds.limit or 0})
 
 
-def stratified_subset(y: np.ndarray, per_class: int, seed: int, class_names=None) -> np.ndarray:
-    """Sorted row indices of `per_class` rows of each class, drawn without replacement (seeded)."""
+def stratified_subset(y: np.ndarray, per_class, seed: int, class_names=None) -> np.ndarray:
+    """Sorted row indices of `per_class` rows of each class (an int, or one count per class), drawn without
+    replacement (seeded)."""
     n_classes = len(class_names) if class_names is not None else int(y.max()) + 1
     counts = np.bincount(y, minlength=n_classes)
-    if counts.min() < per_class:
-        small = int(counts.argmin())
-        name = class_names[small] if class_names is not None else str(small)
-        raise BadInputError(f"--per-class {per_class} is more than the {counts[small]} training images of class "
-                            f"{name!r} (the smallest); fix: pass --per-class {counts[small]} or less")
+    wanted = np.broadcast_to(np.asarray(per_class, np.int64), (n_classes,))
+    short = np.flatnonzero(counts < wanted)
+    if len(short):
+        c = int(short[0])
+        name = class_names[c] if class_names is not None else str(c)
+        raise BadInputError(f"--per-class {wanted[c]} is more than the {counts[c]} training images of class "
+                            f"{name!r}; fix: pass --per-class {counts.min()} or less")
     rng = np.random.default_rng(seed)
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), per_class, replace=False)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), wanted[c], replace=False)
                                    for c in range(n_classes)]))
 
 
@@ -246,9 +249,11 @@ def split_indices(y: np.ndarray, val_fraction: float, seed: int, class_names=Non
     return np.setdiff1d(idx, va), va
 
 
-def subset(data: TrainData, per_class: int, seed: int) -> TrainData:
-    """`data` with `per_class` training images per class (stratified, seeded); the test split untouched."""
+def subset(data: TrainData, per_class, seed: int) -> TrainData:
+    """`data` with `per_class` training images per class (an int, or one count per class: a long-tailed
+    subset), drawn stratified and seeded; the test split untouched."""
     rows = stratified_subset(data.y_train, per_class, seed, data.class_names)
     pick = lambda x: None if x is None else x.take(rows) if streamed_rows(x) else x[rows]   # noqa: E731
+    recorded = per_class if np.ndim(per_class) == 0 else [int(n) for n in per_class]
     return replace(data, x_train=pick(data.x_train), y_train=data.y_train[rows], x_views=pick(data.x_views),
-                   source={**data.source, "per_class": per_class, "subset_seed": seed})
+                   source={**data.source, "per_class": recorded, "subset_seed": seed})

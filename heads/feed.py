@@ -242,8 +242,9 @@ class Stream:
                                "spawning need)") from e
 
     def dataset(self, positions, batch_size: int, *, shuffle: bool, seed: int = 0, n_views: int = 1,
-                all_views: bool = False):
-        """A tf.data.Dataset of (float32 features, int64 labels); each pass over it is one epoch, with a new
+                all_views: bool = False, class_weights=None):
+        """A tf.data.Dataset of (float32 features, int64 labels), with row weights from `class_weights`
+        ((n_classes,)) when given; each pass over it is one epoch, with a new
         block order when `shuffle`. Batches travel from the readers in the stored dtype (half the bytes, for
         float16) and are cast here. Nothing is buffered beyond the batches read ahead and one in TensorFlow."""
         import tensorflow as tf
@@ -258,11 +259,16 @@ class Stream:
             if shuffle:
                 batches = _mixed(batches, self.mix, batch_size, np.random.default_rng([seed, epoch[0], 2]))
             for features, labels in batches:
-                yield features.astype(np.float32, copy=False), labels
+                if class_weights is None:
+                    yield features.astype(np.float32, copy=False), labels
+                else:
+                    yield features.astype(np.float32, copy=False), labels, class_weights[labels]
 
         x = self.source[0]
-        ds = tf.data.Dataset.from_generator(generate, output_signature=(
-            tf.TensorSpec((None, *x.row_shape), tf.float32), tf.TensorSpec((None,), self.source[2].dtype)))
+        signature = (tf.TensorSpec((None, *x.row_shape), tf.float32), tf.TensorSpec((None,), self.source[2].dtype))
+        if class_weights is not None:
+            signature += (tf.TensorSpec((None,), tf.float32),)
+        ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
         ds = ds.apply(tf.data.experimental.assert_cardinality(batches_per_epoch(   # Keras knows the epoch
             positions, batch_size, shuffle=shuffle, n_views=n_views, all_views=all_views)))
         options = tf.data.Options()

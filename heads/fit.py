@@ -17,6 +17,7 @@ import numpy as np
 from featcache import system
 from featcache.cache.pooled import global_pool
 from featcache.errors import BadInputError
+from heads import balance
 from heads.batches import in_ram_dataset
 from heads.builders import MODELS, STANDARDISE
 from heads.config import TrainConfig
@@ -51,24 +52,33 @@ class Fitted:
 
 
 def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, progress: bool,
-        pooled: dict | None = None) -> Fitted:
+        pooled: dict | None = None, to_beat: float | None = None) -> Fitted:
     """Build `config.model` and fit it on rows `tr` of the training split, choosing by rows `va`. `pooled`,
-    when given, keeps the pooled arrays by pooling for the next model fitted on the same data."""
+    when given, keeps the pooled arrays by pooling for the next model fitted on the same data; `to_beat`,
+    the lowest validation loss of the models fitted before, lets the probe stop once it cannot reach it."""
     spec = MODELS[config.model]
     options = {k: getattr(config, k) for k in spec.options}
-    model = spec.build(data.map_shape or data.x_train.shape[1:], len(data.class_names), **options)
+    n_classes = len(data.class_names)
+    if spec.optimizer == "knn":
+        options["bank_size"] = len(tr)
+    model = spec.build(data.map_shape or data.x_train.shape[1:], n_classes, **options)
     fit_model, (x_fit, views_fit) = fixed_pooling_split(model, spec, options, [data.x_train, data.x_views],
                                                         pooled, data.pooled_by)
     set_standardisation(fit_model, x_fit, tr)
     n_views = data.n_views if config.views_mode != "original" else 1
+    weights = balance.split_weights(config.class_weight, data.y_train, tr, va, n_classes)
     t0 = time.perf_counter()
     if spec.optimizer == "lbfgs":
-        history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, tr, va,
-                             len(data.class_names), config.seed)
+        history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, (tr, va),
+                             n_classes, weights, to_beat)
+    elif spec.optimizer == "knn":
+        from heads.knn import fit_knn
+
+        history = fit_knn(fit_model, x_fit, data.y_train, tr, va, n_classes=n_classes, weights=weights)
     else:
         budget = data.feed.memory_budget_bytes if data.feed is not None else None
         history = _fit_keras(fit_model, spec, config, (x_fit, views_fit, data.y_train), (tr, va), n_views, progress,
-                             memory_budget=budget)
+                             memory_budget=budget, weights=weights)
     best = history.pop("best")
     return Fitted(config, model, fit_model, history, best, time.perf_counter() - t0)
 
@@ -86,29 +96,34 @@ def fit_schedule(n_train: int, batch_size: int, epochs: int) -> tuple[int, int]:
     return batch, min(epochs - 1, max(0, -(-MIN_STEPS // steps_per_epoch) - 1))
 
 
-def compile_for_training(fit_model, spec, learning_rate: float) -> None:
+def compile_for_training(fit_model, spec, learning_rate: float, *, weighted: bool = False) -> None:
+    """Adam or SGD on sparse categorical cross-entropy. `weighted`: batches carry class weights, which the loss
+    uses; "accuracy" stays plain argmax accuracy and "balanced_accuracy" is its class-weighted mean."""
     import keras
 
     optimizer = (keras.optimizers.Adam(learning_rate) if spec.optimizer == "adam"
                  else keras.optimizers.SGD(learning_rate, momentum=0.9))
+    weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="balanced_accuracy")] if weighted else None
     fit_model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                      weighted_metrics=weighted_metrics,
                       steps_per_execution=STEPS_PER_EXECUTION, jit_compile=False)   # XLA: 4x slower on CPU here
 
 
 def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int, progress: bool, *,
-               memory_budget: int | None = None) -> dict:
+               memory_budget: int | None = None, weights=(None, None)) -> dict:
     """Mini-batch training on `arrays` (x, views, y) rows `rows` (train, validation), with early stopping on
-    validation loss (best weights restored)."""
+    validation loss (class-weighted with `weights`; best weights restored)."""
     import keras
 
     (x_fit, views_fit, y), (tr, va) = arrays, rows
-    compile_for_training(fit_model, spec, config.learning_rate)
+    compile_for_training(fit_model, spec, config.learning_rate, weighted=weights[0] is not None)
     batch_size, start_from = fit_schedule(len(tr), config.batch_size, config.epochs)
     if batch_size != config.batch_size:
         log.info("batch size %d for %d training rows (at least %d steps per epoch)", batch_size, len(tr),
                  MIN_STEPS_PER_EPOCH)
-    stream, train_ds, val_ds = _datasets(x_fit, views_fit, y, tr, va, batch_size, config, n_views, memory_budget)
+    stream, train_ds, val_ds = _datasets(x_fit, views_fit, y, (tr, va), batch_size, config, n_views, memory_budget,
+                                         weights)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                             restore_best_weights=True, start_from_epoch=start_from)
     timer = epoch_log(config.epochs, progress)
@@ -124,25 +139,26 @@ def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int
     return history
 
 
-def _datasets(x_fit, views_fit, y, tr, va, batch_size: int, config, n_views: int, memory_budget):
-    """(stream or None, training batches, validation batches): from rows in RAM, or streamed from the cache."""
-    all_views = config.views_mode == "all"
+def _datasets(x_fit, views_fit, y, rows, batch_size: int, config, n_views: int, memory_budget, weights):
+    """(stream or None, training batches, validation batches): from rows in RAM, or streamed from the cache;
+    with class `weights` (training, validation), batches carry each row's weight."""
+    (tr, va), all_views = rows, config.views_mode == "all"
     if streamed_rows(x_fit):   # maps streamed from the cache (heads.feed)
         from heads.feed import Stream
 
         stream = Stream(x_fit, views_fit, y.astype(np.int64), budget=memory_budget, batch_size=batch_size)
         return (stream, stream.dataset(tr, batch_size, shuffle=True, seed=config.seed, n_views=n_views,
-                                       all_views=all_views),
-                stream.dataset(va, batch_size, shuffle=False))
+                                       all_views=all_views, class_weights=weights[0]),
+                stream.dataset(va, batch_size, shuffle=False, class_weights=weights[1]))
     if n_views > 1:   # (n, views, ...): view 0 is the original image
         x_fit = np.concatenate([x_fit[:, None], views_fit], axis=1)
     x_all, y_all = as_tensors(x_fit, y)
     return (None, in_ram_dataset(x_all, y_all, tr, batch_size, shuffle=True, seed=config.seed, n_views=n_views,
-                                 all_views=all_views),
-            in_ram_dataset(x_all, y_all, va, batch_size, shuffle=False, n_views=n_views))
+                                 all_views=all_views, class_weights=weights[0]),
+            in_ram_dataset(x_all, y_all, va, batch_size, shuffle=False, n_views=n_views, class_weights=weights[1]))
 
 
-def _fit_probe(fit_model, x_fit, views_fit, y, tr, va, n_classes, seed) -> dict:
+def _fit_probe(fit_model, x_fit, views_fit, y, rows, n_classes, weights, to_beat) -> dict:
     """L-BFGS on the standardised vectors the probe's Dense layer sees; views add training rows."""
     from heads.probe import fit_linear_probe
 
@@ -150,17 +166,19 @@ def _fit_probe(fit_model, x_fit, views_fit, y, tr, va, n_classes, seed) -> dict:
         raise BadInputError(PROBE_NEEDS_RAM)
     mean, std = _stats_of(fit_model.get_layer(STANDARDISE))
 
-    def z(x):   # in place: three float64 copies of a large split would triple the probe's memory
-        out = x.reshape(len(x), -1).astype(np.float64)
-        out -= mean
-        out /= std
+    def z(x):   # float32, in place: the probe's products are memory-bound, and copies multiply its memory
+        out = x.reshape(len(x), -1).astype(np.float32)
+        out -= mean.astype(np.float32)
+        out /= std.astype(np.float32)
         return out
 
+    tr, va = rows
     x_train, y_train = z(x_fit[tr]), y[tr]
     if views_fit is not None:
         x_train = np.concatenate([x_train, *(z(views_fit[tr, v]) for v in range(views_fit.shape[1]))])
         y_train = np.tile(y_train, 1 + views_fit.shape[1])
-    return fit_linear_probe(fit_model, x_train, y_train, z(x_fit[va]), y[va], n_classes=n_classes, seed=seed)
+    return fit_linear_probe(fit_model, x_train, y_train, z(x_fit[va]), y[va], n_classes=n_classes, weights=weights,
+                            to_beat=to_beat)
 
 
 def set_standardisation(fit_model, x: np.ndarray, rows: np.ndarray) -> None:

@@ -79,6 +79,8 @@ def end_to_end(info: RunInfo, *, weights: str | None = None):
     """One keras.Model from uint8 images to class probabilities (see the module's doc)."""
     import keras
 
+    import heads.knn  # noqa: F401  (registers the kNN head's layer for loading)
+
     head = keras.saving.load_model(info.model_path, compile=False)
     if info.kind in ("pixels", "exported"):
         return head

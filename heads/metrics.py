@@ -1,5 +1,5 @@
 """What a trained model is judged by: its class probabilities on a split, and the metrics computed from them
-(argmax accuracy, loss, macro-F1, per-class figures, the confusion matrix)."""
+(argmax accuracy, balanced accuracy, loss, macro-F1, per-class figures, the confusion matrix)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ def evaluate(probs: np.ndarray, y: np.ndarray, class_names) -> dict:
     labels = np.arange(len(class_names))
     pred = probs.argmax(axis=1)
     p, r, f, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    recall_of_present = r[support > 0]
     return {
         "test_accuracy": float(np.mean(pred == y)),
+        # the mean recall of the classes in the test split: accuracy as if every class were as large
+        "test_balanced_accuracy": float(recall_of_present.mean()) if len(recall_of_present) else 0.0,
         "test_loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)))),
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "per_class": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),

@@ -49,6 +49,8 @@ def inspect(run, *, n_images: int = 16, n_pairs: int = 10) -> dict:
     (folder / "mistakes.md").write_text(f"Most confused class pairs on the held-out test split ({folder.name})\n\n"
                                         + confused_table(pairs))
     cached = data_from_cache(data["cache"], data["layer"])
+    import heads.knn  # noqa: F401  (registers the kNN head's layer for loading)
+
     model = keras.saving.load_model(folder / "model.keras", compile=False)
     probs = predict(model, cached.x_test, 256)
     rows = top_losses(probs, cached.y_test, n_images)

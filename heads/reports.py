@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from featcache import system
+from heads.balance import IMBALANCE_RATIO
 
 log = logging.getLogger(__name__)
 RANDOM_FLAG = "RANDOM BACKBONE WEIGHTS (not ImageNet features)"
@@ -42,14 +43,14 @@ def _write_records(run_dir: Path, result, data, *, run_id: str) -> None:
               "random_weights": data.random_weights, "class_names": list(data.class_names)}
     write_json(run_dir / "config.json", config)
     write_json(run_dir / "metrics.json", {k: v for k, v in m.items() if k != "classification_report"})
-    with open(run_dir / "history.csv", "w", newline="") as f:
-        keys = [k for k in ("C", "loss", "accuracy", "val_loss", "val_accuracy", "seconds") if k in result.history]
-        w = csv.writer(f)
-        w.writerow(["C_tried" if "C" in result.history else "epoch", *keys])   # the probe's rows are L2 strengths
-        for i in range(len(result.history["loss"])):
-            w.writerow([i + 1, *(f"{result.history[k][i]:.6g}" for k in keys)])
+    _write_history(run_dir / "history.csv", result.history)
     chosen = (f"L2 strength C={m['C']:.3g} ({m['best_epoch']} of {m['epochs_run']} tried)" if "C" in m
+              else f"k={m['k']}, temperature {m['temperature']:g}, smoothing {m['smoothing']:g} "
+                   f"({m['best_epoch']} of {m['epochs_run']} settings tried)" if "k" in m
               else f"epoch {m['best_epoch']} of {m['epochs_run']}")
+    if m.get("class_weight") == "balanced":
+        chosen += (f", classes weighted (training classes {m['train_imbalance']:g}x apart); balanced accuracy "
+                   f"{m['test_balanced_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
     header = (f"{RANDOM_FLAG}\n\n" if data.random_weights else "") + \
         (f"Held-out test split, evaluated once after training (n={m['n_test']}); model chosen by validation "
          f"loss at {chosen}.\n"
@@ -61,6 +62,21 @@ def _write_records(run_dir: Path, result, data, *, run_id: str) -> None:
     plot_confusion(m["confusion_matrix"], data.class_names, run_dir / "confusion_matrix.png", title)
     plot_curves(result.history, m["best_epoch"], run_dir / "curves.png", title)
     result.model.save(run_dir / "model.keras")
+
+
+#: history.csv's columns, where a history has them: per epoch, per C tried (probe) or per setting (kNN).
+_HISTORY_COLUMNS = ("C", "k", "temperature", "smoothing", "loss", "accuracy", "balanced_accuracy", "val_loss",
+                    "val_accuracy", "val_balanced_accuracy", "seconds")
+
+
+def _write_history(path: Path, history: dict) -> None:
+    keys = [k for k in _HISTORY_COLUMNS if k in history]
+    first = "C_tried" if "C" in history else "setting" if "k" in history else "epoch"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([first, *keys])
+        for i in range(len(history["val_loss"])):
+            w.writerow([i + 1, *(f"{history[k][i]:.6g}" for k in keys)])
 
 
 def plot_confusion(matrix, class_names, path: Path, title: str) -> None:
@@ -86,6 +102,8 @@ def plot_curves(history: dict, best_epoch: int, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "k" in history:
+        return _plot_knn(history, best_epoch - 1, path, title)
     by_c = "C" in history   # the linear probe: one point per L2 strength, not per epoch
     x = history["C"] if by_c else range(1, len(history["loss"]) + 1)
     best = x[best_epoch - 1]
@@ -100,6 +118,28 @@ def plot_curves(history: dict, best_epoch: int, path: Path, title: str) -> None:
             ax.set_yscale("log")   # a huge first-epoch loss would flatten the rest of the curve
         ax.set_xlabel("C (inverse L2 strength)" if by_c else "epoch")
         ax.set_title(key)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_knn(history: dict, best: int, path: Path, title: str) -> None:
+    """Validation loss and accuracy against k, one line per temperature, at the smoothing chosen."""
+    import matplotlib.pyplot as plt
+
+    smoothing = history["smoothing"][best]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for ax, key in zip(axes, ("val_loss", "val_accuracy")):
+        for t in dict.fromkeys(history["temperature"]):
+            rows = [i for i, (ti, si) in enumerate(zip(history["temperature"], history["smoothing"]))
+                    if ti == t and si == smoothing]
+            ax.plot([history["k"][i] for i in rows], [history[key][i] for i in rows], marker=".", label=f"T={t:g}")
+        ax.plot([history["k"][best]], [history[key][best]], "k*", markersize=10, label="chosen")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"k (smoothing {smoothing:g})")
+        ax.set_title(key.replace("_", " "))
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -142,24 +182,26 @@ def _row(run: Path) -> dict:
     c = json.loads((run.parent / "config.json").read_text())
     units = ",".join(map(str, c.get("units", [])))
     opts = {"dense": f"{c['pooling']} bn={'on' if c['batchnorm'] else 'off'} units={units} drop={c['dropout']}",
-            "linear": f"{c['pooling']}", "cnn": f"drop={c['dropout']}",
+            "linear": f"{c['pooling']}", "knn": f"{c['pooling']}", "cnn": f"drop={c['dropout']}",
             "conv": f"filters={c.get('filters')} units={units} drop={c['dropout']}",
             }.get(m.get("chosen", c["model"]), "")
     if m.get("n_views", 1) > 1:
         opts += f" views={m['n_views']} ({c.get('views_mode')})"
     opts = " ".join([opts, *_changed(c)]).strip()
     model = f"auto ({m['chosen']})" if c["model"] == "auto" else c["model"]
-    capped = "C" not in m and m["epochs_run"] == c.get("epochs") and m["best_epoch"] == m["epochs_run"]
+    capped = "C" not in m and "k" not in m and m["epochs_run"] == c.get("epochs") and m["best_epoch"] == m["epochs_run"]
+    setting = f"C={m['C']:.3g}" if "C" in m else f"k={m['k']} T={m['temperature']:g}" if "k" in m else None
+    imbalanced = max(m.get("train_imbalance", 1), m.get("test_imbalance", 1)) >= IMBALANCE_RATIO
     return {"run": run.parent.name, "model": model, "options": opts, "data": _data_label(c),
-            "epochs": f"C={m['C']:.3g}" if "C" in m else f"{m['epochs_run']}/{m['best_epoch']}"
-                      + (" (cap: still improving)" if capped else ""),
+            "epochs": setting or f"{m['epochs_run']}/{m['best_epoch']}" + (" (cap: still improving)" if capped else ""),
             **{k: _number(m.get(k)) for k in ("val_accuracy", "test_accuracy", "seconds", "seconds_per_epoch")},
-            "random_weights": m.get("random_weights", False)}
+            **{k: _number(m.get(k)) if imbalanced else None for k in ("test_balanced_accuracy", "macro_f1")},
+            "imbalanced": imbalanced, "random_weights": m.get("random_weights", False)}
 
 
 #: Training options the table shows where a run set them to other than the default.
 _SHOWN_IF_CHANGED = {"lr": "lr", "batch_size": "bs", "patience": "patience", "epochs": "epochs",
-                     "val_fraction": "val", "seed": "seed", "l2": "l2"}
+                     "val_fraction": "val", "seed": "seed", "l2": "l2", "class_weight": "class_weight"}
 
 
 def _changed(config: dict) -> list[str]:
@@ -187,11 +229,16 @@ def _data_label(config: dict) -> str:
 
 
 def format_table(rows: list[dict], *, markdown: bool = False) -> str:
-    head = ["run", "model", "data", "options", "epochs run/best", "val acc", "test acc", "seconds", "s/epoch"]
+    """The runs table; where a run's training or test classes are imbalanced, with its test balanced accuracy and
+    macro-F1 (plain accuracy there mostly counts the large classes)."""
+    balance = any(r.get("imbalanced") for r in rows)
+    head = ["run", "model", "data", "options", "epochs run/best", "val acc", "test acc",
+            *(["test bal. acc", "macro-F1"] if balance else []), "seconds", "s/epoch"]
     body = [[r["run"] + (" [RANDOM WEIGHTS]" if r["random_weights"] else ""), r["model"], r["data"], r["options"],
-             r["epochs"],
-             _shown(r["val_accuracy"], ".4f"), _shown(r["test_accuracy"], ".4f"), _shown(r["seconds"], ".1f"),
-             _shown(r["seconds_per_epoch"], ".2f")] for r in rows]
+             r["epochs"], _shown(r["val_accuracy"], ".4f"), _shown(r["test_accuracy"], ".4f"),
+             *([_shown(r["test_balanced_accuracy"], ".4f", "-"), _shown(r["macro_f1"], ".4f", "-")] if balance
+               else []),
+             _shown(r["seconds"], ".1f"), _shown(r["seconds_per_epoch"], ".2f")] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -201,8 +248,8 @@ def format_table(rows: list[dict], *, markdown: bool = False) -> str:
     return "\n".join(fmt.format(*row) for row in [head, *body])
 
 
-def _shown(value, spec: str) -> str:
-    return "n/a (not a number)" if value is None else format(value, spec)
+def _shown(value, spec: str, missing: str = "n/a (not a number)") -> str:
+    return missing if value is None else format(value, spec)
 
 
 def check_runs_dir(runs_dir: str | Path) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import BadInputError
+from heads import balance
 from heads.builders import MODELS
 from heads.config import AUTO, AUTO_CANDIDATES, VIEWS_MODES, TrainConfig, pools_first
 from heads.data import (
@@ -74,22 +75,24 @@ def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str |
     candidates = _candidates(config, data)   # checked before any training, not after the first candidate
     tr, va = split_indices(data.y_train, config.val_fraction, config.seed, data.class_names)
     fits, pooled = [], {}   # pooled: the maps pooled once per pooling, shared by the candidates
-    for c in candidates:
+    for c in candidates:   # auto: the dense head first, so that the probe can stop once it cannot win
         keras.utils.set_random_seed(c.seed)
-        fits.append(fit(data, c, tr, va, progress, pooled))
+        fits.append(fit(data, c, tr, va, progress, pooled, min((f.val_loss for f in fits), default=None)))
     chosen = min(fits, key=lambda f: f.val_loss)   # validation only: the test split plays no part
     # the one and only look at the test split (pooled vectors go to the model past its pooling layer)
     probs = predict(chosen.fit_model if data.pooled_by else chosen.model, data.x_test, config.batch_size)
-    metrics = {**evaluate(probs, data.y_test, data.class_names), **_fit_metrics(chosen, fits, data, config, tr, va)}
+    metrics = {**evaluate(probs, data.y_test, data.class_names), **_fit_metrics(chosen, fits, data, config, tr, va),
+               **_balance_metrics(config, data, tr)}
     result = RunResult(None, config, metrics, chosen.history, chosen.model)
     if runs_dir is not None:
         from heads.reports import write_run
 
         result.run_dir = write_run(Path(runs_dir), result, data)
-    log.info("%s: val accuracy %.4f (best %s of %d), test accuracy %.4f, %.1f s",
+    log.info("%s: val accuracy %.4f (best %s of %d), test accuracy %.4f%s, %.1f s",
              (config.name or config.model) + (f" (chose {chosen.config.model})" if config.model == AUTO else ""),
-             metrics["val_accuracy"], f"C={metrics['C']:.3g}" if "C" in metrics else f"epoch {metrics['best_epoch']}",
-             metrics["epochs_run"], metrics["test_accuracy"], metrics["seconds"])
+             metrics["val_accuracy"], _setting(metrics), metrics["epochs_run"], metrics["test_accuracy"],
+             f" (balanced {metrics['test_balanced_accuracy']:.4f})" if metrics["class_weight"] == "balanced" else "",
+             metrics["seconds"])
     return result
 
 
@@ -110,6 +113,23 @@ def _candidates(config: TrainConfig, data: TrainData) -> list[TrainConfig]:
     return candidates
 
 
+def _setting(metrics: dict) -> str:
+    """What validation chose: the probe's C, the kNN vote's k and temperature, or the epoch."""
+    if "C" in metrics:
+        return f"C={metrics['C']:.3g}"
+    if "k" in metrics:
+        return f"k={metrics['k']} T={metrics['temperature']:g}"
+    return f"epoch {metrics['best_epoch']}"
+
+
+def _balance_metrics(config: TrainConfig, data: TrainData, tr) -> dict:
+    """The class weighting used and how imbalanced the training rows and the test split are."""
+    n_classes = len(data.class_names)
+    return {"class_weight": balance.resolve(config.class_weight, data.y_train[tr], n_classes),
+            "train_imbalance": round(balance.imbalance(data.y_train[tr], n_classes), 3),
+            "test_imbalance": round(balance.imbalance(data.y_test, n_classes), 3)}
+
+
 def _fit_metrics(chosen: Fitted, fits: list[Fitted], data: TrainData, config: TrainConfig, tr, va) -> dict:
     """What the run records of its fit: validation figures, epochs, sizes, seconds (and auto's candidates)."""
     history, best = chosen.history, chosen.best
@@ -119,14 +139,18 @@ def _fit_metrics(chosen: Fitted, fits: list[Fitted], data: TrainData, config: Tr
         n_test=len(data.y_test), seconds=round(sum(f.seconds for f in fits), 3),
         seconds_per_epoch=round(float(np.mean(history["seconds"])), 4), random_weights=data.random_weights,
         params=int(chosen.model.count_params()), n_views=data.n_views if config.views_mode != "original" else 1)
-    if "C" in history:
-        out["C"] = history["C"][best]
-    else:
+    if "val_balanced_accuracy" in history:
+        out["val_balanced_accuracy"] = float(history["val_balanced_accuracy"][best])
+    for key in ("C", "k", "temperature", "smoothing"):   # the probe's and the kNN vote's chosen setting
+        if key in history:
+            out[key] = history[key][best]
+    if "batch_size" in history:
         out["batch_size"] = history["batch_size"]
     if config.model == AUTO:
         out["chosen"] = chosen.config.model
         out["candidates"] = {f.config.model: {"val_loss": f.val_loss, "seconds": round(f.seconds, 3),
-                                              "val_accuracy": float(f.history["val_accuracy"][f.best])}
+                                              "val_accuracy": float(f.history["val_accuracy"][f.best]),
+                                              **({"stopped_early": True} if f.history.get("raced") else {})}
                              for f in fits}
     return out
 

@@ -33,11 +33,14 @@ def trained(tmp_path_factory):
             for m in ("dense", "linear")}
     runs["conv"] = train_head(cache, model="conv", filters=4, units=(8,), epochs=1, runs_dir=tmp / "runs",
                               progress=False).run_dir
+    runs["knn"] = train_head(cache, model="knn", runs_dir=tmp / "runs", progress=False).run_dir
     return folder, cache, runs, tmp
 
 
 def _cached_probabilities(run_dir, cache):
     import keras
+
+    import heads.knn  # noqa: F401  (a kNN head's layer is featcache's own)
 
     head = keras.saving.load_model(run_dir / "model.keras", compile=False)
     x, _ = featcache.open_cache(cache).load("test")
@@ -50,7 +53,7 @@ def _test_files(cache):
     return [f"{root}/{p}" for p in c.paths("test")]
 
 
-@pytest.mark.parametrize("model", ["dense", "linear", "conv"])
+@pytest.mark.parametrize("model", ["dense", "linear", "conv", "knn"])
 def test_predict_on_the_raw_test_images_gives_the_heads_predictions_on_the_cached_features(trained, model):
     _, cache, runs, _ = trained
     got = inference.predict(runs[model], _test_files(cache), progress=False)
@@ -181,16 +184,18 @@ def test_predict_on_a_labelled_folder_reports_its_accuracy(trained):
     assert r.exit_code == 0 and "labelled by their folders: accuracy" in r.stderr
 
 
-def test_a_saved_model_export_serves_the_same_probabilities(trained, tmp_path):
+@pytest.mark.parametrize("model", ["dense", "knn"])
+def test_a_saved_model_export_serves_the_same_probabilities(trained, tmp_path, model):
+    """A SavedModel serves without featcache, also for the kNN head, whose Keras file needs `import heads.knn`."""
     import tensorflow as tf
 
     _, cache, runs, _ = trained
-    out = inference.export(runs["dense"], tmp_path / "sm", format="saved_model")
+    out = inference.export(runs[model], tmp_path / "sm", format="saved_model")
     files = _test_files(cache)
     pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     loaded = tf.saved_model.load(str(out / "saved_model"))   # kept: its functions need their variables alive
     served = loaded.serve(tf.constant(pixels))
-    np.testing.assert_allclose(np.asarray(served), inference.predict(runs["dense"], files, progress=False)
+    np.testing.assert_allclose(np.asarray(served), inference.predict(runs[model], files, progress=False)
                                .probabilities, atol=1e-5)
 
 

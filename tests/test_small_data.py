@@ -135,11 +135,11 @@ def test_curve_end_to_end_reads_the_cache_once(tiny_cache, tmp_path, monkeypatch
     assert r.exit_code == 0, r.output
     out = tmp_path / "runs" / r.stdout.strip().split("/")[-1]
     assert sorted(p.name for p in out.iterdir()) == ["curve.json", "curve.md", "curve.png"]
-    assert reads == [("block3_pool", "gap")]   # both heads pool first: one read of pooled vectors for 8 runs
+    assert reads == [("block3_pool", "gap")]   # every head pools first: one read of pooled vectors for 12 runs
     curve = json.loads((out / "curve.json").read_text())
-    assert curve["sizes"] == [3, "all"] and len(curve["runs"]) == 2 * 2 * 2
+    assert curve["sizes"] == [3, "all"] and len(curve["runs"]) == 2 * 2 * 3
     for row in curve["summary"]:
-        for head in ("auto", "linear"):
+        for head in ("auto", "linear", "knn"):
             accs = [x["test_accuracy"] for x in curve["runs"]
                     if (x["per_class"] or "all") == row["per_class"] and x["head"] == head]
             assert len(accs) == 2 and row[head]["mean"] == pytest.approx(np.mean(accs))
@@ -172,3 +172,23 @@ def test_auto_head_keeps_the_lower_validation_loss_and_tests_only_it(monkeypatch
     from heads.reports import collect_runs
 
     assert collect_runs(tmp_path)[0]["model"] == f"auto ({m['chosen']})"
+
+
+def test_long_tail_table_end_to_end(tiny_cache, tmp_path):
+    from heads.longtail import TAIL_HEADS, tail_counts
+
+    assert list(tail_counts(100, 5, 10, "exp", np.array([4, 3, 2, 1, 0]))) == [10, 17, 31, 56, 100]
+    assert list(tail_counts(100, 4, 10, "step", np.arange(4))) == [100, 100, 10, 10]
+    r = run("curve", "--cache", tiny_cache, "--long-tail", "2", "--tail-max", "4", "--repeats", "1", "--epochs", "1",
+            "--runs-dir", tmp_path / "runs", "--no-progress")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "runs" / r.stdout.strip().split("/")[-1]
+    table = json.loads((out / "longtail.json").read_text())
+    assert len(table["runs"]) == 2 * len(TAIL_HEADS) and [s["shape"] for s in table["summary"]] == ["exp", "step"]
+    assert {x["head"]: x["class_weight"] for x in table["runs"]}["probe, unweighted"] == "none"
+    assert {x["shape"]: sorted(x["counts"]) for x in table["runs"]} == {"exp": [2, 2, 4], "step": [2, 4, 4]}
+    assert "| exp | 4 / 2 |" in (out / "longtail.md").read_text()
+    for bad in (("--tail-max", "5"), ("--long-tail", "x"), ("--long-tail", "0.5")):
+        args = ("--long-tail", "2", *bad) if bad[0] == "--tail-max" else bad
+        r = run("curve", "--cache", tiny_cache, *args, "--runs-dir", tmp_path / "runs")
+        assert r.exit_code == 2 and bad[0] in r.stderr, r.output

@@ -10,6 +10,7 @@ import click
 from featcache.cli.cache import selection, selection_options
 from featcache.cli.group import main, needs_tensorflow
 from featcache.cli.options import add_options
+from featcache.errors import BadInputError
 from featcache.extract.spec import KEY_OPTIONS
 from featcache.extract.spec import options as spec_options
 from heads.builders import BASELINES, HEADS
@@ -99,24 +100,48 @@ def train_head(ctx, cache_paths, head, memory_budget, stream, runs_dir, no_progr
                    "smallest class are skipped.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Seeded subsets per size (mean and standard deviation are reported).")
+@click.option("--long-tail", "ratios", default=None, metavar="RATIOS",
+              help="Instead of --sizes: long-tailed subsets of the training split with these largest/smallest "
+                   "class ratios (e.g. 10,50), in two shapes (exp: sizes falling geometrically, as CIFAR-10-LT; "
+                   "step: half the classes small); compares the default head, the probe with and without class "
+                   "weights and kNN by test balanced accuracy; writes longtail.json and longtail.md.")
+@click.option("--tail-max", type=click.IntRange(min=2), default=500, show_default=True,
+              help="With --long-tail: training images of the largest class.")
 @add_options(config_options(CURVE))
 @run_options
 @click.pass_context
 @needs_tensorflow
-def curve(ctx, cache_paths, sizes, repeats, runs_dir, no_progress, **kw):
-    """Data-efficiency curve: test accuracy of the default head and the linear probe vs images per class.
+def curve(ctx, cache_paths, sizes, repeats, ratios, tail_max, runs_dir, no_progress, **kw):
+    """Data-efficiency curve: test accuracy of the default head, the linear probe and kNN vs images per class.
 
-    Reads the cache once; trains both heads on REPEATS seeded stratified subsets of each size;
+    Reads the cache once; trains the heads on REPEATS seeded stratified subsets of each size;
     writes curve.json, curve.md and curve.png into a new folder under --runs-dir and prints it.
+    With --long-tail, the same on long-tailed subsets (longtail.json, longtail.md).
     """
     from heads.curve import data_efficiency_curve, parse_sizes
+    from heads.longtail import long_tail_table
 
     points = parse_sizes(sizes)
+    tail = _ratios(ratios) if ratios is not None else None
     options = {f.name: kw.pop(f.name) for f in config_options(CURVE)}
     caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)
-    out = data_efficiency_curve(caches, layer=pick, sizes=points, repeats=repeats, runs_dir=runs_dir,
-                                progress=not no_progress, **options)
+    if tail is not None:
+        out = long_tail_table(caches, layer=pick, ratios=tail, n_max=tail_max, repeats=repeats, runs_dir=runs_dir,
+                              progress=not no_progress, **options)
+    else:
+        out = data_efficiency_curve(caches, layer=pick, sizes=points, repeats=repeats, runs_dir=runs_dir,
+                                    progress=not no_progress, **options)
     click.echo(str(out))
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or any(not r >= 1 for r in out):
+        raise BadInputError(f"--long-tail must be ratios of at least 1 separated by commas (e.g. 10,50), got {text!r}")
+    return out
 
 
 @main.command("train-baseline")
