@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from test_balance import LONG_TAIL, overlapping
 
 from heads import balance, knn
 from heads import train as ht
 from heads.train import TrainConfig
-from test_balance import LONG_TAIL, overlapping
 
 
 def reference(data, metrics, tr, class_weights=None):
