@@ -47,8 +47,10 @@ heads: extract ## train the default head, the reference head (gap, flatten), a l
 	$(BIN)/featcache train-baseline cnn --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name cnn
 	$(BIN)/featcache runs --runs-dir $(RUNS_DIR) --markdown | tee $(RUNS_DIR)/summary.md
 
-curve: extract ## data-efficiency curve: default head vs linear probe, 5..1000 images per class and all (~9 min); docs/curve.*
+curve: extract ## data-efficiency curve (default head, linear probe, kNN; 5..1000 per class and all) and the long-tail table (~15 min); docs/curve.*, docs/longtail.*
 	d=$$($(BIN)/featcache -q curve $(SELECT) --runs-dir $(RUNS_DIR)) && cp "$$d"/curve.json "$$d"/curve.md "$$d"/curve.png docs/
+	d=$$($(BIN)/featcache -q curve $(SELECT) --long-tail 10,50 --tail-max 500 --runs-dir $(RUNS_DIR)) && \
+		cp "$$d"/longtail.json "$$d"/longtail.md docs/
 
 bench: extract ## measure speed, size, memory, precision, decoding, streaming and the Ray engine side by side; writes docs/benchmarks*.md, .json (~30 min, 12 GB of disk)
 	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \
@@ -58,6 +60,7 @@ bench: extract ## measure speed, size, memory, precision, decoding, streaming an
 	$(BIN)/python bench/scaling.py --data "$(DATA)" --weights "$(WEIGHTS)"
 	$(BIN)/python bench/predict.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--run "$$($(BIN)/featcache -q train-head $(SELECT) --runs-dir $(RUNS_DIR)/bench --name default --no-progress)"
+	$(BIN)/python bench/default_head.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 
 bench-gpu: install ## extraction img/s on the accelerator: 32/224 px, float32 and auto precision (< 5 min); docs/benchmarks-gpu.*
 	$(BIN)/python bench/gpu.py
