@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from run import write_sections  # noqa: E402
 
-CLI = "import sys; from featcache.cli import main; sys.exit(main())"
+#: The CLI of the tree the process starts in (`python -c` puts the working folder first on sys.path).
+CLI = ("import os, sys, featcache; assert featcache.__file__.startswith(os.getcwd()), featcache.__file__\n"
+       "from featcache.cli import main; sys.exit(main())")
 
 
 def checkout(ref: str, where: Path) -> Path:
@@ -36,10 +38,11 @@ def checkout(ref: str, where: Path) -> Path:
 
 
 def one_run(tree: Path, cache: str, runs: Path, extra: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CLI, "-q", "train-head", "--cache", cache, "--runs-dir", str(runs),
-                          "--no-progress", *extra], env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", CLI, "-q", "train-head", "--cache", str(Path(cache).resolve()),
+                          "--runs-dir", str(runs.resolve()), "--no-progress", *extra], env=env, cwd=tree, check=True,
+                         capture_output=True, text=True)
     wall = time.perf_counter() - t0
     m = json.loads((Path(out.stdout.strip()) / "metrics.json").read_text())
     return {"wall_s": round(wall, 2), "train_s": m["seconds"], "chosen": m.get("chosen"),
