@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 C_GRID = tuple(float(c) for c in np.logspace(-4, 3, 15))
 MAX_ITER = 1000
 TOL = 1e-4   # scikit-learn's: the largest gradient component of the (mean-scaled) objective
+#: The solve's products are memory-bound: a second BLAS thread slowed them here (bench/probe.py).
+BLAS_THREADS = 1
 
 
 def fit_linear_probe(model, x_train, y_train, x_val, y_val, *, n_classes: int, weights=(None, None),
@@ -53,7 +55,7 @@ def fit_linear_probe(model, x_train, y_train, x_val, y_val, *, n_classes: int, w
 
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(1, user_api="blas"):   # these products are memory-bound: a second thread only slows them
+    with threadpool_limits(BLAS_THREADS, user_api="blas"):
         raced = _walk_decades(attempt, tried, to_beat)
         if not raced:
             _refine(attempt, tried, to_beat)
