@@ -201,13 +201,18 @@ def stratified_subset(y: np.ndarray, per_class, seed: int, class_names=None) -> 
     replacement (seeded)."""
     n_classes = len(class_names) if class_names is not None else int(y.max()) + 1
     counts = np.bincount(y, minlength=n_classes)
-    wanted = np.broadcast_to(np.asarray(per_class, np.int64), (n_classes,))
+    wanted = np.asarray(per_class, np.int64)
+    if wanted.ndim and wanted.shape != (n_classes,):
+        raise BadInputError(f"per-class counts must give one count for each of the {n_classes} classes, got "
+                            f"{len(wanted)}")
+    fix = f"pass --per-class {counts.min()} or less" if wanted.ndim == 0 else "ask for fewer images of it"
+    wanted = np.broadcast_to(wanted, (n_classes,))
     short = np.flatnonzero(counts < wanted)
     if len(short):
         c = int(short[0])
         name = class_names[c] if class_names is not None else str(c)
         raise BadInputError(f"--per-class {wanted[c]} is more than the {counts[c]} training images of class "
-                            f"{name!r}; fix: pass --per-class {counts.min()} or less")
+                            f"{name!r}; fix: {fix}")
     rng = np.random.default_rng(seed)
     return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), wanted[c], replace=False)
                                    for c in range(n_classes)]))

@@ -61,6 +61,7 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
     n_classes = len(data.class_names)
     if spec.optimizer == "knn":
         options["bank_size"] = len(tr)
+        _check_bank_fits(data, config, len(tr))
     model = spec.build(data.map_shape or data.x_train.shape[1:], n_classes, **options)
     fit_model, (x_fit, views_fit) = fixed_pooling_split(model, spec, options, [data.x_train, data.x_views],
                                                         pooled, data.pooled_by)
@@ -81,6 +82,18 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
                              memory_budget=budget, weights=weights)
     best = history.pop("best")
     return Fitted(config, model, fit_model, history, best, time.perf_counter() - t0)
+
+
+def _check_bank_fits(data: TrainData, config: TrainConfig, rows: int) -> None:
+    """The kNN head holds its training rows, pooled, in RAM and in model.keras: refused beyond the memory budget."""
+    shape = data.map_shape or data.x_train.shape[1:]
+    dim = int(np.prod(shape)) if config.pooling == "flatten" or len(shape) < 3 else int(shape[-1])
+    budget = data.feed.memory_budget_bytes if data.feed is not None else None
+    if budget is not None and rows * dim * 4 > budget:
+        raise BadInputError(f"the kNN head keeps its {rows} training rows of {dim} features in memory and in "
+                            f"model.keras ({rows * dim * 4 / 1e9:.1f} GB), more than the memory budget "
+                            f"({budget / 1e9:.1f} GB); fix: --pooling gap or max, fewer rows (--per-class), or a "
+                            "larger --memory-budget")
 
 
 def fit_schedule(n_train: int, batch_size: int, epochs: int) -> tuple[int, int]:

@@ -343,8 +343,11 @@ def export(run, path, *, format: str = "keras", weights: str | None = None) -> P
     metas = info.cache_metas
     record = {"class_names": list(info.class_names), "input_size": list(info.input_size or model.input_shape[1:3]),
               "takes": "uint8 RGB images (n, height, width, 3) already at input_size (resize: PIL bilinear)",
-              "returns": "class probabilities (n, n_classes), softmax", "format": format, "run": str(info.folder),
+              "returns": "class probabilities (n, n_classes)", "format": format, "run": str(info.folder),
               "model": info.config.get("model"),
+              **({"loading": "import heads.knn before keras.saving.load_model (the kNN vote is featcache's own "
+                             "layer); the saved_model and onnx formats need nothing"}
+                 if format == "keras" and info.config.get("model") == "knn" else {}),
               "cache": [{"key": part.get("cache_key"), **{k: part["cache_meta"].get(k) for k in (
                   "backbone", "layer", "weights", "weights_source", "input_shape", "resize", "preprocessing", "dtype",
                   "precision")}} for part in info.parts],

@@ -52,6 +52,9 @@ def long_tail_table(cache, *, layer=None, ratios=DEFAULT_RATIOS, shapes=SHAPES, 
     from heads.reports import check_runs_dir
 
     heads = TAIL_HEADS if heads is None else heads
+    for bad in ("model", "per_class", "subset_seed", "seed"):
+        if bad in options:
+            raise BadInputError(f"{bad} is set by the long-tail table itself")
     configs = {label: TrainConfig(**{**options, **fields}) for label, fields in heads.items()}   # validated up front
     if repeats < 1 or n_max < 2 or any(r < 1 for r in ratios):
         raise BadInputError("--repeats must be at least 1, --tail-max at least 2 and every ratio at least 1")
@@ -92,7 +95,8 @@ def summarise(rows: list[dict], labels) -> list[dict]:
     out = []
     for shape, ratio in dict.fromkeys((r["shape"], r["ratio"]) for r in rows):
         here = [r for r in rows if r["shape"] == shape and r["ratio"] == ratio]
-        row = {"shape": shape, "ratio": ratio, "n_train": int(np.mean([r["n_train"] for r in here]))}
+        row = {"shape": shape, "ratio": ratio, "n_train": int(np.mean([r["n_train"] for r in here])),
+               "largest": max(here[0]["counts"]), "smallest": min(here[0]["counts"])}
         for label in labels:
             acc = np.array([r["test_balanced_accuracy"] for r in here if r["head"] == label])
             row[label] = {"mean": float(acc.mean()), "std": float(acc.std()), "n": len(acc)}
@@ -103,11 +107,11 @@ def summarise(rows: list[dict], labels) -> list[dict]:
     return out
 
 
-def format_table(summary: list[dict], labels, *, n_max: int, repeats: int, n_test: int) -> str:
+def format_table(summary: list[dict], labels, *, repeats: int, n_test: int) -> str:
     head = ["shape", "largest / smallest class", "training rows", *labels, "default chose"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary:
-        cells = [row["shape"], f"{n_max} / {max(2, int(n_max / row['ratio']))}", str(row["n_train"])]
+        cells = [row["shape"], f"{row['largest']} / {row['smallest']}", str(row["n_train"])]
         cells += [f"{row[label]['mean']:.4f} ± {row[label]['std']:.4f}" for label in labels]
         cells.append(", ".join(f"{name} x{k}" for name, k in row.get("default_chose", {}).items()))
         lines.append("| " + " | ".join(cells) + " |")
@@ -128,6 +132,6 @@ def _write(runs_dir: Path, rows: list[dict], data, configs: dict, *, n_max: int,
                       for label, c in configs.items()},
             "n_max": n_max, "repeats": repeats, "data": source, "n_test": len(data.y_test),
             "random_weights": data.random_weights, "summary": summary, "runs": rows})
-        (stage.path / "longtail.md").write_text(format_table(summary, list(configs), n_max=n_max, repeats=repeats,
+        (stage.path / "longtail.md").write_text(format_table(summary, list(configs), repeats=repeats,
                                                              n_test=len(data.y_test)))
     return stage.final

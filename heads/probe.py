@@ -86,12 +86,14 @@ def _walk_decades(attempt, tried: dict, to_beat: float | None) -> bool:
 
 
 def _refine(attempt, tried: dict, to_beat: float | None) -> None:
-    """Try the half-decades either side of the best decade, each warm-started from its nearer neighbour."""
+    """Try the half-decades either side of the best decade, each warm-started from the best decade's solution."""
     best = min(tried, key=lambda i: tried[i][0]["val_loss"])
-    if to_beat is not None and len(tried) > 1:
-        nearest = min(tried[i][0]["val_loss"] for i in tried if i != best)
-        if tried[best][0]["val_loss"] - to_beat > nearest - tried[best][0]["val_loss"]:
-            return   # a half-decade step cannot gain more than the decade steps either side did
+    loss = lambda i: tried[i][0]["val_loss"]   # noqa: E731
+    if to_beat is not None and best - 2 in tried and best + 2 in tried:
+        # were validation loss convex in log C, a half-decade step could gain at most half the larger rise to
+        # the decades either side (f(-1) >= f(0) - (f(2) - f(0)) / 2): not enough to reach `to_beat`
+        if loss(best) - to_beat > 0.5 * max(loss(best - 2), loss(best + 2)) - 0.5 * loss(best):
+            return
     for i in (best - 1, best + 1):
         if 0 <= i < len(C_GRID) and i not in tried:
             attempt(i, tried[best][3])
@@ -100,9 +102,10 @@ def _refine(attempt, tried: dict, to_beat: float | None) -> None:
 def _cannot_catch_up(losses: list[float], to_beat: float) -> bool:
     """Whether a path whose validation losses fall as `losses` did will stay above `to_beat`.
 
-    The gains along the path shrink roughly geometrically; the rest of the path is taken to gain at
-    most twice what a geometric series with the last two gains' ratio would (and anything, when the
-    gains have not started to shrink)."""
+    An assumption, not a bound: the gains along the path shrink at least geometrically once they start
+    to shrink (near its minimum a smooth loss converges faster than that), so the rest of the path is
+    taken to gain at most twice what a geometric series with the last two gains' ratio would (and
+    anything while the gains have not started to shrink)."""
     if len(losses) < 3 or losses[-1] <= to_beat:
         return False
     previous, last = losses[-3] - losses[-2], losses[-2] - losses[-1]
@@ -131,6 +134,8 @@ class _Solver:
                           options=dict(maxiter=MAX_ITER, gtol=TOL, ftol=64 * np.finfo(float).eps))
         if result.nit >= MAX_ITER:
             log.warning("linear probe: L-BFGS reached %d iterations at C=%g without converging", MAX_ITER, c)
+        elif not result.success:   # e.g. a line search that float32 rounding ended before the gradient tolerance
+            log.debug("linear probe at C=%g: %s after %d iterations", c, result.message, result.nit)
         return result.x
 
     def _loss_grad(self, params: np.ndarray, alpha: float):

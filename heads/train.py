@@ -138,7 +138,9 @@ def _fit_metrics(chosen: Fitted, fits: list[Fitted], data: TrainData, config: Tr
         best_epoch=best + 1, epochs_run=len(history["val_loss"]), n_train=len(tr), n_val=len(va),
         n_test=len(data.y_test), seconds=round(sum(f.seconds for f in fits), 3),
         seconds_per_epoch=round(float(np.mean(history["seconds"])), 4), random_weights=data.random_weights,
-        params=int(chosen.model.count_params()), n_views=data.n_views if config.views_mode != "original" else 1)
+        params=int(chosen.model.count_params()),
+        n_views=data.n_views if config.views_mode != "original" and MODELS[chosen.config.model].optimizer != "knn"
+        else 1)   # the kNN head's bank holds the original images only
     if "val_balanced_accuracy" in history:
         out["val_balanced_accuracy"] = float(history["val_balanced_accuracy"][best])
     for key in ("C", "k", "temperature", "smoothing"):   # the probe's and the kNN vote's chosen setting

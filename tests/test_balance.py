@@ -157,3 +157,26 @@ def test_runs_table_shows_balanced_accuracy_where_classes_are_imbalanced(tmp_pat
         run / "classification_report.txt").read_text()
     config = json.loads((run / "config.json").read_text())
     assert config["class_weight"] == "auto" and m["class_weight"] == "balanced"
+
+
+def test_refinement_is_skipped_only_when_convexity_says_it_cannot_win():
+    """Half-decades next to the best decade can gain at most half the larger rise to the decades either side
+    (were validation loss convex in log C): refined when that could reach the rival, skipped when not."""
+    def refine(to_beat, right=0.9):
+        tried = {i: ({"val_loss": v}, None, None, None) for i, v in ((2, 1.0), (4, 0.5), (6, right))}
+        calls = []
+        probe._refine(lambda i, start: calls.append(i), tried, to_beat)
+        return calls
+
+    assert refine(None) == [3, 5]
+    assert refine(0.3) == [3, 5]    # 0.2 behind: a half step might gain up to 0.25
+    assert refine(0.2) == []        # 0.3 behind: it cannot
+    assert refine(0.35, right=0.6) == [3, 5]   # 0.15 behind, more than the smaller rise (0.1): may still win
+
+
+def test_long_tail_table_refuses_options_it_sets_itself():
+    from featcache.errors import BadInputError
+    from heads.longtail import long_tail_table
+
+    with pytest.raises(BadInputError, match="seed is set by the long-tail table"):
+        long_tail_table("no-such-cache.h5", seed=3)

@@ -237,3 +237,20 @@ def _alive(pid: int) -> bool:
             return "State:\tZ" not in f.read()   # a zombie has exited (its parent, init, reaps it)
     except FileNotFoundError:
         return False
+
+
+def test_streamed_batches_carry_class_weights(synthetic):
+    """Class weights reach streamed batches as they reach batches from RAM: each row's weight is its class's."""
+    x = feed.CachedRows(synthetic, "train/features")
+    y = np.arange(len(x)) % 3
+    weights = np.array([0.5, 1.0, 2.0], np.float32)
+    with feed.Stream(x, None, y, workers=1) as stream:
+        for _, labels, w in stream.dataset(np.arange(90), 32, shuffle=True, seed=1, class_weights=weights):
+            np.testing.assert_array_equal(w.numpy(), weights[labels.numpy()])
+
+
+def test_knn_bank_beyond_the_memory_budget_is_refused_up_front(synthetic):
+    from featcache.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="kNN head keeps its .* training rows of 512 features"):
+        train_head(synthetic, model="knn", pooling="flatten", memory_budget=100_000, runs_dir=None, progress=False)

@@ -107,7 +107,8 @@ def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_image
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Folder to write the model and export.json into.")
 @click.option("--format", "fmt", type=click.Choice(("keras", "saved_model", "onnx")), default="keras",
-              show_default=True, help="keras: DIR/model.keras (loads with plain keras.saving.load_model); saved_model: "
+              show_default=True, help="keras: DIR/model.keras (loads with plain keras.saving.load_model; a kNN head's after "
+                                      "`import heads.knn`); saved_model: "
                                       "DIR/saved_model/ (Keras' model.export); onnx: DIR/model.onnx (through tf2onnx: "
                                       "pip install 'featcache[onnx]').")
 @click.option("--weights", default=None, help="The backbone weights file, if it moved since the cache was made.")
