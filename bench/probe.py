@@ -29,15 +29,16 @@ from run import write_sections  # noqa: E402
 
 
 def vectors(cache: str):
-    from featcache.cache import pooled
+    from featcache.cache import open_cache, pooled
     from heads.data import split_indices
 
-    c = pooled.pooled(cache, "block3_pool", "gap")
-    x, y = c.load("train")
-    tr, va = split_indices(y, 0.1, 0, c.meta.class_names)
+    c = open_cache(cache)
+    p = pooled.pooled(c, "block3_pool", "gap")
+    x, y = p["train"], p["train_labels"]
+    tr, va = split_indices(y, 0.1, 0, c.class_names)
     x = x.astype(np.float64)
     x = (x - x[tr].mean(0)) / x[tr].std(0)
-    return x[tr], y[tr], x[va], y[va], len(c.meta.class_names)
+    return x[tr], y[tr], x[va], y[va], len(c.class_names)
 
 
 def sklearn_path(xt, yt, xv, yv, k):
