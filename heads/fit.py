@@ -45,6 +45,7 @@ class Fitted:
     history: dict
     best: int
     seconds: float
+    val_rows: np.ndarray | None = None   # per-row (weighted) validation losses, when asked for (a rival's)
 
     @property
     def val_loss(self) -> float:
@@ -52,10 +53,11 @@ class Fitted:
 
 
 def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, progress: bool,
-        pooled: dict | None = None, to_beat: float | None = None) -> Fitted:
+        pooled: dict | None = None, rival: np.ndarray | None = None, keep_rows: bool = False) -> Fitted:
     """Build `config.model` and fit it on rows `tr` of the training split, choosing by rows `va`. `pooled`,
-    when given, keeps the pooled arrays by pooling for the next model fitted on the same data; `to_beat`,
-    the lowest validation loss of the models fitted before, lets the probe stop once it cannot reach it."""
+    when given, keeps the pooled arrays by pooling for the next model fitted on the same data; `rival`, the
+    per-row validation losses of the best model fitted before, lets the probe stop once it is clearly
+    behind; `keep_rows` records this model's per-row validation losses, to be a rival."""
     spec = MODELS[config.model]
     options = {k: getattr(config, k) for k in spec.options}
     n_classes = len(data.class_names)
@@ -71,7 +73,7 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
     t0 = time.perf_counter()
     if spec.optimizer == "lbfgs":
         history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, (tr, va),
-                             n_classes, weights, to_beat)
+                             n_classes, weights, rival)
     elif spec.optimizer == "knn":
         from heads.knn import fit_knn
 
@@ -80,8 +82,14 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
         budget = data.feed.memory_budget_bytes if data.feed is not None else None
         history = _fit_keras(fit_model, spec, config, (x_fit, views_fit, data.y_train), (tr, va), n_views, progress,
                              memory_budget=budget, weights=weights)
-    best = history.pop("best")
-    return Fitted(config, model, fit_model, history, best, time.perf_counter() - t0)
+    best, seconds = history.pop("best"), time.perf_counter() - t0
+    rows = None
+    if keep_rows:
+        from heads.metrics import predict
+        from heads.probe import row_losses
+
+        rows = row_losses(predict(fit_model, x_fit[va], config.batch_size), data.y_train[va], weights[1])
+    return Fitted(config, model, fit_model, history, best, seconds, rows)
 
 
 def _check_bank_fits(data: TrainData, config: TrainConfig, rows: int) -> None:
@@ -171,7 +179,7 @@ def _datasets(x_fit, views_fit, y, rows, batch_size: int, config, n_views: int, 
             in_ram_dataset(x_all, y_all, va, batch_size, shuffle=False, n_views=n_views, class_weights=weights[1]))
 
 
-def _fit_probe(fit_model, x_fit, views_fit, y, rows, n_classes, weights, to_beat) -> dict:
+def _fit_probe(fit_model, x_fit, views_fit, y, rows, n_classes, weights, rival) -> dict:
     """L-BFGS on the standardised vectors the probe's Dense layer sees; views add training rows."""
     from heads.probe import fit_linear_probe
 
@@ -191,7 +199,7 @@ def _fit_probe(fit_model, x_fit, views_fit, y, rows, n_classes, weights, to_beat
         x_train = np.concatenate([x_train, *(z(views_fit[tr, v]) for v in range(views_fit.shape[1]))])
         y_train = np.tile(y_train, 1 + views_fit.shape[1])
     return fit_linear_probe(fit_model, x_train, y_train, z(x_fit[va]), y[va], n_classes=n_classes, weights=weights,
-                            to_beat=to_beat)
+                            rival=rival)
 
 
 def set_standardisation(fit_model, x: np.ndarray, rows: np.ndarray) -> None:

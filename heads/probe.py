@@ -31,34 +31,34 @@ BLAS_THREADS = 1
 
 
 def fit_linear_probe(model, x_train, y_train, x_val, y_val, *, n_classes: int, weights=(None, None),
-                     to_beat: float | None = None) -> dict:
+                     rival: np.ndarray | None = None) -> dict:
     """Fit the last Dense layer of `model` on (x_train, y_train) by L-BFGS along the C grid; keep the C
     with the lowest validation loss. Inputs are the standardised vectors the Dense layer sees.
 
-    `weights` are (training, validation) class weights or None (heads.balance). With `to_beat`, the
-    validation loss of a candidate already fitted, the walk stops as soon as it cannot catch up (see
-    `_cannot_catch_up`): the probe then loses, as it would have. Returns a history: one row per C tried
-    (in C order), and "best", the row kept."""
+    `weights` are (training, validation) class weights or None (heads.balance). With `rival`, the
+    per-row (weighted) validation losses of a candidate already fitted, the walk stops as soon as it is
+    clearly behind and cannot catch up (see `_cannot_catch_up`): the probe then loses, as it would have.
+    Returns a history: one row per C tried (in C order), "best", the row kept, and "raced"."""
     xt, xv = np.asarray(x_train, np.float32), np.asarray(x_val, np.float32)
     sample_w = None if weights[0] is None else weights[0][y_train].astype(np.float64)
     present = np.unique(y_train)
     solve = _Solver(xt, np.searchsorted(present, y_train), len(present), sample_w)
-    tried = {}   # grid index -> (row of figures, coef, intercept)
+    tried = {}   # grid index -> (row of figures, coef, intercept, solution, per-row validation losses)
 
     def attempt(i: int, start: np.ndarray | None):
         t0 = time.perf_counter()
         params = solve(C_GRID[i], start)
         coef, intercept = _full(params, present, n_classes)
-        row = _figures(xt, y_train, xv, y_val, coef, intercept, weights, n_classes)
-        tried[i] = (dict(C=C_GRID[i], **row, seconds=time.perf_counter() - t0), coef, intercept, params)
+        row, val_rows = _figures(xt, y_train, xv, y_val, coef, intercept, weights)
+        tried[i] = (dict(C=C_GRID[i], **row, seconds=time.perf_counter() - t0), coef, intercept, params, val_rows)
         return tried[i][0]["val_loss"]
 
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(BLAS_THREADS, user_api="blas"):
-        raced = _walk_decades(attempt, tried, to_beat)
+        raced = _walk_decades(attempt, tried, rival)
         if not raced:
-            _refine(attempt, tried, to_beat)
+            _refine(attempt, tried, rival)
     order = sorted(tried)
     history = {k: [tried[i][0][k] for i in order] for k in tried[order[0]][0]}
     best = min(order, key=lambda i: tried[i][0]["val_loss"])
@@ -71,48 +71,60 @@ def fit_linear_probe(model, x_train, y_train, x_val, y_val, *, n_classes: int, w
     return history
 
 
-def _walk_decades(attempt, tried: dict, to_beat: float | None) -> bool:
+def _walk_decades(attempt, tried: dict, rival: np.ndarray | None) -> bool:
     """Try every other C from the strongest regularisation, warm-started, until validation loss rises
-    (it has one minimum along the path). Returns True when stopped early by `to_beat`."""
+    (it has one minimum along the path). Returns True when stopped early, behind `rival`."""
     losses = []
     for i in range(0, len(C_GRID), 2):
         start = tried[i - 2][3] if i >= 2 else None
         losses.append(attempt(i, start))
         if len(losses) > 1 and losses[-1] > min(losses[:-1]):
             return False
-        if to_beat is not None and _cannot_catch_up(losses, to_beat):
+        if rival is not None and _cannot_catch_up(losses, tried[i][4] - rival):
             return True
     return False
 
 
-def _refine(attempt, tried: dict, to_beat: float | None) -> None:
+def _refine(attempt, tried: dict, rival: np.ndarray | None) -> None:
     """Try the half-decades either side of the best decade, each warm-started from the best decade's solution."""
     best = min(tried, key=lambda i: tried[i][0]["val_loss"])
     loss = lambda i: tried[i][0]["val_loss"]   # noqa: E731
-    if to_beat is not None and best - 2 in tried and best + 2 in tried:
+    if rival is not None and best - 2 in tried and best + 2 in tried:
         # were validation loss convex in log C, a half-decade step could gain at most half the larger rise to
-        # the decades either side (f(-1) >= f(0) - (f(2) - f(0)) / 2): not enough to reach `to_beat`
-        if loss(best) - to_beat > 0.5 * max(loss(best - 2), loss(best + 2)) - 0.5 * loss(best):
+        # the decades either side (f(-1) >= f(0) - (f(2) - f(0)) / 2): not enough if clearly behind by more
+        gain = 0.5 * (max(loss(best - 2), loss(best + 2)) - loss(best))
+        if _clearly_behind(tried[best][4] - rival, gain):
             return
     for i in (best - 1, best + 1):
         if 0 <= i < len(C_GRID) and i not in tried:
             attempt(i, tried[best][3])
 
 
-def _cannot_catch_up(losses: list[float], to_beat: float) -> bool:
-    """Whether a path whose validation losses fall as `losses` did will stay above `to_beat`.
+def _cannot_catch_up(losses: list[float], behind: np.ndarray) -> bool:
+    """Whether a path whose validation losses fall as `losses` did, now `behind` the rival row by row (its
+    per-row losses minus the rival's), will stay behind it.
 
     An assumption, not a bound: the gains along the path shrink at least geometrically once they start
     to shrink (near its minimum a smooth loss converges faster than that), so the rest of the path is
-    taken to gain at most twice what a geometric series with the last two gains' ratio would (and
-    anything while the gains have not started to shrink)."""
-    if len(losses) < 3 or losses[-1] <= to_beat:
+    taken to gain at most twice what a geometric series with the last two gains' ratio would (anything
+    while the gains have not started to shrink); and the probe must be behind by more than that plus two
+    standard errors of the row-by-row difference, so that noise on a small validation split never
+    decides."""
+    if len(losses) < 3:
         return False
     previous, last = losses[-3] - losses[-2], losses[-2] - losses[-1]
     if not 0 < last < previous:
         return False
     ratio = last / previous
-    return losses[-1] - to_beat > 2 * last * ratio / (1 - ratio)
+    return _clearly_behind(behind, 2 * last * ratio / (1 - ratio))
+
+
+def _clearly_behind(behind: np.ndarray, still_to_gain: float) -> bool:
+    """Mean of `behind` above `still_to_gain` by more than two standard errors (a paired comparison)."""
+    if len(behind) < 2:
+        return False
+    standard_error = float(np.std(behind, ddof=1)) / np.sqrt(len(behind))
+    return float(np.mean(behind)) - still_to_gain > 2 * standard_error
 
 
 class _Solver:
@@ -160,19 +172,25 @@ class _Solver:
         return loss + 0.5 * alpha * float(np.sum(weights[:d] ** 2)), grad.ravel()
 
 
-def _figures(xt, yt, xv, yv, coef, intercept, weights, n_classes: int) -> dict:
+def _figures(xt, yt, xv, yv, coef, intercept, weights) -> tuple[dict, np.ndarray]:
     """Training and validation loss and accuracy (validation loss and balanced accuracy class-weighted
-    where `weights` are given)."""
+    where `weights` are given), and the validation rows' (weighted) losses."""
     out = {}
     for name, x, y, w in (("", xt, yt, weights[0]), ("val_", xv, yv, weights[1])):
         p = _softmax(x @ coef.T.astype(np.float32) + intercept)
-        row_w = None if w is None else w[y]
-        log_p = -np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1.0))
-        out[f"{name}loss"] = float(np.average(log_p, weights=row_w))
+        rows = row_losses(p, y, w)
+        out[f"{name}loss"] = float(np.mean(rows))
         out[f"{name}accuracy"] = float(np.mean(p.argmax(1) == y))
         if w is not None:
-            out[f"{name}balanced_accuracy"] = float(np.average(p.argmax(1) == y, weights=row_w))
-    return out
+            out[f"{name}balanced_accuracy"] = float(np.average(p.argmax(1) == y, weights=w[y]))
+    return out, rows
+
+
+def row_losses(p: np.ndarray, y: np.ndarray, class_weights: np.ndarray | None = None) -> np.ndarray:
+    """Each row's cross-entropy, times its class weight when given (the weights of a split's rows average 1, so
+    the mean of these is the split's weighted loss)."""
+    out = -np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1.0)).astype(np.float64)
+    return out if class_weights is None else out * class_weights[y]
 
 
 def _full(params: np.ndarray, present: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:

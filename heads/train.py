@@ -75,9 +75,10 @@ def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str |
     candidates = _candidates(config, data)   # checked before any training, not after the first candidate
     tr, va = split_indices(data.y_train, config.val_fraction, config.seed, data.class_names)
     fits, pooled = [], {}   # pooled: the maps pooled once per pooling, shared by the candidates
-    for c in candidates:   # auto: the dense head first, so that the probe can stop once it cannot win
+    for i, c in enumerate(candidates):   # auto: the dense head first, so that the probe can stop once it cannot win
         keras.utils.set_random_seed(c.seed)
-        fits.append(fit(data, c, tr, va, progress, pooled, min((f.val_loss for f in fits), default=None)))
+        rival = min(fits, key=lambda f: f.val_loss).val_rows if fits else None
+        fits.append(fit(data, c, tr, va, progress, pooled, rival=rival, keep_rows=i < len(candidates) - 1))
     chosen = min(fits, key=lambda f: f.val_loss)   # validation only: the test split plays no part
     # the one and only look at the test split (pooled vectors go to the model past its pooling layer)
     probs = predict(chosen.fit_model if data.pooled_by else chosen.model, data.x_test, config.batch_size)

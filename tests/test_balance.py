@@ -115,22 +115,25 @@ def test_probe_missing_class_is_never_predicted_and_binary_works():
     assert m["test_accuracy"] > 0.5
 
 
-def test_probe_stops_once_it_cannot_catch_up_and_loses_as_it_would_have():
-    assert probe._cannot_catch_up([1.0, 0.6, 0.5], 0.3)          # gains 0.4, 0.1: at most ~0.07 more
-    assert not probe._cannot_catch_up([1.0, 0.6, 0.5], 0.45)
-    assert not probe._cannot_catch_up([1.0, 0.9, 0.8], 0.3)      # gains not shrinking: anything may come
+def test_probe_stops_once_clearly_behind_and_loses_as_it_would_have():
+    tight = np.full(400, 0.5) + np.tile([-0.01, 0.01], 200)   # row-by-row differences of little noise
+    assert probe._cannot_catch_up([1.0, 0.8, 0.7], tight + 0.3 - 0.5)       # gains 0.2, 0.1: at most 0.2 more...
+    assert not probe._cannot_catch_up([1.0, 0.8, 0.7], tight + 0.1 - 0.5)   # ...so 0.1 behind may still win
+    assert not probe._cannot_catch_up([1.0, 0.9, 0.8], tight + 0.5 - 0.5)   # gains not shrinking: anything may come
+    noisy = np.tile([-2.0, 2.0], 10) + 0.15   # 0.15 behind on 20 rows whose differences spread by 2: noise
+    assert probe._cannot_catch_up([1.0, 0.6, 0.55], np.full(20, 0.15)) and not probe._cannot_catch_up(
+        [1.0, 0.6, 0.55], noisy)
     data = overlapping((500,) * 4, dim=8)
     tr, va = ht.split_indices(data.y_train, 0.1, 0, data.class_names)
     stub = type("M", (), {"get_layer": lambda self, name: type("L", (), {"set_weights": lambda s, w: None})()})()
     x = (data.x_train - data.x_train[tr].mean(0)) / data.x_train[tr].std(0)
-    full = probe.fit_linear_probe(stub, x[tr], data.y_train[tr], x[va], data.y_train[va], n_classes=4)
-    raced = probe.fit_linear_probe(stub, x[tr], data.y_train[tr], x[va], data.y_train[va], n_classes=4,
-                                   to_beat=min(full["val_loss"]) - 0.5)
+    fit = lambda rival=None: probe.fit_linear_probe(stub, x[tr], data.y_train[tr], x[va], data.y_train[va],   # noqa: E731
+                                                    n_classes=4, rival=rival)
+    full = fit()
+    raced = fit(np.full(len(va), min(full["val_loss"]) - 0.5))   # a rival far ahead on every row
     assert not full["raced"] and raced["raced"] and len(raced["C"]) < len(full["C"])
-    assert min(raced["val_loss"]) > min(full["val_loss"]) - 0.5   # it would have lost anyway
-    kept = probe.fit_linear_probe(stub, x[tr], data.y_train[tr], x[va], data.y_train[va], n_classes=4,
-                                  to_beat=min(full["val_loss"]) + 0.01)   # a race it wins is run to the end
-    assert kept["C"] == full["C"] and kept["val_loss"] == pytest.approx(full["val_loss"])
+    kept = fit(np.full(len(va), min(full["val_loss"]) + 0.01))   # a race it wins is run to the end
+    assert not kept["raced"] and kept["C"] == full["C"] and kept["val_loss"] == pytest.approx(full["val_loss"])
 
 
 def test_auto_records_a_probe_stopped_early(tmp_path):
@@ -162,10 +165,11 @@ def test_runs_table_shows_balanced_accuracy_where_classes_are_imbalanced(tmp_pat
 def test_refinement_is_skipped_only_when_convexity_says_it_cannot_win():
     """Half-decades next to the best decade can gain at most half the larger rise to the decades either side
     (were validation loss convex in log C): refined when that could reach the rival, skipped when not."""
-    def refine(to_beat, right=0.9):
-        tried = {i: ({"val_loss": v}, None, None, None) for i, v in ((2, 1.0), (4, 0.5), (6, right))}
+    def refine(rival_loss, right=0.9):
+        rows = np.full(400, 0.5) + np.tile([-0.01, 0.01], 200)   # the best decade's rows: mean 0.5, little noise
+        tried = {i: ({"val_loss": v}, None, None, None, rows + v - 0.5) for i, v in ((2, 1.0), (4, 0.5), (6, right))}
         calls = []
-        probe._refine(lambda i, start: calls.append(i), tried, to_beat)
+        probe._refine(lambda i, start: calls.append(i), tried, None if rival_loss is None else np.full(400, rival_loss))
         return calls
 
     assert refine(None) == [3, 5]
