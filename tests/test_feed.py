@@ -187,7 +187,7 @@ def test_auto_on_streamed_maps_fits_the_dense_head_and_the_probe_is_refused_up_f
 
     fitted = []
     original = ht.fit
-    monkeypatch.setattr(ht, "fit", lambda data, config, *a: fitted.append(config.model) or original(data, config, *a))
+    monkeypatch.setattr(ht, "fit", lambda data, config, *a, **kw: fitted.append(config.model) or original(data, config, *a, **kw))
     run = train_head(synthetic, pooling="flatten", stream=True, runs_dir=None, progress=False, **QUICK)
     assert fitted == ["dense"] and run.metrics["chosen"] == "dense"
     with pytest.raises(featcache.BadInputError, match="linear probe .* needs its training rows in memory"):

@@ -175,9 +175,9 @@ def test_a_shard_that_vanishes_during_streamed_training_stops_it_and_writes_no_r
     runs = tmp_path / "runs"
     real = ht.fit
 
-    def fit_then_lose_a_shard(data, config, *a):
+    def fit_then_lose_a_shard(data, config, *a, **kw):
         files[0].unlink()   # as `extract --force` elsewhere, or a user cleaning up, would
-        return real(data, config, *a)
+        return real(data, config, *a, **kw)
 
     monkeypatch.setattr(ht, "fit", fit_then_lose_a_shard)
     with pytest.raises(CacheError, match="NaN"):
