@@ -61,9 +61,10 @@ def measure(trees: dict, cache: str, splits: dict, repeats: int, tmp: Path) -> d
 
 
 def section(results: dict, before: str, after: str) -> str:
-    lines = [f"## 9. The default head: training time, before ({before}) and after ({after})", "",
-             f"`python bench/default_head.py --cache <the block3_pool cache> --before {before}`: `featcache "
-             "train-head` with every default, each side in a fresh process, alternated; medians. Host: "
+    lines = ["## 9. The default head: training time, before and after", "",
+             f"`python bench/default_head.py --cache <the block3_pool cache> --before {before}` (before: {before}, "
+             f"after: {after}): `featcache train-head` with every default, each side in a fresh process, alternated; "
+             "medians. Host: "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs.", "",
              "| training split | side | training s (median) | process s | candidates s | chosen | val loss | test acc |",
              "|---|---|---|---|---|---|---|---|"]
