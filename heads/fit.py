@@ -53,11 +53,13 @@ class Fitted:
 
 
 def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, progress: bool,
-        pooled: dict | None = None, rival: np.ndarray | None = None, keep_rows: bool = False) -> Fitted:
+        pooled: dict | None = None, rival: np.ndarray | None = None, keep_rows: bool = False,
+        callbacks=()) -> Fitted:
     """Build `config.model` and fit it on rows `tr` of the training split, choosing by rows `va`. `pooled`,
     when given, keeps the pooled arrays by pooling for the next model fitted on the same data; `rival`, the
     per-row validation losses of the best model fitted before, lets the probe stop once it is clearly
-    behind; `keep_rows` records this model's per-row validation losses, to be a rival."""
+    behind; `keep_rows` records this model's per-row validation losses, to be a rival; `callbacks` are
+    more Keras callbacks for a model trained by epochs."""
     spec = MODELS[config.model]
     options = {k: getattr(config, k) for k in spec.options}
     n_classes = len(data.class_names)
@@ -81,7 +83,7 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
     else:
         budget = data.feed.memory_budget_bytes if data.feed is not None else None
         history = _fit_keras(fit_model, spec, config, (x_fit, views_fit, data.y_train), (tr, va), n_views, progress,
-                             memory_budget=budget, weights=weights)
+                             memory_budget=budget, weights=weights, callbacks=callbacks)
     best, seconds = history.pop("best"), time.perf_counter() - t0
     rows = None
     if keep_rows:
@@ -132,7 +134,7 @@ def compile_for_training(fit_model, spec, learning_rate: float, *, weighted: boo
 
 
 def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int, progress: bool, *,
-               memory_budget: int | None = None, weights=(None, None)) -> dict:
+               memory_budget: int | None = None, weights=(None, None), callbacks=()) -> dict:
     """Mini-batch training on `arrays` (x, views, y) rows `rows` (train, validation), with early stopping on
     validation loss (class-weighted with `weights`; best weights restored)."""
     import keras
@@ -149,7 +151,7 @@ def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int
                                             restore_best_weights=True, start_from_epoch=start_from)
     timer = epoch_log(config.epochs, progress)
     try:
-        history = fit_model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[stopper, timer],
+        history = fit_model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[stopper, timer, *callbacks],
                                 shuffle=False, verbose=0).history   # shuffled by the batch planner
     finally:
         if stream is not None:

@@ -148,16 +148,18 @@ def _plot_knn(history: dict, best: int, path: Path, title: str) -> None:
 
 
 def collect_runs(runs_dir: str | Path) -> list[dict]:
-    """One row per finished run under `runs_dir`, best validation accuracy first.
+    """One row per finished run under `runs_dir` (and each search's winner, in its search folder, with the
+    search's name in "search"), best validation accuracy first.
 
     A folder whose records are missing, truncated or of another layout is left out with a warning
     naming it, so that one damaged run never hides the others."""
     rows = []
-    for run in sorted(Path(runs_dir).glob("*/metrics.json")):
+    searched = [m for m in Path(runs_dir).glob("*/*/metrics.json") if (m.parent.parent / "search.json").exists()]
+    for run in sorted([*Path(runs_dir).glob("*/metrics.json"), *searched]):
         if run.parent.name.startswith("."):   # a run being written (staged_run_dir)
             continue
         try:
-            rows.append(_row(run))
+            rows.append({**_row(run), "search": run.parent.parent.name if run in searched else ""})
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("skipping %s: unreadable run records (%s: %s); fix: delete the folder or rerun it",
                         run.parent, type(e).__name__, str(e)[:100])
@@ -231,10 +233,11 @@ def _data_label(config: dict) -> str:
 def format_table(rows: list[dict], *, markdown: bool = False) -> str:
     """The runs table; where a run's training or test classes are imbalanced, with its test balanced accuracy and
     macro-F1 (plain accuracy there mostly counts the large classes)."""
-    balance = any(r.get("imbalanced") for r in rows)
-    head = ["run", "model", "data", "options", "epochs run/best", "val acc", "test acc",
-            *(["test bal. acc", "macro-F1"] if balance else []), "seconds", "s/epoch"]
-    body = [[r["run"] + (" [RANDOM WEIGHTS]" if r["random_weights"] else ""), r["model"], r["data"], r["options"],
+    balance, searches = any(r.get("imbalanced") for r in rows), any(r.get("search") for r in rows)
+    head = [*(["search"] if searches else []), "run", "model", "data", "options", "epochs run/best", "val acc",
+            "test acc", *(["test bal. acc", "macro-F1"] if balance else []), "seconds", "s/epoch"]
+    body = [[*([r.get("search", "")] if searches else []),
+             r["run"] + (" [RANDOM WEIGHTS]" if r["random_weights"] else ""), r["model"], r["data"], r["options"],
              r["epochs"], _shown(r["val_accuracy"], ".4f"), _shown(r["test_accuracy"], ".4f"),
              *([_shown(r["test_balanced_accuracy"], ".4f", "-"), _shown(r["macro_f1"], ".4f", "-")] if balance
                else []),

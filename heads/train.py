@@ -34,8 +34,8 @@ from heads.fit import PROBE_NEEDS_RAM, Fitted, fit, fit_schedule
 from heads.metrics import evaluate, predict
 
 #: What a notebook imports from here; the data side lives in heads.data and heads.config, re-exported.
-__all__ = ["AUTO", "VIEWS_MODES", "RunResult", "TrainConfig", "TrainData", "data_from_cache", "data_from_caches",
-           "data_from_dataset", "fit_schedule", "pools_first", "predict", "split_indices", "stratified_subset",
+__all__ = ["AUTO", "VIEWS_MODES", "RunResult", "TrainConfig", "TrainData", "Validated", "data_from_cache",
+           "data_from_caches", "data_from_dataset", "fit_and_choose", "fit_schedule", "pools_first", "predict", "split_indices", "stratified_subset",
            "subset", "train", "train_baseline", "train_head"]
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,6 @@ def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str |
     test split). With `config.per_class`, training and validation use that many training images per
     class only. With `runs_dir=None` nothing is written (the result still carries metrics and model).
     """
-    import keras
-
     config = TrainConfig() if config is None else config
     if data.random_weights:
         log.warning("WARNING: these features come from RANDOM backbone weights, not ImageNet")
@@ -68,18 +66,8 @@ def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str |
         from heads.reports import check_runs_dir
 
         check_runs_dir(runs_dir)   # before training, not after it
-    if config.per_class is not None:
-        data = subset(data, config.per_class, config.subset_seed)
-    if streamed_rows(data.x_train):
-        data = in_ram_if_it_fits(data)
-    candidates = _candidates(config, data)   # checked before any training, not after the first candidate
-    tr, va = split_indices(data.y_train, config.val_fraction, config.seed, data.class_names)
-    fits, pooled = [], {}   # pooled: the maps pooled once per pooling, shared by the candidates
-    for i, c in enumerate(candidates):   # auto: the dense head first, so that the probe can stop once it cannot win
-        keras.utils.set_random_seed(c.seed)
-        rival = min(fits, key=lambda f: f.val_loss).val_rows if fits else None
-        fits.append(fit(data, c, tr, va, progress, pooled, rival=rival, keep_rows=i < len(candidates) - 1))
-    chosen = min(fits, key=lambda f: f.val_loss)   # validation only: the test split plays no part
+    validated = fit_and_choose(data, config, progress=progress)
+    data, chosen, fits, (tr, va) = validated.data, validated.chosen, validated.fits, validated.rows
     # the one and only look at the test split (pooled vectors go to the model past its pooling layer)
     probs = predict(chosen.fit_model if data.pooled_by else chosen.model, data.x_test, config.batch_size)
     metrics = {**evaluate(probs, data.y_test, data.class_names), **_fit_metrics(chosen, fits, data, config, tr, va),
@@ -95,6 +83,41 @@ def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str |
              f" (balanced {metrics['test_balanced_accuracy']:.4f})" if metrics["class_weight"] == "balanced" else "",
              metrics["seconds"])
     return result
+
+
+@dataclass
+class Validated:
+    """What training chose on the validation rows, before any look at the test split."""
+
+    data: TrainData             # the data trained on (a --per-class subset, maps read into RAM)
+    chosen: Fitted
+    fits: list[Fitted]          # every candidate fitted (auto: the dense head and the probe)
+    rows: tuple                 # (training rows, validation rows) of data's training split
+
+
+def fit_and_choose(data: TrainData, config: TrainConfig, *, progress: bool = True, pooled: dict | None = None,
+                   callbacks=()) -> Validated:
+    """Fit `config.model` (or auto's candidates) and choose by validation loss; the test split is not touched.
+
+    `pooled` keeps the maps pooled once per pooling across calls on the same data (search trials);
+    `callbacks` are Keras callbacks of the models trained by epochs (a search's pruning)."""
+    import keras
+
+    if config.per_class is not None:
+        data = subset(data, config.per_class, config.subset_seed)
+        pooled = None   # other rows
+    if streamed_rows(data.x_train):
+        data = in_ram_if_it_fits(data)
+    candidates = _candidates(config, data)   # checked before any training, not after the first candidate
+    tr, va = split_indices(data.y_train, config.val_fraction, config.seed, data.class_names)
+    fits, pooled = [], {} if pooled is None else pooled   # pooled: maps pooled once per pooling, shared
+    for i, c in enumerate(candidates):   # auto: the dense head first, so that the probe can stop once it cannot win
+        keras.utils.set_random_seed(c.seed)
+        rival = min(fits, key=lambda f: f.val_loss).val_rows if fits else None
+        fits.append(fit(data, c, tr, va, progress, pooled, rival=rival, keep_rows=i < len(candidates) - 1,
+                        callbacks=callbacks))
+    chosen = min(fits, key=lambda f: f.val_loss)   # validation only: the test split plays no part
+    return Validated(data, chosen, fits, (tr, va))
 
 
 def _candidates(config: TrainConfig, data: TrainData) -> list[TrainConfig]:

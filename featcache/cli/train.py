@@ -144,6 +144,53 @@ def _ratios(text: str) -> tuple[float, ...]:
     return out
 
 
+@main.command()
+@cache_option
+@selection_options
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUES",
+              help="A searched option: choices a|b|c (units=256|400,256,256, head=dense|linear|knn, pooling=gap|max) "
+                   "or a range low:high[:log] (dropout=0.1:0.6, lr=1e-4:1e-2:log). Repeat for more.")
+@click.option("--space", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A TOML file with a [params] table: NAME = [choices] or NAME = {low, high, log}.")
+@click.option("--sampler", type=click.Choice(("tpe", "random", "grid")), default=None,
+              help="Optuna sampler [default: grid when every parameter is a choice, else tpe].")
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Trials in all (a continued search counts its finished ones; a grid stops when it is done).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds to search at most.")
+@click.option("--pruner", type=click.Choice(("median", "asha", "none")), default="median", show_default=True,
+              help="Stop bad trials early from their per-epoch validation loss.")
+@click.option("--objective", type=click.Choice(("val_loss", "val_accuracy")), default="val_loss", show_default=True)
+@click.option("--name", "search_name", default="search", show_default=True,
+              help="The search: runs-dir/search-NAME/; the same name continues it.")
+@click.option("--storage", default=None, help="An Optuna storage URL (e.g. postgresql://...) to share the study "
+              "between machines [default: SQLite in the search folder].")
+@click.option("--head", type=click.Choice((AUTO, *HEADS)), default=AUTO, show_default=True,
+              help="The head of every trial, unless --param head=... searches it.")
+@add_options(f for f in config_options(HEAD) if f.name != "name")
+@run_options
+@click.pass_context
+@needs_tensorflow
+def search(ctx, cache_paths, params, space, sampler, trials, timeout, pruner, objective, search_name, storage, head,
+           runs_dir, no_progress, **kw):
+    """Search head options on one cache in one process (Optuna); test only the winner; print the search folder.
+
+    Every trial trains on features read once, is scored on the validation split only and may be
+    pruned; the best trial is trained once more and evaluated once on the test split, as a run folder
+    inside the search folder, beside search.json, search.md and Optuna's plots.
+    """
+    from heads.search import load_space, parse_param
+    from heads.trials import run_search
+
+    space_params = [parse_param(p) for p in params] + (load_space(space) if space else [])
+    fixed = {f.name: kw.pop(f.name) for f in config_options(HEAD) if f.name != "name"}
+    TrainConfig(model=head, **fixed)   # the fixed options refused in one line before any work
+    caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)
+    folder = run_search(caches, space_params, layer=pick, sampler=sampler, trials=trials, timeout=timeout,
+                        pruner=pruner, objective=objective, name=search_name, storage=storage, runs_dir=runs_dir,
+                        progress=not no_progress, model=head, **fixed)
+    click.echo(str(folder))
+
+
 @main.command("train-baseline")
 @click.argument("model", type=click.Choice(BASELINES))
 @add_options(f for f in spec_options() if f.name in ("data", "limit", "input_size"))

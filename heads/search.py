@@ -1,0 +1,184 @@
+"""`featcache search`: many head experiments in one process, on Optuna, resumable.
+
+Every trial trains on features read once (pooled once per pooling) in this process, on the same
+validation split (carved from train with the fixed --seed), and is scored on validation only: the
+objective is validation loss (or accuracy). Bad trials are pruned from their per-epoch validation
+loss (Optuna's median or successive-halving pruner). The study lives in an SQLite file in the search
+folder: a search killed and started again with the same --name continues from its finished trials (a
+trial left running by a killed process is failed once its heartbeat is stale, and run again), and two
+processes on one study share its trials. When the trials are done, the best configuration is trained
+once more and only it is evaluated on the test split, as a normal run folder inside the search folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from featcache.errors import BadInputError
+from heads.config import HEAD, TrainConfig, options
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "asha", "none")
+OBJECTIVES = ("val_loss", "val_accuracy")
+#: Not searchable: they would change the rows every trial is compared on, or name the run.
+FIXED = ("seed", "val_fraction", "per_class", "subset_seed", "name")
+#: Seconds between a running trial's heartbeats, and without one before it counts as dead.
+HEARTBEAT_S, GRACE_S = 10, 30
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    choices: tuple | None = None          # categorical
+    low: float | None = None              # or a range
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+
+
+def searchable() -> dict:
+    """Field name -> field, for every training option of train-head (and the head) that a search may vary."""
+    out = {f.name: f for f in options(HEAD) if f.name not in FIXED}
+    out["model"] = next(f for f in fields(TrainConfig) if f.name == "model")
+    return out
+
+
+def parse_param(text: str) -> Param:
+    """'units=256|512|400,256,256', 'dropout=0.1:0.6', 'lr=1e-4:1e-2:log', 'head=dense|linear'."""
+    name, sep, value = str(text).partition("=")
+    name = {"head": "model"}.get(name.strip().replace("-", "_"), name.strip().replace("-", "_"))
+    fields_ = searchable()
+    if not sep or name not in fields_:
+        raise BadInputError(f"--param must be NAME=a|b|c or NAME=low:high[:log] for one of {', '.join(sorted(fields_))} "
+                            f"(head for the model), got {text!r}")
+    kind = fields_[name].metadata.get("kind")
+    if "|" in value or kind in ("str", "bool", "units") or ":" not in value:
+        return Param(name, choices=tuple(_typed(kind, v.strip(), text) for v in value.split("|")))
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+        raise BadInputError(f"--param {name}: a range is low:high or low:high:log, got {value!r}")
+    low, high = (_typed(kind, p, text) for p in parts[:2])
+    if not low < high or (len(parts) == 3 and low <= 0):
+        raise BadInputError(f"--param {name}: the range needs low < high (and low > 0 on a log scale), got {value!r}")
+    return Param(name, low=low, high=high, log=len(parts) == 3, integer=kind == "int")
+
+
+def _typed(kind: str | None, value: str, text: str):
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            return {"true": True, "false": False, "on": True, "off": False}[value.lower()]
+        if kind == "units":
+            return tuple(int(u) for u in value.split(","))
+        return value
+    except (ValueError, KeyError):
+        raise BadInputError(f"--param {text!r}: {value!r} is not a {kind}") from None
+
+
+def load_space(path: str | Path) -> list[Param]:
+    """A TOML search space: `[params]` with `units = ["256", "400,256,256"]` (choices) or
+    `lr = {low = 1e-4, high = 1e-2, log = true}` (a range)."""
+    import tomllib
+
+    try:
+        table = tomllib.loads(Path(path).read_text()).get("params", {})
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise BadInputError(f"cannot read the search space {path}: {e}; fix: a TOML file with a [params] table") from e
+    out = []
+    for name, spec in table.items():
+        if isinstance(spec, list):
+            out.append(parse_param(f"{name}={'|'.join(str(v) for v in spec)}"))
+        elif isinstance(spec, dict) and {"low", "high"} <= set(spec):
+            out.append(parse_param(f"{name}={spec['low']}:{spec['high']}" + (":log" if spec.get("log") else "")))
+        else:
+            raise BadInputError(f"{path}: params.{name} must be a list of choices or {{low, high[, log]}}")
+    return out
+
+
+def suggest(trial, p: Param):
+    """This trial's value of `p` (units travel as text through Optuna's storage)."""
+    if p.choices is not None:
+        shown = [",".join(map(str, c)) if isinstance(c, tuple) else c for c in p.choices]
+        value = trial.suggest_categorical(p.name, shown)
+        return p.choices[shown.index(value)]
+    if p.integer:
+        return trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+    return trial.suggest_float(p.name, p.low, p.high, log=p.log)
+
+
+def grid_of(space: list[Param]) -> dict:
+    if any(p.choices is None for p in space):
+        raise BadInputError("--sampler grid needs every --param as choices (a|b|c), not ranges")
+    return {p.name: [",".join(map(str, c)) if isinstance(c, tuple) else c for c in p.choices] for p in space}
+
+
+def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pruner: str, objective: str,
+               storage: str | None, seed: int):
+    """The Optuna study of this search, created or continued (same name, same storage)."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage or f"sqlite:///{folder / 'study.db'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # heartbeats: experimental since 2.8
+        rdb = optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "grid": lambda: optuna.samplers.GridSampler(grid_of(space), seed=seed)}
+    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+               "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2),
+               "none": lambda: optuna.pruners.NopPruner()}
+    return optuna.create_study(study_name=name, storage=rdb, load_if_exists=True, sampler=samplers[sampler](),
+                               pruner=pruners[pruner](),
+                               direction="minimize" if objective == "val_loss" else "maximize")
+
+
+def pruning_callback(trial, objective: str):
+    """A Keras callback reporting each epoch's validation figure to Optuna and stopping a pruned trial."""
+    import keras
+    import optuna
+
+    class Report(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get(objective)
+            if value is None or not math.isfinite(value):
+                return
+            trial.report(float(value), epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch + 1}: {objective} {value:.4f}")
+
+    return Report()
+
+
+def check(params: list[Param], *, sampler: str, pruner: str, objective: str, trials: int | None,
+          timeout: float | None) -> None:
+    """One-line errors for the search options, before any data is read."""
+    for value, allowed, option in ((sampler, SAMPLERS, "--sampler"), (pruner, PRUNERS, "--pruner"),
+                                   (objective, OBJECTIVES, "--objective")):
+        if value not in allowed:
+            raise BadInputError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+    if not params:
+        raise BadInputError("a search needs at least one --param (or --space FILE)")
+    if len({p.name for p in params}) != len(params):
+        raise BadInputError("each parameter may be searched once")
+    if trials is not None and trials < 1 or timeout is not None and timeout <= 0:
+        raise BadInputError("--trials must be at least 1 and --timeout above 0")
+    if sampler == "grid":
+        grid_of(params)
+
+
+def trial_config(base: dict, values: dict) -> TrainConfig:
+    """The TrainConfig of a trial: the fixed options with this trial's values (validated as any config)."""
+    return TrainConfig(**{**base, **values})

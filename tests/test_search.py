@@ -1,0 +1,122 @@
+"""`featcache search`: trials on features read once, scored on validation only; the winner alone tested;
+an Optuna study in SQLite that a killed search continues."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from featcache.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ("--epochs", "3", "--patience", "1", "--units", "8", "--no-progress")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def tiny_cache(image_folder, cache_dir):
+    r = run("extract", "--data", image_folder, "--weights", "random", "--no-progress")
+    assert r.exit_code == 0, r.output
+    return r.stdout.strip()
+
+
+def test_grid_search_tests_only_its_winner_and_records_every_trial(tiny_cache, tmp_path, monkeypatch):
+    from featcache.cache import pooled
+    from heads import train as ht
+
+    tested, reads = [], []
+    real_predict, real_pooled = ht.predict, pooled.pooled
+    monkeypatch.setattr(ht, "predict", lambda model, x, b: tested.append(len(x)) or real_predict(model, x, b))
+    monkeypatch.setattr(pooled, "pooled", lambda cache, *a: reads.append(a) or real_pooled(cache, *a))
+    r = run("search", "--cache", tiny_cache, "--param", "head=dense|linear", "--param", "dropout=0.1|0.3",
+            "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    folder = Path(r.stdout.strip())
+    assert folder == tmp_path / "search-search"
+    record = json.loads((folder / "search.json").read_text())
+    assert record["sampler"] == "grid" and len(record["trials"]) == 4
+    assert {(t["params"]["model"], t["params"]["dropout"]) for t in record["trials"]} == {
+        ("dense", 0.1), ("dense", 0.3), ("linear", 0.1), ("linear", 0.3)}
+    done = [t for t in record["trials"] if t["state"] == "complete"]
+    assert record["best_trial"] == min(done, key=lambda t: t["value"])["trial"]
+    assert not any("test" in key for t in record["trials"] for key in t)   # trials: validation figures only
+    assert tested == [6]   # one look at the test split (3 classes x 2 images), for the winner
+    assert reads == [("block3_pool", "gap")]   # the cache's vectors read once for every trial and the winner
+    winner = folder / record["winner"]["run"]
+    metrics = json.loads((winner / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == record["winner"]["test_accuracy"] and (winner / "model.keras").exists()
+    md = (folder / "search.md").read_text()
+    assert "Only the winner was evaluated on the test split" in md and md.count("| complete |") == len(done)
+    assert (folder / "history.png").exists() and (folder / "slice.png").exists()
+    table = run("runs", "--runs-dir", tmp_path).stdout
+    assert "search-search" in table and record["winner"]["run"] in table
+
+
+def test_bad_search_options_are_one_line_errors(tiny_cache, tmp_path):
+    for args, says in ((("--param", "nonsense=1|2"), "--param must be NAME="),
+                       (("--param", "dropout=0.5:0.1"), "low < high"),
+                       (("--param", "lr=1e-4:1e-2", "--sampler", "grid"), "--sampler grid needs"),
+                       ((), "at least one --param")):
+        r = run("search", "--cache", tiny_cache, *args, "--runs-dir", tmp_path)
+        assert r.exit_code == 2 and says in r.stderr, (args, r.output)
+        assert len([line for line in r.stderr.splitlines() if not line.startswith("WARNING")]) == 1
+
+
+def test_space_file_and_ranges(tiny_cache, tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text('[params]\nunits = ["4", "8,4"]\nlr = {low = 1e-4, high = 1e-2, log = true}\n')
+    r = run("search", "--cache", tiny_cache, "--space", space, "--head", "dense", "--trials", "3",
+            "--pruner", "none", "--name", "ranges", "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "search-ranges" / "search.json").read_text())
+    assert record["sampler"] == "tpe" and len(record["trials"]) == 3
+    assert all(1e-4 <= t["params"]["lr"] <= 1e-2 and t["params"]["units"] in ("4", "8,4") for t in record["trials"])
+
+
+def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path):
+    import optuna
+
+    code = ("import sys; import heads.search as s; s.HEARTBEAT_S, s.GRACE_S = 1, 2\n"
+            "from featcache.cli import main; sys.exit(main())")
+    args = [sys.executable, "-c", code, "search", "--cache", tiny_cache, "--param", "dropout=0.1|0.2|0.3|0.4",
+            "--head", "dense", "--epochs", "100", "--patience", "100", "--units", "8", "--pruner", "none",
+            "--runs-dir", str(tmp_path), "--no-progress"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    db = f"sqlite:///{tmp_path / 'search-search' / 'study.db'}"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:   # until one trial is done and the next one running
+            time.sleep(0.5)
+            try:
+                states = [t.state.name for t in optuna.load_study(study_name="search", storage=db).trials]
+            except Exception:   # not created yet
+                continue
+            if states.count("COMPLETE") >= 1 and "RUNNING" in states:
+                break
+        else:
+            pytest.fail("the search never got to its second trial")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with pytest.raises(ProcessLookupError):
+        os.kill(proc.pid, 0)
+    time.sleep(3)   # past the grace period: the killed trial's heartbeat is stale
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = optuna.load_study(study_name="search", storage=db).trials
+    complete = sorted(t.params["dropout"] for t in trials if t.state.name == "COMPLETE")
+    assert complete == [0.1, 0.2, 0.3, 0.4]   # every grid point, the interrupted one re-run
+    assert any(t.state.name == "FAIL" for t in trials)   # the killed trial, failed by its stale heartbeat
+    record = json.loads((tmp_path / "search-search" / "search.json").read_text())
+    assert record["winner"]["run"] and Path(again.stdout.strip()) == tmp_path / "search-search"
