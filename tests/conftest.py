@@ -109,5 +109,18 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     return d
 
 
+@pytest.fixture
+def tiny_cache(image_folder, cache_dir) -> str:
+    """`featcache extract` of the tiny image folder (random weights): the cache path it prints."""
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    r = CliRunner().invoke(main, ["extract", "--data", str(image_folder), "--weights", "random", "--no-progress"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.stdout.strip()
+
+
 needs_shared = pytest.mark.skipif(not (REAL_DATA.is_dir() and REAL_WEIGHTS.is_file()),
                                   reason="../shared (real CIFAR-10 images and VGG16 weights) is absent")

@@ -100,7 +100,7 @@ def test_help_imports_no_tensorflow():
     import sys
 
     code = ("import sys; from click.testing import CliRunner; from featcache.cli import main; "
-            "[CliRunner().invoke(main, [c, '--help']) for c in ('extract', 'train-head', 'train-baseline', 'curve')]; "
+            "[CliRunner().invoke(main, [c, '--help']) for c in ('extract', 'train-head', 'train-baseline', 'curve', 'search')]; "
             "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -23,13 +23,6 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture
-def tiny_cache(image_folder, cache_dir):
-    r = run("extract", "--data", image_folder, "--weights", "random", "--no-progress")
-    assert r.exit_code == 0, r.output
-    return r.stdout.strip()
-
-
 def test_grid_search_tests_only_its_winner_and_records_every_trial(tiny_cache, tmp_path, monkeypatch):
     from featcache.cache import pooled
     from heads import train as ht

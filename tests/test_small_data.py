@@ -100,13 +100,6 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture
-def tiny_cache(image_folder, cache_dir):
-    r = run("extract", "--data", image_folder, "--weights", "random", "--no-progress")
-    assert r.exit_code == 0, r.output
-    return r.stdout.strip()
-
-
 def test_cli_per_class_is_recorded_and_shown(tiny_cache, tmp_path):
     r = run("train-head", "--cache", tiny_cache, "--per-class", "3", "--subset-seed", "2", "--epochs", "2",
             "--runs-dir", tmp_path / "runs", "--no-progress")
