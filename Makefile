@@ -61,6 +61,8 @@ bench: extract ## measure speed, size, memory, precision, decoding, streaming an
 	$(BIN)/python bench/predict.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--run "$$($(BIN)/featcache -q train-head $(SELECT) --runs-dir $(RUNS_DIR)/bench --name default --no-progress)"
 	$(BIN)/python bench/default_head.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
+	$(BIN)/python bench/probe.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
+	$(BIN)/python bench/search.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 
 bench-gpu: install ## extraction img/s on the accelerator: 32/224 px, float32 and auto precision (< 5 min); docs/benchmarks-gpu.*
 	$(BIN)/python bench/gpu.py
