@@ -80,7 +80,8 @@ def _typed(kind: str | None, value: str, text: str):
             return tuple(int(u) for u in value.split(","))
         return value
     except (ValueError, KeyError):
-        raise BadInputError(f"--param {text!r}: {value!r} is not a {kind}") from None
+        what = {"units": "list of layer sizes (256 or 400,256,256)", "bool": "true or false"}.get(kind, kind)
+        raise BadInputError(f"--param {text!r}: {value!r} is not a {what}") from None
 
 
 def load_space(path: str | Path) -> list[Param]:
@@ -131,9 +132,14 @@ def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pru
     url = storage or f"sqlite:///{folder / 'study.db'}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # heartbeats: experimental since 2.8
-        rdb = optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+        try:
+            rdb = optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+        except Exception as e:   # SQLAlchemy's many: no such dialect, no driver, cannot connect, not a database
+            raise BadInputError(f"cannot open the study storage {url}: {type(e).__name__}: {str(e)[:200]}; fix: a "
+                                "SQLAlchemy URL such as postgresql://user@host/db, or no --storage (SQLite in the "
+                                "search folder)") from e
     samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                 "random": lambda: optuna.samplers.RandomSampler(seed=seed),
                 "grid": lambda: optuna.samplers.GridSampler(grid_of(space), seed=seed)}
@@ -177,6 +183,13 @@ def check(params: list[Param], *, sampler: str, pruner: str, objective: str, tri
         raise BadInputError("--trials must be at least 1 and --timeout above 0")
     if sampler == "grid":
         grid_of(params)
+
+
+def check_values(params: list[Param], base: dict) -> None:
+    """Every choice and both ends of every range make a valid TrainConfig: refused now, not at a trial."""
+    for p in params:
+        for value in p.choices if p.choices is not None else (p.low, p.high):
+            trial_config(base, {p.name: value})
 
 
 def trial_config(base: dict, values: dict) -> TrainConfig:

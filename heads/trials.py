@@ -28,6 +28,7 @@ def run_search(cache, params: list, *, layer=None, sampler: str | None = None, t
     sampler = sampler or ("grid" if all(p.choices is not None for p in params) else "tpe")
     hs.check(params, sampler=sampler, pruner=pruner, objective=objective, trials=trials, timeout=timeout)
     base = TrainConfig(**options).__dict__   # the fixed options, validated once
+    hs.check_values(params, base)
     folder = system.writable_folder(Path(runs_dir) / f"search-{name}", what="search folder",
                                     fix="pass a writable --runs-dir")
     study = hs.make_study(folder, name, params, sampler=sampler, pruner=pruner, objective=objective,

@@ -59,6 +59,9 @@ def test_bad_search_options_are_one_line_errors(tiny_cache, tmp_path):
     for args, says in ((("--param", "nonsense=1|2"), "--param must be NAME="),
                        (("--param", "dropout=0.5:0.1"), "low < high"),
                        (("--param", "lr=1e-4:1e-2", "--sampler", "grid"), "--sampler grid needs"),
+                       (("--param", "dropout=0.1|3"), "--dropout must be in [0, 1)"),
+                       (("--param", "units=abc"), "not a list of layer sizes"),
+                       (("--param", "dropout=0.1|0.2", "--storage", "nosuch://x"), "cannot open the study storage"),
                        ((), "at least one --param")):
         r = run("search", "--cache", tiny_cache, *args, "--runs-dir", tmp_path)
         assert r.exit_code == 2 and says in r.stderr, (args, r.output)
