@@ -26,13 +26,16 @@ log = logging.getLogger(__name__)
 RANDOM_FLAG = "RANDOM BACKBONE WEIGHTS (not ImageNet features)"
 
 
-def write_run(runs_dir: Path, result, data) -> Path:
-    """Write every record of `result` into a new folder under `runs_dir`; return the folder.
+def write_run(runs_dir: Path, result, data, tensorboard: Path | None = None) -> Path:
+    """Write every record of `result` into a new folder under `runs_dir` (with the TensorBoard logs written
+    during training, moved in as tensorboard/); return the folder.
 
     The folder is written under a hidden temporary name and renamed when complete, so an
     interrupted write never leaves a folder that looks like a finished run."""
     with staged_run_dir(runs_dir, result.config.name or result.config.model) as stage:
         _write_records(stage.path, result, data, run_id=stage.stem)
+        if tensorboard is not None and tensorboard.exists() and any(tensorboard.iterdir()):   # not the probe's
+            shutil.move(str(tensorboard), str(stage.path / "tensorboard"))
     return stage.final
 
 

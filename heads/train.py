@@ -10,6 +10,8 @@ after training, and nothing is chosen by it.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -62,11 +64,23 @@ def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str |
     config = TrainConfig() if config is None else config
     if data.random_weights:
         log.warning("WARNING: these features come from RANDOM backbone weights, not ImageNet")
+    logs = None
     if runs_dir is not None:
         from heads.reports import check_runs_dir
 
-        check_runs_dir(runs_dir)   # before training, not after it
-    validated = fit_and_choose(data, config, progress=progress)
+        logs = Path(tempfile.mkdtemp(prefix=".tensorboard-", dir=check_runs_dir(runs_dir)))   # before training
+    try:
+        return _train_and_test(data, config, runs_dir, logs, progress)
+    finally:
+        if logs is not None:
+            shutil.rmtree(logs, ignore_errors=True)   # moved into the run folder, unless training failed
+
+
+def _train_and_test(data: TrainData, config: TrainConfig, runs_dir, logs: Path | None, progress: bool) -> RunResult:
+    from heads.logs import epochs_callback
+
+    validated = fit_and_choose(data, config, progress=progress,
+                               callbacks=[epochs_callback(logs)] if logs is not None else ())
     data, chosen, fits, (tr, va) = validated.data, validated.chosen, validated.fits, validated.rows
     # the one and only look at the test split (pooled vectors go to the model past its pooling layer)
     probs = predict(chosen.fit_model if data.pooled_by else chosen.model, data.x_test, config.batch_size)
@@ -76,7 +90,7 @@ def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str |
     if runs_dir is not None:
         from heads.reports import write_run
 
-        result.run_dir = write_run(Path(runs_dir), result, data)
+        result.run_dir = write_run(Path(runs_dir), result, data, tensorboard=logs)
     log.info("%s: val accuracy %.4f (best %s of %d), test accuracy %.4f%s, %.1f s",
              (config.name or config.model) + (f" (chose {chosen.config.model})" if config.model == AUTO else ""),
              metrics["val_accuracy"], _setting(metrics), metrics["epochs_run"], metrics["test_accuracy"],

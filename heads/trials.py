@@ -34,12 +34,16 @@ def run_search(cache, params: list, *, layer=None, sampler: str | None = None, t
     study = hs.make_study(folder, name, params, sampler=sampler, pruner=pruner, objective=objective,
                           storage=storage, seed=base["seed"])
     feeds = _Feeds(cache if isinstance(cache, (list, tuple)) else [cache], layer)
+    from heads.logs import write_search
+
+    write_search(folder / "tensorboard", params, hs.OBJECTIVES)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = len([t for t in study.trials if t.state.is_finished()])
     left = None if trials is None else max(0, trials - done)
     if left:
         bar = system.progress_bar(left, unit="trial", desc="search", enabled=progress)
-        study.optimize(lambda t: _trial(t, params, base, feeds, objective), n_trials=left, timeout=timeout,
+        study.optimize(lambda t: _trial(t, params, base, feeds, objective, folder / "tensorboard"), n_trials=left,
+                       timeout=timeout,
                        callbacks=[lambda s, t: bar.update(1)], catch=(FloatingPointError,))
         bar.close()
     return _finish(folder, study, params, base, feeds, dict(sampler=sampler, pruner=pruner, objective=objective,
@@ -62,16 +66,19 @@ class _Feeds:
         return self.data[key], self.pooled[key]
 
 
-def _trial(trial, params: list, base: dict, feeds: _Feeds, objective: str) -> float:
+def _trial(trial, params: list, base: dict, feeds: _Feeds, objective: str, logs: Path) -> float:
+    from heads.logs import epochs_callback, write_trial
     from heads.train import fit_and_choose
 
     values = {p.name: hs.suggest(trial, p) for p in params}
     config = hs.trial_config(base, values)
     data, pooled = feeds.get(config)
     t0 = time.perf_counter()
+    here = logs / f"trial-{trial.number}"
     v = fit_and_choose(data, config, progress=False, pooled=pooled if config.per_class is None else None,
-                       callbacks=[hs.pruning_callback(trial, objective)])
+                       callbacks=[hs.pruning_callback(trial, objective), epochs_callback(here)])
     h, best = v.chosen.history, v.chosen.best
+    write_trial(here, values, {k: h[k][best] for k in hs.OBJECTIVES})
     trial.set_user_attr("val_loss", float(h["val_loss"][best]))
     trial.set_user_attr("val_accuracy", float(h["val_accuracy"][best]))
     trial.set_user_attr("epochs_run", len(h["val_loss"]))

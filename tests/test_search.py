@@ -122,3 +122,37 @@ def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path
     assert any(t.state.name == "FAIL" for t in trials)   # the killed trial, failed by its stale heartbeat
     record = json.loads((tmp_path / "search-search" / "search.json").read_text())
     assert record["winner"]["run"] and Path(again.stdout.strip()) == tmp_path / "search-search"
+
+
+def _tags(folder: Path) -> set:
+    """The summary tags and plugin names written under `folder` (TensorBoard event files, read back)."""
+    import tensorflow as tf
+
+    out = set()
+    for events in folder.rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                out |= {value.tag, value.metadata.plugin_data.plugin_name}
+    return out
+
+
+def test_runs_and_search_trials_write_tensorboard_logs_with_hparams(tiny_cache, tmp_path):
+    r = run("train-head", "--cache", tiny_cache, "--head", "dense", "--runs-dir", tmp_path / "runs", *QUICK)
+    assert r.exit_code == 0, r.output
+    run_dir = Path(r.stdout.strip())
+    assert {"epoch_loss", "epoch_accuracy"} <= _tags(run_dir / "tensorboard")   # Keras' per-epoch scalars
+    assert (run_dir / "tensorboard" / "validation").is_dir()
+    assert not list((tmp_path / "runs").glob(".tensorboard-*"))   # moved into the run, nothing left behind
+    r = run("search", "--cache", tiny_cache, "--head", "dense", "--param", "dropout=0.1|0.3", "--runs-dir",
+            tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    logs = Path(r.stdout.strip()) / "tensorboard"
+    assert "hparams" in _tags(logs) and sorted(p.name for p in logs.glob("trial-*")) == ["trial-0", "trial-1"]
+    trial = _tags(logs / "trial-0")
+    assert {"hparams", "val_loss", "val_accuracy", "epoch_loss"} <= trial
+
+
+def test_a_probe_run_has_no_empty_tensorboard_folder(tiny_cache, tmp_path):
+    r = run("train-head", "--cache", tiny_cache, "--head", "linear", "--runs-dir", tmp_path, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert not (Path(r.stdout.strip()) / "tensorboard").exists() and not list(tmp_path.glob(".tensorboard-*"))

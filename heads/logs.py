@@ -1,0 +1,46 @@
+"""TensorBoard logs: Keras' per-epoch scalars of every run and search trial, and the HParams plugin's summaries
+of a search, so that `tensorboard --logdir <runs or search folder>` shows the curves, the trials' table and the
+parallel-coordinates view."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def epochs_callback(folder: Path):
+    """Keras' TensorBoard callback writing each epoch's loss and metrics under `folder` (train/, validation/)."""
+    import keras
+
+    return keras.callbacks.TensorBoard(log_dir=str(folder), write_graph=False, histogram_freq=0, profile_batch=0)
+
+
+def _shown(value):
+    """HParams values are numbers, booleans or text: layer sizes travel as '400,256,256'."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+
+
+def write_trial(folder: Path, params: dict, metrics: dict) -> None:
+    """One trial's parameters and final validation figures, for the HParams plugin, into `folder`."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    with tf.summary.create_file_writer(str(folder)).as_default():
+        hp.hparams({name: _shown(v) for name, v in params.items()}, trial_id=folder.name)
+        for name, value in metrics.items():
+            if value is not None:
+                tf.summary.scalar(name, float(value), step=0)
+
+
+def write_search(folder: Path, params: list, metrics: tuple) -> None:
+    """The search's HParams table: which parameters and metrics its trials report (once, at its root)."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    def domain(p):
+        if p.choices is not None:
+            return hp.Discrete([_shown(c) for c in p.choices])
+        return hp.IntInterval(int(p.low), int(p.high)) if p.integer else hp.RealInterval(float(p.low), float(p.high))
+
+    with tf.summary.create_file_writer(str(folder)).as_default():
+        hp.hparams_config(hparams=[hp.HParam(p.name, domain(p)) for p in params],
+                          metrics=[hp.Metric(m) for m in metrics])
