@@ -87,8 +87,7 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
     best, seconds = history.pop("best"), time.perf_counter() - t0
     rows = None
     if keep_rows:
-        from heads.metrics import predict
-        from heads.probe import row_losses
+        from heads.metrics import predict, row_losses
 
         rows = row_losses(predict(fit_model, x_fit[va], config.batch_size), data.y_train[va], weights[1])
     return Fitted(config, model, fit_model, history, best, seconds, rows)

@@ -22,6 +22,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from heads.metrics import row_losses
+
 K_GRID = (5, 10, 20, 50, 100)
 TEMPERATURE_GRID = (0.02, 0.05, 0.07, 0.1, 0.2)   # DINO's k=20, T=0.07 among them
 SMOOTHING_GRID = (0.001, 0.01, 0.1)
@@ -107,13 +109,12 @@ def fit_knn(fit_model, x_fit, y, tr, va, *, n_classes: int, weights=(None, None)
     top, rows = nearest(queries, bank, max(K_GRID))
     labels, y_val = y[tr][rows], y[va]
     history = {key: [] for key in ("k", "temperature", "smoothing", "val_loss", "val_accuracy", "seconds")}
-    row_w = None if weights[1] is None else weights[1][y_val]
     for k in sorted({min(k, len(tr)) for k in K_GRID}):
         for t in TEMPERATURE_GRID:
             for s in SMOOTHING_GRID:
                 t0 = time.perf_counter()
                 p = vote_probabilities(top, labels, n_classes, k=k, temperature=t, smoothing=s, class_weights=class_w)
-                _record(history, p, y_val, row_w, k=k, temperature=t, smoothing=s)
+                _record(history, p, y_val, weights[1], k=k, temperature=t, smoothing=s)
                 history["seconds"].append(time.perf_counter() - t0)
     history["best"] = int(np.argmin(history["val_loss"]))
     vote.k, vote.temperature, vote.smoothing = (history[key][history["best"]] for key in ("k", "temperature",
@@ -134,11 +135,12 @@ def _embed(fit_model, x, rows: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _record(history: dict, p: np.ndarray, y: np.ndarray, row_w, **setting) -> None:
+def _record(history: dict, p: np.ndarray, y: np.ndarray, class_weights, **setting) -> None:
+    """One setting's row: its validation loss (class-weighted, as every head's) and accuracies."""
     for key, value in setting.items():
         history[key].append(value)
     hit = p.argmax(axis=1) == y
-    history["val_loss"].append(float(np.average(-np.log(p[np.arange(len(y)), y]), weights=row_w)))
+    history["val_loss"].append(float(np.mean(row_losses(p, y, class_weights))))
     history["val_accuracy"].append(float(hit.mean()))
-    if row_w is not None:
-        history.setdefault("val_balanced_accuracy", []).append(float(np.average(hit, weights=row_w)))
+    if class_weights is not None:
+        history.setdefault("val_balanced_accuracy", []).append(float(np.average(hit, weights=class_weights[y])))

@@ -14,18 +14,15 @@ def epochs_callback(folder: Path):
     return keras.callbacks.TensorBoard(log_dir=str(folder), write_graph=False, histogram_freq=0, profile_batch=0)
 
 
-def _shown(value):
-    """HParams values are numbers, booleans or text: layer sizes travel as '400,256,256'."""
-    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-
-
 def write_trial(folder: Path, params: dict, metrics: dict) -> None:
     """One trial's parameters and final validation figures, for the HParams plugin, into `folder`."""
     import tensorflow as tf
     from tensorboard.plugins.hparams import api as hp
 
+    from heads.search import label
+
     with tf.summary.create_file_writer(str(folder)).as_default():
-        hp.hparams({name: _shown(v) for name, v in params.items()}, trial_id=folder.name)
+        hp.hparams({name: label(v) for name, v in params.items()}, trial_id=folder.name)
         for name, value in metrics.items():
             if value is not None:
                 tf.summary.scalar(name, float(value), step=0)
@@ -38,7 +35,7 @@ def write_search(folder: Path, params: list, metrics: tuple) -> None:
 
     def domain(p):
         if p.choices is not None:
-            return hp.Discrete([_shown(c) for c in p.choices])
+            return hp.Discrete(p.labels())
         return hp.IntInterval(int(p.low), int(p.high)) if p.integer else hp.RealInterval(float(p.low), float(p.high))
 
     with tf.summary.create_file_writer(str(folder)).as_default():

@@ -12,6 +12,13 @@ def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
 
 
+def row_losses(p: np.ndarray, y: np.ndarray, class_weights: np.ndarray | None = None) -> np.ndarray:
+    """Each row's cross-entropy, times its class weight when given (the weights of a split's rows average 1, so
+    the mean of these is the split's weighted loss)."""
+    out = -np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1.0)).astype(np.float64)
+    return out if class_weights is None else out * class_weights[y]
+
+
 def evaluate(probs: np.ndarray, y: np.ndarray, class_names) -> dict:
     from sklearn.metrics import classification_report, confusion_matrix, f1_score, precision_recall_fscore_support
 

@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from heads.metrics import row_losses
+
 log = logging.getLogger(__name__)
 
 #: Inverse L2 strengths on the grid, by half-decades; the walk tries every other one first (decades).
@@ -184,13 +186,6 @@ def _figures(xt, yt, xv, yv, coef, intercept, weights) -> tuple[dict, np.ndarray
         if w is not None:
             out[f"{name}balanced_accuracy"] = float(np.average(p.argmax(1) == y, weights=w[y]))
     return out, rows
-
-
-def row_losses(p: np.ndarray, y: np.ndarray, class_weights: np.ndarray | None = None) -> np.ndarray:
-    """Each row's cross-entropy, times its class weight when given (the weights of a split's rows average 1, so
-    the mean of these is the split's weighted loss)."""
-    out = -np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1.0)).astype(np.float64)
-    return out if class_weights is None else out * class_weights[y]
 
 
 def _full(params: np.ndarray, present: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:

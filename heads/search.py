@@ -40,6 +40,15 @@ class Param:
     log: bool = False
     integer: bool = False
 
+    def labels(self) -> list:
+        """The choices as Optuna stores them (layer sizes as text: '400,256,256')."""
+        return [label(c) for c in self.choices]
+
+
+def label(value):
+    """A value as Optuna and TensorBoard keep it: numbers, booleans and text as they are, layer sizes as text."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+
 
 def searchable() -> dict:
     """Field name -> field, for every training option of train-head (and the head) that a search may vary."""
@@ -107,9 +116,7 @@ def load_space(path: str | Path) -> list[Param]:
 def suggest(trial, p: Param):
     """This trial's value of `p` (units travel as text through Optuna's storage)."""
     if p.choices is not None:
-        shown = [",".join(map(str, c)) if isinstance(c, tuple) else c for c in p.choices]
-        value = trial.suggest_categorical(p.name, shown)
-        return p.choices[shown.index(value)]
+        return p.choices[p.labels().index(trial.suggest_categorical(p.name, p.labels()))]
     if p.integer:
         return trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
     return trial.suggest_float(p.name, p.low, p.high, log=p.log)
@@ -118,7 +125,7 @@ def suggest(trial, p: Param):
 def grid_of(space: list[Param]) -> dict:
     if any(p.choices is None for p in space):
         raise BadInputError("--sampler grid needs every --param as choices (a|b|c), not ranges")
-    return {p.name: [",".join(map(str, c)) if isinstance(c, tuple) else c for c in p.choices] for p in space}
+    return {p.name: p.labels() for p in space}
 
 
 def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pruner: str, objective: str,

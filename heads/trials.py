@@ -113,10 +113,8 @@ def _finish(folder: Path, study, params: list, base: dict, feeds: _Feeds, settin
 
 
 def _value(p, shown):
-    if p.choices is None:
-        return shown
-    labels = [",".join(map(str, c)) if isinstance(c, tuple) else c for c in p.choices]
-    return p.choices[labels.index(shown)]
+    """A parameter's value from what Optuna stored."""
+    return shown if p.choices is None else p.choices[p.labels().index(shown)]
 
 
 def _row(t) -> dict:
