@@ -15,11 +15,14 @@ CACHE_DIR ?= cache
 EXTRACT_ARGS ?=
 RUNS_DIR ?= runs
 BASELINE_EPOCHS ?= 10
+# `make search`: the space and budget of the documented head search
+SEARCH_ARGS ?= --param 'head=dense|conv' --param 'pooling=gap|flatten' --param 'dropout=0.1:0.6' \
+	--param 'lr=1e-4:3e-3:log' --trials 60 --timeout 1800
 SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER) --precision $(PRECISION)
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 .DEFAULT_GOAL := help
-.PHONY: help install extract heads curve bench bench-gpu study lint test clean
+.PHONY: help install extract heads curve search bench bench-gpu study lint test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -51,6 +54,11 @@ curve: extract ## data-efficiency curve (default head, linear probe, kNN; 5..100
 	d=$$($(BIN)/featcache -q curve $(SELECT) --runs-dir $(RUNS_DIR)) && cp "$$d"/curve.json "$$d"/curve.md "$$d"/curve.png docs/
 	d=$$($(BIN)/featcache -q curve $(SELECT) --long-tail 10,50 --tail-max 500 --runs-dir $(RUNS_DIR)) && \
 		cp "$$d"/longtail.json "$$d"/longtail.md docs/
+
+search: extract ## a head search on the cache (Optuna TPE, median pruning, 30 min of trials on 2 cores, then its winner tested); docs/search*
+	d=$$($(BIN)/featcache -q search $(SELECT) --runs-dir $(RUNS_DIR) --name make $(SEARCH_ARGS)) && \
+		cp "$$d"/search.md docs/search.md && cp "$$d"/search.json docs/search.json && \
+		for f in history slice importances; do cp "$$d"/$$f.png docs/search-$$f.png; done
 
 bench: extract ## measure speed, size, memory, precision, decoding, streaming and the Ray engine side by side; writes docs/benchmarks*.md, .json (~30 min, 12 GB of disk)
 	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \

@@ -77,7 +77,7 @@ def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bo
     `memory_budget` bytes (default: half the available memory), streamed from disk otherwise or with
     `stream`. Pooled vectors come from derived caches that pool each layer once (featcache.cache.pooled).
     How the data is fed is `TrainData.feed`."""
-    sources = _layer_sources([_open(c) for c in caches], layers)
+    sources = layer_sources(open_caches(caches), layers)
     budget = feeds.default_budget() if memory_budget is None else feeds.parse_bytes(memory_budget)
     if len(sources) == 1 and not (prepooled and pooling in GLOBAL_POOLINGS):
         return _maps(*sources[0], budget, stream)
@@ -162,7 +162,11 @@ def _open(cache):
     return cache if isinstance(cache, FeatureCache) else open_cache(cache)
 
 
-def _layer_sources(caches, layers) -> list[tuple]:
+def open_caches(caches) -> list[FeatureCache]:
+    return [_open(c) for c in caches]
+
+
+def layer_sources(caches, layers) -> list[tuple]:
     """(cache, layer) for each layer asked for (a name, "a,b" or a sequence; None: all), first cache holding it."""
     if layers is None:
         sources = [(c, layer) for c in caches for layer in c.layers]

@@ -12,6 +12,8 @@ once more and only it is evaluated on the test split, as a normal run folder ins
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 from dataclasses import dataclass, fields
@@ -27,6 +29,8 @@ PRUNERS = ("median", "asha", "none")
 OBJECTIVES = ("val_loss", "val_accuracy")
 #: Not searchable: they would change the rows every trial is compared on, or name the run.
 FIXED = ("seed", "val_fraction", "per_class", "subset_seed", "name")
+#: The one searched value that is not a training option: which cached layers (comma-separated) to train on.
+LAYERS = "layers"
 #: Seconds between a running trial's heartbeats, and without one before it counts as dead.
 HEARTBEAT_S, GRACE_S = 10, 30
 
@@ -60,11 +64,14 @@ def searchable() -> dict:
 def parse_param(text: str) -> Param:
     """'units=256|512|400,256,256', 'dropout=0.1:0.6', 'lr=1e-4:1e-2:log', 'head=dense|linear'."""
     name, sep, value = str(text).partition("=")
-    name = {"head": "model"}.get(name.strip().replace("-", "_"), name.strip().replace("-", "_"))
+    name = name.strip().replace("-", "_")
+    name = {"head": "model", "layer": LAYERS}.get(name, name)
     fields_ = searchable()
-    if not sep or name not in fields_:
+    if not sep or name not in (*fields_, LAYERS):
         raise BadInputError(f"--param must be NAME=a|b|c or NAME=low:high[:log] for one of {', '.join(sorted(fields_))} "
-                            f"(head for the model), got {text!r}")
+                            f"(head for the model) or {LAYERS}, got {text!r}")
+    if name == LAYERS:   # layer sets: block3_pool|block4_pool|block3_pool,block4_pool
+        return Param(name, choices=tuple(tuple(x.strip() for x in v.split(",")) for v in value.split("|")))
     kind = fields_[name].metadata.get("kind")
     if "|" in value or kind in ("str", "bool", "units") or ":" not in value:
         return Param(name, choices=tuple(_typed(kind, v.strip(), text) for v in value.split("|")))
@@ -131,6 +138,53 @@ def grid_of(space: list[Param]) -> dict:
 def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pruner: str, objective: str,
                storage: str | None, seed: int):
     """The Optuna study of this search, created or continued (same name, same storage)."""
+    import optuna
+
+    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+               "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2),
+               "none": lambda: optuna.pruners.NopPruner()}
+    with _creating(folder):   # Optuna's schema creation races when two processes start on one new SQLite file
+        study = optuna.create_study(study_name=name, storage=open_storage(folder, storage), load_if_exists=True,
+                                    pruner=pruners[pruner](), direction=DIRECTIONS[objective])
+        # the k-th process to open the study samples with seed + k: processes sharing it draw different trials,
+        # and a search run once from scratch draws the same trials for the same seed
+        opened = study.user_attrs.get(OPENED, 0)
+        study.set_user_attr(OPENED, opened + 1)
+    study.sampler = make_sampler(sampler, space, seed + opened)
+    return study
+
+
+#: The study's count of the processes that have opened it.
+OPENED = "processes_opened"
+
+
+@contextlib.contextmanager
+def _creating(folder: Path):
+    """An exclusive lock of the search folder while a process opens (and perhaps creates) its study."""
+    with (folder / "study.lock").open("a") as fd:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+#: Optuna's direction of each objective.
+DIRECTIONS = {"val_loss": "minimize", "val_accuracy": "maximize"}
+
+
+def make_sampler(sampler: str, space: list[Param], seed: int):
+    import optuna
+
+    return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+            "grid": lambda: optuna.samplers.GridSampler(grid_of(space), seed=seed)}[sampler]()
+
+
+def open_storage(folder: Path, storage: str | None, *, heartbeats: bool = True):
+    """The study's RDB storage (SQLite in the search folder unless a URL is given), with heartbeats: a trial
+    whose process died is failed GRACE_S after its last heartbeat and run again (Study.optimize sends them;
+    the Ray engine's trials do not)."""
     import warnings
 
     import optuna
@@ -140,22 +194,15 @@ def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pru
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # heartbeats: experimental since 2.8
         try:
-            rdb = optuna.storages.RDBStorage(
+            if not heartbeats:
+                return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(
                 url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
         except Exception as e:   # SQLAlchemy's many: no such dialect, no driver, cannot connect, not a database
             raise BadInputError(f"cannot open the study storage {url}: {type(e).__name__}: {str(e)[:200]}; fix: a "
                                 "SQLAlchemy URL such as postgresql://user@host/db, or no --storage (SQLite in the "
                                 "search folder)") from e
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-                "grid": lambda: optuna.samplers.GridSampler(grid_of(space), seed=seed)}
-    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
-               "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2),
-               "none": lambda: optuna.pruners.NopPruner()}
-    return optuna.create_study(study_name=name, storage=rdb, load_if_exists=True, sampler=samplers[sampler](),
-                               pruner=pruners[pruner](),
-                               direction="minimize" if objective == "val_loss" else "maximize")
 
 
 def pruning_callback(trial, objective: str):
@@ -196,9 +243,18 @@ def check_values(params: list[Param], base: dict) -> None:
     """Every choice and both ends of every range make a valid TrainConfig: refused now, not at a trial."""
     for p in params:
         for value in p.choices if p.choices is not None else (p.low, p.high):
-            trial_config(base, {p.name: value})
+            trial_config(base, {p.name: value})   # layer sets: checked against the caches (SearchData)
 
 
 def trial_config(base: dict, values: dict) -> TrainConfig:
     """The TrainConfig of a trial: the fixed options with this trial's values (validated as any config)."""
-    return TrainConfig(**{**base, **values})
+    return TrainConfig(**{**base, **{k: v for k, v in values.items() if k != LAYERS}})
+
+
+def value_of(p: Param, stored):
+    """A parameter's value from what Optuna stored (a label, for choices)."""
+    return stored if p.choices is None else p.choices[p.labels().index(stored)]
+
+
+def grid_size(space: list[Param]) -> int:
+    return math.prod(len(p.choices) for p in space)

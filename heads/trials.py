@@ -4,13 +4,16 @@ at the test split, and the search folder's records (search.json, search.md, Optu
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
 
 from featcache import system
 from featcache.errors import BadInputError
 from heads import search as hs
-from heads.config import TrainConfig, pools_first
+from heads.config import TrainConfig
+from heads.trial import SearchData, evaluate
 
 log = logging.getLogger(__name__)
 TEST_LINE = ("Only the winner was evaluated on the test split, once, after the search: every trial was chosen and "
@@ -20,75 +23,76 @@ TEST_LINE = ("Only the winner was evaluated on the test split, once, after the s
 
 def run_search(cache, params: list, *, layer=None, sampler: str | None = None, trials: int | None = 20,
                timeout: float | None = None, pruner: str = "median", objective: str = "val_loss",
-               name: str = "search", storage: str | None = None, runs_dir="runs", progress: bool = True,
-               **options) -> Path:
-    """Search `params` (heads.search.Param) on a cache path (or list of caches); return the search folder."""
-    import optuna
+               name: str = "search", storage: str | None = None, engine: str = "local", ray_address: str | None = None,
+               workers: int | None = None, runs_dir="runs", progress: bool = True, **options) -> Path:
+    """Search `params` (heads.search.Param) on a cache path (or list of caches); return the search folder.
 
+    `engine="ray"` runs the trials on Ray Tune (heads.tune), on the cluster at `ray_address` or one of its own."""
     sampler = sampler or ("grid" if all(p.choices is not None for p in params) else "tpe")
     hs.check(params, sampler=sampler, pruner=pruner, objective=objective, trials=trials, timeout=timeout)
+    if engine not in ENGINES or (engine == "local" and (ray_address or workers)):
+        raise BadInputError(f"--engine must be one of {', '.join(ENGINES)} (--ray-address and --workers need "
+                            f"--engine ray), got {engine!r}")
     base = TrainConfig(**options).__dict__   # the fixed options, validated once
     hs.check_values(params, base)
+    data = SearchData(list(cache) if isinstance(cache, (list, tuple)) else [cache], layer)
+    data.check_layers(params)
     folder = system.writable_folder(Path(runs_dir) / f"search-{name}", what="search folder",
                                     fix="pass a writable --runs-dir")
     study = hs.make_study(folder, name, params, sampler=sampler, pruner=pruner, objective=objective,
                           storage=storage, seed=base["seed"])
-    feeds = _Feeds(cache if isinstance(cache, (list, tuple)) else [cache], layer)
     from heads.logs import write_search
 
     write_search(folder / "tensorboard", params, hs.OBJECTIVES)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    done = len([t for t in study.trials if t.state.is_finished()])
-    left = None if trials is None else max(0, trials - done)
-    if left:
+    left = _left(study, params, sampler, trials)
+    reports = {}
+    if left and engine == "ray":
+        from heads import tune
+
+        reports = tune.optimize(study, params, base, data, pruner=pruner, objective=objective,
+                                trials=left, timeout=timeout, folder=folder, storage=storage, address=ray_address,
+                                workers=workers, progress=progress)
+    elif left:
         bar = system.progress_bar(left, unit="trial", desc="search", enabled=progress)
-        study.optimize(lambda t: _trial(t, params, base, feeds, objective, folder / "tensorboard"), n_trials=left,
-                       timeout=timeout,
-                       callbacks=[lambda s, t: bar.update(1)], catch=(FloatingPointError,))
+        # every process on the study stops once the study holds `trials` ended trials in all
+        in_all = [] if trials is None else [optuna.study.MaxTrialsCallback(trials, states=ENDED)]
+        study.optimize(lambda t: _trial(t, params, base, data, objective, folder / "tensorboard"), n_trials=left,
+                       timeout=timeout, callbacks=[lambda s, t: bar.update(1), *in_all], catch=(FloatingPointError,))
         bar.close()
-    return _finish(folder, study, params, base, feeds, dict(sampler=sampler, pruner=pruner, objective=objective,
-                                                            name=name, storage=storage or "sqlite (study.db)"))
+    return _finish(folder, study, params, base, data, reports,
+                   dict(sampler=sampler, pruner=pruner, objective=objective, name=name, engine=engine,
+                        storage=storage or "sqlite (study.db)"))
 
 
-class _Feeds:
-    """The training data, read once per pooling (and pooled once) for every trial of the search."""
-
-    def __init__(self, caches: list, layer):
-        self.caches, self.layer, self.data, self.pooled = caches, layer, {}, {}
-
-    def get(self, config: TrainConfig):
-        from heads.data import data_from_caches
-
-        key = (config.pooling, pools_first(config))
-        if key not in self.data:
-            self.data[key] = data_from_caches(self.caches, config.pooling, self.layer, prepooled=key[1])
-            self.pooled[key] = {}
-        return self.data[key], self.pooled[key]
+ENGINES = ("local", "ray")
 
 
-def _trial(trial, params: list, base: dict, feeds: _Feeds, objective: str, logs: Path) -> float:
-    from heads.logs import epochs_callback, write_trial
-    from heads.train import fit_and_choose
+def _left(study, params: list, sampler: str, trials: int | None) -> int | None:
+    """Trials still to run: `trials` less those run to an end, completed or pruned (a grid: no more than its points
+    not yet run). A failed trial does not count: it is run again."""
+    done = len(study.get_trials(deepcopy=False, states=ENDED))
+    left = None if trials is None else max(0, trials - done)
+    if sampler == "grid":
+        left = max(0, hs.grid_size(params) - done) if left is None else min(left, max(0, hs.grid_size(params) - done))
+    return left
 
+
+#: The trials `--trials` counts: run to an end (failed ones are run again).
+ENDED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _trial(trial, params: list, base: dict, data: SearchData, objective: str, logs: Path) -> float:
     values = {p.name: hs.suggest(trial, p) for p in params}
-    config = hs.trial_config(base, values)
-    data, pooled = feeds.get(config)
-    t0 = time.perf_counter()
-    here = logs / f"trial-{trial.number}"
-    v = fit_and_choose(data, config, progress=False, pooled=pooled if config.per_class is None else None,
-                       callbacks=[hs.pruning_callback(trial, objective), epochs_callback(here)])
-    h, best = v.chosen.history, v.chosen.best
-    write_trial(here, values, {k: h[k][best] for k in hs.OBJECTIVES})
-    trial.set_user_attr("val_loss", float(h["val_loss"][best]))
-    trial.set_user_attr("val_accuracy", float(h["val_accuracy"][best]))
-    trial.set_user_attr("epochs_run", len(h["val_loss"]))
-    trial.set_user_attr("chosen", v.chosen.config.model)
-    trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
-    return float(h[objective][best])
+    figures = evaluate(values, base, data, logs / f"trial-{trial.number}", [hs.pruning_callback(trial, objective)])
+    for key, value in figures.items():
+        trial.set_user_attr(key, value)
+    return figures[objective]
 
 
-def _finish(folder: Path, study, params: list, base: dict, feeds: _Feeds, settings: dict) -> Path:
-    """Train the winner once more and test it, then write the records; the search folder is returned."""
+def _finish(folder: Path, study, params: list, base: dict, data: SearchData, reports: dict, settings: dict) -> Path:
+    """Train the winner once more and test it, then write the records; the search folder is returned.
+
+    `reports`: the Ray engine's last report of each trial, by Optuna trial number (empty for the local engine)."""
     from heads.reports import write_json
     from heads.train import train
 
@@ -96,32 +100,34 @@ def _finish(folder: Path, study, params: list, base: dict, feeds: _Feeds, settin
     if not complete:
         raise BadInputError(f"no trial of search {settings['name']!r} finished (see the log); nothing to test")
     best = study.best_trial
-    config = hs.trial_config(base, {p.name: _value(p, best.params[p.name]) for p in params})
-    data, _ = feeds.get(config)
-    winner = train(data, TrainConfig(**{**config.__dict__, "name": f"{settings['name']}-winner"}),
+    values = {p.name: hs.value_of(p, best.params[p.name]) for p in params}
+    config = hs.trial_config(base, values)
+    train_data, _ = data.get(config, values.get(hs.LAYERS))
+    winner = train(train_data, TrainConfig(**{**config.__dict__, "name": f"{settings['name']}-winner"}),
                    runs_dir=folder, progress=False)
-    rows = [_row(t) for t in study.trials]
+    rows = [_row(t, reports.get(t.number)) for t in study.trials]
     record = {**settings, "space": [p.__dict__ for p in params], "fixed": _jsonable(base), "trials": rows,
               "best_trial": best.number, "winner": {"run": winner.run_dir.name, "params": best.params,
                                                     "test_accuracy": winner.metrics["test_accuracy"],
                                                     "val_loss": winner.metrics["val_loss"]},
-              "data": {k: v for k, v in data.source.items() if k != "cache_meta"}}
+              "data": {k: v for k, v in train_data.source.items() if k != "cache_meta"}}
     write_json(folder / "search.json", record)
     (folder / "search.md").write_text(_markdown(rows, record, base["seed"]))
     _plots(study, folder)
     return folder
 
 
-def _value(p, shown):
-    """A parameter's value from what Optuna stored."""
-    return shown if p.choices is None else p.choices[p.labels().index(shown)]
-
-
-def _row(t) -> dict:
-    return {"trial": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
-            "pruned": t.state.name == "PRUNED", "epochs": t.user_attrs.get("epochs_run",
-                                                                        len(t.intermediate_values) or None),
-            **{k: t.user_attrs.get(k) for k in ("val_loss", "val_accuracy", "chosen", "seconds")}}
+def _row(t, report: dict | None = None) -> dict:
+    """One trial's record; a Ray trial's figures come from its last report (a trial its scheduler stopped
+    counts as pruned, with the best value it had reached)."""
+    attrs = t.user_attrs if report is None else {"epochs_run": report["epochs_run"]} if report["final"] else {}
+    if report is not None:
+        attrs.update({k: report.get(k) for k in ("val_loss", "val_accuracy", "chosen", "seconds")})
+    pruned = t.state.name == "PRUNED" or (report is not None and not report["final"])
+    return {"trial": t.number, "state": "pruned" if pruned else t.state.name.lower(), "params": t.params,
+            "value": t.value, "pruned": pruned,
+            "epochs": attrs.get("epochs_run", len(t.intermediate_values) or None),
+            **{k: attrs.get(k) for k in ("val_loss", "val_accuracy", "chosen", "seconds")}}
 
 
 def _jsonable(d: dict) -> dict:
@@ -153,6 +159,7 @@ def _plots(study, folder: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)   # not its notes on categorical axes of numbers
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as views
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +126,57 @@ def tiny_cache(image_folder, cache_dir) -> str:
 
 needs_shared = pytest.mark.skipif(not (REAL_DATA.is_dir() and REAL_WEIGHTS.is_file()),
                                   reason="../shared (real CIFAR-10 images and VGG16 weights) is absent")
+
+
+class Descendants:
+    """Every process below `pid` seen while the block runs, polled in a thread: {pid: start time}."""
+
+    def __init__(self, pid: int, exclude=()):
+        self.pid, self.exclude, self.seen = pid, set(exclude), {}
+        self._stop = threading.Event()
+
+    def poll(self):
+        import psutil
+
+        try:
+            for p in psutil.Process(self.pid).children(recursive=True):
+                if p.pid not in self.exclude and p.pid not in self.seen:
+                    self.seen[p.pid] = p.create_time()
+        except psutil.Error:
+            pass
+
+    def __enter__(self):
+        def loop():
+            while not self._stop.wait(0.05):
+                self.poll()
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def assert_all_gone(seen: dict, wait: float = 15.0):
+    """None of the processes `seen` runs any more (same pid and start time); stragglers are killed, then
+    reported."""
+    import psutil
+
+    deadline = time.monotonic() + wait
+    while True:
+        alive = []
+        for pid, started in seen.items():
+            try:
+                p = psutil.Process(pid)
+                if abs(p.create_time() - started) < 1e-3 and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.Error:
+                continue
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    names = [f"{p.pid} {p.name()}" for p in alive]
+    for p in alive:
+        p.kill()
+    assert names == [], f"Ray processes left running: {names}"

@@ -7,12 +7,11 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
-from conftest import assert_same_cache, write_folder
+from conftest import Descendants, assert_all_gone, assert_same_cache, write_folder
 
 import featcache
 from featcache.cache import shards as join
@@ -23,56 +22,6 @@ psutil = pytest.importorskip("psutil")
 pytestmark = pytest.mark.xdist_group("ray")   # one local cluster at a time on 2 cores (make test: --dist loadgroup)
 
 OPTS = dict(weights="random", batch_size=4, views=2, progress=False)
-
-
-class Descendants:
-    """Every process below `pid` seen while the block runs, polled in a thread: {pid: start time}."""
-
-    def __init__(self, pid: int, exclude=()):
-        self.pid, self.exclude, self.seen = pid, set(exclude), {}
-        self._stop = threading.Event()
-
-    def poll(self):
-        try:
-            for p in psutil.Process(self.pid).children(recursive=True):
-                if p.pid not in self.exclude and p.pid not in self.seen:
-                    self.seen[p.pid] = p.create_time()
-        except psutil.Error:
-            pass
-
-    def __enter__(self):
-        def loop():
-            while not self._stop.wait(0.05):
-                self.poll()
-        self._thread = threading.Thread(target=loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def assert_all_gone(seen: dict, wait: float = 15.0):
-    """None of the processes `seen` runs any more (same pid and start time); stragglers are killed, then
-    reported."""
-    deadline = time.monotonic() + wait
-    while True:
-        alive = []
-        for pid, started in seen.items():
-            try:
-                p = psutil.Process(pid)
-                if abs(p.create_time() - started) < 1e-3 and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.Error:
-                continue
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    names = [f"{p.pid} {p.name()}" for p in alive]
-    for p in alive:
-        p.kill()
-    assert names == [], f"Ray processes left running: {names}"
 
 
 @pytest.fixture

@@ -156,3 +156,82 @@ def test_a_probe_run_has_no_empty_tensorboard_folder(tiny_cache, tmp_path):
     r = run("train-head", "--cache", tiny_cache, "--head", "linear", "--runs-dir", tmp_path, "--no-progress")
     assert r.exit_code == 0, r.output
     assert not (Path(r.stdout.strip()) / "tensorboard").exists() and not list(tmp_path.glob(".tensorboard-*"))
+
+
+def test_the_layer_set_of_a_several_layer_cache_is_a_search_parameter(image_folder, cache_dir, tmp_path,
+                                                                       monkeypatch):
+    from heads import data as hd
+
+    r = run("extract", "--data", image_folder, "--weights", "random", "--layer", "block2_pool,block3_pool",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    cache = r.stdout.strip()
+    widths, real = {}, hd.data_from_caches
+    monkeypatch.setattr(hd, "data_from_caches", lambda caches, pooling, layers, **kw: widths.setdefault(
+        layers, real(caches, pooling, layers, **kw)))
+    r = run("search", "--cache", cache, "--param", "layers=block2_pool|block3_pool|block2_pool,block3_pool",
+            "--head", "dense", "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    record = json.loads(Path(r.stdout.strip(), "search.json").read_text())
+    assert sorted(t["params"]["layers"] for t in record["trials"]) == [
+        "block2_pool", "block2_pool,block3_pool", "block3_pool"]
+    # each layer set read once, pooled: VGG16's block2 has 128 channels, block3 256, both 384
+    assert {k: v.x_train.shape[-1] for k, v in widths.items()} == {
+        ("block2_pool",): 128, ("block3_pool",): 256, ("block2_pool", "block3_pool"): 384}
+    r = run("search", "--cache", cache, "--param", "layers=block3_pool|block9_pool", "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 2 and "no cache given holds block9_pool" in r.stderr
+    assert not (tmp_path / "search-search" / "tensorboard" / "trial-3").exists()   # refused before any trial
+
+
+def test_two_processes_share_one_study(tiny_cache, tmp_path):
+    import optuna
+
+    args = [sys.executable, "-m", "featcache.cli", "search", "--cache", tiny_cache, "--param", "dropout=0.0:0.5",
+            "--sampler", "random", "--trials", "8", "--head", "dense", "--epochs", "20", "--patience", "20",
+            "--units", "8", "--pruner", "none", "--runs-dir", str(tmp_path), "--no-progress"]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'search-search' / 'study.db'}")
+    ended = sorted((t.datetime_start, t.datetime_complete) for t in study.trials if t.state.name == "COMPLETE")
+    assert 8 <= len(ended) <= 9   # --trials counts the study's trials in all (one more if both start the last)
+    assert any(b[0] < a[1] for a, b in zip(ended, ended[1:])), "no two trials ran at once: not two processes"
+    assert len({t.params["dropout"] for t in study.trials}) == len(study.trials)   # no trial sampled twice
+
+
+@pytest.mark.xdist_group("ray")
+def test_ray_engine_gives_the_local_figures_of_a_grid_and_leaves_no_process(tiny_cache, tmp_path):
+    pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install 'featcache[ray]')")
+    from conftest import Descendants, assert_all_gone
+
+    grid = ("search", "--cache", tiny_cache, "--param", "dropout=0.1|0.3", "--param", "lr=0.001|0.01", "--head",
+            "dense", "--pruner", "none", *QUICK)
+    r = run(*grid, "--runs-dir", tmp_path / "local")
+    assert r.exit_code == 0, r.output
+    local = json.loads(Path(r.stdout.strip(), "search.json").read_text())
+    with Descendants(os.getpid()) as seen:
+        r = run(*grid, "--runs-dir", tmp_path / "ray", "--engine", "ray")
+    assert r.exit_code == 0, r.output
+    assert_all_gone(seen.seen)
+    on_ray = json.loads(Path(r.stdout.strip(), "search.json").read_text())
+    assert on_ray["engine"] == "ray" and len(on_ray["trials"]) == 4 and seen.seen   # Ray processes did run
+
+    def figures(record):
+        return {tuple(sorted(t["params"].items())): (t["value"], t["val_accuracy"], t["epochs"], t["state"])
+                for t in record["trials"]}
+
+    for key, (value, accuracy, epochs, state) in figures(local).items():
+        ray_value, ray_accuracy, ray_epochs, ray_state = figures(on_ray)[key]
+        assert ray_value == pytest.approx(value, rel=1e-4) and (ray_accuracy, ray_epochs, ray_state) == (
+            accuracy, epochs, state)
+    assert on_ray["winner"]["params"] == local["winner"]["params"]
+    assert sorted(p.name for p in (Path(r.stdout.strip()) / "tensorboard").glob("trial-*")) == [
+        f"trial-{i}" for i in range(4)]
+    r = run(*grid, "--runs-dir", tmp_path / "bad", "--workers", "2")
+    assert r.exit_code == 2 and "--workers need --engine ray" in r.stderr

@@ -164,14 +164,21 @@ def _ratios(text: str) -> tuple[float, ...]:
               help="The search: runs-dir/search-NAME/; the same name continues it.")
 @click.option("--storage", default=None, help="An Optuna storage URL (e.g. postgresql://...) to share the study "
               "between machines [default: SQLite in the search folder].")
+@click.option("--engine", type=click.Choice(("local", "ray")), default="local", show_default=True,
+              help="Who runs the trials: this process (local), or Ray Tune on the cluster at --ray-address or on a "
+                   "local one featcache starts and stops (ray; pip install 'featcache[ray]'); the same trials either way.")
+@click.option("--ray-address", default=None, help="--engine ray: the cluster (e.g. ray://head:10001 or auto) "
+              "[default: $RAY_ADDRESS, else a local cluster of this machine's CPUs].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="--engine ray: trials at once [default: one per CPU of the cluster].")
 @click.option("--head", type=click.Choice((AUTO, *HEADS)), default=AUTO, show_default=True,
               help="The head of every trial, unless --param head=... searches it.")
 @add_options(f for f in config_options(HEAD) if f.name != "name")
 @run_options
 @click.pass_context
 @needs_tensorflow
-def search(ctx, cache_paths, params, space, sampler, trials, timeout, pruner, objective, search_name, storage, head,
-           runs_dir, no_progress, **kw):
+def search(ctx, cache_paths, params, space, sampler, trials, timeout, pruner, objective, search_name, storage, engine,
+           ray_address, workers, head, runs_dir, no_progress, **kw):
     """Search head options on one cache in one process (Optuna); test only the winner; print the search folder.
 
     Every trial trains on features read once, is scored on the validation split only and may be
@@ -186,8 +193,9 @@ def search(ctx, cache_paths, params, space, sampler, trials, timeout, pruner, ob
     TrainConfig(model=head, **fixed)   # the fixed options refused in one line before any work
     caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)
     folder = run_search(caches, space_params, layer=pick, sampler=sampler, trials=trials, timeout=timeout,
-                        pruner=pruner, objective=objective, name=search_name, storage=storage, runs_dir=runs_dir,
-                        progress=not no_progress, model=head, **fixed)
+                        pruner=pruner, objective=objective, name=search_name, storage=storage, engine=engine,
+                        ray_address=ray_address, workers=workers, runs_dir=runs_dir, progress=not no_progress,
+                        model=head, **fixed)
     click.echo(str(folder))
 
 

@@ -1,0 +1,61 @@
+"""One search trial, the same on every engine: the data it trains on (read once per layer set and pooling for
+all the trials of a process) and its fit, scored on the validation split only."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from heads import search as hs
+from heads.config import TrainConfig, pools_first
+
+
+class SearchData:
+    """The training data of a search, read once per (layer set, pooling) and pooled once, for every trial.
+
+    `caches` are paths (or opened caches); `layer` is the fixed layer set (None: every layer) that a
+    searched `layers` parameter replaces. The arrays are only read: Ray trials share them through its
+    object store."""
+
+    def __init__(self, caches: list, layer=None):
+        self.caches, self.layer, self.data, self.pooled = caches, layer, {}, {}
+
+    def get(self, config: TrainConfig, layers=None):
+        """(TrainData, pooled-vectors memo) of `config` on `layers` (default: the search's fixed layer set)."""
+        from heads.data import data_from_caches
+
+        layers = self.layer if layers is None else layers
+        key = (layers, config.pooling, pools_first(config))
+        if key not in self.data:
+            self.data[key] = data_from_caches(self.caches, config.pooling, layers, prepooled=key[2])
+            self.pooled[key] = {}
+        return self.data[key], self.pooled[key]
+
+    def check_layers(self, params: list) -> None:
+        """Every layer set a `layers` parameter names is held by the caches: refused now, not at a trial."""
+        from heads.data import layer_sources, open_caches
+
+        opened = open_caches(self.caches)
+        for p in params:
+            if p.name == hs.LAYERS:
+                for choice in p.choices:
+                    layer_sources(opened, choice)
+
+
+def evaluate(values: dict, base: dict, data: SearchData, logs: Path, callbacks=()) -> dict:
+    """Fit one trial's `values` (over the fixed options `base`) and return its validation figures, epochs run,
+    the model chosen and seconds; Keras `callbacks` see every epoch (pruning, reporting). The test split is not
+    touched. TensorBoard logs, with the trial's HParams, go to `logs`."""
+    from heads.logs import epochs_callback, write_trial
+    from heads.train import fit_and_choose
+
+    config = hs.trial_config(base, values)
+    train_data, pooled = data.get(config, values.get(hs.LAYERS))
+    t0 = time.perf_counter()
+    v = fit_and_choose(train_data, config, progress=False, pooled=pooled if config.per_class is None else None,
+                       callbacks=[*callbacks, epochs_callback(logs)])
+    history, best = v.chosen.history, v.chosen.best
+    figures = {k: float(history[k][best]) for k in hs.OBJECTIVES}
+    write_trial(logs, values, figures)
+    return {**figures, "epochs_run": len(history["val_loss"]), "chosen": v.chosen.config.model,
+            "seconds": round(time.perf_counter() - t0, 3)}
