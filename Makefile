@@ -18,11 +18,14 @@ BASELINE_EPOCHS ?= 10
 # `make search`: the space and budget of the documented head search
 SEARCH_ARGS ?= --param 'head=dense|conv' --param 'pooling=gap|flatten' --param 'dropout=0.1:0.6' \
 	--param 'lr=1e-4:3e-3:log' --trials 60 --timeout 1800
+# `make finetune`: VGG16 cached at block2_pool with one augmented view (flip, crop), block3 fine-tuned with a flatten head
+FINETUNE_ARGS ?= --pooling flatten --epochs 8
+FT_SELECT = --data "$(DATA)" --weights "$(WEIGHTS)" --layer block2_pool --views 2 --precision $(PRECISION)
 SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER) --precision $(PRECISION)
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 .DEFAULT_GOAL := help
-.PHONY: help install extract heads curve search bench bench-gpu study lint test clean
+.PHONY: help install extract heads curve search finetune bench bench-gpu study lint test clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -60,6 +63,11 @@ search: extract ## a head search on the cache (Optuna TPE, median pruning, 30 mi
 		cp "$$d"/search.md docs/search.md && cp "$$d"/search.json docs/search.json && \
 		for f in history slice importances; do cp "$$d"/$$f.png docs/search-$$f.png; done
 
+finetune: install ## fine-tune VGG16's block3 from a cached block2_pool (2 views) with the dense head; prints the run (~35 min on 2 cores)
+	$(BIN)/featcache extract $(FT_SELECT)
+	$(BIN)/featcache train-head $(FT_SELECT) --head finetune --runs-dir $(RUNS_DIR) --name finetune $(FINETUNE_ARGS)
+	$(BIN)/featcache runs --runs-dir $(RUNS_DIR) --markdown
+
 bench: extract ## measure speed, size, memory, precision, decoding, streaming and the Ray engine side by side; writes docs/benchmarks*.md, .json (~30 min, 12 GB of disk)
 	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
@@ -71,6 +79,8 @@ bench: extract ## measure speed, size, memory, precision, decoding, streaming an
 	$(BIN)/python bench/default_head.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 	$(BIN)/python bench/probe.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 	$(BIN)/python bench/search.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
+	$(BIN)/python bench/finetune.py --data "$(DATA)" --weights "$(WEIGHTS)" \
+		--cache "$$($(BIN)/featcache -q extract $(FT_SELECT) --no-progress)"
 
 bench-gpu: install ## extraction img/s on the accelerator: 32/224 px, float32 and auto precision (< 5 min); docs/benchmarks-gpu.*
 	$(BIN)/python bench/gpu.py

@@ -52,7 +52,7 @@ def _kernels(l2: float) -> dict:
 
 
 def dense_head(input_shape, n_classes: int, *, units=(400, 256, 256), pooling: str = "gap",
-               batchnorm: bool = True, dropout: float = 0.2, l2: float = 0.0):
+               batchnorm: bool = True, dropout: float = 0.2, l2: float = 0.0, out_dtype: str | None = None):
     """The reference head: pooling -> standardise -> BatchNorm -> Dense(units, relu)... -> Dropout -> softmax."""
     import keras
 
@@ -63,7 +63,8 @@ def dense_head(input_shape, n_classes: int, *, units=(400, 256, 256), pooling: s
     for i, n in enumerate(units):
         x = keras.layers.Dense(n, activation="relu", name=f"dense_{i}", **_kernels(l2))(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="classes", **_kernels(l2))(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="classes", dtype=out_dtype,
+                                 **_kernels(l2))(x)
     return keras.Model(inputs, outputs, name="dense_head")
 
 
@@ -148,6 +149,37 @@ def conv_head(input_shape, n_classes: int, *, filters: int = 128, units=(400, 25
     return keras.Model(inputs, outputs, name="conv_head")
 
 
+def finetune_head(input_shape, n_classes: int, *, source: dict, tune_to: str | None = None, units=(400, 256, 256),
+                  pooling: str = "gap", batchnorm: bool = True, dropout: float = 0.2, l2: float = 0.0,
+                  train_precision: str = "float32"):
+    """The backbone's layers above the cached one, up to `tune_to` (default: the end of the next block), with
+    the weights the cache was made from (featcache.backbones.cut), then the dense head: trained by heads.fit in
+    two stages (the head alone, then all of it). `source` is the training data's record of its cache. With a
+    bfloat16 or float16 `train_precision`, layers compute in it (Keras mixed precision); the class layer, its
+    softmax and the loss stay float32."""
+    import keras
+
+    from featcache.backbones import POLICIES, resolve_precision
+    from featcache.backbones.cut import default_tune_to, upper, weights_of_cache
+
+    if "cache_meta" not in source:
+        raise ValueError("--head finetune trains on one cached layer's maps, not on pooled vectors of several layers")
+    meta, layer = source["cache_meta"], source["layer"]
+    weights, seed = weights_of_cache(meta)
+    precision = resolve_precision(train_precision)
+    tuned = upper(meta["backbone"], layer, tune_to or default_tune_to(meta["backbone"], layer), weights=weights,
+                  seed=seed, input_size=tuple(meta["input_shape"][:2]), precision=precision)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(POLICIES[precision])
+    try:
+        head = dense_head(tuple(tuned.output.shape[1:]), n_classes, units=units, pooling=pooling,
+                          batchnorm=batchnorm, dropout=dropout, l2=l2, out_dtype="float32")
+        inputs = keras.Input(input_shape, name="features")
+        return keras.Model(inputs, head(tuned(inputs)), name="finetune_head")
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable
@@ -156,6 +188,7 @@ class ModelSpec:
     lr: float
     options: tuple        # TrainConfig fields this builder takes
     pools_first: bool = False   # the model starts with `_pool(inputs, options["pooling"])`
+    tunes_backbone: bool = False   # built from the cache's backbone (needs the data's source), trained in two stages
 
     def prepooled(self, options: dict) -> str | None:
         """The global pooling the built model starts with ("gap", "max"), or None: it can run once, before training."""
@@ -169,6 +202,9 @@ MODELS = {
     "linear": ModelSpec(linear_probe, "features", "lbfgs", 0.0, ("pooling",), pools_first=True),
     "knn": ModelSpec(knn_head, "features", "knn", 0.0, ("pooling",), pools_first=True),
     "conv": ModelSpec(conv_head, "features", "adam", 1e-3, ("filters", "units", "dropout", "l2")),
+    "finetune": ModelSpec(finetune_head, "features", "adam", 1e-3, ("tune_to", "units", "pooling", "batchnorm",
+                                                                    "dropout", "l2", "train_precision"),
+                          tunes_backbone=True),
     "ann": ModelSpec(ann, "pixels", "sgd", 1e-2, ()),
     "cnn": ModelSpec(cnn, "pixels", "adam", 1e-3, ("dropout", "seed")),
 }

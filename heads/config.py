@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from featcache.backbones import PRECISIONS
+from featcache.errors import BadInputError
 from featcache.options import declared, option, validate
 from heads.balance import CLASS_WEIGHTS, IMBALANCE_RATIO
 from heads.builders import MODELS, POOLINGS
@@ -24,7 +26,9 @@ class TrainConfig:
         "wins on small splits); dense: pooling -> standardise -> BatchNorm -> Dense(units) -> Dropout -> softmax; "
         "linear: a linear probe (logistic regression solved by L-BFGS, L2 strength chosen on validation); conv: "
         "BatchNorm -> 1x1 Conv(filters) -> Flatten -> Dense(units) -> softmax; knn: cosine k-nearest-neighbour "
-        "vote on standardised pooled features (k and temperature chosen on validation).", kind="str",
+        "vote on standardised pooled features (k and temperature chosen on validation); finetune: the backbone's "
+        "layers above the cached one (to --tune-to, from the cache's weights) then the dense head, trained in two "
+        "stages (--warmup-epochs of the head alone, then all at --finetune-lr).", kind="str",
         choices=(AUTO, *MODELS), label="model", cli=())
     units: tuple[int, ...] = option((400, 256, 256), "Dense layer sizes of the dense and conv heads.", kind="units",
                                     cli=(HEAD,))
@@ -61,9 +65,24 @@ class TrainConfig:
                                    "(stratified, seeded by --subset-seed); the test split stays whole.", kind="int",
                                    low=1, cli=(HEAD,))
     subset_seed: int = option(0, "Which images --per-class draws.", kind="int", cli=(HEAD,))
+    tune_to: str | None = option(None, "--head finetune: the highest backbone layer trained [default: the end of "
+                                 "the block above the cached layer, e.g. block3_pool for a VGG16 block2_pool "
+                                 "cache].", kind="str", cli=(HEAD,))
+    warmup_epochs: int = option(2, "--head finetune: epochs training the head alone (the backbone's layers frozen) "
+                                "before all of it trains.", kind="int", low=0, cli=(HEAD,))
+    finetune_lr: float = option(1e-4, "--head finetune: learning rate once the backbone's layers train too (the "
+                                "warm-up's is --lr).", kind="float", low=0, low_open=True, cli=(HEAD,))
+
+    train_precision: str = option(
+        "auto", "--head finetune: compute precision of training: float32, bfloat16 or float16 (Keras mixed "
+        "precision: float32 weights, output layer and loss), or auto: what --precision auto picks for extraction "
+        "on this machine (bfloat16 on GPUs and CPUs with bfloat16 instructions, else float32).", kind="str",
+        choices=PRECISIONS, cli=(HEAD,))
 
     def __post_init__(self):
         validate(self)
+        if self.tune_to is not None and self.model != "finetune":
+            raise BadInputError(f"--tune-to applies to --head finetune, not {self.model}")
 
     @property
     def learning_rate(self) -> float | None:

@@ -66,10 +66,15 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
     if spec.optimizer == "knn":
         options["bank_size"] = len(tr)
         _check_bank_fits(data, config, len(tr))
+    if spec.tunes_backbone:
+        options["source"] = data.source
     model = spec.build(data.map_shape or data.x_train.shape[1:], n_classes, **options)
     fit_model, (x_fit, views_fit) = fixed_pooling_split(model, spec, options, [data.x_train, data.x_views],
                                                         pooled, data.pooled_by)
-    set_standardisation(fit_model, x_fit, tr)
+    if spec.tunes_backbone:
+        _standardise_head(fit_model, x_fit, tr, config.seed)
+    else:
+        set_standardisation(fit_model, x_fit, tr)
     n_views = data.n_views if config.views_mode != "original" else 1
     weights = balance.split_weights(config.class_weight, data.y_train, tr, va, n_classes)
     t0 = time.perf_counter()
@@ -82,8 +87,12 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
         history = fit_knn(fit_model, x_fit, data.y_train, tr, va, n_classes=n_classes, weights=weights)
     else:
         budget = data.feed.memory_budget_bytes if data.feed is not None else None
-        history = _fit_keras(fit_model, spec, config, (x_fit, views_fit, data.y_train), (tr, va), n_views, progress,
-                             memory_budget=budget, weights=weights, callbacks=callbacks)
+
+        def train(c: TrainConfig) -> dict:
+            return _fit_keras(fit_model, spec, c, (x_fit, views_fit, data.y_train), (tr, va), n_views, progress,
+                              memory_budget=budget, weights=weights, callbacks=callbacks)
+
+        history = _fit_stages(fit_model, config, train) if spec.tunes_backbone else train(config)
     best, seconds = history.pop("best"), time.perf_counter() - t0
     rows = None
     if keep_rows:
@@ -159,6 +168,49 @@ def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int
     history["seconds"] = timer.seconds
     history["batch_size"] = batch_size
     return history
+
+
+#: Training rows whose tuned-layer outputs set a fine-tuned head's standardisation (a seeded sample: each row
+#: costs a forward pass through the tuned layers).
+STANDARDISE_ROWS = 2048
+
+
+def _standardise_head(model, x, tr: np.ndarray, seed: int) -> None:
+    """A fine-tuned model's head standardises what the tuned layers give at the start, on sampled training rows."""
+    tuned, head = model.layers[1], model.layers[2]
+    rows = np.sort(np.random.default_rng(seed).choice(tr, min(len(tr), STANDARDISE_ROWS), replace=False))
+    outputs = np.concatenate([np.asarray(tuned.predict_on_batch(x[rows[i:i + 256]].astype(np.float32)))
+                              for i in range(0, len(rows), 256)])
+    set_standardisation(head, outputs, np.arange(len(outputs)))
+
+
+def _fit_stages(model, config: TrainConfig, train) -> dict:
+    """Fine-tuning in the Keras guide's two stages: `config.warmup_epochs` of the head alone at --lr, the tuned
+    layers frozen; then all of it at --finetune-lr, with early stopping (best weights restored). `train(config)`
+    is the one training loop; the histories are joined, epochs counted across both stages."""
+    from dataclasses import replace
+
+    tuned = model.layers[1]
+    stages = []
+    warmup = min(config.warmup_epochs, config.epochs - 1)
+    if warmup > 0:
+        tuned.trainable = False
+        stages.append(train(replace(config, epochs=warmup, patience=warmup)))
+    tuned.trainable = True
+    for layer in tuned.layers:   # the backbone's BatchNormalization stays in inference mode
+        layer.trainable = not _is_batchnorm(layer)
+    stages.append(train(replace(config, epochs=config.epochs - warmup, lr=config.finetune_lr)))
+    first, last = (stages[0], stages[-1]) if len(stages) == 2 else ({}, stages[0])
+    joined = {k: list(first.get(k, [])) + list(v) for k, v in last.items() if isinstance(v, list)}
+    joined.update(best=len(first.get("val_loss", [])) + last["best"], batch_size=last["batch_size"],
+                  warmup_epochs=len(first.get("val_loss", [])), tune_to=tuned.layers[-1].name)
+    return joined
+
+
+def _is_batchnorm(layer) -> bool:
+    import keras
+
+    return isinstance(layer, keras.layers.BatchNormalization)
 
 
 def _datasets(x_fit, views_fit, y, rows, batch_size: int, config, n_views: int, memory_budget, weights):

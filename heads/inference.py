@@ -106,25 +106,9 @@ def end_to_end(info: RunInfo, *, weights: str | None = None):
 def _backbone(meta: dict, layers: list[str], weights: str | None):
     """The frozen backbone of the cache `meta` describes, cut at `layers`, with the weights it was made from
     (hash checked)."""
-    recorded = meta["weights"]
-    if recorded.startswith("random:"):
-        source, seed = "random", int(recorded.split("=", 1)[1])
-        log.warning("WARNING: this run's features come from RANDOM backbone weights, not ImageNet")
-    elif recorded.startswith("imagenet:"):   # Keras' own file, known by the Keras version that fetched it
-        source, seed = weights or "imagenet", 0
-        if backbones.weights_identity(source) != recorded:
-            log.warning("the cache was made with the ImageNet weights of %s; using %s, which cannot be checked "
-                        "against it by hash", recorded.removeprefix("imagenet:"), source)
-    else:
-        source, seed = weights or meta["weights_source"], 0
-        if source not in ("imagenet", "random") and not Path(source).expanduser().is_file():
-            raise MissingInputError(f"the weights file the cache was made from, {source}, is not there; fix: pass "
-                                    "--weights FILE (the same file: its hash is checked)")
-        given = backbones.weights_identity(source)
-        if given != recorded:
-            raise BadInputError(f"weights {source} are not the ones the cache was made from (hash {given[:23]}..., "
-                                f"the cache recorded {recorded[:23]}...); fix: pass --weights with the file the cache "
-                                "was extracted with")
+    from featcache.backbones.cut import weights_of_cache
+
+    source, seed = weights_of_cache(meta, weights)
     return backbones.build(backbone=meta["backbone"], layer=layers, weights=source, seed=seed,
                            input_size=tuple(meta["input_shape"][:2]), precision=meta.get("precision", "float32"))
 

@@ -184,6 +184,9 @@ def _fit_metrics(chosen: Fitted, fits: list[Fitted], data: TrainData, config: Tr
     for key in ("C", "k", "temperature", "smoothing"):   # the probe's and the kNN vote's chosen setting
         if key in history:
             out[key] = history[key][best]
+    for key in ("warmup_epochs", "tune_to"):   # a fine-tuned backbone's
+        if key in history:
+            out[key] = history[key]
     if "batch_size" in history:
         out["batch_size"] = history["batch_size"]
     if config.model == AUTO:

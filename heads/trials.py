@@ -141,7 +141,7 @@ def _markdown(rows: list[dict], record: dict, seed: int) -> str:
     head = ["trial", *names, record["objective"], "val acc", "epochs (C, kNN settings)", "state", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ordered:
-        cells = [str(r["trial"]), *(str(r["params"].get(n, "")) for n in names),
+        cells = [str(r["trial"]), *(_shown(r["params"].get(n, "")) for n in names),
                  "" if r["value"] is None else f"{r['value']:.4f}",
                  "" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}", str(r["epochs"] or ""),
                  r["state"], "" if r["seconds"] is None else f"{r['seconds']:.1f}"]
@@ -150,6 +150,11 @@ def _markdown(rows: list[dict], record: dict, seed: int) -> str:
     return (f"# search {record['name']}: {record['sampler']} sampler, {record['pruner']} pruner\n\n" +
             "\n".join(lines) + f"\n\nWinner: trial {record['best_trial']} ({w['params']}), run {w['run']}: "
             f"test accuracy **{w['test_accuracy']:.4f}**.\n\n" + TEST_LINE.format(seed=seed) + "\n")
+
+
+def _shown(value) -> str:
+    """A searched value in the table: floats to 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _plots(study, folder: Path) -> None:

@@ -100,7 +100,7 @@ def test_every_backbone_matches_its_keras_application(name, image_folder, tmp_pa
     shapes = bb.output_shapes(name, (size, size))
     keras.utils.set_random_seed(0)
     direct = spec.keras_application()(weights=None, include_top=False, input_shape=(size, size, 3))
-    assert shapes == {layer: tuple(direct.get_layer(layer).output.shape[1:]) for layer in spec.layers}
+    assert shapes == {layer: tuple(spec.tensor(direct, layer).shape[1:]) for layer in spec.layers}
     x = np.random.default_rng(0).integers(0, 256, (3, size, size, 3)).astype("float32")
     keras_preprocess = importlib.import_module(spec.application.rsplit(".", 1)[0]).preprocess_input
     np.testing.assert_array_equal(np.asarray(spec.preprocess(x.copy())), np.asarray(keras_preprocess(x.copy())))
@@ -111,7 +111,7 @@ def test_every_backbone_matches_its_keras_application(name, image_folder, tmp_pa
     assert (name == "vgg16") != (f"-{name}-" in path.name)   # other backbones name themselves in the file
     assert cache.splits["train"].shapes[spec.default_layer] == (12, *shapes[spec.default_layer])
     images = load_dataset(image_folder).train.load(0, 12, (size, size)).astype("float32")
-    cut = keras.Model(direct.input, direct.get_layer(spec.default_layer).output)
+    cut = keras.Model(direct.input, spec.tensor(direct, spec.default_layer))
     expected = cut.predict_on_batch(keras_preprocess(images))   # same seed, same random weights
     cached = cache.load("train")[0].astype("float32")
     np.testing.assert_allclose(cached, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))

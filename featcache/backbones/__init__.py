@@ -90,7 +90,7 @@ def weights_identity(weights: str, *, seed: int = 0) -> str:
 
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")
 #: Keras dtype policy of each compute precision: weights stay float32, layers compute in the named type.
-_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 def cpu_flags() -> set[str]:
@@ -253,7 +253,7 @@ def build(*, backbone: str = DEFAULT_BACKBONE, layer=None, weights: str = "image
     wid = weights_identity(weights, seed=seed)
     shape = (*input_size, 3)
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(_POLICIES[precision])
+    keras.config.set_dtype_policy(POLICIES[precision])
     try:
         if weights == "random":
             keras.utils.set_random_seed(seed)
@@ -262,7 +262,7 @@ def build(*, backbone: str = DEFAULT_BACKBONE, layer=None, weights: str = "image
             base = _base(spec, weights, shape)
     finally:
         keras.config.set_dtype_policy(previous)
-    outputs = [base.get_layer(name).output for name in layers]
+    outputs = [spec.tensor(base, name) for name in layers]
     model = keras.Model(base.input, outputs if len(outputs) > 1 else outputs[0],
                         name=f"{spec.name}_{'_'.join(layers)}")
     model.trainable = False
@@ -293,4 +293,4 @@ def output_shapes(backbone: str, input_size: tuple[int, int]) -> dict[str, tuple
     spec = get(backbone)
     check_input_size(min(input_size), spec)
     base = _base(spec, None, (*input_size, 3))
-    return {name: tuple(int(d) for d in base.get_layer(name).output.shape[1:]) for name in spec.layers}
+    return {name: tuple(int(d) for d in spec.tensor(base, name).shape[1:]) for name in spec.layers}

@@ -18,6 +18,26 @@ class BackboneSpec:
     #: A rough estimate of the peak bytes per input pixel of one forward pass (the float32 image and
     #: the largest activations alive at once), to refuse batches that clearly cannot fit in memory.
     peak_bytes_per_pixel: int = 4 * (3 + 2 * 64)
+    #: The cut points that end a block (fine-tuning's default top: the next of them above the cached layer);
+    #: empty: every cut point ends one.
+    block_ends: tuple[str, ...] = ()
+    #: Cut points that are not a layer's output: (name, the layer whose input the cut is; "": the model's output).
+    inputs_of: tuple[tuple[str, str], ...] = ()
+
+    def tensor(self, base, name: str):
+        """The tensor of the cut point (or layer) `name` in the Keras application `base`."""
+        consumer = dict(self.inputs_of).get(name)
+        if consumer is None:
+            return base.get_layer(name).output
+        return base.output if consumer == "" else base.get_layer(consumer).input
+
+    def position(self, base, name: str) -> float | None:
+        """Where `name` sits in `base`'s layers (input to output; a cut before a layer just before it), or None."""
+        names = [layer.name for layer in base.layers]
+        consumer = dict(self.inputs_of).get(name)
+        if consumer is not None:
+            return len(names) if consumer == "" else names.index(consumer) - 0.5
+        return names.index(name) if name in names else None
 
     @property
     def title(self) -> str:

@@ -15,4 +15,5 @@ VGG16 = BackboneSpec(
     # the text recorded in caches since format 1: keep it, so older caches read the same
     preprocessing="keras.applications.vgg16.preprocess_input (caffe: RGB->BGR, minus ImageNet channel means)",
     peak_bytes_per_pixel=4 * (3 + 2 * 64),   # the image and two 64-channel block1 convolutions at full size
+    block_ends=("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool"),
 )
