@@ -19,7 +19,7 @@ BASELINE_EPOCHS ?= 10
 SEARCH_ARGS ?= --param 'head=dense|conv' --param 'pooling=gap|flatten' --param 'dropout=0.1:0.6' \
 	--param 'lr=1e-4:3e-3:log' --trials 60 --timeout 1800
 # `make finetune`: VGG16 cached at block2_pool with one augmented view (flip, crop), block3 fine-tuned with a flatten head
-FINETUNE_ARGS ?= --pooling flatten --epochs 8
+FINETUNE_ARGS ?= --pooling flatten --epochs 10
 FT_SELECT = --data "$(DATA)" --weights "$(WEIGHTS)" --layer block2_pool --views 2 --precision $(PRECISION)
 SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER) --precision $(PRECISION)
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
