@@ -93,7 +93,7 @@ lint: install ## the import contracts (layers, function-local imports counted) a
 	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 
-test: lint ## the import contracts, ruff, then the test suite in two processes (about 6 minutes on 2 cores)
+test: lint ## the import contracts, ruff, then the test suite in two processes (about 8 minutes on 2 cores)
 	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 clean: ## remove caches, runs and build leftovers (keeps .venv)

@@ -57,7 +57,7 @@ def optimize(study, params: list, base: dict, data: SearchData, *, pruner: str, 
             search_alg=searcher, scheduler=_scheduler(tune, pruner, objective, base["epochs"]), num_samples=trials,
             max_concurrent_trials=n_workers, time_budget_s=timeout),
             run_config=tune.RunConfig(name=study.study_name, storage_path=str((folder / "ray").absolute()),
-                                      verbose=0, callbacks=[_Progress(tune, bar), JsonLoggerCallback()]))
+                                      verbose=0, callbacks=[_progress(tune, bar), JsonLoggerCallback()]))
         grid = tuner.fit()
         bar.close()
     return _reports(grid)
@@ -72,7 +72,8 @@ def _import_tune():
     except ImportError as e:
         raise BadInputError(f"--engine ray needs Ray Tune ({e}); fix: pip install 'featcache[ray]' (or use "
                             "--engine local)") from e
-    optuna_search.logger.addFilter(_GridDone())
+    if not any(isinstance(f, _GridDone) for f in optuna_search.logger.filters):
+        optuna_search.logger.addFilter(_GridDone())
     return tune, OptunaSearch
 
 
@@ -153,15 +154,15 @@ def _fail_left_running(study) -> None:
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
 
 
-class _Progress:
-    def __new__(cls, tune, bar):
-        class Progress(tune.Callback):
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                bar.update(1)
+def _progress(tune, bar):
+    """A Ray Tune callback advancing `bar` as each trial ends (Ray Tune is imported only where this engine runs)."""
+    class Progress(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            bar.update(1)
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                bar.update(1)
-        return Progress()
+        on_trial_error = on_trial_complete
+
+    return Progress()
 
 
 def _reports(grid) -> dict:
