@@ -157,3 +157,16 @@ def test_every_backbone_cuts_above_a_cached_layer(name):
     assert tuple(model.input.shape[1:]) == shapes[cached] and tuple(model.output.shape[1:]) == shapes[top]
     with pytest.raises(BadInputError, match="nothing above it"):
         default_tune_to(name, spec.layers[-1])
+
+
+def test_finetune_is_a_search_parameter(block2, tmp_path):
+    import json
+
+    _, cache, _ = block2
+    r = CliRunner().invoke(main, ["search", "--cache", str(cache), "--param", "head=dense|finetune", "--units", "8",
+                                  "--epochs", "3", "--warmup-epochs", "1", "--pruner", "none", "--runs-dir",
+                                  str(tmp_path), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    record = json.loads((Path(r.stdout.strip()) / "search.json").read_text())
+    assert sorted(t["params"]["model"] for t in record["trials"]) == ["dense", "finetune"]
+    assert all(t["state"] == "complete" for t in record["trials"])
