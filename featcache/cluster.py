@@ -101,6 +101,9 @@ class owned_cluster:
         _record(self.path, self.started)
 
     def __exit__(self, *exc):
+        # Taken before the shutdown: the workers of a stopped raylet are orphaned (no longer this process's
+        # descendants) but may live on for seconds, so a list made after it would miss them.
+        started = self.started + [p for p in descendants() if p.pid not in self.before and p not in self.started]
         try:
             for actor in self.actors:
                 with contextlib.suppress(Exception):   # an actor of a cluster that is gone already
@@ -109,8 +112,8 @@ class owned_cluster:
                 self.ray.shutdown()   # disconnects; stops the cluster only if this process started it
         finally:
             if self.owned:   # Ray's processes only: a notebook's other workers started meanwhile are left alone
-                _stop([p for p in self.started + [p for p in descendants() if p.pid not in self.before]
-                       if _command(p) is not None and looks_like_ray(_command(p))])
+                started += [p for p in descendants() if p.pid not in self.before and p not in started]
+                _stop([p for p in started if _command(p) is not None and looks_like_ray(_command(p))])
             self.path.unlink(missing_ok=True)
 
 

@@ -216,3 +216,38 @@ def test_predict_on_ray_gives_the_local_rows_and_stops_its_processes(tmp_path):
     assert [[c for c, _ in row] for row in on_ray.top(3)] == [[c for c, _ in row] for row in local.top(3)]
     assert not ray.is_initialized()
     assert_all_gone(watch.seen)
+
+
+class _ClusterStub:
+    """A stand-in for the `ray` module whose cluster is one "raylet" process that started a "worker" after the
+    cluster's record was taken; shutting it down kills the raylet alone, orphaning the worker, as a raylet stopped
+    under load leaves its workers running for seconds."""
+
+    def __init__(self):
+        self.raylet = None
+
+    def is_initialized(self):
+        return self.raylet is not None
+
+    def init(self, **options):
+        worker = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                  "'import time; time.sleep(120)', '/ray/default_worker.py']); time.sleep(120)")
+        self.raylet = subprocess.Popen([sys.executable, "-c", worker, "raylet"])
+
+    def shutdown(self):
+        self.raylet.kill()
+        self.raylet.wait()
+        self.raylet = None
+
+
+def test_a_leaving_cluster_stops_the_workers_its_shutdown_orphans(tmp_path):
+    from featcache import cluster
+
+    stub = _ClusterStub()
+    with Descendants(os.getpid()) as seen, cluster.owned_cluster(stub, None, tmp_path / cluster.PROCESSES_FILE):
+        deadline = time.monotonic() + 30   # the worker starts after the record: as Ray Tune's trials do
+        while len(psutil.Process(stub.raylet.pid).children()) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.poll()
+    assert len(seen.seen) == 2
+    assert_all_gone(seen.seen, wait=2.0)
