@@ -15,6 +15,7 @@ from heads.builders import MODELS, POOLINGS
 AUTO = "auto"
 AUTO_CANDIDATES = ("dense", "linear")
 VIEWS_MODES = ("sample", "all", "original")
+LR_SCHEDULES = ("constant", "cosine")
 #: The commands each field is an option of (besides the Python API).
 HEAD, BASELINE, CURVE = "train-head", "train-baseline", "curve"
 
@@ -52,6 +53,9 @@ class TrainConfig:
                              "epoch).", kind="int", low=1, cli=(HEAD, BASELINE))
     lr: float | None = option(None, "Learning rate [default: 1e-3 for Adam models, 1e-2 for the SGD ann].",
                               kind="float", low=0, low_open=True, cli=(HEAD, BASELINE))
+    lr_schedule: str = option("constant", "Learning rate over the training: constant, or cosine (decayed from --lr "
+                              "to 0 over --epochs; with --head finetune, from --finetune-lr over the epochs after "
+                              "the warm-up).", kind="str", choices=LR_SCHEDULES, cli=(HEAD,))
     val_fraction: float = option(0.1, "Share of the training split (or of each --per-class subset) held out for "
                                  "validation (stratified, at least one per class).", kind="float", low=0, high=1,
                                  low_open=True, high_open=True, cli=(HEAD, BASELINE, CURVE))

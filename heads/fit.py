@@ -18,7 +18,7 @@ from featcache import system
 from featcache.cache.pooled import global_pool
 from featcache.errors import BadInputError
 from heads import balance
-from heads.batches import in_ram_dataset
+from heads.batches import batches_per_epoch, in_ram_dataset
 from heads.builders import MODELS, STANDARDISE
 from heads.config import TrainConfig
 from heads.data import TrainData, streamed_rows
@@ -127,11 +127,15 @@ def fit_schedule(n_train: int, batch_size: int, epochs: int) -> tuple[int, int]:
     return batch, min(epochs - 1, max(0, -(-MIN_STEPS // steps_per_epoch) - 1))
 
 
-def compile_for_training(fit_model, spec, learning_rate: float, *, weighted: bool = False) -> None:
-    """Adam or SGD on sparse categorical cross-entropy. `weighted`: batches carry class weights, which the loss
-    uses; "accuracy" stays plain argmax accuracy and "balanced_accuracy" is its class-weighted mean."""
+def compile_for_training(fit_model, spec, learning_rate: float, *, weighted: bool = False,
+                         decay_steps: int | None = None) -> None:
+    """Adam or SGD on sparse categorical cross-entropy, at `learning_rate` (cosine-decayed to 0 over `decay_steps`
+    optimiser steps where given). `weighted`: batches carry class weights, which the loss uses; "accuracy" stays
+    plain argmax accuracy and "balanced_accuracy" is its class-weighted mean."""
     import keras
 
+    if decay_steps:
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     optimizer = (keras.optimizers.Adam(learning_rate) if spec.optimizer == "adam"
                  else keras.optimizers.SGD(learning_rate, momentum=0.9))
     weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="balanced_accuracy")] if weighted else None
@@ -148,8 +152,11 @@ def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int
     import keras
 
     (x_fit, views_fit, y), (tr, va) = arrays, rows
-    compile_for_training(fit_model, spec, config.learning_rate, weighted=weights[0] is not None)
     batch_size, start_from = fit_schedule(len(tr), config.batch_size, config.epochs)
+    steps = config.epochs * batches_per_epoch(tr, batch_size, shuffle=True, n_views=n_views,
+                                              all_views=config.views_mode == "all")
+    compile_for_training(fit_model, spec, config.learning_rate, weighted=weights[0] is not None,
+                         decay_steps=steps if config.lr_schedule == "cosine" else None)
     if batch_size != config.batch_size:
         log.info("batch size %d for %d training rows (at least %d steps per epoch)", batch_size, len(tr),
                  MIN_STEPS_PER_EPOCH)
@@ -166,6 +173,7 @@ def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int
             stream.close()
     history["best"] = stopper.best_epoch   # the epoch whose weights were restored (monitored epochs only)
     history["seconds"] = timer.seconds
+    history["learning_rate"] = timer.learning_rates   # at each epoch's end
     history["batch_size"] = batch_size
     return history
 
@@ -195,7 +203,7 @@ def _fit_stages(model, config: TrainConfig, train) -> dict:
     warmup = min(config.warmup_epochs, config.epochs - 1)
     if warmup > 0:
         tuned.trainable = False
-        stages.append(train(replace(config, epochs=warmup, patience=warmup)))
+        stages.append(train(replace(config, epochs=warmup, patience=warmup, lr_schedule="constant")))
     tuned.trainable = True
     for layer in tuned.layers:   # the backbone's BatchNormalization stays in inference mode
         layer.trainable = not _is_batchnorm(layer)
@@ -327,7 +335,8 @@ def as_tensors(x, y):
 
 
 def epoch_log(epochs: int, progress: bool):
-    """A Keras callback recording per-epoch seconds, with a progress bar of epochs on stderr.
+    """A Keras callback recording per-epoch seconds and the learning rate at each epoch's end, with a progress
+    bar of epochs on stderr.
 
     Built in a function so that importing heads.fit does not import Keras.
     """
@@ -335,7 +344,7 @@ def epoch_log(epochs: int, progress: bool):
 
     class EpochLog(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            self.seconds = []
+            self.seconds, self.learning_rates = [], []
             self.bar = system.progress_bar(epochs, unit="epoch", desc="train", enabled=progress)
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -343,6 +352,7 @@ def epoch_log(epochs: int, progress: bool):
 
         def on_epoch_end(self, epoch, logs=None):
             self.seconds.append(time.perf_counter() - self.t0)
+            self.learning_rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
             self.bar.set_postfix(loss=f"{logs['loss']:.3f}", val_loss=f"{logs['val_loss']:.3f}",
                                  val_acc=f"{logs['val_accuracy']:.3f}", refresh=False)
             self.bar.update(1)

@@ -69,7 +69,7 @@ def _write_records(run_dir: Path, result, data, *, run_id: str) -> None:
 
 #: history.csv's columns, where a history has them: per epoch, per C tried (probe) or per setting (kNN).
 _HISTORY_COLUMNS = ("C", "k", "temperature", "smoothing", "loss", "accuracy", "balanced_accuracy", "val_loss",
-                    "val_accuracy", "val_balanced_accuracy", "seconds")
+                    "val_accuracy", "val_balanced_accuracy", "learning_rate", "seconds")
 
 
 def _write_history(path: Path, history: dict) -> None:

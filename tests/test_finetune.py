@@ -81,6 +81,13 @@ def test_the_tuned_layers_start_as_the_backbone_and_only_the_second_stage_moves_
         layer.name for layer in keras.saving.load_model(result.run_dir / "model.keras").layers[1].layers}
 
 
+def test_a_cosine_schedule_decays_the_fine_tuning_rate_after_a_constant_warm_up(block2):
+    _, cache, tmp = block2
+    result = train_head(cache, model="finetune", runs_dir=tmp / "runs-cosine", lr_schedule="cosine", **QUICK)
+    rates = result.history["learning_rate"]   # 1 warm-up epoch at --lr, then 3 from --finetune-lr down to 0
+    assert rates == pytest.approx([1e-3, *(1e-4 * (1 + np.cos(np.pi * k / 3)) / 2 for k in (1, 2, 3))], abs=1e-9)
+
+
 def test_predict_and_export_rebuild_backbone_tuned_layers_and_head_as_one_model(block2, tmp_path):
     import keras
 

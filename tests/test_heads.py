@@ -168,3 +168,16 @@ def test_l2_lowers_the_kernels_norms(model):
     assert norms[0.5] < 0.8 * norms[0.0], norms
     with pytest.raises(BadInputError, match="--l2 must be at least 0"):
         TrainConfig(l2=-1.0)
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero(tmp_path):
+    data = blob_data()
+    result = ht.train(data, TrainConfig(units=(16,), epochs=4, patience=4, lr=1e-2, lr_schedule="cosine"),
+                      runs_dir=tmp_path, progress=False)
+    rates = result.history["learning_rate"]   # at each epoch's end: cos(pi * k / 4) halfway to 0
+    assert rates == pytest.approx([1e-2 * (1 + np.cos(np.pi * k / 4)) / 2 for k in (1, 2, 3, 4)], abs=1e-7)
+    assert "learning_rate" in (result.run_dir / "history.csv").read_text().splitlines()[0]
+    constant = ht.train(data, TrainConfig(units=(16,), epochs=2, lr=1e-2), runs_dir=None, progress=False)
+    assert constant.history["learning_rate"] == pytest.approx([1e-2, 1e-2])
+    with pytest.raises(BadInputError, match="--lr-schedule"):
+        TrainConfig(lr_schedule="linear")
