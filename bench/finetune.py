@@ -31,7 +31,7 @@ from run import conv_gflop, machine, write_sections  # noqa: E402
 
 import featcache  # noqa: E402
 from heads import inference  # noqa: E402
-from heads.builders import finetune_head  # noqa: E402
+from heads.builders import finetune_head, tuned_layers  # noqa: E402
 from heads.data import data_from_cache  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     with tempfile.TemporaryDirectory() as tmp:
         peak = fma_peak(["float32"], Path(tmp)).get("float32")
-    tuned = conv_gflop(cached.layers[1])
+    tuned = conv_gflop(tuned_layers(cached))
     flop = {"cached": 3 * tuned, "end_to_end": 3 * tuned + conv_gflop(frozen)}
     floors = {k: v * args.rows / peak if peak else None for k, v in flop.items()}
     record = {"rows": args.rows, "seconds": times, "median": med, "gflop_per_image": flop, "fma_peak_gflops": peak,

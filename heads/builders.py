@@ -151,12 +151,13 @@ def conv_head(input_shape, n_classes: int, *, filters: int = 128, units=(400, 25
 
 def finetune_head(input_shape, n_classes: int, *, source: dict, tune_to: str | None = None, units=(400, 256, 256),
                   pooling: str = "gap", batchnorm: bool = True, dropout: float = 0.2, l2: float = 0.0,
-                  train_precision: str = "float32"):
+                  train_precision: str = "float32", map_shift: int = 0, seed: int = 0):
     """The backbone's layers above the cached one, up to `tune_to` (default: the end of the next block), with
     the weights the cache was made from (featcache.backbones.cut), then the dense head: trained by heads.fit in
     two stages (the head alone, then all of it). `source` is the training data's record of its cache. With a
     bfloat16 or float16 `train_precision`, layers compute in it (Keras mixed precision); the class layer, its
-    softmax and the loss stay float32."""
+    softmax and the loss stay float32. `map_shift` > 0 shifts each map by up to that many cells in training
+    (`shift_maps`)."""
     import keras
 
     from featcache.backbones import POLICIES, resolve_precision
@@ -175,9 +176,28 @@ def finetune_head(input_shape, n_classes: int, *, source: dict, tune_to: str | N
         head = dense_head(tuple(tuned.output.shape[1:]), n_classes, units=units, pooling=pooling,
                           batchnorm=batchnorm, dropout=dropout, l2=l2, out_dtype="float32")
         inputs = keras.Input(input_shape, name="features")
-        return keras.Model(inputs, head(tuned(inputs)), name="finetune_head")
+        maps = shift_maps(inputs, map_shift, seed) if map_shift else inputs
+        return keras.Model(inputs, head(tuned(maps)), name="finetune_head")
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def shift_maps(maps, cells: int, seed: int):
+    """Training-time augmentation of cached maps: each shifted by a whole number of cells, up to `cells` each
+    way (RandomTranslation with nearest-cell rounding, zero-filled; nothing at inference). A convolutional
+    backbone is translation-equivariant, so on a map that subsamples its input by s it is what translating the
+    image by a multiple of s pixels gives, away from the borders: the padded random crop of CIFAR training,
+    done on the cache (a VGG16 block2_pool cell is 4 input pixels)."""
+    import keras
+
+    height, width = maps.shape[1:3]
+    return keras.layers.RandomTranslation(cells / height, cells / width, fill_mode="constant", fill_value=0.0,
+                                          interpolation="nearest", seed=seed, name="shift_maps")(maps)
+
+
+def tuned_layers(model):
+    """The backbone's layers inside a finetune model (`finetune_head`)."""
+    return next(layer for layer in model.layers if layer.name.startswith("tuned_"))
 
 
 @dataclass(frozen=True)
@@ -203,7 +223,8 @@ MODELS = {
     "knn": ModelSpec(knn_head, "features", "knn", 0.0, ("pooling",), pools_first=True),
     "conv": ModelSpec(conv_head, "features", "adam", 1e-3, ("filters", "units", "dropout", "l2")),
     "finetune": ModelSpec(finetune_head, "features", "adam", 1e-3, ("tune_to", "units", "pooling", "batchnorm",
-                                                                    "dropout", "l2", "train_precision"),
+                                                                    "dropout", "l2", "train_precision",
+                                                                    "map_shift", "seed"),
                           tunes_backbone=True),
     "ann": ModelSpec(ann, "pixels", "sgd", 1e-2, ()),
     "cnn": ModelSpec(cnn, "pixels", "adam", 1e-3, ("dropout", "seed")),

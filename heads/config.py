@@ -74,6 +74,9 @@ class TrainConfig:
                                  "cache].", kind="str", cli=(HEAD,))
     warmup_epochs: int = option(2, "--head finetune: epochs training the head alone (the backbone's layers frozen) "
                                 "before all of it trains.", kind="int", low=0, cli=(HEAD,))
+    map_shift: int = option(0, "--head finetune: in training, shift each cached map by up to N cells each way "
+                            "(zero-filled): the padded random crop, done on the cache (a VGG16 block2_pool cell is "
+                            "4 input pixels; 0: off).", kind="int", low=0, cli=(HEAD,))
     finetune_lr: float = option(1e-4, "--head finetune: learning rate once the backbone's layers train too (the "
                                 "warm-up's is --lr).", kind="float", low=0, low_open=True, cli=(HEAD,))
 
@@ -85,8 +88,9 @@ class TrainConfig:
 
     def __post_init__(self):
         validate(self)
-        if self.tune_to is not None and self.model != "finetune":
-            raise BadInputError(f"--tune-to applies to --head finetune, not {self.model}")
+        for name, value, default in (("tune_to", self.tune_to, None), ("map_shift", self.map_shift, 0)):
+            if value != default and self.model != "finetune":
+                raise BadInputError(f"--{name.replace('_', '-')} applies to --head finetune, not {self.model}")
 
     @property
     def learning_rate(self) -> float | None:

@@ -19,7 +19,7 @@ from featcache.cache.pooled import global_pool
 from featcache.errors import BadInputError
 from heads import balance
 from heads.batches import batches_per_epoch, in_ram_dataset
-from heads.builders import MODELS, STANDARDISE
+from heads.builders import MODELS, STANDARDISE, tuned_layers
 from heads.config import TrainConfig
 from heads.data import TrainData, streamed_rows
 
@@ -185,7 +185,7 @@ STANDARDISE_ROWS = 2048
 
 def _standardise_head(model, x, tr: np.ndarray, seed: int) -> None:
     """A fine-tuned model's head standardises what the tuned layers give at the start, on sampled training rows."""
-    tuned, head = model.layers[1], model.layers[2]
+    tuned, head = tuned_layers(model), model.layers[-1]
     rows = np.sort(np.random.default_rng(seed).choice(tr, min(len(tr), STANDARDISE_ROWS), replace=False))
     outputs = np.concatenate([np.asarray(tuned.predict_on_batch(x[rows[i:i + 256]].astype(np.float32)))
                               for i in range(0, len(rows), 256)])
@@ -198,7 +198,7 @@ def _fit_stages(model, config: TrainConfig, train) -> dict:
     is the one training loop; the histories are joined, epochs counted across both stages."""
     from dataclasses import replace
 
-    tuned = model.layers[1]
+    tuned = tuned_layers(model)
     stages = []
     warmup = min(config.warmup_epochs, config.epochs - 1)
     if warmup > 0:

@@ -13,6 +13,7 @@ from featcache.cli import main
 from featcache.errors import BadInputError
 from featcache.extract import extract
 from heads import inference
+from heads.config import TrainConfig
 from heads.train import train_head
 
 QUICK = dict(units=(8,), epochs=4, warmup_epochs=1, progress=False)
@@ -86,6 +87,27 @@ def test_a_cosine_schedule_decays_the_fine_tuning_rate_after_a_constant_warm_up(
     result = train_head(cache, model="finetune", runs_dir=tmp / "runs-cosine", lr_schedule="cosine", **QUICK)
     rates = result.history["learning_rate"]   # 1 warm-up epoch at --lr, then 3 from --finetune-lr down to 0
     assert rates == pytest.approx([1e-3, *(1e-4 * (1 + np.cos(np.pi * k / 3)) / 2 for k in (1, 2, 3))], abs=1e-9)
+
+
+def test_map_shift_moves_the_maps_by_whole_cells_in_training_only(block2):
+    import keras
+
+    _, cache, tmp = block2
+    run = train_head(cache, model="finetune", runs_dir=tmp / "runs-shift", map_shift=1, **QUICK).run_dir
+    shift = keras.saving.load_model(run / "model.keras").get_layer("shift_maps")
+    maps = np.random.default_rng(0).uniform(1, 2, (32, 8, 8, 4)).astype(np.float32)   # nothing zero before
+    np.testing.assert_array_equal(np.asarray(shift(maps, training=False)), maps)
+    moved = np.asarray(shift(maps, training=True))
+    seen = set()
+    for before, after in zip(maps, moved):
+        dy, dx = next((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                      if np.array_equal(np.roll(before, (dy, dx), (0, 1))[1:-1, 1:-1], after[1:-1, 1:-1]))
+        seen.add((dy, dx))
+        empty = (after == 0).all(-1)   # the cells shifted in are zeros, and only they
+        assert empty.sum() == 8 * (dy != 0) + 8 * (dx != 0) - (dy != 0) * (dx != 0)
+    assert len(seen) > 3
+    with pytest.raises(BadInputError, match="--map-shift applies to --head finetune, not dense"):
+        TrainConfig(model="dense", map_shift=1)
 
 
 def test_predict_and_export_rebuild_backbone_tuned_layers_and_head_as_one_model(block2, tmp_path):
