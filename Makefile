@@ -18,8 +18,9 @@ BASELINE_EPOCHS ?= 10
 # `make search`: the space and budget of the documented head search
 SEARCH_ARGS ?= --param 'head=dense|conv' --param 'pooling=gap|flatten' --param 'dropout=0.1:0.6' \
 	--param 'lr=1e-4:3e-3:log' --trials 60 --timeout 1800
-# `make finetune`: VGG16 cached at block2_pool with one augmented view (flip, crop), block3 fine-tuned with a flatten head
-FINETUNE_ARGS ?= --pooling flatten --epochs 10
+# `make finetune`: VGG16 cached at block2_pool with one augmented view (flip, crop), block3 fine-tuned with a flatten
+# head, the cached maps shifted by up to a cell (4 px) in training, the fine-tuning rate cosine-decayed over 7 epochs
+FINETUNE_ARGS ?= --pooling flatten --epochs 9 --map-shift 1 --lr-schedule cosine
 FT_SELECT = --data "$(DATA)" --weights "$(WEIGHTS)" --layer block2_pool --views 2 --precision $(PRECISION)
 SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER) --precision $(PRECISION)
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)

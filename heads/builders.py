@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from featcache.cache.pooled import GLOBAL_POOLINGS
+from featcache.errors import BadInputError
 
 #: How a head turns maps into vectors: the global poolings (computed once, see featcache.cache.pooled) or flatten.
 POOLINGS = ("gap", "flatten", "max")
@@ -191,6 +192,9 @@ def shift_maps(maps, cells: int, seed: int):
     import keras
 
     height, width = maps.shape[1:3]
+    if cells >= min(height, width):
+        raise BadInputError(f"--map-shift {cells} would shift the cached {height}x{width} maps out of view; fix: "
+                            f"--map-shift {max(0, min(height, width) // 2)} or less")
     return keras.layers.RandomTranslation(cells / height, cells / width, fill_mode="constant", fill_value=0.0,
                                           interpolation="nearest", seed=seed, name="shift_maps")(maps)
 

@@ -108,6 +108,8 @@ def test_map_shift_moves_the_maps_by_whole_cells_in_training_only(block2):
     assert len(seen) > 3
     with pytest.raises(BadInputError, match="--map-shift applies to --head finetune, not dense"):
         TrainConfig(model="dense", map_shift=1)
+    with pytest.raises(BadInputError, match="--map-shift 8 would shift the cached 8x8 maps out of view"):
+        train_head(cache, model="finetune", runs_dir=tmp / "runs-shift-8", map_shift=8, **QUICK)
 
 
 def test_predict_and_export_rebuild_backbone_tuned_layers_and_head_as_one_model(block2, tmp_path):
