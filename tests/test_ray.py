@@ -244,10 +244,12 @@ def test_a_leaving_cluster_stops_the_workers_its_shutdown_orphans(tmp_path):
     from featcache import cluster
 
     stub = _ClusterStub()
-    with Descendants(os.getpid()) as seen, cluster.owned_cluster(stub, None, tmp_path / cluster.PROCESSES_FILE):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}   # an earlier test's resource tracker
+    with Descendants(os.getpid(), exclude=before) as seen, \
+            cluster.owned_cluster(stub, None, tmp_path / cluster.PROCESSES_FILE):
         deadline = time.monotonic() + 30   # the worker starts after the record: as Ray Tune's trials do
         while len(psutil.Process(stub.raylet.pid).children()) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         seen.poll()
-    assert len(seen.seen) == 2
+    assert len(seen.seen) == 2 and stub.raylet is None   # the raylet and its worker; the raylet shut down
     assert_all_gone(seen.seen, wait=2.0)
