@@ -60,7 +60,7 @@ def test_killed_extraction_resumes_and_matches_an_uninterrupted_run(slow_folder,
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if sig == signal.SIGINT:
-        assert proc.returncode == 130 and "interrupted; rerun the same command to resume" in err
+        assert proc.returncode == 130 and "interrupted; rerun the same command to resume" in err, err
     partial = next((tmp_path / "b").glob("*.partial"))
     done = featcache.open_cache(partial, require_complete=False).progress
     assert 10 <= done[0] < 120 and not list((tmp_path / "b").glob("*.h5"))
@@ -148,3 +148,25 @@ def test_no_unsafe_loading_in_the_code():
         assert "allow_pickle=True" not in text, path
         assert "safe_mode=False" not in text, path
         assert not re.search(r"pickle\.loads?\(", text), path
+
+
+def test_an_error_a_ctrl_c_caused_still_reads_as_interrupted():
+    """Ctrl-C landing in a clean-up (a file write, a pool's shutdown) that then fails: exit 130, not 1."""
+    import click
+    from click.testing import CliRunner
+
+    from featcache.cli.group import _Group
+
+    @click.group(cls=_Group)
+    def cli():
+        pass
+
+    @cli.command()
+    def extract():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise OSError("Can't write data (interrupted)")
+
+    r = CliRunner().invoke(cli, ["extract"])
+    assert r.exit_code == 130 and "interrupted; rerun the same command to resume" in r.output, r.output

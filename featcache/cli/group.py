@@ -56,19 +56,37 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
-            if ctx.invoked_subcommand != "extract":
-                hint = "; no run folder was written"
-            elif ctx.meta.get(FORCED):
-                hint = "; a rerun with --force starts again from the first batch"
-            else:
-                hint = "; rerun the same command to resume where it stopped"
-            click.echo("interrupted" + hint, err=True)
-            ctx.exit(130)
+            _exit_interrupted(ctx)
         except (OSError, WorkerError) as e:
+            if _after_interrupt(e):   # a clean-up the interrupt broke (a file write, a pool's shutdown)
+                _exit_interrupted(ctx)
             resumes = ctx.invoked_subcommand == "extract" and not ctx.meta.get(FORCED)
             click.echo(f"error: {e}" + ("; rerun the same command to resume the extraction" if resumes else ""),
                        err=True)
             ctx.exit(1)
+
+
+def _after_interrupt(error: BaseException) -> bool:
+    """Whether `error` was raised while a Ctrl-C (KeyboardInterrupt) was being handled."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _exit_interrupted(ctx) -> None:
+    """Ctrl-C: exit 130 with what a rerun does."""
+    if ctx.invoked_subcommand != "extract":
+        hint = "; no run folder was written"
+    elif ctx.meta.get(FORCED):
+        hint = "; a rerun with --force starts again from the first batch"
+    else:
+        hint = "; rerun the same command to resume where it stopped"
+    click.echo("interrupted" + hint, err=True)
+    ctx.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
