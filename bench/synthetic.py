@@ -39,16 +39,17 @@ def write_synthetic_cache(path, *, n_train: int, n_test: int, shape=(4, 4, 256),
                      class_names=[f"class{c}" for c in range(n_classes)], batch_size=block_rows)
     with f:
         for split, y in labels.items():
-            features = f[store.dataset_path(meta, split, meta.layer)]
             for s in range(0, len(y), block_rows):
                 e = min(s + block_rows, len(y))
                 rows = patterns[y[s:e]] + noise * rng.standard_normal((e - s, *shape), dtype=np.float32)
-                features[s:e] = np.maximum(rows, 0).astype(np.float16)   # ReLU-like; cast here, HDF5's is slow
+                # ReLU-like; cast here, HDF5's is slow; written as extraction writes, with digests
+                cache_write.write_rows(f, store.dataset_path(meta, split, meta.layer), s,
+                                       np.maximum(rows, 0).astype(np.float16))
                 if split == "train" and views > 1:
                     extra = patterns[y[s:e]][:, None] + noise * rng.standard_normal((e - s, views - 1, *shape),
                                                                                     dtype=np.float32)
-                    f[store.dataset_path(meta, split, meta.layer, views=True)][s:e] = np.maximum(extra, 0).astype(
-                        np.float16)
+                    cache_write.write_rows(f, store.dataset_path(meta, split, meta.layer, views=True), s,
+                                           np.maximum(extra, 0).astype(np.float16))
         f["progress"][...] = [n_train, n_test]
         cache_write.finish(f, max_abs_activation=float(noise * 10))
     return path

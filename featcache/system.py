@@ -20,7 +20,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from featcache.errors import BadInputError
+from featcache.errors import BadInputError, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,40 @@ def available_memory() -> int:
     return have if have is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+#: Room kept free beyond the rows a file needs: its labels, paths, digests and HDF5's own structure. HDF5 crashes
+#: the process (SIGSEGV while closing) when a write fails on a full disk, so featcache stops before that.
+HEADROOM_BYTES = 1 << 20
+
+
+def headroom(need: int) -> int:
+    return HEADROOM_BYTES + need // 50
+
+
 def check_free_space(folder: Path, need: int, *, have: int = 0, what: str = "the cache", fix: str) -> None:
-    """Refuse before any work when `need` bytes (of which `have` are written already) cannot fit `folder`."""
-    free = shutil.disk_usage(folder).free
-    if need - have > free:
-        raise BadInputError(f"{what} needs {need / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free; "
-                            f"fix: {fix}")
+    """Refuse before any work when `need` bytes (of which `have` are written already) and their headroom cannot
+    fit `folder`."""
+    free, left = shutil.disk_usage(folder).free, need - have
+    if left + headroom(left) > free:
+        raise BadInputError(f"{what} needs {megabytes(left + headroom(left))} more (with headroom) but {folder} has "
+                            f"{megabytes(free)} free; fix: {fix}")
+
+
+#: The longest run or search name: with its date prefix it stays within a file name's 255 bytes.
+MAX_NAME = 100
+
+
+def check_name(name: str | None, *, option: str = "--name") -> str | None:
+    """`name`, refused (before any work) unless it can be one file name inside the runs folder: no path separators,
+    not '.' or '..', no control characters, at most MAX_NAME characters."""
+    if name is None:
+        return None
+    text = str(name)
+    if not text or text in (".", "..") or "/" in text or "\\" in text or len(text) > MAX_NAME or \
+            any(ord(ch) < 32 for ch in text):
+        raise BadInputError(f"{option} must be one file name of 1 to {MAX_NAME} characters, without '/' or '\\' "
+                            f"and not '..', got {text[:60]!r}{'...' if len(text) > 60 else ''}; fix: pass a short "
+                            "plain name")
+    return text
 
 
 def writable_folder(path: str | Path, *, what: str, fix: str) -> Path:
@@ -151,13 +179,51 @@ def start_worker(parent: int, poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="featcache-parent-watch", daemon=True).start()
 
 
-def spawn_pool(n: int, initializer, *initargs):
-    """A ProcessPoolExecutor of `n` spawned workers (nothing of TensorFlow is copied into them), each running
-    `initializer(*initargs)` after `start_worker`."""
-    from concurrent.futures import ProcessPoolExecutor
+#: Seconds a pool's processes have to start and answer before the run stops (they take about one here).
+START_SECONDS = 60.0
 
-    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
+
+def unspawnable_main() -> str | None:
+    """Why processes started by spawning cannot start from this program, or None. A spawned process re-imports the
+    main script by its file name; a script read from standard input (`python - <<EOF`) or typed at a prompt has
+    none, so every such process dies at its start."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main, "__spec__", None) is not None:
+        return None   # `python -m ...`, or an embedding program: re-imported by module name
+    path = getattr(main, "__file__", None)
+    if path is None or os.path.isfile(path):
+        return None   # an interactive prompt or a notebook (spawn skips the main module), or a script file
+    return f"the main script {path!r} is not a file that the processes can import again"
+
+
+def spawn_pool(n: int, initializer, *initargs, what: str = "worker", fix: str = ""):
+    """A ProcessPoolExecutor of `n` spawned workers (nothing of TensorFlow is copied into them), each running
+    `initializer(*initargs)` after `start_worker`, all started and answering before it is returned: a pool that
+    cannot start is a WorkerError within START_SECONDS naming the cause and `fix`, never a hang."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import TimeoutError as PoolTimeout
+    from concurrent.futures.process import BrokenProcessPool
+
+    fix = f"; fix: {fix}" if fix else ""
+    why = unspawnable_main()
+    if why:
+        raise WorkerError(f"featcache's {what} processes cannot start: {why} (a script read from standard input?)"
+                          f"{fix}, or save the script to a file")
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
                                initargs=(os.getpid(), initializer, initargs))
+    try:   # all n started now (they start on demand), each answering
+        list(pool.map(time.sleep, [0.05] * n, timeout=START_SECONDS))
+    except (BrokenProcessPool, PoolTimeout) as e:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in list(getattr(pool, "_processes", {}).values()):   # a worker stuck at its start
+            p.kill()
+        cause = "one died at its start" if isinstance(e, BrokenProcessPool) else \
+            f"they did not answer within {START_SECONDS:.0f} s"
+        raise WorkerError(f"featcache's {what} processes could not start ({cause}){fix}") from e
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return pool
 
 
 def _start(parent: int, initializer, initargs) -> None:

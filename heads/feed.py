@@ -25,7 +25,7 @@ import numpy as np
 
 from featcache import system
 from featcache.errors import BadInputError, CacheError, WorkerError
-from heads.batches import BLOCK_ROWS, batches_per_epoch, epochs_of_plans
+from heads.batches import BLOCK_ROWS, batches_per_epoch, epoch_batches, on_tensorflow, plan_batches
 
 #: Training rows are shuffled across this many consecutive batches (fewer if the budget is small): a block of
 #: an image-folder cache usually holds one class, so a batch of 16 blocks alone would hold few classes.
@@ -117,13 +117,18 @@ class CachedRows:
         if len(wanted):
             with self._open() as f:
                 data = f[self.name]
-                for run in _runs(wanted):
-                    first, last = wanted[run[0]], wanted[run[-1]]
-                    out[run] = data[first:last + 1][wanted[run] - first]
-            if np.issubdtype(out.dtype, np.floating) and np.isnan(out).any():
-                raise CacheError(f"{self.path}: rows of {self.name} read as NaN, the fill value of a joined cache whose "
-                                 "shard went missing or changed during the run; fix: restore it (or rerun "
-                                 "`featcache extract`) and train again")
+                try:
+                    for run in _runs(wanted):
+                        first, last = wanted[run[0]], wanted[run[-1]]
+                        out[run] = data[first:last + 1][wanted[run] - first]
+                except OSError as e:   # a chunk failing its checksum
+                    raise CacheError(f"{self.path}: rows of {self.name} cannot be read back ({e}): damaged on disk; "
+                                     "fix: delete it and rerun `featcache extract`") from e
+            if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+                raise CacheError(f"{self.path}: rows of {self.name} read as inf or NaN: the fill value of a joined "
+                                 "cache whose shard went missing or changed during the run, or a damaged file (no "
+                                 "extraction writes them); fix: restore it (or rerun `featcache extract`) and train "
+                                 "again")
         result = np.empty_like(out)
         result[order] = out
         return result
@@ -200,7 +205,8 @@ class Stream:
     def __init__(self, x: CachedRows, views: CachedRows | None, y: np.ndarray, *, workers: int | None = None,
                  budget: int | None = None, batch_size: int = 256):
         self.source = (x, views, np.asarray(y))
-        self.workers = workers or max(1, min(4, os.cpu_count() or 1))
+        # a script read from standard input cannot start reading processes: it reads in this process then
+        self.workers = 1 if system.unspawnable_main() else workers or max(1, min(4, os.cpu_count() or 1))
         batch_bytes = batch_size * int(np.prod(x.row_shape)) * 4
         # batches read ahead: two per worker, fewer when that would not fit a quarter of the budget
         budget = 1 << 62 if budget is None else budget
@@ -227,7 +233,7 @@ class Stream:
                 yield read_batch(*self.source, pairs, dtype=self.source[0].dtype)
             return
         if self._pool is None:
-            self._pool = system.spawn_pool(self.workers, _start_reader, self.source)
+            self._pool = system.spawn_pool(self.workers, _start_reader, self.source, what="cache reading")
         pending = collections.deque()
         try:
             for pairs in plan:
@@ -247,30 +253,35 @@ class Stream:
         ((n_classes,)) when given; each pass over it is one epoch, with a new
         block order when `shuffle`. Batches travel from the readers in the stored dtype (half the bytes, for
         float16) and are cast here. Nothing is buffered beyond the batches read ahead and one in TensorFlow."""
-        import tensorflow as tf
+        n_batches = batches_per_epoch(positions, batch_size, shuffle=shuffle, n_views=n_views, all_views=all_views)
 
-        plans = epochs_of_plans(positions, batch_size, shuffle=shuffle, seed=seed, n_views=n_views,
-                                all_views=all_views)
-        epoch = [-1]
-
-        def generate():
-            epoch[0] += 1
-            batches = self.batches(plans())
+        def batches_of(epoch):
+            batches = self.batches(plan_batches(positions, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                                                n_views=n_views, all_views=all_views))
             if shuffle:
-                batches = _mixed(batches, self.mix, batch_size, np.random.default_rng([seed, epoch[0], 2]))
+                batches = _mixed(batches, self.mix, batch_size, np.random.default_rng([seed, epoch, 2]))
             for features, labels in batches:
                 if class_weights is None:
                     yield features.astype(np.float32, copy=False), labels
                 else:
                     yield features.astype(np.float32, copy=False), labels, class_weights[labels]
 
+        if not on_tensorflow():
+            return epoch_batches(batches_of, n_batches)
+        import tensorflow as tf
+
+        epoch = [-1]
+
+        def generate():
+            epoch[0] += 1
+            yield from batches_of(epoch[0])
+
         x = self.source[0]
         signature = (tf.TensorSpec((None, *x.row_shape), tf.float32), tf.TensorSpec((None,), self.source[2].dtype))
         if class_weights is not None:
             signature += (tf.TensorSpec((None,), tf.float32),)
         ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(batches_per_epoch(   # Keras knows the epoch
-            positions, batch_size, shuffle=shuffle, n_views=n_views, all_views=all_views)))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))   # Keras knows the epoch
         options = tf.data.Options()
         options.autotune.enabled = False   # AUTOTUNE may buffer up to half the machine's memory
         return ds.prefetch(1).with_options(options)

@@ -97,7 +97,7 @@ def test_disk_full_leaves_a_resumable_partial(image_folder, cache_dir, monkeypat
     writes = []
 
     def failing(self, key, value):
-        if self.name.endswith("/features"):
+        if self.name.endswith("/features") and not self.name.startswith("/digests/"):
             writes.append(key)
             if len(writes) == 3:
                 raise OSError(errno.ENOSPC, "No space left on device")

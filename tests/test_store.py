@@ -6,7 +6,7 @@ import pytest
 
 from featcache.cache import FORMAT_VERSION, CacheMeta, cache_filename, dataset_path, differences, open_cache
 from featcache.cache.format import chunk_rows
-from featcache.cache.write import combine, create, finish
+from featcache.cache.write import combine, create, finish, write_rows
 from featcache.errors import CacheError
 
 
@@ -24,8 +24,9 @@ def write_cache(path, meta=None, complete=True, value=1.0, seconds=None):
     f = create(path, meta, labels={"train": [0, 1, 2], "test": [1, 0]},
                      paths={"train": ["a", "b", "c"], "test": None}, class_names=["x", "y", "z"], batch_size=2)
     with f:
-        f[dataset_path(meta, "train", meta.layer)][...] = value
-        f["progress"][0] = 3
+        for split, n in (("train", 3), ("test", 2)):
+            write_rows(f, dataset_path(meta, split, meta.layer), 0, np.full((n, *meta.feature_shape), value))
+        f["progress"][...] = (3, 2)
         if complete:
             finish(f, max_abs_activation=value, extract_seconds=seconds)
     return path
@@ -36,7 +37,7 @@ def test_meta_round_trip(tmp_path):
     path = write_cache(tmp_path / "c.h5", meta)
     c = open_cache(path)
     assert c.meta == meta and c.meta.key == meta.key
-    assert c.class_names == ("x", "y", "z") and c.complete and c.progress == (3, 0)
+    assert c.class_names == ("x", "y", "z") and c.complete and c.progress == (3, 2)
     assert c.splits["train"].shapes == {"block3_pool": (3, 4, 4, 256)}
     x, y = c.load("train")
     assert x.dtype == np.float16 and (x == 1).all() and list(y) == [0, 1, 2]
@@ -68,8 +69,9 @@ def test_several_layers_in_one_file(tmp_path):
     assert meta.key != make_meta().key
     with create(tmp_path / "c.h5", meta, labels={"train": [0, 1, 2], "test": [1, 0]}, paths={},
                       class_names=["x", "y", "z"], batch_size=2) as f:
-        f["train/features/block3_pool"][...] = 1
-        f["train/features/block4_pool"][...] = 2
+        for split, n in (("train", 3), ("test", 2)):
+            for layer, shape in meta.shapes.items():
+                write_rows(f, f"{split}/features/{layer}", 0, np.full((n, *shape), 1 if layer == "block3_pool" else 2))
         finish(f, max_abs_activation=2.0)
     c = open_cache(tmp_path / "c.h5")
     assert c.meta == meta and c.layers == meta.layers

@@ -107,17 +107,32 @@ def close_checked(f) -> None:
 
 
 def publish(tmp: Path, final: Path, verify: Callable[[Path], None] | None = None) -> Path:
-    """Give the closed file `tmp` its name `final`, once `verify(tmp)` (re-opening it) has passed; a file shown
-    wrong (a CacheError) is deleted, and `final` is left as it was. An interruption or a read error while checking
+    """Give the closed file `tmp` its name `final`, once it is on the device (fsync) and `verify(tmp)` (re-opening
+    it) has passed; then the rename is made durable too (fsync of the folder). A file shown wrong (a CacheError) is
+    deleted, and `final` is left as it was. An interruption or a read error while checking
     leaves `tmp` too (a resume of a partial then redoes nothing)."""
     try:
+        sync(tmp)
         if verify is not None:
             verify(tmp)
     except CacheError:
         tmp.unlink(missing_ok=True)
         raise
+    except OSError as e:   # the disk refused to keep it (full, failing): said in one line, the file kept to resume
+        raise CacheError(f"{tmp} could not be made durable ({first_line(e)}): a full disk or a failing device; fix: "
+                         "free some space or check the disk, then rerun the same command") from e
     os.replace(tmp, final)
+    sync(final.parent)
     return final
+
+
+def sync(path: Path) -> None:
+    """fsync a file or folder: its data (or a rename in it) on the device, or an OSError saying why not."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.cache import digests
 from featcache.cache.files import sweep, writing
 from featcache.cache.format import dataset_path
 from featcache.errors import BadInputError, CacheError
@@ -89,8 +90,8 @@ def _kept(cache, path: Path) -> dict | None:
                 log.debug("pooled features from %s", path)
                 return _read(f)
         log.warning("%s was made from another version of %s; pooling again", path.name, Path(cache.path).name)
-    except (OSError, KeyError) as e:   # unreadable, or a dataset missing
-        log.warning("%s is unreadable or incomplete (%s); pooling again", path, e)
+    except (OSError, KeyError) as e:   # unreadable, a dataset missing, or other than written
+        log.warning("%s is unreadable, incomplete or changed (%s); pooling again", path, e)
     return None
 
 
@@ -100,27 +101,36 @@ def _write(path: Path, cache, layer: str, pooling: str, arrays: dict) -> None:
         f.attrs.update(source=Path(cache.path).name, source_key=cache.meta.key, source_stamp=_stamp(cache),
                        layer=layer, pooling=pooling, views=cache.meta.views)
         for split in ("train", "test"):
-            f[f"{split}/features"] = arrays[split]
-            f[f"{split}/labels"] = arrays[f"{split}_labels"]
+            digests.record_whole(f, f"{split}/features", arrays[split])
+            digests.record_whole(f, f"{split}/labels", arrays[f"{split}_labels"])
         if arrays["views"] is not None:
-            f["train/views"] = arrays["views"]
+            digests.record_whole(f, "train/views", arrays["views"])
         f.attrs["complete"] = True
 
 
 def _check_written(path: Path, arrays: dict) -> None:
+    """The file just written reads back as `arrays` were (their digests were recorded from them as written)."""
     import h5py
 
     with h5py.File(path, "r") as f:
-        again = _read(f)
-    for k, v in arrays.items():
-        if (v is None) != (again[k] is None) or (v is not None and not np.array_equal(v, again[k], equal_nan=True)):
-            raise OSError(f"{path}: {k} read back differs from what was written (a full disk?)")
+        _read(f)
+
+
+_NAMES = {"train": "train/features", "test": "test/features", "train_labels": "train/labels",
+          "test_labels": "test/labels", "views": "train/views"}
 
 
 def _read(f) -> dict:
-    return {"train": f["train/features"][...], "test": f["test/features"][...],
-            "train_labels": f["train/labels"][...], "test_labels": f["test/labels"][...],
-            "views": f["train/views"][...] if "train/views" in f else None}
+    """The arrays of an open pooled file, each checked against its digests; an OSError names what differs."""
+    problems = digests.foreign_storage(f)
+    out = {}
+    for key, name in _NAMES.items():
+        out[key] = f[name][...] if key != "views" or name in f else None   # a missing one is a KeyError
+        if out[key] is not None:
+            problems += digests.check(f, name, out[key])
+    if problems:
+        raise OSError(f"{problems[0]} (changed after it was written, or a full disk)")
+    return out
 
 
 def pool_source(cache, layer: str, pooling: str) -> dict:
@@ -144,8 +154,11 @@ def pool_source(cache, layer: str, pooling: str) -> dict:
 
 
 def _finite(x: np.ndarray, cache, name: str) -> np.ndarray:
-    """NaN in pooled maps of a joined cache: a shard went missing while it was read (the fill value is NaN)."""
-    if getattr(cache, "shards", ()) and np.isnan(x).any():
-        raise CacheError(f"{cache.path}: {name} read as NaN, so one of its shards went missing or changed while it was "
-                         "read; fix: restore the shard (or rerun `featcache extract`) and run again")
+    """Pooled maps that are not finite: a joined cache's fill value (NaN) where a shard went missing while it was
+    read, or a damaged source (no extraction writes such values)."""
+    if not np.isfinite(x).all():
+        why = ("one of its shards went missing or changed while it was read; fix: restore the shard (or rerun "
+               "`featcache extract`)" if getattr(cache, "shards", ()) else
+               "the file was changed or damaged; fix: delete it and rerun `featcache extract`")
+        raise CacheError(f"{cache.path}: {name} holds values that are not finite (inf or NaN): {why}")
     return x

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.cache import digests
 from featcache.cache.files import being_written
 from featcache.cache.format import FORMAT_VERSION, SPLITS, CacheMeta, dataset_path, feature_datasets
 from featcache.cache.pooled import GLOBAL_POOLINGS, global_pool
@@ -58,20 +59,17 @@ class FeatureCache:
         return self.meta.layers
 
     def load(self, split: str, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of `split` at `layer` (may be left out with one layer), in their stored dtype."""
-        import h5py
-
-        with h5py.File(self.path, "r") as f:
-            x = f[dataset_path(self.meta, split, self.select_layer(layer))][...]
-            return check_finite(x, self, f"{split} features"), f[f"{split}/labels"][...]
+        """(features, labels) of `split` at `layer` (may be left out with one layer), in their stored dtype; every
+        row checked against the digests recorded when it was written."""
+        name = dataset_path(self.meta, split, self.select_layer(layer))
+        with reading(self, name) as f:
+            return checked(f, self, name, f[name][...]), f[f"{split}/labels"][...]
 
     def load_views(self, layer: str | None = None) -> np.ndarray | None:
         """(n_train, views - 1, *feature_shape) augmented training views at `layer`, or None without views."""
-        import h5py
-
         name = dataset_path(self.meta, "train", self.select_layer(layer), views=True)
-        with h5py.File(self.path, "r") as f:
-            return check_finite(f[name][...], self, "training views") if name in f else None
+        with reading(self, name) as f:
+            return checked(f, self, name, f[name][...]) if name in f else None
 
     def select_layer(self, layer: str | None) -> str:
         """`layer`, checked to be in this cache; None stands for its only layer."""
@@ -167,6 +165,7 @@ def _describe(path: Path, f, fix: str) -> FeatureCache:
             if tuple(shape[1:]) != meta.shapes[layer]:
                 raise CacheError(f"{path}: its feature_shape attribute says {layer} rows are {meta.shapes[layer]} but "
                                  f"/{dataset_path(meta, s, layer)} holds {tuple(shape[1:])} (tampered); {fix}")
+    _check_own_data(path, f, meta, fix)
     number = lambda name: float(f.attrs[name]) if name in f.attrs else None   # noqa: E731
     return FeatureCache(
         path=path, meta=meta, class_names=tuple(c.decode() for c in f["class_names"][...]),
@@ -174,6 +173,30 @@ def _describe(path: Path, f, fix: str) -> FeatureCache:
         splits=splits, max_abs_activation=number("max_abs_activation"), extract_seconds=number("extract_seconds"),
         shard=tuple(json.loads(f.attrs["shard"])) if "shard" in f.attrs else None,
         shards=tuple(json.loads(f.attrs["shards"])) if "shards" in f.attrs else ())
+
+
+def _check_own_data(path: Path, f, meta: CacheMeta, fix: str) -> None:
+    """Refuse a file that reads another file's bytes (links, external storage, virtual datasets but a joined
+    cache's features over its own shards), whose small records (class names, labels, paths) differ from what was
+    written, or whose labels are not class numbers."""
+    joined = "shards" in f.attrs
+    sources = {r["file"] for r in json.loads(f.attrs["shards"])} if joined else set()
+    virtual = {d.path for d in feature_datasets(meta)} if joined else set()
+    problems = digests.foreign_storage(f, virtual_ok=virtual, sources=sources)
+    if problems:
+        raise CacheError(f"{path} reads data from outside itself ({'; '.join(problems)}): not a file featcache "
+                         f"wrote; {fix}")
+    if digests.has_digests(f):
+        small = [n for n in ("class_names", *(f"{s}/{k}" for s in SPLITS for k in ("labels", "paths"))) if n in f]
+        problems = [p for n in small for p in digests.check(f, n)]
+        if problems:
+            raise CacheError(f"{path} was changed after it was written ({'; '.join(problems)}); {fix}")
+    n_classes = len(f["class_names"])
+    for split in SPLITS:
+        labels = f[f"{split}/labels"][...]
+        if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+            raise CacheError(f"{path}: /{split}/labels holds {int(labels.min())}..{int(labels.max())}, expected class "
+                             f"numbers 0..{n_classes - 1} of its {n_classes} class names (tampered); {fix}")
 
 
 def check_sources(cache: FeatureCache) -> None:
@@ -224,7 +247,8 @@ def features_digest(f, meta: CacheMeta, *, block_bytes: int = 64 << 20) -> str:
 
 def verify(path: Path, meta: CacheMeta, *, digest: str | None = None) -> FeatureCache:
     """Re-open a cache file just written and check it is what was meant: complete, of `meta`'s key, every row
-    counted, its largest activation finite, and (given `digest`) its features' digest; a CacheError otherwise."""
+    counted, its largest activation finite, every dataset read back equal to what was written (the digests
+    recorded while writing; given `digest`, also that of all its features); a CacheError otherwise."""
     import h5py
 
     cache = open_cache(path)
@@ -236,9 +260,10 @@ def verify(path: Path, meta: CacheMeta, *, digest: str | None = None) -> Feature
         problems.append(f"rows {cache.progress} of {(meta.n_train, meta.n_test)}")
     if cache.max_abs_activation is None or not np.isfinite(cache.max_abs_activation):
         problems.append("no finite largest activation")
-    if digest is not None and not problems:
+    if not problems:
         with h5py.File(path, "r") as f:
-            if features_digest(f, meta) != digest:
+            problems += check_digests(f, cache)
+            if digest is not None and features_digest(f, meta) != digest:
                 problems.append("its features read back differ from what was written")
     if problems:
         raise CacheError(f"{path} failed its check after writing ({'; '.join(problems)}): a full disk or a failing "
@@ -246,12 +271,33 @@ def verify(path: Path, meta: CacheMeta, *, digest: str | None = None) -> Feature
     return cache
 
 
+def check_digests(f, cache: FeatureCache) -> list[str]:
+    """Problems of the open file of `cache` against the digests recorded while writing it: every dataset but a
+    joined cache's virtual features (their shards are checked by `verify_content`) re-read in full. A file
+    written before digests existed has none to check."""
+    if not digests.has_digests(f):
+        return []
+    virtual = {d.path for d in feature_datasets(cache.meta)} if cache.shards else set()
+    try:
+        return [p for name in digests.written_datasets(f) if name not in virtual for p in digests.check(f, name)]
+    except OSError as e:   # a chunk failing its Fletcher-32 checksum
+        return [f"a block fails its checksum ({first_line(e)})"]
+
+
 def verify_content(cache: FeatureCache) -> int:
-    """Read every shard of a joined cache again and compare its content digest with the one recorded when it was
-    written; returns how many were checked (0 for a self-contained file). A CacheError names the first that differs:
-    any change of a shard's features, even of one byte, is found (the cheap checks on open see size and identity)."""
+    """Read the whole cache again and compare it with the digests recorded when it was written: every dataset of
+    the file, and every shard of a joined cache; returns how many shards were checked (0 for one file). A CacheError names the first
+    that differs: any change, even of one byte, is found (the cheap checks on open see size and identity)."""
     import h5py
 
+    with h5py.File(cache.path, "r") as f:
+        if not digests.has_digests(f):
+            raise CacheError(f"{cache.path} was written before featcache recorded digests, so its content cannot be "
+                             "checked; fix: rebuild it with `featcache extract ... --force`")
+        problems = check_digests(f, cache)
+    if problems:
+        raise CacheError(f"{cache.path} differs from what was written ({'; '.join(problems[:3])}); fix: delete it "
+                         "and rerun the same `featcache extract` command")
     base = cache.path.resolve().parent
     checked = 0
     for record in cache.shards:
@@ -267,11 +313,44 @@ def verify_content(cache: FeatureCache) -> int:
 
 
 def check_finite(x: np.ndarray, cache: FeatureCache, what: str) -> np.ndarray:
-    """`x`, refused when it holds NaN: the fill value of a joined cache whose shard went missing while it was read."""
-    if cache.shards and np.issubdtype(x.dtype, np.floating) and np.isnan(x).any():
-        raise CacheError(f"{cache.path}: {what} read as NaN, so one of its shards went missing or changed while it "
-                         "was read; fix: restore the shard (or rerun `featcache extract`) and run again")
+    """`x`, refused when it holds a value that is not finite: no extraction writes one (it refuses activations its
+    dtype cannot hold), so it is a joined cache's fill value (NaN) where a shard went missing while it was read, or
+    damage."""
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        if cache.shards:
+            raise CacheError(f"{cache.path}: {what} read as NaN, so one of its shards went missing or changed while "
+                             "it was read; fix: restore the shard (or rerun `featcache extract`) and run again")
+        raise CacheError(f"{cache.path}: {what} hold values that are not finite (inf or NaN), which no extraction "
+                         "writes: the file was changed or damaged; fix: delete it and rerun `featcache extract`")
     return x
+
+
+def checked(f, cache: FeatureCache, name: str, x: np.ndarray) -> np.ndarray:
+    """`x`, the whole dataset `name` just read from the open file of `cache`: finite and, where the file has
+    digests, equal to what was written; a CacheError otherwise."""
+    check_finite(x, cache, f"/{name}")
+    if digests.has_digests(f) and not f[name].is_virtual:
+        problems = digests.check(f, name, x)
+        if problems:
+            raise CacheError(f"{cache.path} differs from what was written ({problems[0]}); fix: delete it and rerun "
+                             "the same `featcache extract` command")
+    return x
+
+
+@contextlib.contextmanager
+def reading(cache: FeatureCache, name: str = "features"):
+    """`with reading(cache) as f:` the cache's file open for reading, where a block failing its checksum (damage on
+    disk) is a CacheError naming the file."""
+    import h5py
+
+    with h5py.File(cache.path, "r") as f:
+        try:
+            yield f
+        except OSError as e:
+            if "filter" not in str(e) and "read" not in str(e).lower():
+                raise
+            raise CacheError(f"{cache.path}: /{name} cannot be read back ({first_line(e)}): damaged on disk; fix: "
+                             "delete it and rerun the same `featcache extract` command") from e
 
 
 @contextlib.contextmanager

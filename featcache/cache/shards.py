@@ -28,7 +28,7 @@ from featcache.cache.files import cache_lock, sweep, writing
 from featcache.cache.format import SPLITS, CacheMeta, expected_bytes, feature_datasets, row_bytes
 from featcache.cache.read import FeatureCache, check_sources, open_cache
 from featcache.cache.read import verify as verify_written
-from featcache.cache.write import copy_rows, create, finish, read_labels_and_paths
+from featcache.cache.write import copy_rows, create, finish, read_labels_and_paths, write_header
 from featcache.errors import BadInputError, CacheError
 
 log = logging.getLogger(__name__)
@@ -97,15 +97,9 @@ def join(path: Path, meta: CacheMeta, shards: list[FeatureCache], *, labels: dic
     base = path.parent
     # written whole, checked, then renamed: `path` is never half a join
     with writing(path, "joining", lambda written: verify_written(written, meta)) as f:
-        f.attrs.update(meta.to_attrs())
-        f.attrs["complete"] = False
-        f.attrs["file_id"] = uuid.uuid4().hex   # a reader during a run knows this join from a later one
-        f.create_dataset("class_names", data=np.array(class_names, dtype=h5py.string_dtype()))
-        f.create_dataset("progress", data=np.array([meta.n_train, meta.n_test], np.int64))
-        for split in SPLITS:
-            f.create_dataset(f"{split}/labels", data=np.asarray(labels[split], np.int64))
-            if paths.get(split) is not None:
-                f.create_dataset(f"{split}/paths", data=np.array(paths[split], dtype=h5py.string_dtype()))
+        # a new file id: a reader during a run knows this join from a later one
+        write_header(f, meta, labels=labels, paths=paths, class_names=class_names,
+                     progress=(meta.n_train, meta.n_test))
         _virtual_datasets(f, meta, shards, base)
         f.attrs["shards"] = json.dumps([_record(s, base) for s in shards])
         finish(f, max_abs_activation=max((s.max_abs_activation or 0.0) for s in shards),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import shutil
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache import system
+from featcache.cache import digests
 from featcache.cache.format import SPLITS, CacheMeta, chunk_rows, dataset_path, feature_datasets
+from featcache.errors import CacheError
 
 #: Bytes of rows copied at a time between files (combine, consolidate).
 COPY_BLOCK_BYTES = 64 << 20
@@ -34,18 +38,10 @@ def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_name
 
     f = h5py.File(path, "w")
     try:
-        f.attrs.update(meta.to_attrs())
-        f.attrs["complete"] = False
-        f.attrs["file_id"] = uuid.uuid4().hex   # which file this is: a joined shard is checked by it
+        write_header(f, meta, labels=labels, paths=paths, class_names=class_names, progress=(0, 0))
         if shard is not None:
             f.attrs["shard"] = json.dumps(list(dataclasses.astuple(shard) if dataclasses.is_dataclass(shard)
                                                else shard))
-        f.create_dataset("class_names", data=np.array(class_names, dtype=h5py.string_dtype()))
-        f.create_dataset("progress", data=np.zeros(2, np.int64))
-        for split in SPLITS:
-            f.create_dataset(f"{split}/labels", data=np.asarray(labels[split], np.int64))
-            if paths.get(split) is not None:
-                f.create_dataset(f"{split}/paths", data=np.array(paths[split], dtype=h5py.string_dtype()))
         for d in feature_datasets(meta):
             n = len(labels[d.split])
             per_row = d.row_shape[0] if d.views else 1   # a views row holds views - 1 maps
@@ -56,6 +52,31 @@ def create(path: Path, meta: CacheMeta, *, labels: dict, paths: dict, class_name
     except BaseException:
         f.close()
         raise
+    return f
+
+
+def write_header(f, meta: CacheMeta, *, labels: dict, paths: dict, class_names, progress: tuple) -> None:
+    """What every cache file has besides its features: the metadata, a new file id, the class names, the resume
+    point, and each split's labels (and image paths), those with their digests."""
+    f.attrs.update(meta.to_attrs())
+    f.attrs["complete"] = False
+    f.attrs["file_id"] = uuid.uuid4().hex   # which file this is: a joined shard is checked by it
+    digests.record_whole(f, "class_names", [str(c) for c in class_names])
+    f.create_dataset("progress", data=np.asarray(progress, np.int64))
+    for split in SPLITS:
+        digests.record_whole(f, f"{split}/labels", np.asarray(labels[split], np.int64))
+        if paths.get(split) is not None:
+            digests.record_whole(f, f"{split}/paths", [str(p) for p in paths[split]])
+
+
+def reopen(partial: Path, meta: CacheMeta, start: tuple[int, int]):
+    """The partial file of `meta` open for writing (mode r+), resumed at `start` (train, test rows): the digests of
+    rows past it (a batch written but not yet counted when the run stopped) are dropped, as it is redone."""
+    import h5py
+
+    f = h5py.File(partial, "r+")
+    for d in feature_datasets(meta):
+        digests.trim(f, d.path, start[0] if d.split == "train" else start[1])
     return f
 
 
@@ -71,13 +92,22 @@ def _allocate(f, name: str, shape: tuple, chunks: tuple, dtype: str, compression
                      fill_time="never" if compression is None else None)
 
 
+def write_rows(f, path: str, start: int, rows) -> None:
+    """Write `rows` at rows [start, start + len) of the features (or views) dataset `path` of the open file `f`, and
+    record their digest as stored (in the dataset's dtype): the one way feature rows get into a file."""
+    data = f[path]
+    rows = np.asarray(rows, data.dtype)
+    data[start:start + len(rows)] = rows
+    digests.record(f, path, start, rows)
+
+
 def copy_rows(source, target, block_bytes: int = COPY_BLOCK_BYTES, *, digest=None) -> None:
-    """Copy every row of the h5py dataset `source` into `target`, about `block_bytes` at a time (and into the
-    hashlib object `digest`, as `featcache.cache.read.features_digest` reads them)."""
+    """Copy every row of the h5py dataset `source` into `target`, about `block_bytes` at a time, recording their
+    digests (and into the hashlib object `digest`, as `featcache.cache.read.features_digest` reads them)."""
     rows = max(1, block_bytes // max(1, int(np.prod(source.shape[1:])) * source.dtype.itemsize))
     for s in range(0, len(source), rows):
         block = np.ascontiguousarray(source[s:s + rows])
-        target[s:s + rows] = block
+        write_rows(target.file, target.name.lstrip("/"), s, block)
         if digest is not None:
             digest.update(block.tobytes())
 
@@ -155,6 +185,17 @@ class BatchWriter:
         while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
             self.pending.popleft().result()
 
+    def _check_room(self, nbytes: int) -> None:
+        """Stop before a write the disk cannot take: HDF5 fails it while closing the file and crashes the process
+        (SIGSEGV), where this stops with the rows written so far kept to resume."""
+        folder = Path(self.f.filename).parent
+        free = shutil.disk_usage(folder).free
+        if nbytes + system.HEADROOM_BYTES > free:
+            raise CacheError(f"{folder} is full ({system.megabytes(free)} free, the next batch needs "
+                             f"{system.megabytes(nbytes)} and {system.megabytes(system.HEADROOM_BYTES)} of headroom); "
+                             f"the rows written so far stay in {self.f.filename}; fix: free some space, then rerun the "
+                             "same command to resume")
+
     def drain(self) -> None:
         """Wait for every pending write; the first failure is raised after all have finished."""
         done = list(self.pending)
@@ -180,12 +221,12 @@ class BatchWriter:
         if self.failed.is_set():
             return
         try:
-            for v, features in enumerate(outputs):
-                for layer, out in zip(self.meta.layers, features):
-                    if v == 0:
-                        self.f[dataset_path(self.meta, split, layer)][s:e] = out
-                    else:
-                        self.f[dataset_path(self.meta, split, layer, views=True)][s:e, v - 1] = out
+            self._check_room(sum(np.asarray(x).nbytes for views in outputs for x in views))
+            for i, layer in enumerate(self.meta.layers):
+                write_rows(self.f, dataset_path(self.meta, split, layer), s, outputs[0][i])
+                if len(outputs) > 1:   # the views of these rows, as the file holds them: (rows, views - 1, ...)
+                    write_rows(self.f, dataset_path(self.meta, split, layer, views=True), s,
+                               np.stack([v[i] for v in outputs[1:]], axis=1))
             self.f["progress"][0 if split == "train" else 1] = e
             self.f.flush()
         except BaseException:

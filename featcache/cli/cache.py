@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from featcache.cli.group import FORCED, main, needs_tensorflow
+from featcache.cli.group import FORCED, main, needs_backend
 from featcache.cli.options import add_options
 from featcache.extract.spec import options as spec_options
 
@@ -30,7 +30,7 @@ def selection(kw: dict) -> dict:
 @click.option("--force", is_flag=True, help="Recompute even if a matching cache exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-@needs_tensorflow
+@needs_backend
 def extract(ctx, force, no_progress, **kw):
     """Run the frozen backbone over DATA once and cache the features; print the cache path.
 
@@ -50,7 +50,7 @@ def extract(ctx, force, no_progress, **kw):
 @click.argument("name", required=False)
 @click.option("--input-size", type=int, default=None, help="Input size for the shapes [default: the minimum, 32].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@needs_tensorflow
+@needs_backend
 def backbones(name, input_size, as_json):
     """List the backbones, or one backbone's layers with their output shapes and bytes per image."""
     from featcache import backbones as registry
@@ -81,21 +81,15 @@ def backbones(name, input_size, as_json):
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--verify", is_flag=True, help="Also check the stored shapes against the backbone's own at its layers, "
-                                             "and read every shard of a joined cache to compare its content with the "
-                                             "digest recorded when it was written (a full read).")
+                                             "and read the whole file (and every shard of a joined cache) to compare "
+                                             "its content with the digests recorded when it was written.")
 def info(path, as_json, verify):
     """Show what produced a cache, its shapes, size and completeness."""
     from featcache.cache import open_cache
-    from featcache.cache.read import verify_content
 
     c = open_cache(path, require_complete=False)
     if verify:
-        from featcache import backbones
-
-        backbones.check_cached_shapes(c.path, c.meta.backbone, c.meta.input_shape[:2], c.meta.shapes)
-        checked = verify_content(c)
-        shards = f"{checked} shard digests match" if c.shards else "one file (no shards to re-read)"
-        click.echo(f"content: shapes are {c.meta.backbone}'s at {c.meta.layer}; {shards}", err=True)
+        _verify(c)
     summary = {
         "path": str(c.path), "kind": c.kind, "shards": len(c.shards), "complete": c.complete, "layer": c.meta.layer, "dtype": c.meta.dtype,
         "size_bytes": c.size_bytes, "random_weights": c.meta.random_weights,
@@ -133,6 +127,18 @@ def info(path, as_json, verify):
         f"key           {m.key}",
     ]
     click.echo("\n".join(lines))
+
+
+def _verify(c) -> None:
+    """`info --verify`: the shapes against the backbone's own, and every byte against the digests."""
+    from featcache import backbones
+    from featcache.cache.read import verify_content
+
+    backbones.check_cached_shapes(c.path, c.meta.backbone, c.meta.input_shape[:2], c.meta.shapes)
+    checked = verify_content(c)
+    shards = f"every block of the file and {checked} shard digests match" if c.shards else \
+        "every block matches the digests recorded when it was written"
+    click.echo(f"content: shapes are {c.meta.backbone}'s at {c.meta.layer}; {shards}", err=True)
 
 
 def _kind(c) -> str:

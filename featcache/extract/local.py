@@ -27,7 +27,7 @@ from featcache import backbones, system
 from featcache.cache import CacheMeta
 from featcache.cache.files import close_checked, publish, resume_point
 from featcache.cache.read import features_digest, open_cache
-from featcache.cache.write import BatchWriter, create, finish, written_peak
+from featcache.cache.write import BatchWriter, create, finish, reopen, written_peak
 from featcache.errors import BadInputError, CacheError, UnreadableImageError, WorkerError
 from featcache.extract.planner import Unit, units
 
@@ -88,7 +88,6 @@ def build_model(meta: CacheMeta, spec):
 def run_local(ds, meta: CacheMeta, partial: Path, start: tuple[int, int] | None, *, spec, progress: bool,
               decoding: Decoding, after_batch=None) -> None:
     """Compute every unfinished unit of `partial` (created here when `start` is None) and mark it complete."""
-    import h5py
 
     model = build_model(meta, spec)
     if start is None:
@@ -97,7 +96,7 @@ def run_local(ds, meta: CacheMeta, partial: Path, start: tuple[int, int] | None,
                    batch_size=spec.batch_size)
         start = (0, 0)
     else:
-        f = h5py.File(partial, "r+")
+        f = reopen(partial, meta, start)
         log.info("resuming %s from train row %d, test row %d", partial, *start)
     done = {"train": start[0], "test": start[1]}
     batches = [(u.split, s, min(s + spec.batch_size, u.stop)) for u in units(meta) if not u.done(done)
@@ -125,14 +124,14 @@ def run_shard(split, unit: Unit, meta: CacheMeta, path: Path, *, model, spec, cl
     t0, rows = time.perf_counter(), unit.stop - unit.start
     progress = resume_point(partial, meta, shard=(unit.split, unit.start, unit.stop))
     done = 0 if progress is None else progress[0 if unit.split == "train" else 1]
+    start = (done, 0) if unit.split == "train" else (0, done)
     if progress is not None:
-        f = h5py.File(partial, "r+")
+        f = reopen(partial, meta, start)
     else:
         other = "test" if unit.split == "train" else "train"
         f = create(partial, meta, labels={unit.split: split.labels, other: np.zeros(0, np.int64)},
                    paths={unit.split: split.paths, other: None if split.paths is None else ()},
                    class_names=class_names, batch_size=spec.batch_size, shard=unit)
-    start = (done, 0) if unit.split == "train" else (0, done)
     batches = [(unit.split, s, min(s + spec.batch_size, rows)) for s in range(done, rows, spec.batch_size)]
     job = Job(model, meta, {unit.split: split}, decoding, spec, partial, row0=unit.start, after_batch=after_batch)
     _compute(f, job, batches, peak=written_peak(f, meta, start, spec.batch_size))
@@ -218,7 +217,8 @@ def _decoded(job: Job, batches: list):
     on a decoding process. Results are taken in order, so at most a few batches wait in memory."""
     spec = job.spec
     processes = spec.decoder == "processes" or (spec.decoder == "auto" and spec.decode_workers > 4
-                                                 and next(iter(job.splits.values())).files is not None)
+                                                 and next(iter(job.splits.values())).files is not None
+                                                 and not system.unspawnable_main())   # auto: threads then
     decode = functools.partial(job.decoding.rows, row0=job.row0)
     ahead = collections.deque()
     with ThreadPoolExecutor(spec.decode_workers) as pool, \
@@ -265,9 +265,9 @@ def decode_processes(n: int, splits):
         return
     from PIL import Image
 
-    pool = system.spawn_pool(n, _start_decoder, splits, Image.MAX_IMAGE_PIXELS)
+    pool = system.spawn_pool(n, _start_decoder, splits, Image.MAX_IMAGE_PIXELS, what="decoding",
+                             fix="pass --decoder threads (decoder='threads') to decode in this process")
     try:
-        list(pool.map(time.sleep, [0.05] * n))   # all n started now (they start on demand), not within the first batches
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
