@@ -195,8 +195,11 @@ def shift_maps(maps, cells: int, seed: int):
     if cells >= min(height, width):
         raise BadInputError(f"--map-shift {cells} would shift the cached {height}x{width} maps out of view; fix: "
                             f"--map-shift {max(0, min(height, width) // 2)} or less")
+    # float32 whatever the mixed-precision policy: a whole-cell shift only moves values, so at inference it is the
+    # identity on every CPU (under mixed bfloat16 it rounded the maps, on CPUs where `auto` picks bfloat16)
     return keras.layers.RandomTranslation(cells / height, cells / width, fill_mode="constant", fill_value=0.0,
-                                          interpolation="nearest", seed=seed, name="shift_maps")(maps)
+                                          interpolation="nearest", seed=seed, name="shift_maps",
+                                          dtype="float32")(maps)
 
 
 def tuned_layers(model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from featcache import system
 from featcache.backbones import PRECISIONS
 from featcache.errors import BadInputError
 from featcache.options import declared, option, validate
@@ -88,6 +89,7 @@ class TrainConfig:
 
     def __post_init__(self):
         validate(self)
+        system.check_name(self.name)
         for name, value, default in (("tune_to", self.tune_to, None), ("map_shift", self.map_shift, 0)):
             if value != default and self.model != "finetune":
                 raise BadInputError(f"--{name.replace('_', '-')} applies to --head finetune, not {self.model}")

@@ -80,7 +80,7 @@ def _train_and_test(data: TrainData, config: TrainConfig, runs_dir, logs: Path |
     from heads.logs import epochs_callback
 
     validated = fit_and_choose(data, config, progress=progress,
-                               callbacks=[epochs_callback(logs)] if logs is not None else ())
+                               callbacks=epochs_callback(logs) if logs is not None else ())
     data, chosen, fits, (tr, va) = validated.data, validated.chosen, validated.fits, validated.rows
     # the one and only look at the test split (pooled vectors go to the model past its pooling layer)
     probs = predict(chosen.fit_model if data.pooled_by else chosen.model, data.x_test, config.batch_size)
@@ -127,11 +127,19 @@ def fit_and_choose(data: TrainData, config: TrainConfig, *, progress: bool = Tru
     fits, pooled = [], {} if pooled is None else pooled   # pooled: maps pooled once per pooling, shared
     for i, c in enumerate(candidates):   # auto: the dense head first, so that the probe can stop once it cannot win
         keras.utils.set_random_seed(c.seed)
-        rival = min(fits, key=lambda f: f.val_loss).val_rows if fits else None
+        rival = _best(fits).val_rows if fits else None
         fits.append(fit(data, c, tr, va, progress, pooled, rival=rival, keep_rows=i < len(candidates) - 1,
                         callbacks=callbacks))
-    chosen = min(fits, key=lambda f: f.val_loss)   # validation only: the test split plays no part
+    chosen = _best(fits)   # validation only: the test split plays no part
+    if not np.isfinite(chosen.val_loss):
+        raise BadInputError(f"training diverged: the validation loss of {', '.join(f.config.model for f in fits)} is "
+                            f"not finite (learning rate {chosen.config.learning_rate}); fix: a lower --lr")
     return Validated(data, chosen, fits, (tr, va))
+
+
+def _best(fits: list):
+    """The fit of least validation loss; a loss that is not finite (a diverged fit) never wins over one that is."""
+    return min(fits, key=lambda f: f.val_loss if np.isfinite(f.val_loss) else np.inf)
 
 
 def _candidates(config: TrainConfig, data: TrainData) -> list[TrainConfig]:

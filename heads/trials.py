@@ -33,6 +33,7 @@ def run_search(cache, params: list, *, layer=None, sampler: str | None = None, t
     if engine not in ENGINES or (engine == "local" and (ray_address or workers)):
         raise BadInputError(f"--engine must be one of {', '.join(ENGINES)} (--ray-address and --workers need "
                             f"--engine ray), got {engine!r}")
+    system.check_name(name)   # one folder inside --runs-dir, never a path out of it
     base = TrainConfig(**options).__dict__   # the fixed options, validated once
     hs.check_values(params, base)
     data = SearchData(list(cache) if isinstance(cache, (list, tuple)) else [cache], layer)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -366,3 +367,21 @@ def test_interrupted_forced_extraction_does_not_promise_a_resume(image_folder, c
     monkeypatch.setattr(sys.modules["featcache.extract.local"], "run_local", ctrl_c)
     r = run("extract", "--data", image_folder, "--weights", "random", "--no-progress", "--force")
     assert r.exit_code == 130 and "a rerun with --force starts again from the first batch" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["train-head", "search"])
+@pytest.mark.parametrize("name", ["../../../escaped", "a/b", "x" * 300])
+def test_a_name_is_one_short_file_name_checked_before_any_work(tiny_cache, tmp_path, command, name):
+    # a search named '../../../escaped' wrote its study and winner outside --runs-dir; 300 characters trained first
+    extra = ["--param", "lr=1e-3|3e-3", "--trials", "2"] if command == "search" else []
+    r = run(command, "--cache", tiny_cache, "--runs-dir", tmp_path / "runs" / "e", "--name", name, *extra)
+    assert r.exit_code == 2 and "--name must be one file name" in r.output, r.output
+    assert not [p for p in tmp_path.rglob("*") if "escaped" in p.name or p.name.startswith("search-")]
+
+
+def test_auto_never_chooses_a_diverged_head(tiny_cache, tmp_path):
+    # --lr 1e5: the dense head's validation loss was NaN, and min() over it kept the dense head
+    r = run("-q", "train-head", "--cache", tiny_cache, "--runs-dir", tmp_path, "--lr", "1e5", "--epochs", "2")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((Path(r.output.strip().splitlines()[-1]) / "metrics.json").read_text())
+    assert np.isfinite(metrics["val_loss"]) and metrics["chosen"] == "linear", metrics

@@ -1,6 +1,7 @@
 """featcache.system: progress where stderr is not a terminal, memory and disk probes."""
 
 import logging
+import os
 
 import pytest
 
@@ -29,10 +30,32 @@ def test_no_progress_means_no_lines(caplog, monkeypatch):
 
 
 def test_free_space_is_checked_against_the_whole_need(tmp_path):
-    with pytest.raises(BadInputError, match="needs .* GB but .* free; fix: pass another"):
+    with pytest.raises(BadInputError, match="needs .* MB more .* but .* free; fix: pass another"):
         system.check_free_space(tmp_path, 1 << 62, what="the copy", fix="pass another -o")
     system.check_free_space(tmp_path, 1 << 62, have=1 << 62, fix="unused")   # all of it written already
 
 
 def test_available_memory_is_a_positive_number_of_bytes():
     assert system.available_memory() > 1 << 20
+
+
+def test_a_script_on_standard_input_fails_at_once_with_decoding_processes_and_runs_with_auto(tmp_path):
+    """Spawned processes re-import the main script; one read from stdin has no file, so they died at start and the
+    parent waited for ever (7 minutes, then killed). Now: one line within seconds, and `auto` decodes in threads."""
+    import subprocess
+    import sys
+
+    from conftest import write_folder
+
+    data = write_folder(tmp_path / "d", n_train=2, n_test=1)
+    script = (f"from featcache.extract import extract\n"
+              f"extract(data={str(data)!r}, weights='random', cache_dir={str(tmp_path / 'c')!r}, progress=False, "
+              f"decoder={{decoder!r}}, decode_workers=6)\nprint('done')\n")
+    for decoder, ok in (("processes", False), ("auto", True)):
+        p = subprocess.run([sys.executable, "-"], input=script.format(decoder=decoder), capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        if ok:
+            assert p.returncode == 0 and "done" in p.stdout, p.stderr[-2000:]
+        else:
+            assert p.returncode == 1 and "decoding processes cannot start" in p.stderr \
+                and "standard input" in p.stderr and "--decoder threads" in p.stderr, p.stderr[-2000:]
