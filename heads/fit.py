@@ -142,7 +142,9 @@ def compile_for_training(fit_model, spec, learning_rate: float, *, weighted: boo
     fit_model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                       weighted_metrics=weighted_metrics,
-                      steps_per_execution=STEPS_PER_EXECUTION, jit_compile=False)   # XLA: 4x slower on CPU here
+                      steps_per_execution=STEPS_PER_EXECUTION,
+                      # TensorFlow's XLA was 4x slower on this CPU; JAX and PyTorch compile their step as they do best
+                      jit_compile=False if keras.backend.backend() == "tensorflow" else "auto")
 
 
 def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int, progress: bool, *,
@@ -234,7 +236,7 @@ def _datasets(x_fit, views_fit, y, rows, batch_size: int, config, n_views: int, 
                 stream.dataset(va, batch_size, shuffle=False, class_weights=weights[1]))
     if n_views > 1:   # (n, views, ...): view 0 is the original image
         x_fit = np.concatenate([x_fit[:, None], views_fit], axis=1)
-    x_all, y_all = as_tensors(x_fit, y)
+    x_all, y_all = x_fit, y
     return (None, in_ram_dataset(x_all, y_all, tr, batch_size, shuffle=True, seed=config.seed, n_views=n_views,
                                  all_views=all_views, class_weights=weights[0]),
             in_ram_dataset(x_all, y_all, va, batch_size, shuffle=False, n_views=n_views, class_weights=weights[1]))
@@ -326,12 +328,6 @@ def fixed_pooling_split(model, spec, options: dict, arrays: list, pooled: dict |
             pooled[pooling] = [global_pool(x, pooling) for x in arrays]
         arrays = pooled[pooling]
     return keras.Model(layer.output, model.output), arrays
-
-
-def as_tensors(x, y):
-    import tensorflow as tf
-
-    return tf.convert_to_tensor(x), tf.convert_to_tensor(y.astype(np.int64))
 
 
 def epoch_log(epochs: int, progress: bool):

@@ -4,18 +4,41 @@ parallel-coordinates view."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 
-def epochs_callback(folder: Path):
-    """Keras' TensorBoard callback writing each epoch's loss and metrics under `folder` (train/, validation/)."""
+
+@functools.cache
+def written() -> bool:
+    """Whether logs are written: Keras' TensorBoard callback and the HParams summaries write through TensorFlow, so
+    with Keras on JAX or PyTorch (where TensorFlow is not imported, and may not be installed) they are skipped,
+    said once."""
     import keras
 
-    return keras.callbacks.TensorBoard(log_dir=str(folder), write_graph=False, histogram_freq=0, profile_batch=0)
+    if keras.backend.backend() == "tensorflow":
+        return True
+    log.info("TensorBoard logs are skipped: they are written with Keras on TensorFlow, and Keras runs on %s",
+             keras.backend.backend())
+    return False
+
+
+def epochs_callback(folder: Path) -> list:
+    """[Keras' TensorBoard callback writing each epoch's loss and metrics under `folder` (train/, validation/)], or
+    [] where logs are not written."""
+    import keras
+
+    if not written():
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=str(folder), write_graph=False, histogram_freq=0, profile_batch=0)]
 
 
 def write_trial(folder: Path, params: dict, metrics: dict) -> None:
     """One trial's parameters and final validation figures, for the HParams plugin, into `folder`."""
+    if not written():
+        return
     import tensorflow as tf
     from tensorboard.plugins.hparams import api as hp
 
@@ -30,6 +53,8 @@ def write_trial(folder: Path, params: dict, metrics: dict) -> None:
 
 def write_search(folder: Path, params: list, metrics: tuple) -> None:
     """The search's HParams table: which parameters and metrics its trials report (once, at its root)."""
+    if not written():
+        return
     import tensorflow as tf
     from tensorboard.plugins.hparams import api as hp
 

@@ -53,7 +53,7 @@ def evaluate(values: dict, base: dict, data: SearchData, logs: Path, callbacks=(
     train_data, pooled = data.get(config, values.get(hs.LAYERS))
     t0 = time.perf_counter()
     v = fit_and_choose(train_data, config, progress=False, pooled=pooled if config.per_class is None else None,
-                       callbacks=[*callbacks, epochs_callback(logs)])
+                       callbacks=[*callbacks, *epochs_callback(logs)])
     history, best = v.chosen.history, v.chosen.best
     figures = {k: float(history[k][best]) for k in hs.OBJECTIVES}
     write_trial(logs, values, figures)

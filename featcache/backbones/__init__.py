@@ -75,8 +75,11 @@ def weights_identity(weights: str, *, seed: int = 0) -> str:
         import keras
 
         return f"imagenet:keras-{keras.__version__}"
-    if weights == "random":
-        return f"random:seed={seed}"
+    if weights == "random":   # drawn by each backend's own generator: other numbers on JAX or PyTorch
+        import keras
+
+        backend = keras.backend.backend()
+        return f"random:seed={seed}" + ("" if backend == "tensorflow" else f":{backend}")
     path = Path(weights).expanduser()
     if not path.is_file():
         raise MissingInputError(f"weights file {path} does not exist; expected 'imagenet', 'random' or the "

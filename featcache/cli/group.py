@@ -1,4 +1,4 @@
-"""The `featcache` group: its options, one-line errors and exit codes, and TensorFlow started only by commands
+"""The `featcache` group: its options, one-line errors and exit codes, and Keras' backend started only by commands
 that run a model.
 
 The `featcache` command is the composition root, the one place that imports both featcache and heads.
@@ -6,11 +6,13 @@ The `featcache` command is the composition root, the one place that imports both
 Every command is a thin click layer over plain functions (`featcache.extract`, `featcache.cache`,
 `heads.train`, `heads.curve`, `heads.reports`). Results meant for scripts (a cache path, a run
 folder, JSON) go to stdout; messages and progress go to stderr. Errors a user can fix print one line
-and exit with code 2. TensorFlow is imported by the commands that run a model, never for `--help`.
+and exit with code 2. Keras' backend (TensorFlow by default) is started by the commands that run a model, never
+for `--help`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -18,7 +20,7 @@ import sys
 
 import click
 
-from featcache.errors import FeatcacheError, WorkerError
+from featcache.errors import FeatcacheError, WorkerError, first_line
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's start-up chatter off stderr
 
@@ -26,24 +28,34 @@ FORCED = "featcache.force"   # ctx.meta key: `extract --force` restarts from zer
 VERBOSE = "featcache.verbose"
 
 
-def start_tensorflow(verbose: bool = False) -> None:
-    """Import TensorFlow and find its devices with the C++ start-up chatter (oneDNN, CUDA stubs, absl) kept
-    off stderr; it is printed after all if the import fails. GPUs are found and used as before."""
-    if verbose or "tensorflow" in sys.modules:
-        return
+def start_backend(verbose: bool = False) -> None:
+    """Start Keras' backend (KERAS_BACKEND: tensorflow by default, jax or torch) for a command that runs a model.
+    TensorFlow is imported with its C++ start-up chatter kept off stderr (printed after all if the import fails)
+    and its devices found; on the other backends nothing imports TensorFlow. A backend that cannot start is one
+    line naming the fix (a FeatcacheError)."""
+    from featcache.errors import BadInputError
     from featcache.system import quiet_stderr
 
-    with quiet_stderr():
-        import tensorflow as tf
+    backend = os.environ.get("KERAS_BACKEND", "").strip()
+    wanted = backend or "the one in ~/.keras/keras.json (tensorflow by default)"
+    try:
+        with contextlib.nullcontext() if verbose else quiet_stderr():
+            import keras
 
-        tf.config.list_physical_devices()
+            if keras.backend.backend() == "tensorflow":   # its devices found here, their chatter with the rest
+                import tensorflow as tf
+
+                tf.config.list_physical_devices()
+    except (ImportError, ValueError) as e:   # a backend package missing, or an unknown name
+        raise BadInputError(f"Keras cannot start its backend {wanted} ({first_line(e)}); fix: install it (pip install "
+                            "jax, torch or tensorflow) or set KERAS_BACKEND to tensorflow, jax or torch") from e
 
 
-def needs_tensorflow(command):
-    """Start TensorFlow quietly when `command` runs (not while its options are parsed or --help is printed)."""
+def needs_backend(command):
+    """Start Keras' backend quietly when `command` runs (not while its options are parsed or --help is printed)."""
     @functools.wraps(command)
     def run(*args, **kwargs):
-        start_tensorflow(click.get_current_context().meta.get(VERBOSE, False))
+        start_backend(click.get_current_context().meta.get(VERBOSE, False))
         return command(*args, **kwargs)
     return run
 
@@ -92,7 +104,7 @@ def _exit_interrupted(ctx) -> None:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="featcache", prog_name="featcache")
 @click.option("-q", "--quiet", is_flag=True, help="Only print results and errors.")
-@click.option("-v", "--verbose", is_flag=True, help="Also show TensorFlow's own start-up messages.")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the backend's own start-up messages (TensorFlow's).")
 @click.pass_context
 def main(ctx, quiet: bool, verbose: bool) -> None:
     """Cache a frozen Keras backbone's features (VGG16 by default) once in HDF5, then train heads on them
@@ -111,5 +123,7 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
                         stream=sys.stderr, force=True)
     if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    else:   # JAX's start-up lines ("Unable to initialize backend 'tpu'") are not featcache's
+        logging.getLogger("jax").setLevel(logging.WARNING)
     ctx.meta[VERBOSE] = verbose
 

@@ -8,7 +8,7 @@ import json
 import click
 
 from featcache.cli.cache import selection, selection_options
-from featcache.cli.group import main, needs_tensorflow
+from featcache.cli.group import main, needs_backend
 from featcache.cli.options import add_options
 from featcache.errors import BadInputError
 from featcache.extract.spec import KEY_OPTIONS
@@ -72,7 +72,7 @@ def _caches(ctx, cache_paths, selected: dict, *, progress: bool):
 @click.option("--stream", is_flag=True, help="Stream the maps from the cache even if they fit the memory budget.")
 @run_options
 @click.pass_context
-@needs_tensorflow
+@needs_backend
 def train_head(ctx, cache_paths, head, memory_budget, stream, runs_dir, no_progress, **kw):
     """Train a head on cached features; evaluate once on the test split; print the run folder.
 
@@ -110,7 +110,7 @@ def train_head(ctx, cache_paths, head, memory_budget, stream, runs_dir, no_progr
 @add_options(config_options(CURVE))
 @run_options
 @click.pass_context
-@needs_tensorflow
+@needs_backend
 def curve(ctx, cache_paths, sizes, repeats, ratios, tail_max, runs_dir, no_progress, **kw):
     """Data-efficiency curve: test accuracy of the default head, the linear probe and kNN vs images per class.
 
@@ -176,7 +176,7 @@ def _ratios(text: str) -> tuple[float, ...]:
 @add_options(f for f in config_options(HEAD) if f.name != "name")
 @run_options
 @click.pass_context
-@needs_tensorflow
+@needs_backend
 def search(ctx, cache_paths, params, space, sampler, trials, timeout, pruner, objective, search_name, storage, engine,
            ray_address, workers, head, runs_dir, no_progress, **kw):
     """Search head options on one cache in one process (Optuna); test only the winner; print the search folder.
@@ -204,7 +204,7 @@ def search(ctx, cache_paths, params, space, sampler, trials, timeout, pruner, ob
 @add_options(f for f in spec_options() if f.name in ("data", "limit", "input_size"))
 @add_options(config_options(BASELINE))
 @run_options
-@needs_tensorflow
+@needs_backend
 def train_baseline(model, data, limit, input_size, runs_dir, no_progress, **kw):
     """Train a scratch ANN or CNN on raw pixels (same split and evaluation as heads); print the run folder."""
     from heads.train import train_baseline as run

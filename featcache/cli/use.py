@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from featcache.cli.group import main, needs_tensorflow
+from featcache.cli.group import main, needs_backend
 
 
 def _rows(result, k: int) -> list[dict]:
@@ -72,7 +72,7 @@ def _report_if_labelled(result) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Ray workers [default: one per GPU of the cluster, else one per CPU].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@needs_tensorflow
+@needs_backend
 def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_images, engine, ray_address, workers,
             no_progress):
     """Classify IMAGES (files, or folders walked recursively) with the head of RUN (a run folder, or a folder
@@ -112,7 +112,7 @@ def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_image
                                       "DIR/saved_model/ (Keras' model.export); onnx: DIR/model.onnx (through tf2onnx: "
                                       "pip install 'featcache[onnx]').")
 @click.option("--weights", default=None, help="The backbone weights file, if it moved since the cache was made.")
-@needs_tensorflow
+@needs_backend
 def export(run, output, fmt, weights):
     """Write RUN's head with its backbone as one model, from uint8 images at the cache's input size to class
     probabilities, plus export.json (class names, input size, the cache's and weights' provenance); print the
@@ -126,7 +126,7 @@ def export(run, output, fmt, weights):
 @click.argument("run", type=click.Path(file_okay=False, exists=True))
 @click.option("--images", type=click.IntRange(min=1), default=16, show_default=True,
               help="Test images shown, highest loss first.")
-@needs_tensorflow
+@needs_backend
 def inspect(run, images):
     """Look at RUN's mistakes: write mistakes.md (the most confused class pairs on the test split) and
     top_losses.png (the test images it got most confidently wrong) into the run folder; print the table."""
