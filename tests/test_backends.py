@@ -84,7 +84,8 @@ def test_probe_and_knn_on_jax_give_the_tensorflow_figures(jax_run, data, tmp_pat
         assert abs(on_jax["test_accuracy"] - on_tf["test_accuracy"]) <= 1 / 24 + 1e-9, (on_jax, on_tf)
 
 
-def test_heads_train_predict_and_export_on_jax(jax_run, data):
+@pytest.mark.parametrize("weights", [weights, lambda: "random"], ids=["weights", "random"])
+def test_heads_train_predict_and_export_on_jax(jax_run, data, weights):
     common = ["--data", data, "--weights", weights(), "--runs-dir", jax_run.root / "runs", "--no-progress"]
     run = jax_run("train-head", *common, "--epochs", "3")
     assert 0 <= metrics(run)["test_accuracy"] <= 1

@@ -21,7 +21,7 @@ def weights_of_cache(meta: dict, weights: str | None = None) -> tuple[str, int]:
     recorded = meta["weights"]
     if recorded.startswith("random:"):
         log.warning("WARNING: these features come from RANDOM backbone weights, not ImageNet")
-        return "random", int(recorded.split("=", 1)[1])
+        return "random", int(recorded.split("=", 1)[1].split(":")[0])   # random:seed=N[:backend]
     if recorded.startswith("imagenet:"):   # Keras' own file, known by the Keras version that fetched it
         source = weights or "imagenet"
         if weights_identity(source) != recorded:
