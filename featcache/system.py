@@ -68,6 +68,100 @@ def check_free_space(folder: Path, need: int, *, have: int = 0, what: str = "the
                             f"{megabytes(free)} free; fix: {fix}")
 
 
+#: The largest record featcache reads back (config.json, metrics.json, export.json, search.json...).
+MAX_RECORD_BYTES = 64 << 20
+
+
+def read_json(path: str | Path, *, fix: str) -> dict:
+    """The JSON object in the regular file `path`; anything else (missing, a FIFO or device, unreadable, not UTF-8,
+    truncated, nested deeper than Python can parse, not an object) is one BadInputError naming the file and `fix`.
+    A FIFO is never opened (reading one waits for a writer for ever)."""
+    import json
+    import stat
+
+    path = Path(path)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
+            raise BadInputError(f"{path} is not a regular file of at most {megabytes(MAX_RECORD_BYTES)}; fix: {fix}")
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        if isinstance(e, BadInputError):
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise BadInputError(f"{path} cannot be read as a JSON record ({why}); fix: {fix}") from e
+    if not isinstance(value, dict):
+        raise BadInputError(f"{path} holds JSON {type(value).__name__}, expected an object; fix: {fix}")
+    return value
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read a MiB at a time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def staged_folder(final: Path, purpose: str, *, force: bool = False):
+    """`with staged_folder(out, "exporting") as tmp:` write a folder's files into `tmp`, a hidden folder beside
+    `final`; when the block succeeds every file is fsynced and `tmp` renamed to `final` (an empty `final`, or with
+    `force` an existing one, is replaced: moved aside first, deleted after), so `final` is never half-written and
+    an error (a full disk) leaves what was there. The temporary folder is gone afterwards either way."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{purpose}.", dir=final.parent))
+    old = None
+    try:
+        yield tmp
+        for path in [*tmp.rglob("*"), tmp]:
+            fsync_path(path)
+        if final.exists():
+            if any(final.iterdir()) and not force:
+                raise BadInputError(f"{final} is not empty; fix: pass another folder, or --force")
+            old = final.with_name(f"{tmp.name}.old")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def staged_file(final: Path, text: str, *, force: bool = False) -> Path:
+    """Write `text` to the file `final` through a temporary file beside it (fsynced, then renamed): a full disk
+    leaves the old file whole. An existing `final` is replaced only with `force`."""
+    final = Path(final)
+    if final.exists() and not force:
+        raise BadInputError(f"{final} exists; fix: pass another -o, or --force to replace it")
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(name, final)
+        fsync_path(final.parent)
+    finally:
+        if os.path.exists(name):
+            os.unlink(name)
+    return final
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or folder: its data (or a rename in it) on the device, or an OSError saying why not."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 #: The longest run or search name: with its date prefix it stays within a file name's 255 bytes.
 MAX_NAME = 100
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache import backbones, system
-from featcache.errors import BadInputError, MissingInputError, UnreadableImageError
+from featcache.errors import BadInputError, MissingInputError, UnreadableImageError, first_line
 from featcache.sources import Split
 from featcache.sources.images import is_system_file, pillow_extensions
 
@@ -65,14 +65,31 @@ def load_run(run) -> RunInfo:
         raise MissingInputError(f"{folder} holds no {'model.keras' if config_path.is_file() else 'config.json'}; "
                                 "expected a run folder (featcache train-head prints it) or a folder featcache export "
                                 "wrote; fix: pass one of those")
-    config = json.loads(config_path.read_text())
-    if exported.is_file():
-        return RunInfo(folder, model_path, tuple(config["class_names"]), tuple(config["input_size"]), "exported",
-                       config)
-    kind = "pixels" if config["model"] in ("ann", "cnn") else "features"
-    parts = _parts(config)
-    size = tuple(parts[0]["cache_meta"]["input_shape"][:2]) if parts else None
-    return RunInfo(folder, model_path, tuple(config["class_names"]), size, kind, config)
+    fix = "restore it, or train (or export) the run again"
+    config = system.read_json(config_path, fix=fix)
+    _check_model_is_the_runs(config, model_path, config_path, fix)
+    try:
+        names = tuple(config["class_names"])
+        if exported.is_file():
+            return RunInfo(folder, model_path, names, tuple(int(v) for v in config["input_size"]), "exported", config)
+        kind = "pixels" if config["model"] in ("ann", "cnn") else "features"
+        parts = _parts(config)
+        size = tuple(parts[0]["cache_meta"]["input_shape"][:2]) if parts else None
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise BadInputError(f"{config_path} lacks what a run records ({type(e).__name__}: {first_line(e)}); fix: "
+                            f"{fix}") from e
+    if not names or not all(isinstance(n, str) for n in names):
+        raise BadInputError(f"{config_path}: class_names must be a list of names; fix: {fix}")
+    return RunInfo(folder, model_path, names, size, kind, config)
+
+
+def _check_model_is_the_runs(config: dict, model_path: Path, config_path: Path, fix: str) -> None:
+    """Refuse a model.keras that is not the one its run (or export) saved: the records bind it by its sha256 (runs
+    written before they did are taken as they are)."""
+    recorded = config.get("model_sha256")
+    if recorded is not None and system.file_sha256(model_path) != recorded:
+        raise BadInputError(f"{model_path} is not the model {config_path.name} records (its sha256 differs: replaced "
+                            f"or copied from another run); fix: {fix}")
 
 
 def end_to_end(info: RunInfo, *, weights: str | None = None):
@@ -82,6 +99,9 @@ def end_to_end(info: RunInfo, *, weights: str | None = None):
     import heads.knn  # noqa: F401  (registers the kNN head's layer for loading)
 
     head = keras.saving.load_model(info.model_path, compile=False)
+    if head.output_shape[-1] != len(info.class_names):
+        raise BadInputError(f"{info.model_path} gives {head.output_shape[-1]} classes but the run records "
+                            f"{len(info.class_names)} class names; fix: restore the run's own records")
     if info.kind in ("pixels", "exported"):
         return head
     data, parts = info.config["data"], info.parts   # several layers: pooled, concatenated in this order
@@ -306,24 +326,43 @@ def _onnx(model, target: Path) -> None:
         raise BadInputError(f"tf2onnx could not convert the model ({last[:200]}); fix: export --format saved_model")
 
 
-def export(run, path, *, format: str = "keras", weights: str | None = None) -> Path:
+def export(run, path, *, format: str = "keras", weights: str | None = None, force: bool = False) -> Path:
     """Write the run's end-to-end model into the folder `path`: model.keras (or saved_model/) and export.json
-    (class names, input size, the provenance of cache and weights); returns the folder."""
+    (class names, input size, the provenance of cache and weights, the model's sha256); returns the folder. It is
+    written whole in a temporary folder beside `path`, then renamed into place: `path` must be new or empty, or
+    (with `force`) hold an earlier export, which is replaced; a run folder never is."""
     if format not in EXPORT_FORMATS:
         raise BadInputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
     info = load_run(run)
-    out = Path(path)
-    target = out / EXPORT_FORMATS[format]
-    if target.exists():
-        raise BadInputError(f"{target} exists; fix: pass another -o, or delete it")
+    out = _export_folder(Path(path), force)
     model = end_to_end(info, weights=weights)
-    out.mkdir(parents=True, exist_ok=True)
-    if format == "keras":
-        model.save(target)
-    elif format == "saved_model":
-        model.export(str(target))
-    else:
-        _onnx(model, target)
+    with system.staged_folder(out, "exporting", force=force) as tmp:
+        target = tmp / EXPORT_FORMATS[format]
+        if format == "keras":
+            model.save(target)
+        elif format == "saved_model":
+            model.export(str(target))
+        else:
+            _onnx(model, target)
+        (tmp / EXPORT_FILE).write_text(json.dumps(_export_record(info, model, format, target), indent=2) + "\n")
+    return out
+
+
+def _export_folder(out: Path, force: bool) -> Path:
+    """Where an export goes: a new folder, an empty one, or (with `force`) one holding an earlier export; never a
+    run folder or any other folder with files in it."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"-o {out} is a file; fix: pass a folder for the export")
+    if (out / "config.json").exists() or (out / "metrics.json").exists():
+        raise BadInputError(f"-o {out} is a run folder; an export never writes into one; fix: pass another folder")
+    if out.is_dir() and any(out.iterdir()) and not (force and (out / EXPORT_FILE).exists()):
+        raise BadInputError(f"-o {out} exists and is not empty; fix: pass a new folder, or --force to replace an "
+                            "earlier export there")
+    return out
+
+
+def _export_record(info: RunInfo, model, format: str, target: Path) -> dict:
+    """export.json: what the model takes and returns, where it came from, and (for model.keras) its sha256."""
     metas = info.cache_metas
     record = {"class_names": list(info.class_names), "input_size": list(info.input_size or model.input_shape[1:3]),
               "takes": "uint8 RGB images (n, height, width, 3) already at input_size (resize: PIL bilinear)",
@@ -336,5 +375,6 @@ def export(run, path, *, format: str = "keras", weights: str | None = None) -> P
                   "backbone", "layer", "weights", "weights_source", "input_shape", "resize", "preprocessing", "dtype",
                   "precision")}} for part in info.parts],
               "random_weights": any(m["weights"].startswith("random") for m in metas)}
-    (out / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return out
+    if target.is_file():
+        record["model_sha256"] = system.file_sha256(target)
+    return record

@@ -3,11 +3,11 @@ and the test images it got most confidently wrong, from the run's cache and the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from featcache import system
 from featcache.errors import BadInputError
 
 
@@ -36,15 +36,16 @@ def inspect(run, *, n_images: int = 16, n_pairs: int = 10) -> dict:
     import keras
 
     from heads.data import data_from_cache
+    from heads.inference import load_run
     from heads.metrics import predict
 
-    folder = Path(run)
-    config = json.loads((folder / "config.json").read_text())
+    info = load_run(run)   # records read in one line each, the model checked to be the run's own
+    folder, config = info.folder, info.config
     data = config.get("data", {})
     if "cache" not in data:
         raise BadInputError(f"{folder} is not a run of one cached layer (a baseline, or several layers); inspect "
                             "needs the cache's test features and images")
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = system.read_json(folder / "metrics.json", fix="restore it, or train the run again")
     pairs = most_confused(metrics["confusion_matrix"], config["class_names"], n_pairs)
     (folder / "mistakes.md").write_text(f"Most confused class pairs on the held-out test split ({folder.name})\n\n"
                                         + confused_table(pairs))

@@ -41,9 +41,11 @@ def write_run(runs_dir: Path, result, data, tensorboard: Path | None = None) -> 
 
 def _write_records(run_dir: Path, result, data, *, run_id: str) -> None:
     m = result.metrics
+    result.model.save(run_dir / "model.keras")   # first: config.json records its hash, which binds the two
     config = {**asdict(result.config), "units": list(result.config.units), "learning_rate": result.config.learning_rate,
               "data": {**data.source, **({"feed": data.feed.record()} if data.feed is not None else {})},
-              "random_weights": data.random_weights, "class_names": list(data.class_names)}
+              "random_weights": data.random_weights, "class_names": list(data.class_names),
+              "model_sha256": system.file_sha256(run_dir / "model.keras")}
     write_json(run_dir / "config.json", config)
     write_json(run_dir / "metrics.json", {k: v for k, v in m.items() if k != "classification_report"})
     _write_history(run_dir / "history.csv", result.history)
@@ -64,7 +66,6 @@ def _write_records(run_dir: Path, result, data, *, run_id: str) -> None:
                                                                              else "")
     plot_confusion(m["confusion_matrix"], data.class_names, run_dir / "confusion_matrix.png", title)
     plot_curves(result.history, m["best_epoch"], run_dir / "curves.png", title)
-    result.model.save(run_dir / "model.keras")
 
 
 #: history.csv's columns, where a history has them: per epoch, per C tried (probe) or per setting (kNN).
@@ -183,8 +184,8 @@ def _number(value) -> float | None:
 
 
 def _row(run: Path) -> dict:
-    m = json.loads(run.read_text())
-    c = json.loads((run.parent / "config.json").read_text())
+    fix = "delete the folder or rerun it"
+    m, c = system.read_json(run, fix=fix), system.read_json(run.parent / "config.json", fix=fix)
     units = ",".join(map(str, c.get("units", [])))
     opts = {"dense": f"{c['pooling']} bn={'on' if c['batchnorm'] else 'off'} units={units} drop={c['dropout']}",
             "linear": f"{c['pooling']}", "knn": f"{c['pooling']}", "cnn": f"drop={c['dropout']}",

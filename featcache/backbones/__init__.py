@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import numbers
 import os
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from featcache import system
 from featcache.backbones.convnext import CONVNEXT_TINY
 from featcache.backbones.efficientnet import EFFICIENTNET_V2B0
 from featcache.backbones.mobilenet import MOBILENET_V2
@@ -69,12 +69,15 @@ def check_input_size(size, spec: BackboneSpec = VGG16):
     return size
 
 
-def weights_identity(weights: str, *, seed: int = 0) -> str:
-    """A string that changes whenever the weights' numbers can change (cheap: no model built)."""
+def weights_identity(weights: str, *, seed: int = 0, backbone: str = DEFAULT_BACKBONE) -> str:
+    """A string that changes whenever the weights' numbers can change (cheap: no model built). ImageNet weights
+    found on disk ($FEATCACHE_WEIGHTS_DIR, ~/.keras/models) are known by the hash of that file, as a path is, so a
+    replaced file is another cache; only weights still to be downloaded are known by the Keras version."""
     if weights == "imagenet":
         import keras
 
-        return f"imagenet:keras-{keras.__version__}"
+        local = local_imagenet_weights(get(backbone))
+        return f"sha256:{system.file_sha256(local)}" if local is not None else f"imagenet:keras-{keras.__version__}"
     if weights == "random":   # drawn by each backend's own generator: other numbers on JAX or PyTorch
         import keras
 
@@ -82,13 +85,10 @@ def weights_identity(weights: str, *, seed: int = 0) -> str:
         return f"random:seed={seed}" + ("" if backend == "tensorflow" else f":{backend}")
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise MissingInputError(f"weights file {path} does not exist; expected 'imagenet', 'random' or the "
-                                "path of a no-top weights file of the backbone (.h5)")
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"sha256:{h.hexdigest()}"
+        what = "is a folder" if path.is_dir() else "does not exist" if not path.exists() else "is not a regular file"
+        raise MissingInputError(f"weights file {path} {what}; expected 'imagenet', 'random' or the path of a "
+                                "no-top weights file of the backbone (.h5)")
+    return f"sha256:{system.file_sha256(path)}"
 
 
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")
@@ -253,7 +253,7 @@ def build(*, backbone: str = DEFAULT_BACKBONE, layer=None, weights: str = "image
     layers = check_layers(spec, layer or spec.default_layer)
     check_input_size(min(input_size), spec)
     precision = resolve_precision(precision)
-    wid = weights_identity(weights, seed=seed)
+    wid = weights_identity(weights, seed=seed, backbone=backbone)
     shape = (*input_size, 3)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(POLICIES[precision])

@@ -24,7 +24,7 @@ def weights_of_cache(meta: dict, weights: str | None = None) -> tuple[str, int]:
         return "random", int(recorded.split("=", 1)[1].split(":")[0])   # random:seed=N[:backend]
     if recorded.startswith("imagenet:"):   # Keras' own file, known by the Keras version that fetched it
         source = weights or "imagenet"
-        if weights_identity(source) != recorded:
+        if weights_identity(source, backbone=meta["backbone"]) != recorded:
             log.warning("the cache was made with the ImageNet weights of %s; using %s, which cannot be checked "
                         "against it by hash", recorded.removeprefix("imagenet:"), source)
         return source, 0
@@ -32,7 +32,7 @@ def weights_of_cache(meta: dict, weights: str | None = None) -> tuple[str, int]:
     if source not in ("imagenet", "random") and not Path(source).expanduser().is_file():
         raise MissingInputError(f"the weights file the cache was made from, {source}, is not there; fix: pass "
                                 "--weights FILE (the same file: its hash is checked)")
-    given = weights_identity(source)
+    given = weights_identity(source, backbone=meta["backbone"])
     if given != recorded:
         raise BadInputError(f"weights {source} are not the ones the cache was made from (hash {given[:23]}..., "
                             f"the cache recorded {recorded[:23]}...); fix: pass --weights with the file the cache "

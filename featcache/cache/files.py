@@ -22,6 +22,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
+from featcache import system
 from featcache.cache.format import FORMAT_VERSION, CacheMeta, feature_datasets
 from featcache.errors import CacheError, first_line
 
@@ -112,7 +113,7 @@ def publish(tmp: Path, final: Path, verify: Callable[[Path], None] | None = None
     deleted, and `final` is left as it was. An interruption or a read error while checking
     leaves `tmp` too (a resume of a partial then redoes nothing)."""
     try:
-        sync(tmp)
+        system.fsync_path(tmp)
         if verify is not None:
             verify(tmp)
     except CacheError:
@@ -122,17 +123,11 @@ def publish(tmp: Path, final: Path, verify: Callable[[Path], None] | None = None
         raise CacheError(f"{tmp} could not be made durable ({first_line(e)}): a full disk or a failing device; fix: "
                          "free some space or check the disk, then rerun the same command") from e
     os.replace(tmp, final)
-    sync(final.parent)
+    system.fsync_path(final.parent)
     return final
 
 
-def sync(path: Path) -> None:
-    """fsync a file or folder: its data (or a rename in it) on the device, or an OSError saying why not."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+
 
 
 @contextlib.contextmanager

@@ -6,10 +6,13 @@ import csv
 import io
 import json
 import sys
+from pathlib import Path
 
 import click
 
+from featcache import system
 from featcache.cli.group import main, needs_backend
+from featcache.errors import BadInputError
 
 
 def _rows(result, k: int) -> list[dict]:
@@ -60,7 +63,9 @@ def _report_if_labelled(result) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per forward pass.")
 @click.option("--format", "fmt", type=click.Choice(("table", "csv", "json")), default=None,
               help="Output format [default: table on a terminal, csv otherwise].")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the results here, not stdout.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the results to this file (new, or replaced with --force), not stdout.")
+@click.option("--force", is_flag=True, help="Replace an existing -o file.")
 @click.option("--weights", default=None, help="The backbone weights file, if it moved since the cache was made (its "
                                               "hash must be the one the cache recorded).")
 @click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable images (listed on stderr) instead of "
@@ -73,8 +78,8 @@ def _report_if_labelled(result) -> None:
               help="Ray workers [default: one per GPU of the cluster, else one per CPU].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @needs_backend
-def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_images, engine, ray_address, workers,
-            no_progress):
+def predict(run, images, top_k, batch_size, fmt, output, force, weights, skip_bad_images, engine, ray_address,
+            workers, no_progress):
     """Classify IMAGES (files, or folders walked recursively) with the head of RUN (a run folder, or a folder
     `featcache export` wrote): the top classes of each image with their probabilities, on stdout (or -o).
 
@@ -84,6 +89,8 @@ def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_image
 
     if engine == "local" and (ray_address or workers):
         raise click.UsageError("--ray-address and --workers need --engine ray")
+    if output and Path(_outside_runs(output)).exists() and not force:   # before any work
+        raise BadInputError(f"{output} exists; fix: pass another -o, or --force to replace it")
     result = run_predict(run, list(images), batch_size=batch_size, weights=weights, skip_bad_images=True,
                          progress=not no_progress, engine=engine, ray_address=ray_address, workers=workers)
     for _, why in result.bad:
@@ -91,8 +98,7 @@ def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_image
     k = min(top_k, len(result.class_names))
     text = format_predictions(result, k=k, fmt=fmt or ("table" if sys.stdout.isatty() else "csv"))
     if output:
-        with open(output, "w") as f:
-            f.write(text + "\n")
+        system.staged_file(Path(output), text + "\n", force=force)
     else:
         click.echo(text)
     _report_if_labelled(result)
@@ -100,6 +106,17 @@ def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_image
         click.echo(f"error: {len(result.bad)} unreadable images (above); fix: replace or remove them, or pass "
                    "--skip-bad-images", err=True)
         sys.exit(2)
+
+
+def _outside_runs(output) -> Path:
+    """-o of predict: a file in a folder that is not a run or an export (whose records it could replace)."""
+    path = Path(output)
+    if any((path.parent / name).exists() for name in ("config.json", "export.json", "model.keras")):
+        raise BadInputError(f"-o {path} is inside a run or export folder, which predict never writes into; fix: pass "
+                            "a file elsewhere")
+    if not path.parent.is_dir():
+        raise BadInputError(f"-o {path}: no folder {path.parent}; fix: create it, or pass another -o")
+    return path
 
 
 @main.command()
@@ -112,14 +129,15 @@ def predict(run, images, top_k, batch_size, fmt, output, weights, skip_bad_image
                                       "DIR/saved_model/ (Keras' model.export); onnx: DIR/model.onnx (through tf2onnx: "
                                       "pip install 'featcache[onnx]').")
 @click.option("--weights", default=None, help="The backbone weights file, if it moved since the cache was made.")
+@click.option("--force", is_flag=True, help="Replace an earlier export in the folder (never a run folder).")
 @needs_backend
-def export(run, output, fmt, weights):
+def export(run, output, fmt, weights, force):
     """Write RUN's head with its backbone as one model, from uint8 images at the cache's input size to class
     probabilities, plus export.json (class names, input size, the cache's and weights' provenance); print the
     folder."""
     from heads.inference import export as run_export
 
-    click.echo(str(run_export(run, output, format=fmt, weights=weights)))
+    click.echo(str(run_export(run, output, format=fmt, weights=weights, force=force)))
 
 
 @main.command()

@@ -40,7 +40,8 @@ def plan(spec: ExtractSpec | None = None, **options) -> tuple[Dataset, CacheMeta
     shapes = {name: all_shapes[name] for name in spec.layers}
     return ds, CacheMeta(
         layer=spec.layer, feature_shape=shapes if len(shapes) > 1 else shapes[spec.layers[0]],
-        backbone=spec.backbone, weights=backbones.weights_identity(spec.weights, seed=spec.seed),
+        backbone=spec.backbone,
+        weights=backbones.weights_identity(spec.weights, seed=spec.seed, backbone=spec.backbone),
         weights_source=_weights_source(spec.weights), input_shape=(*size, 3), preprocessing=bspec.preprocessing,
         resize=backbones.RESIZE, dtype=spec.dtype, dataset_name=ds.name, dataset_source=ds.source,
         dataset_fingerprint=ds.fingerprint, limit=ds.limit or 0, n_train=len(ds.train), n_test=len(ds.test),
@@ -102,7 +103,7 @@ def check_cache(path: str | Path, **given) -> FeatureCache:
     if "backbone" in given:
         wanted["backbone"] = spec.backbone
     if "weights" in given:
-        wanted["weights"] = backbones.weights_identity(given["weights"], seed=spec.seed)
+        wanted["weights"] = backbones.weights_identity(given["weights"], seed=spec.seed, backbone=spec.backbone)
     if "layer" in given and not set(spec.layers) <= set(m.layers):
         wanted["layer"] = spec.layer
     if given.get("input_size") is not None:

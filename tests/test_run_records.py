@@ -1,0 +1,132 @@
+"""Run folders and exports read back as one bound whole: a model.keras from another run, damaged JSON, a FIFO
+where a record should be, outputs over existing files or into run folders, weights known by the file loaded. Each
+test failed on the code before these checks (a traceback, a silently wrong answer, a hang or lost data)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from featcache import backbones
+from featcache.cli import main
+from featcache.errors import MissingInputError
+from featcache.extract import extract
+from heads.train import train_head
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from conftest import write_folder
+
+    tmp = tmp_path_factory.mktemp("records")
+    folder = write_folder(tmp / "tiny")
+    cache = extract(data=folder, cache_dir=tmp / "cache", weights="random", batch_size=4, progress=False)
+    made = {m: train_head(cache, model=m, units=(8,), epochs=2, runs_dir=tmp / "runs", progress=False).run_dir
+            for m in ("dense", "linear")}
+    return folder, made
+
+
+def copy_run(run_dir, tmp_path) -> Path:
+    out = tmp_path / run_dir.name
+    shutil.copytree(run_dir, out)
+    return out
+
+
+def test_a_model_from_another_run_is_refused_by_predict_and_inspect(runs, tmp_path):
+    folder, made = runs
+    run_dir = copy_run(made["dense"], tmp_path)
+    shutil.copy(made["linear"] / "model.keras", run_dir / "model.keras")   # same classes: answers would look fine
+    for args in (("predict", run_dir, folder / "test"), ("inspect", run_dir)):
+        r = run(*args)
+        assert r.exit_code == 2 and "is not the model config.json records" in r.output, r.output
+    assert not (run_dir / "mistakes.md").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "list", "no classes"])
+def test_damaged_run_records_are_one_line(runs, tmp_path, damage):
+    folder, made = runs
+    run_dir = copy_run(made["dense"], tmp_path)
+    config = run_dir / "config.json"
+    text = config.read_text()
+    config.write_text({"truncated": text[: len(text) // 2], "list": "[1, 2]",
+                       "no classes": json.dumps({**json.loads(text), "class_names": []})}[damage])
+    r = run("predict", run_dir, folder / "test")
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "config.json" in r.output, r.output
+
+
+def test_an_export_whose_class_list_was_trimmed_is_refused(runs, tmp_path):
+    folder, made = runs
+    assert run("export", made["dense"], "-o", tmp_path / "exp").exit_code == 0
+    record = json.loads((tmp_path / "exp" / "export.json").read_text())
+    record["class_names"] = record["class_names"][:-1]
+    (tmp_path / "exp" / "export.json").write_text(json.dumps(record))
+    r = run("predict", tmp_path / "exp", folder / "test")
+    assert r.exit_code == 2 and "class names" in r.output, r.output
+
+
+def test_runs_skips_a_deeply_nested_record_and_never_opens_a_fifo(runs, tmp_path):
+    _, made = runs
+    nested = copy_run(made["dense"], tmp_path / "r")
+    (nested / "metrics.json").write_text("[" * 100000 + "]" * 100000)
+    fifo = copy_run(made["linear"], tmp_path / "r")
+    (fifo / "metrics.json").unlink()
+    os.mkfifo(fifo / "metrics.json")
+    p = subprocess.run([sys.executable, "-m", "featcache.cli", "runs", "--runs-dir", str(tmp_path / "r")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.count("skipping") == 2, p.stderr
+
+
+def test_predict_writes_its_output_whole_and_never_over_a_file_or_into_a_run(runs, tmp_path):
+    folder, made = runs
+    out = tmp_path / "pred.csv"
+    out.write_text("keep me\n")
+    r = run("predict", made["dense"], folder / "test", "-o", out)
+    assert r.exit_code == 2 and "exists" in r.output and out.read_text() == "keep me\n", r.output
+    assert run("predict", made["dense"], folder / "test", "-o", out, "--force").exit_code == 0
+    assert out.read_text().startswith("path,")
+    before = (made["dense"] / "model.keras").read_bytes()
+    r = run("predict", made["dense"], folder / "test", "-o", made["dense"] / "model.keras", "--force")
+    assert r.exit_code == 2 and "inside a run" in r.output
+    assert (made["dense"] / "model.keras").read_bytes() == before
+
+
+def test_export_never_writes_into_a_run_nor_over_an_export_without_force(runs, tmp_path):
+    _, made = runs
+    before = sorted(p.name for p in made["dense"].iterdir())
+    r = run("export", made["dense"], "-o", made["dense"], "--format", "keras")
+    assert r.exit_code == 2 and "is a run folder" in r.output
+    assert sorted(p.name for p in made["dense"].iterdir()) == before
+    assert run("export", made["dense"], "-o", tmp_path / "x").exit_code == 0
+    r = run("export", made["linear"], "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "not empty" in r.output
+    assert json.loads((tmp_path / "x" / "export.json").read_text())["run"].endswith(made["dense"].name)
+    assert run("export", made["linear"], "-o", tmp_path / "x", "--force").exit_code == 0
+    assert json.loads((tmp_path / "x" / "export.json").read_text())["run"].endswith(made["linear"].name)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left"
+
+
+def test_imagenet_weights_on_disk_are_known_by_their_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATCACHE_WEIGHTS_DIR", str(tmp_path))
+    weights = tmp_path / backbones.get("vgg16").weights_file
+    weights.write_bytes(b"genuine")
+    genuine = backbones.weights_identity("imagenet")
+    assert genuine == backbones.weights_identity(str(weights))   # the same key as --weights PATH
+    weights.write_bytes(b"tampered")
+    assert backbones.weights_identity("imagenet") != genuine
+
+
+def test_weights_that_are_a_folder_say_so(tmp_path):
+    with pytest.raises(MissingInputError, match="is a folder"):
+        backbones.weights_identity(str(tmp_path))
