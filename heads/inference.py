@@ -159,8 +159,10 @@ def image_files(paths) -> list[Path]:
         if p.is_dir():
             out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts
                           and not any(is_system_file(part) for part in f.relative_to(p).parts))
-        elif p.exists():
+        elif p.is_file():   # a FIFO, socket or device is never opened (reading a FIFO waits for ever)
             out.append(p)
+        elif p.exists():
+            raise BadInputError(f"{p} is not a regular file; expected an image file or a folder of them")
         else:
             raise MissingInputError(f"no image or folder at {p}; fix: check the path")
     if not out:

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from featcache.errors import BadInputError
+from featcache.errors import BadInputError, first_line
 from heads.config import HEAD, TrainConfig, options
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,14 @@ def load_space(path: str | Path) -> list[Param]:
     `lr = {low = 1e-4, high = 1e-2, log = true}` (a range)."""
     import tomllib
 
+    fix = "fix: a UTF-8 TOML file with a [params] table"
     try:
-        table = tomllib.loads(Path(path).read_text()).get("params", {})
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise BadInputError(f"cannot read the search space {path}: {e}; fix: a TOML file with a [params] table") from e
+        table = tomllib.loads(Path(path).read_bytes().decode("utf-8")).get("params", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise BadInputError(f"cannot read the search space {path} ({type(e).__name__}: {first_line(e)}); {fix}") from e
+    if not isinstance(table, dict):
+        raise BadInputError(f"{path}: params is a {type(table).__name__}, expected a table of NAME = choices or "
+                            f"{{low, high}}; {fix}")
     out = []
     for name, spec in table.items():
         if isinstance(spec, list):

@@ -2,6 +2,7 @@
 where a record should be, outputs over existing files or into run folders, weights known by the file loaded. Each
 test failed on the code before these checks (a traceback, a silently wrong answer, a hang or lost data)."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -130,3 +131,28 @@ def test_imagenet_weights_on_disk_are_known_by_their_hash(tmp_path, monkeypatch)
 def test_weights_that_are_a_folder_say_so(tmp_path):
     with pytest.raises(MissingInputError, match="is a folder"):
         backbones.weights_identity(str(tmp_path))
+
+
+def test_predict_refuses_a_fifo_named_as_an_image(runs, tmp_path):
+    _, made = runs
+    os.mkfifo(tmp_path / "pipe.png")
+    p = subprocess.run([sys.executable, "-m", "featcache.cli", "predict", str(made["dense"]), str(tmp_path / "pipe.png")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "not a regular file" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("content", [b"params = 5\n", b"[params]\nlr = ['\xff']\n"])
+def test_a_malformed_space_file_is_one_line(runs, tmp_path, content):
+    folder, _ = runs
+    space = tmp_path / "space.toml"
+    space.write_bytes(content)
+    r = run("search", "--data", folder, "--weights", "random", "--space", space, "--runs-dir", tmp_path)
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "space" in r.output, r.output
+
+
+def test_verify_with_a_backend_that_is_not_installed_is_one_line(runs):
+    cache = next(p for p in (Path(runs[1]["dense"]).parents[1] / "cache").glob("*.h5") if "pooled" not in p.name)
+    env = {**os.environ, "KERAS_BACKEND": "torch" if not importlib.util.find_spec("torch") else "bogus"}
+    p = subprocess.run([sys.executable, "-m", "featcache.cli", "info", "--verify", str(cache)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "KERAS_BACKEND" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]

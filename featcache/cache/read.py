@@ -144,8 +144,9 @@ def _check_name(cache: FeatureCache) -> None:
     m = _NAMED_BY_KEY.search(cache.path.name)
     if m and cache.shard is None and m["key12"] != cache.meta.key[:12]:
         raise CacheError(f"{cache.path} is named for key {m['key12']} but its attributes give {cache.meta.key[:12]}: "
-                         "its metadata was edited (tampered) after it was written; fix: delete it and rerun "
-                         "`featcache extract`")
+                         "it was renamed from another cache's name, or its metadata was edited (tampered) after it was "
+                         "written; fix: give it back its own name (…-<first 12 digits of its key>.h5), or delete it "
+                         "and rerun `featcache extract`")
 
 
 def _describe(path: Path, f, fix: str) -> FeatureCache:

@@ -133,6 +133,9 @@ def _verify(c) -> None:
     """`info --verify`: the shapes against the backbone's own, and every byte against the digests."""
     from featcache import backbones
     from featcache.cache.read import verify_content
+    from featcache.cli.group import VERBOSE, start_backend
+
+    start_backend(click.get_current_context().meta.get(VERBOSE, False))   # the backbone's shapes need Keras
 
     backbones.check_cached_shapes(c.path, c.meta.backbone, c.meta.input_shape[:2], c.meta.shapes)
     checked = verify_content(c)
