@@ -9,6 +9,7 @@ Cross-field rules stay in the option set's own `__post_init__`, after `validate`
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from dataclasses import field, fields
@@ -70,8 +71,9 @@ def _checked(f, value):
     kind = meta["kind"]
     if kind == "units":
         units = parse_units(value)
-        if units is None:
-            raise BadInputError(f"{label(f)} must be positive integers separated by commas like 400,256,256, "
+        if units is None or (meta["high"] is not None and max(units) > meta["high"]):
+            top = "" if meta["high"] is None else f" (each at most {meta['high']:,})"
+            raise BadInputError(f"{label(f)} must be positive integers separated by commas like 400,256,256{top}, "
                                 f"got {value!r}")
         return units
     if meta["choices"] is not None and value not in meta["choices"]:
@@ -83,7 +85,7 @@ def _checked(f, value):
     return float(value) if kind == "float" else value
 
 
-_KIND_WORDS = {"str": "text", "path": "text or a path", "int": "a whole number", "float": "a number",
+_KIND_WORDS = {"str": "text", "path": "text or a path", "int": "a whole number", "float": "a finite number",
                "bool": "true or false", "any": "a value"}
 
 
@@ -91,7 +93,7 @@ def _of_kind(value, kind: str) -> bool:
     if kind == "int":
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if kind == "float":
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value   # not NaN
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if kind == "bool":
         return isinstance(value, bool)
     if kind == "str":

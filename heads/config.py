@@ -14,6 +14,8 @@ from heads.builders import MODELS, POOLINGS
 
 #: The default head: the reference dense head or the linear probe, whichever has the lower validation loss.
 AUTO = "auto"
+#: The widest Dense layer a head may have.
+MAX_UNITS = 65536
 AUTO_CANDIDATES = ("dense", "linear")
 VIEWS_MODES = ("sample", "all", "original")
 LR_SCHEDULES = ("constant", "cosine")
@@ -32,8 +34,9 @@ class TrainConfig:
         "layers above the cached one (to --tune-to, from the cache's weights) then the dense head, trained in two "
         "stages (--warmup-epochs of the head alone, then all at --finetune-lr).", kind="str",
         choices=(AUTO, *MODELS), label="model", cli=())
+    # at most 65,536 a layer: 10^9 units passed every check and died in TensorFlow's allocator after the data loaded
     units: tuple[int, ...] = option((400, 256, 256), "Dense layer sizes of the dense and conv heads.", kind="units",
-                                    cli=(HEAD,))
+                                    high=MAX_UNITS, cli=(HEAD,))
     pooling: str = option("gap", "How feature maps become vectors: global average, flatten, or global max.",
                           kind="str", choices=POOLINGS, cli=(HEAD,))
     batchnorm: bool = option(True, "Leave out the dense head's BatchNormalization.", kind="bool", flag="--no-batchnorm",

@@ -79,6 +79,8 @@ def parse_param(text: str) -> Param:
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
         raise BadInputError(f"--param {name}: a range is low:high or low:high:log, got {value!r}")
     low, high = (_typed(kind, p, text) for p in parts[:2])
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise BadInputError(f"--param {name}: a range needs finite bounds, got {value!r}")
     if not low < high or (len(parts) == 3 and low <= 0):
         raise BadInputError(f"--param {name}: the range needs low < high (and low > 0 on a log scale), got {value!r}")
     return Param(name, low=low, high=high, log=len(parts) == 3, integer=kind == "int")

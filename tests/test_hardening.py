@@ -385,3 +385,19 @@ def test_auto_never_chooses_a_diverged_head(tiny_cache, tmp_path):
     assert r.exit_code == 0, r.output
     metrics = json.loads((Path(r.output.strip().splitlines()[-1]) / "metrics.json").read_text())
     assert np.isfinite(metrics["val_loss"]) and metrics["chosen"] == "linear", metrics
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--l2", "inf"], "--l2 must be a finite number"),
+    (["--units", "1000000000"], "each at most 65,536"),
+])
+def test_options_that_cannot_work_are_refused_before_any_work(tiny_cache, tmp_path, args, words):
+    r = run("train-head", "--cache", tiny_cache, "--runs-dir", tmp_path / "runs", *args)
+    assert r.exit_code == 2 and words in r.output, r.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_search_range_needs_finite_bounds(tiny_cache, tmp_path):
+    r = run("search", "--cache", tiny_cache, "--runs-dir", tmp_path, "--param", "lr=1e-4:inf:log")
+    assert r.exit_code == 2 and "finite bounds" in r.output, r.output
