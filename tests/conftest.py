@@ -196,3 +196,16 @@ def _command_line(p) -> str:
         return " ".join(p.cmdline())[:200] or p.name()
     except psutil.Error:
         return "(gone)"
+
+
+def small_disk(where: Path, size: str):
+    """A generator for a fixture: a tmpfs of `size` mounted at `where` (where this machine lets us mount one; the
+    test is skipped otherwise), unmounted afterwards."""
+    import subprocess
+
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=True)

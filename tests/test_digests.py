@@ -57,13 +57,9 @@ def test_a_write_that_never_reached_the_disk_is_not_published(image_folder, cach
 
 @pytest.fixture
 def full_disk(tmp_path):
-    where = tmp_path / "full"
-    where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=True)
+    from conftest import small_disk
+
+    yield from small_disk(tmp_path / "full", "2m")
 
 
 def test_extracting_onto_a_disk_that_fills_up_is_one_line_and_no_cache(tmp_path, full_disk):

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import small_disk
 from test_join import OPTS, sharded
 
 import featcache
@@ -38,13 +39,7 @@ def joined(image_folder, tmp_path):
 @pytest.fixture
 def full_disk(tmp_path):
     """A 600 kB tmpfs (where this machine lets us mount one): room for a copy's features, not for the whole file."""
-    where = tmp_path / "full"
-    where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(where)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield where
-    subprocess.run(["umount", str(where)], check=True)
+    yield from small_disk(tmp_path / "full", "600k")
 
 
 def test_consolidate_onto_a_full_disk_leaves_no_complete_looking_file(joined, full_disk):
