@@ -70,7 +70,7 @@ def job(folder: Path, work: Path, args, env: dict, log: Path) -> dict:
     info = json.loads(featcache("info", "--json", cache, env=env, log=log)[0])
     images = info["splits"]["train"]["n"] + info["splits"]["test"]["n"]
     out["extract"] = {"images": images, "loop_seconds": info["extract_seconds"],
-                      "loop_images_per_second": images / info["extract_seconds"]}
+                      "loop_images_per_second": images / info["extract_seconds"], "stages": info["extract_stages"]}
     run, out["default_head_seconds"] = featcache("train-head", *select, *epochs, "--runs-dir", work / "runs", env=env,
                                                  log=log)
     metrics = json.loads((Path(run) / "metrics.json").read_text())
@@ -96,7 +96,8 @@ def markdown(result: dict) -> str:
         f"`{result['command']}` at commit {result['commit']} (Keras {result['keras']} on {result['backend']}).", "",
         "| step | wall s (process) | figures |", "|---|---|---|",
         f"| extract {e['images']} CIFAR-10 JPEGs | {result['extract_seconds']:.1f} | loop {e['loop_seconds']:.1f} s, "
-        f"{e['loop_images_per_second']:.0f} img/s |",
+        f"{e['loop_images_per_second']:.0f} img/s; waiting for decoding {e['stages']['decode_wait']} s, model "
+        f"{e['stages']['model']} s, waiting for writes {e['stages']['write_wait']} s |",
         f"| default head (`train-head`) | {result['default_head_seconds']:.1f} | chose {d['chosen']}, fit "
         f"{d['seconds']} s, {d['seconds_per_epoch']} s/epoch, {d['epochs_run']} epochs on {d['n_train']} rows |",
         f"| 8-configuration grid (`search`, at most 10 epochs a trial) | {result['search_seconds']:.1f} | "

@@ -258,3 +258,20 @@ def test_decode_workers_keep_row_order(image_folder, tmp_path):
                     cache_dir=tmp_path / "b", progress=False)
     for split in ("train", "test"):
         np.testing.assert_array_equal(featcache.open_cache(one).load(split)[0], featcache.open_cache(three).load(split)[0])
+
+
+def test_the_cache_records_where_the_extraction_loop_waited(image_folder, cache_dir):
+    """Timers around each stage (issue 33: find where the loop waits by measuring, not guessing)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    path = extract(data=image_folder, weights="random", batch_size=4, progress=False)
+    stages = featcache.open_cache(path).extract_stages
+    assert set(stages) == {"seconds", "decode_wait", "model", "write_wait"}
+    assert all(v >= 0 for v in stages.values()) and stages["model"] > 0
+    assert stages["decode_wait"] + stages["model"] + stages["write_wait"] <= stages["seconds"] + 1e-3
+    info = json.loads(CliRunner().invoke(main, ["info", "--json", str(path)]).output)
+    assert info["extract_stages"] == stages

@@ -48,6 +48,7 @@ class FeatureCache:
     extract_seconds: float | None = None
     shard: tuple | None = None   # a shard's (split, start, stop)
     shards: tuple = ()           # a virtual cache's shard files: ({"file", "split", "start", "stop", "bytes"}, ...)
+    extract_stages: dict | None = None   # where the extraction's seconds went (featcache.extract.local.Stages)
 
     @property
     def kind(self) -> str:
@@ -173,7 +174,8 @@ def _describe(path: Path, f, fix: str) -> FeatureCache:
         complete=bool(f.attrs.get("complete", False)), progress=tuple(int(v) for v in f["progress"][...]),
         splits=splits, max_abs_activation=number("max_abs_activation"), extract_seconds=number("extract_seconds"),
         shard=tuple(json.loads(f.attrs["shard"])) if "shard" in f.attrs else None,
-        shards=tuple(json.loads(f.attrs["shards"])) if "shards" in f.attrs else ())
+        shards=tuple(json.loads(f.attrs["shards"])) if "shards" in f.attrs else (),
+        extract_stages=json.loads(f.attrs["extract_stages"]) if "extract_stages" in f.attrs else None)
 
 
 def _check_own_data(path: Path, f, meta: CacheMeta, fix: str) -> None:

@@ -149,11 +149,14 @@ def read_labels_and_paths(path: Path) -> tuple[dict, dict]:
     return labels, paths
 
 
-def finish(f, *, max_abs_activation: float, extract_seconds: float | None = None) -> None:
-    """Mark the open file `f` complete, with its largest |activation| and the seconds its extraction took."""
+def finish(f, *, max_abs_activation: float, extract_seconds: float | None = None, stages: dict | None = None) -> None:
+    """Mark the open file `f` complete, with its largest |activation|, the seconds its extraction took and where
+    they went (`stages`: waiting for decoding, the model, waiting for writes)."""
     f.attrs["max_abs_activation"] = max_abs_activation
     if extract_seconds is not None:   # of the run that completed the file (a resumed run: its part only)
         f.attrs["extract_seconds"] = extract_seconds
+    if stages is not None:
+        f.attrs["extract_stages"] = json.dumps(stages)
     f.attrs["complete"] = True
     f.flush()
 

@@ -95,6 +95,7 @@ def info(path, as_json, verify):
         "size_bytes": c.size_bytes, "random_weights": c.meta.random_weights,
         "progress": {"train": c.progress[0], "test": c.progress[1]},
         "max_abs_activation": c.max_abs_activation, "extract_seconds": c.extract_seconds,
+        "extract_stages": c.extract_stages,
         "class_names": list(c.class_names),
         "splits": {s: {"n": i.n, "shapes": {k: list(v) for k, v in i.shapes.items()}} for s, i in c.splits.items()},
         "meta": c.meta.to_dict(),

@@ -156,29 +156,37 @@ def _passes(meta, name: str, n: int) -> int:
     return n * (meta.views if name == "train" else 1)
 
 
+@dataclass
+class Stages:
+    """Where the extraction loop's seconds go: waiting for decoded batches, the model (with the copy of its
+    outputs to the host), and handing batches to the writer (which waits only when the writer is behind)."""
+
+    images: int = 0
+    decode: float = 0.0
+    model: float = 0.0
+    write: float = 0.0
+
+    def record(self, seconds: float) -> dict:
+        return {"seconds": round(seconds, 3), "decode_wait": round(self.decode, 3), "model": round(self.model, 3),
+                "write_wait": round(self.write, 3)}
+
+
 def _compute(f, job: Job, batches: list, *, peak: float) -> None:
     """Run `batches` ((split, start, stop) rows of `job.splits`, written at the same rows of the open file
     `f`), mark the file complete and close it."""
     if batches:   # trace the model before the clock starts, as any warmed-up baseline would be
         job.model.warm_up((min(job.spec.batch_size, batches[0][2] - batches[0][1]), *job.decoding.size, 3),
                           job.meta.dtype)
-    t0, n = time.perf_counter(), 0
+    t0, stages = time.perf_counter(), Stages()
     try:
         with _decoded(job, batches) as decoded, BatchWriter(f, job.meta) as writer:
             t0 = time.perf_counter()   # the clock starts once the decoding processes are up, as the model is
-            for (name, s, e), (images, views) in zip(batches, decoded):
-                outputs, peak = _forward(job, [images, *views], name, job.row0 + s, peak)
-                writer.submit(name, s, e, outputs)
-                if job.after_batch is not None:
-                    writer.drain()
-                    job.after_batch(name, s, e)
-                n += _passes(job.meta, name, e - s)
-                if job.bar is not None:
-                    job.bar.update(_passes(job.meta, name, e - s))
-        finish(f, max_abs_activation=peak, extract_seconds=time.perf_counter() - t0)
+            peak = _loop(job, batches, decoded, writer, peak, stages)
+        seconds = time.perf_counter() - t0
+        finish(f, max_abs_activation=peak, extract_seconds=seconds, stages=stages.record(seconds))
         close_checked(f)
     except UnreadableImageError:
-        log.warning("the %d rows computed so far stay in %s", n, job.partial)
+        log.warning("the %d rows computed so far stay in %s", stages.images, job.partial)
         raise
     except BrokenProcessPool as e:
         raise WorkerError(f"a decoding process died (out of memory or killed; or featcache was called from a "
@@ -191,13 +199,38 @@ def _compute(f, job: Job, batches: list, *, peak: float) -> None:
         raise
     finally:
         f.close()
-    _log_speed(n, time.perf_counter() - t0)
+    _log_speed(stages, time.perf_counter() - t0)
 
 
-def _log_speed(n: int, seconds: float) -> None:
-    if n:
-        log.info("extracted %d images in %.1f s (%.0f images/s)", n, seconds, n / seconds,
-                 extra={"images": n, "seconds": seconds})
+def _loop(job: Job, batches: list, decoded, writer: BatchWriter, peak: float, stages: Stages) -> float:
+    """The forward pass over `batches` as they come decoded, each written behind the model; each stage timed."""
+    ready = iter(decoded)
+    for name, s, e in batches:
+        t0 = time.perf_counter()
+        images, views = next(ready)
+        t1 = time.perf_counter()
+        outputs, peak = _forward(job, [images, *views], name, job.row0 + s, peak)
+        t2 = time.perf_counter()
+        writer.submit(name, s, e, outputs)
+        stages.decode, stages.model = stages.decode + t1 - t0, stages.model + t2 - t1
+        stages.write += time.perf_counter() - t2
+        if job.after_batch is not None:
+            writer.drain()
+            job.after_batch(name, s, e)
+        stages.images += _passes(job.meta, name, e - s)
+        if job.bar is not None:
+            job.bar.update(_passes(job.meta, name, e - s))
+    t0 = time.perf_counter()
+    writer.drain()
+    stages.write += time.perf_counter() - t0
+    return peak
+
+
+def _log_speed(stages: Stages, seconds: float) -> None:
+    if stages.images:
+        log.info("extracted %d images in %.1f s (%.0f images/s; waiting for decoding %.1f s, model %.1f s, waiting "
+                 "for writes %.1f s)", stages.images, seconds, stages.images / seconds, stages.decode, stages.model,
+                 stages.write, extra={"images": stages.images, "seconds": seconds})
 
 
 def _forward(job: Job, inputs: list, name: str, row: int, peak: float) -> tuple[list, float]:
