@@ -350,6 +350,20 @@ def export(run, path, *, format: str = "keras", weights: str | None = None, forc
     return out
 
 
+def compute_dtypes(model) -> list[str]:
+    """The dtypes the model's layers compute in ('bfloat16' where a head was trained in mixed precision): what it
+    predicts in wherever it is loaded, also on a CPU without bfloat16 instructions (emulated there: slower, the
+    same numbers)."""
+    return sorted({str(layer.dtype_policy.compute_dtype) for layer in _all_layers(model)})
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
 def _export_folder(out: Path, force: bool) -> Path:
     """Where an export goes: a new folder, an empty one, or (with `force`) one holding an earlier export; never a
     run folder or any other folder with files in it."""
@@ -376,7 +390,8 @@ def _export_record(info: RunInfo, model, format: str, target: Path) -> dict:
               "cache": [{"key": part.get("cache_key"), **{k: part["cache_meta"].get(k) for k in (
                   "backbone", "layer", "weights", "weights_source", "input_shape", "resize", "preprocessing", "dtype",
                   "precision")}} for part in info.parts],
-              "random_weights": any(m["weights"].startswith("random") for m in metas)}
+              "random_weights": any(m["weights"].startswith("random") for m in metas),
+              "computes_in": compute_dtypes(model)}
     if target.is_file():
         record["model_sha256"] = system.file_sha256(target)
     return record

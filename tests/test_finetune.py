@@ -89,12 +89,18 @@ def test_a_cosine_schedule_decays_the_fine_tuning_rate_after_a_constant_warm_up(
     assert rates == pytest.approx([1e-3, *(1e-4 * (1 + np.cos(np.pi * k / 3)) / 2 for k in (1, 2, 3))], abs=1e-9)
 
 
-def test_map_shift_moves_the_maps_by_whole_cells_in_training_only(block2):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])   # each forced: `auto` differs between CPUs
+def test_map_shift_moves_the_maps_by_whole_cells_in_training_only(block2, precision):
     import keras
 
+    from heads.inference import compute_dtypes
+
     _, cache, tmp = block2
-    run = train_head(cache, model="finetune", runs_dir=tmp / "runs-shift", map_shift=1, **QUICK).run_dir
-    shift = keras.saving.load_model(run / "model.keras").get_layer("shift_maps")
+    run = train_head(cache, model="finetune", runs_dir=tmp / f"runs-shift-{precision}", map_shift=1,
+                     train_precision=precision, **QUICK).run_dir
+    model = keras.saving.load_model(run / "model.keras")
+    assert precision in compute_dtypes(model) and "float32" in compute_dtypes(model)   # the softmax stays float32
+    shift = model.get_layer("shift_maps")
     maps = np.random.default_rng(0).uniform(1, 2, (32, 8, 8, 4)).astype(np.float32)   # nothing zero before
     np.testing.assert_array_equal(np.asarray(shift(maps, training=False)), maps)
     moved = np.asarray(shift(maps, training=True))
