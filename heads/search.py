@@ -150,8 +150,13 @@ def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pru
                "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2),
                "none": lambda: optuna.pruners.NopPruner()}
     with _creating(folder):   # Optuna's schema creation races when two processes start on one new SQLite file
-        study = optuna.create_study(study_name=name, storage=open_storage(folder, storage), load_if_exists=True,
-                                    pruner=pruners[pruner](), direction=DIRECTIONS[objective])
+        try:
+            study = optuna.create_study(study_name=name, storage=open_storage(folder, storage), load_if_exists=True,
+                                        pruner=pruners[pruner](), direction=DIRECTIONS[objective])
+        except BadInputError:
+            raise
+        except Exception as e:   # SQLAlchemy's OperationalError while creating tables: a full disk, say
+            raise _storage_error(storage or "", storage, folder, e) from e
         # the k-th process to open the study samples with seed + k: processes sharing it draw different trials,
         # and a search run once from scratch draws the same trials for the same seed
         opened = study.user_attrs.get(OPENED, 0)
@@ -206,9 +211,18 @@ def open_storage(folder: Path, storage: str | None, *, heartbeats: bool = True):
                 url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
         except Exception as e:   # SQLAlchemy's many: no such dialect, no driver, cannot connect, not a database
-            raise BadInputError(f"cannot open the study storage {url}: {type(e).__name__}: {str(e)[:200]}; fix: a "
-                                "SQLAlchemy URL such as postgresql://user@host/db, or no --storage (SQLite in the "
-                                "search folder)") from e
+            raise _storage_error(url, storage, folder, e) from e
+
+
+def _storage_error(url: str, storage: str | None, folder: Path, e: Exception) -> BadInputError:
+    """One line for a study storage that cannot be opened: the URL given was wrong, or (no --storage) the search
+    folder's SQLite file could not be written (a full disk, a read-only folder)."""
+    why = f"{type(e).__name__}: {first_line(e)}"
+    if storage is None:
+        return BadInputError(f"cannot create the search's study in {folder / 'study.db'} ({why[:200]}): a full disk or "
+                             "a folder that cannot be written; fix: free some space, or pass another --runs-dir")
+    return BadInputError(f"cannot open the study storage {url} ({why[:200]}); fix: a SQLAlchemy URL such as "
+                         "postgresql://user@host/db, or no --storage (SQLite in the search folder)")
 
 
 def pruning_callback(trial, objective: str):

@@ -146,7 +146,8 @@ def test_a_malformed_space_file_is_one_line(runs, tmp_path, content):
     folder, _ = runs
     space = tmp_path / "space.toml"
     space.write_bytes(content)
-    r = run("search", "--data", folder, "--weights", "random", "--space", space, "--runs-dir", tmp_path)
+    r = run("search", "--data", folder, "--weights", "random", "--space", space, "--runs-dir", tmp_path,
+            "--cache-dir", tmp_path / "c")
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "space" in r.output, r.output
 
 
@@ -156,3 +157,20 @@ def test_verify_with_a_backend_that_is_not_installed_is_one_line(runs):
     p = subprocess.run([sys.executable, "-m", "featcache.cli", "info", "--verify", str(cache)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "KERAS_BACKEND" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    from conftest import small_disk
+
+    yield from small_disk(tmp_path / "full", "1m")
+
+
+def test_a_search_whose_study_cannot_be_written_is_one_line(runs, full_disk):
+    folder, _ = runs
+    (full_disk / "search-s").mkdir()
+    (full_disk / "filler").write_bytes(b"\0" * shutil.disk_usage(full_disk).free)
+    r = run("-q", "search", "--data", folder, "--weights", "random", "--cache-dir", full_disk.parent / "c",
+            "--runs-dir", full_disk, "--name", "s", "--param", "lr=1e-3|3e-3")
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "study.db" in errors[0] and "--storage" not in r.output, r.output
