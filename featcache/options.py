@@ -49,7 +49,12 @@ def label(f) -> str:
 
 def parse_units(value) -> tuple:
     """'400,256,256' (or a sequence) -> (400, 256, 256); None where it is not positive integers."""
-    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    if isinstance(value, numbers.Number):
+        value = (value,)
+    try:
+        parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    except TypeError:   # not text nor a sequence
+        return None
     if isinstance(value, str) and not all(p.isdigit() for p in parts):
         return None
     units = tuple(int(p) if isinstance(p, str) else p for p in parts)
