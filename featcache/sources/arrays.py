@@ -11,6 +11,8 @@ import io
 import pickle
 import sys
 import tarfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,20 +43,7 @@ def load_keras_cifar10(_: str = "") -> Dataset:
 def load_npz(path: str) -> Dataset:
     """An .npz holding x_train, y_train, x_test, y_test and optionally class_names."""
     file = existing(path)
-    try:
-        with np.load(file, allow_pickle=False) as z:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
-            if missing:
-                raise BadInputError(f"{file} lacks {sorted(missing)}; expected arrays x_train, y_train, "
-                                    "x_test, y_test (and optionally class_names)")
-            arrays = {k: z[k] for k in z.files}
-    except ValueError as e:
-        if isinstance(e, BadInputError):
-            raise
-        raise BadInputError(f"{file} holds object arrays or is not a valid .npz ({e}); expected "
-                            "plain numeric arrays; fix: save with np.savez and numeric dtypes") from e
-    except (OSError, EOFError) as e:
-        raise BadInputError(f"cannot read {file} as .npz ({e})") from e
+    arrays = _read_npz(file)
     for split in ("train", "test"):
         y = arrays[f"y_{split}"]
         if not np.issubdtype(y.dtype, np.integer):
@@ -62,10 +51,53 @@ def load_npz(path: str) -> Dataset:
                                 "(strings or NaN are not labels); fix: map class names to integers and pass the "
                                 "names as class_names")
     names = arrays.get("class_names")
-    n_classes = 1 + int(max(np.max(arrays["y_train"], initial=0), np.max(arrays["y_test"], initial=0)))
-    class_names = tuple(str(c) for c in names) if names is not None else tuple(str(i) for i in range(n_classes))
+    if names is not None and names.ndim != 1:
+        raise BadInputError(f"{file}: class_names must be a 1-d array of names, got shape {names.shape}")
+    class_names = tuple(str(c) for c in names) if names is not None else _numbered_classes(file, arrays)
     return _from_arrays(file.stem, f"npz:{file}", arrays["x_train"], arrays["y_train"],
                         arrays["x_test"], arrays["y_test"], class_names, where=str(file))
+
+
+def _read_npz(file: Path) -> dict[str, np.ndarray]:
+    """Every array of .npz `file`, refused in one line naming it if it is no .npz archive of the four arrays."""
+    try:
+        z = np.load(file, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):   # np.save's single array under an .npz name
+            raise BadInputError(f"{file} holds a single array, expected an .npz archive of x_train, y_train, "
+                                "x_test, y_test; fix: save with np.savez")
+        with z:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+            if missing:
+                raise BadInputError(f"{file} lacks {sorted(missing)}; expected arrays x_train, y_train, "
+                                    "x_test, y_test (and optionally class_names)")
+            return {k: z[k] for k in z.files}
+    except ValueError as e:
+        if isinstance(e, BadInputError):
+            raise
+        raise BadInputError(f"{file} holds object arrays or is not a valid .npz ({e}); expected "
+                            "plain numeric arrays; fix: save with np.savez and numeric dtypes") from e
+    except (zipfile.BadZipFile, zlib.error) as e:   # a damaged or foreign file that starts like a zip archive
+        raise BadInputError(f"cannot read {file} as .npz ({first_line(e)}); expected a zip archive written by "
+                            "np.savez; fix: save it again with np.savez") from e
+    except (OSError, EOFError) as e:
+        raise BadInputError(f"cannot read {file} as .npz ({e})") from e
+
+
+def _numbered_classes(file: Path, arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """Class names "0".."k-1" for labels that come without names. k is at most the number of rows: one stray label
+    of 10**8 would otherwise name 10**8 classes (gigabytes) before anything else is checked."""
+    rows = arrays["y_train"].size + arrays["y_test"].size
+    top = -1
+    for split in ("train", "test"):
+        y = arrays[f"y_{split}"]
+        if not y.size:
+            continue
+        low, high = int(y.min()), int(y.max())   # Python ints: a uint64 label does not wrap round
+        if low < 0 or high >= rows:
+            raise BadInputError(f"{file}: y_{split} must hold labels 0..k-1 with k at most the {rows} rows, got "
+                                f"labels {low}..{high}; fix: number the classes from 0, or pass class_names")
+        top = max(top, high)
+    return tuple(str(i) for i in range(top + 1))
 
 
 def load_cifar_python(path: str) -> Dataset:
@@ -149,18 +181,19 @@ def _from_arrays(name, source, x_train, y_train, x_test, y_test, class_names, wh
         x, y = np.asarray(x), np.asarray(y)
         if x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 1):   # grayscale -> RGB
             x = np.repeat(x.reshape(x.shape[:3] + (1,)), 3, axis=-1)
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-            raise BadInputError(f"{where}: x_{split} must be uint8 pixels (n, h, w, 3), got "
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or 0 in x.shape[1:3]:   # no pixel: no feature
+            raise BadInputError(f"{where}: x_{split} must be uint8 pixels (n, h, w, 3) with h, w >= 1, got "
                                 f"{x.dtype} {x.shape}")
         if not np.issubdtype(y.dtype, np.integer):
             raise BadInputError(f"{where}: y_{split} must hold integer labels, got {y.dtype}")
-        y = y.reshape(-1).astype(np.int64)
+        y = y.reshape(-1)
         if len(y) != len(x):
             raise BadInputError(f"{where}: x_{split} has {len(x)} rows but y_{split} has {len(y)}")
         if len(y) == 0:
             raise BadInputError(f"{where}: the {split} split is empty")
-        if y.min() < 0 or y.max() >= len(class_names):
+        if int(y.min()) < 0 or int(y.max()) >= len(class_names):   # checked before int64, where uint64 wraps round
             raise BadInputError(f"{where}: y_{split} has labels outside 0..{len(class_names) - 1}")
+        y = y.astype(np.int64)
         splits[split] = Split(labels=y, pixels=x)
     return Dataset(name=name, source=source, train=splits["train"], test=splits["test"],
                    class_names=tuple(class_names), fingerprint="")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import BadInputError, MissingInputError
-from featcache.sources.images import read_image, resize
+from featcache.sources.images import printable, read_image, resize
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,27 @@ class Dataset:
 
 
 def existing(path: str) -> Path:
+    """`path` as a Path, refused in one line unless it is a folder or a regular file (a FIFO would block the first
+    read forever) named in UTF-8 (see `require_utf8`)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise MissingInputError(
-            f"no dataset at {p}; expected 'cifar10' (download), an image folder ROOT/{{train,test}}/<class>/, "
-            "a cifar-10-batches-py folder or cifar-10-python.tar.gz, or an .npz")
+            f"no dataset at {printable(str(p))}; expected 'cifar10' (download), an image folder "
+            "ROOT/{train,test}/<class>/, a cifar-10-batches-py folder or cifar-10-python.tar.gz, or an .npz")
+    if not (p.is_dir() or p.is_file()):
+        raise BadInputError(f"{printable(str(p))} is not a regular file or a folder (a FIFO, socket or device); "
+                            "expected a dataset file or folder; fix: pass the dataset itself")
+    require_utf8(p.absolute())
+    require_utf8(p.resolve())
     return p
+
+
+def require_utf8(path: Path) -> None:
+    """Refuse a path that is not valid UTF-8: the cache stores the source path, the dataset's name and class names
+    as UTF-8 text, so such a name fails half way through writing it (a traceback, a .partial file), and written
+    with U+FFFD instead it no longer names anything on disk."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInputError(f"expected UTF-8 file and folder names, got one that is not valid UTF-8 in "
+                            f"{printable(str(path))}; fix: rename it") from None

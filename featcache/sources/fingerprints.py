@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 
-from featcache.errors import BadInputError
+from featcache.errors import BadInputError, UnreadableImageError
 from featcache.sources.dataset import Dataset
-from featcache.sources.images import check_header
+from featcache.sources.images import check_header, printable, read_file
 
 #: Image folders of more files than this are fingerprinted by file metadata under `fingerprint_by="auto"`;
 #: smaller ones (CIFAR-10's 60,000 files among them, so their caches keep their keys) by content.
@@ -49,11 +49,21 @@ def fingerprint(ds: Dataset, scheme: str = "content") -> str:
             for file in split.files:   # names as bytes: a file name need not be valid UTF-8
                 h.update(os.fsencode(file.relative_to(file.parents[2])) + b"\0")
                 if scheme == "stat":
-                    st = file.stat()
+                    st = _stat(file)
                     h.update(f"{st.st_size}:{st.st_mtime_ns}\0".encode())
                     continue
-                content = file.read_bytes()
+                content = read_file(file)   # a regular file only, and a read error names it (exit 2, no resume)
                 check_header(file, content)
                 h.update(content)
     return ("stat:" if scheme == "stat" else "") + h.hexdigest()
 
+
+
+def _stat(file) -> os.stat_result:
+    """`file`'s stat, an error naming it if it went away or became unreachable since the folder was listed."""
+    try:
+        return file.stat()
+    except OSError as e:
+        raise UnreadableImageError(f"cannot read image {printable(str(file))} ({e.strerror or e}); expected the "
+                                   "file listed a moment before; fix: rerun once the dataset stops changing, or "
+                                   "restore the file") from e

@@ -7,53 +7,42 @@ file name; hidden and system files are skipped and anything else that is not an 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from featcache import system
 from featcache.errors import BadInputError, UnreadableImageError
-from featcache.sources.dataset import Dataset, Split, existing
+from featcache.sources.dataset import Dataset, Split, existing, require_utf8
 from featcache.sources.images import is_system_file, pillow_extensions, printable, read_image
 
 log = logging.getLogger(__name__)
 
 
 
+_LAYOUT = "expected ROOT/train/<class>/<image> and ROOT/test/<class>/<image>"
+
+
 def load_image_folder(path: str) -> Dataset:
-    """A tree ROOT/{train,test}/<class>/<image> in any format Pillow reads."""
+    """A tree ROOT/{train,test}/<class>/<image> in any format Pillow reads.
+
+    Every entry is checked before any file is opened, each refused in one line naming it: a name that is not
+    UTF-8 (root or class folder), an entry that cannot be listed or followed (no permission, a symlink loop, a
+    dangling link), a file where a class folder belongs, and anything in a class folder that is not a regular image
+    file (a FIFO would block its first read forever). A symlink counts as what it points to."""
     root = existing(path)
-    layout = "expected ROOT/train/<class>/<image> and ROOT/test/<class>/<image>"
     if not root.is_dir():
-        raise BadInputError(f"{root} is not a folder; {layout}")
-    splits = {}
-    for split in ("train", "test"):
-        folder = root / split
-        if not folder.is_dir():
-            raise BadInputError(f"{folder} is missing; {layout}")
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not classes:
-            raise BadInputError(f"{folder} has no class folders; {layout}")
-        splits[split] = classes
-    if splits["train"] != splits["test"]:
-        only_train = sorted(set(splits["train"]) - set(splits["test"]))
-        only_test = sorted(set(splits["test"]) - set(splits["train"]))
-        raise BadInputError(f"train and test class folders differ in {root}: only in train {only_train}, "
-                            f"only in test {only_test}; fix: give both splits the same class folders")
-    classes = splits["train"]
-    image_exts = {ext for ext in pillow_extensions()}
+        raise BadInputError(f"{root} is not a folder; {_LAYOUT}")
+    classes = _class_names(root)
+    image_exts = pillow_extensions()
     out = {}
     for split in ("train", "test"):
         files, labels = [], []
         for label, name in enumerate(classes):
-            folder = root / split / name
-            entries = sorted(p for p in folder.iterdir() if not is_system_file(p.name))
-            for p in entries:
-                if p.is_dir() or p.suffix.lower() not in image_exts:
-                    raise BadInputError(f"{p} is not an image file; expected only images in {folder}; "
-                                        "fix: move it out of the dataset")
-            if not entries:
-                raise BadInputError(f"{folder} has no images; fix: add images or remove the class folder")
+            entries = _images(root / split / name, image_exts)
             files += entries
             labels += [label] * len(entries)
         out[split] = Split(labels=np.asarray(labels, np.int64), files=tuple(files),
@@ -63,6 +52,65 @@ def load_image_folder(path: str) -> Dataset:
                    class_names=tuple(classes), fingerprint="")
 
 
+def _class_names(root: Path) -> list[str]:
+    """The class folders' names, sorted, the same in both splits."""
+    splits = {}
+    for split in ("train", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            raise BadInputError(f"{folder} is missing; {_LAYOUT}")
+        classes = []
+        for p, mode in _listing(folder):
+            if not stat.S_ISDIR(mode):   # a class would silently be missing from the dataset
+                raise BadInputError(f"{printable(str(p))} is not a folder; {_LAYOUT}, only class folders in "
+                                    f"{printable(str(folder))}; fix: move it out of the dataset")
+            require_utf8(p)   # class names are written to the cache as UTF-8 text
+            classes.append(p.name)
+        if not classes:
+            raise BadInputError(f"{folder} has no class folders; {_LAYOUT}")
+        splits[split] = sorted(classes)
+    if splits["train"] != splits["test"]:
+        only_train = sorted(set(splits["train"]) - set(splits["test"]))
+        only_test = sorted(set(splits["test"]) - set(splits["train"]))
+        raise BadInputError(f"train and test class folders differ in {root}: only in train {only_train}, "
+                            f"only in test {only_test}; fix: give both splits the same class folders")
+    return splits["train"]
+
+
+def _images(folder: Path, image_exts: set[str]) -> list[Path]:
+    """The image files of class folder `folder`, sorted by name; anything else is refused, never opened."""
+    entries = _listing(folder)
+    for p, mode in entries:
+        if stat.S_ISDIR(mode) or p.suffix.lower() not in image_exts:
+            raise BadInputError(f"{printable(str(p))} is not an image file; expected only images in "
+                                f"{printable(str(folder))}; fix: move it out of the dataset")
+        if not stat.S_ISREG(mode):
+            raise BadInputError(f"{printable(str(p))} is not a regular file (a FIFO, socket or device); expected "
+                                f"only image files in {printable(str(folder))}; fix: move it out of the dataset")
+    if not entries:
+        raise BadInputError(f"{folder} has no images; fix: add images or remove the class folder")
+    return [p for p, _ in entries]
+
+
+def _listing(folder: Path) -> list[tuple[Path, int]]:
+    """(entry, st_mode) of each entry of `folder` but hidden and system files, sorted by name; a symlink's mode is
+    its target's. A folder that cannot be listed or an entry that cannot be followed is refused naming it: a
+    rerun cannot fix either."""
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        raise BadInputError(f"cannot list {printable(str(folder))} ({e.strerror or e}); expected a readable "
+                            "folder; fix: make it readable or move it out of the dataset") from e
+    out = []
+    for p in sorted(folder / name for name in names if not is_system_file(name)):   # sorted as paths, as ever: rows and fingerprints keep their order
+        try:
+            mode = os.stat(p).st_mode
+        except OSError as e:
+            raise BadInputError(f"cannot follow {printable(str(p))} ({e.strerror or e}); expected a file or "
+                                "folder, got a symlink loop, a dangling link or an entry out of reach; fix: repair "
+                                "or remove it") from e
+        out.append((p, mode))
+    return out
 
 
 def without_bad_images(ds: Dataset) -> Dataset:

@@ -8,9 +8,11 @@ code serves extraction, prediction and the raw-pixel baselines.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +37,10 @@ _JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
 def read_image(path: Path, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 RGB pixels as an image viewer shows them: EXIF orientation applied, 16-bit values scaled.
-    A plain JPEG of `out`'s shape is decoded into `out` (a view of it is returned)."""
+    """uint8 RGB pixels as an image viewer shows them: EXIF orientation applied, 16-bit values scaled, float
+    values (Pillow mode "F", e.g. a float TIFF) scaled from 0..1 to 0..255 when none exceeds 1.0, else clipped to
+    0..255. A plain JPEG of `out`'s shape is decoded into `out` (a view of it is returned). Only a regular file is
+    opened (see `read_bytes`)."""
     if path.suffix.lower() in _JPEG_SUFFIXES:
         pixels = _read_plain_jpeg(path, out)
         if pixels is not None:
@@ -44,18 +48,33 @@ def read_image(path: Path, out: np.ndarray | None = None) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with open_regular(path) as f, Image.open(f) as img:
             img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):   # 16-bit grayscale: scale, don't clip
-                gray = np.asarray(img, dtype=np.float64)
-                top = 65535.0 if img.mode.startswith("I;16") or gray.max() > 255 else 255.0
-                gray = np.clip(np.rint(gray * (255.0 / top)), 0, 255).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=-1)
+            gray = _gray_as_rgb(img)
+            if gray is not None:
+                return gray
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")
             return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise _unreadable(path, e) from e
+
+
+def _gray_as_rgb(img) -> np.ndarray | None:
+    """16-bit, 32-bit integer and float gray images as uint8 RGB, scaled rather than clipped (Pillow's own
+    conversion clips, so a 16-bit image turns white and a float one in 0..1 black); None for other modes."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        gray = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or gray.max() > 255 else 255.0
+        gray = gray * (255.0 / top)
+    elif img.mode == "F":
+        gray = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)   # NaN: no value, shown black
+        if gray.size and gray.max() <= 1.0:   # the usual float convention, 0..1; anything larger is taken as 0..255
+            gray = gray * 255.0
+    else:
+        return None
+    gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 def _read_plain_jpeg(path: Path, out: np.ndarray | None = None) -> np.ndarray | None:
@@ -68,7 +87,7 @@ def _read_plain_jpeg(path: Path, out: np.ndarray | None = None) -> np.ndarray | 
     if simplejpeg is None:
         return None
     try:
-        data = _read_bytes(path)
+        data = read_bytes(path)
         if b"Exif\0" in data or _XMP in data:   # either may carry an orientation; a whole-file look costs little
             return None
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -97,15 +116,51 @@ def _jpeg_modules():
     return simplejpeg, Image
 
 
-def _read_bytes(path: Path) -> bytes:
-    """A file's bytes with three system calls: half the time of `Path.read_bytes` for a small file."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))   # O_BINARY: no newline translation on Windows
+#: O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever; on a regular file it does nothing
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)   # O_BINARY: Windows
+
+
+def _open_regular_fd(path: Path) -> tuple[int, int]:
+    """(descriptor, size) of `path` opened for reading, an OSError unless it is a regular file: the folder
+    listing refuses FIFOs, sockets and devices already; this check, on the opened file, closes the gap of one
+    swapped in after the listing."""
+    fd = os.open(path, _OPEN_FLAGS)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
+    return fd, st.st_size
+
+
+def open_regular(path: Path) -> io.BufferedReader:
+    """`path` opened for binary reading, an OSError unless it is a regular file (see `_open_regular_fd`)."""
+    fd, _ = _open_regular_fd(path)
+    return os.fdopen(fd, "rb")
+
+
+def read_bytes(path: Path) -> bytes:
+    """A regular file's bytes with three system calls: half the time of `Path.read_bytes` for a small file. An
+    OSError for anything else (see `_open_regular_fd`)."""
+    fd, size = _open_regular_fd(path)
     try:
-        size = os.fstat(fd).st_size
         data = os.read(fd, size)
+        while len(data) < size:   # a short read (huge file, signal): read on, from the same file
+            more = os.read(fd, size - len(data))
+            if not more:
+                break
+            data += more
     finally:
         os.close(fd)
-    return data if len(data) == size else path.read_bytes()   # a short read (huge file, signal): plain read
+    return data
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of image file `path` (`read_bytes`); an OSError becomes an UnreadableImageError naming it, as a
+    file that cannot be read is fixed like one that cannot be decoded, not by a rerun."""
+    try:
+        return read_bytes(path)
+    except OSError as e:
+        raise _unreadable(path, e) from e
 
 
 def check_header(path: Path, content: bytes) -> None:
@@ -124,8 +179,13 @@ def check_header(path: Path, content: bytes) -> None:
 def _unreadable(path: Path, e: Exception) -> UnreadableImageError:
     from PIL import UnidentifiedImageError
 
-    why = "not a format Pillow can identify" if isinstance(e, UnidentifiedImageError) else first_line(e)
-    return UnreadableImageError(f"cannot read image {path} ({why}); fix: replace or remove the file, or pass "
+    if isinstance(e, UnidentifiedImageError):
+        why = "not a format Pillow can identify"
+    elif isinstance(e, OSError) and e.strerror and e.filename:
+        why = e.strerror   # the message would repeat the path
+    else:
+        why = first_line(e)
+    return UnreadableImageError(f"cannot read image {printable(str(path))} ({why}); fix: replace or remove the file, or pass "
                                 "--skip-bad-images to leave unreadable images out")
 
 
