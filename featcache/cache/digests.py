@@ -35,10 +35,8 @@ def digest(rows) -> bytes:
     """sha256 (hex, ASCII) of rows as stored: numbers by their bytes (in their own dtype), text by its UTF-8."""
     a = np.asarray(rows)
     h = hashlib.sha256()
-    if a.dtype.kind in "OSU":
-        for v in a.ravel():
-            h.update(v.encode() if isinstance(v, str) else bytes(v))
-            h.update(b"\0")
+    if a.dtype.kind in "OSU":   # one update of the joined text: the same digest as one per value, far fewer calls
+        h.update(b"".join((v.encode() if isinstance(v, str) else bytes(v)) + b"\0" for v in a.ravel()))
     else:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest().encode()
