@@ -30,7 +30,7 @@ def load_image_folder(path: str) -> Dataset:
     """A tree ROOT/{train,test}/<class>/<image> in any format Pillow reads.
 
     Every entry is checked before any file is opened, each refused in one line naming it: a name that is not
-    UTF-8 (root or class folder), an entry that cannot be listed or followed (no permission, a symlink loop, a
+    UTF-8 (root, class folder or image: the cache stores names as text), an entry that cannot be listed or followed (no permission, a symlink loop, a
     dangling link), a file where a class folder belongs, and anything in a class folder that is not a regular image
     file (a FIFO would block its first read forever). A symlink counts as what it points to."""
     root = existing(path)
@@ -87,6 +87,7 @@ def _images(folder: Path, image_exts: set[str]) -> list[Path]:
         if not stat.S_ISREG(mode):
             raise BadInputError(f"{printable(str(p))} is not a regular file (a FIFO, socket or device); expected "
                                 f"only image files in {printable(str(folder))}; fix: move it out of the dataset")
+        require_utf8(p)   # stored with U+FFFD, the cache's path would name no file (inspect, mistakes)
     if not entries:
         raise BadInputError(f"{folder} has no images; fix: add images or remove the class folder")
     return [p for p, _ in entries]
