@@ -149,7 +149,7 @@ def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pru
     pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
                "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2),
                "none": lambda: optuna.pruners.NopPruner()}
-    with _creating(folder):   # Optuna's schema creation races when two processes start on one new SQLite file
+    with locked(folder):   # Optuna's schema creation races when two processes start on one new SQLite file
         try:
             study = optuna.create_study(study_name=name, storage=open_storage(folder, storage), load_if_exists=True,
                                         pruner=pruners[pruner](), direction=DIRECTIONS[objective])
@@ -161,7 +161,7 @@ def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pru
         # and a search run once from scratch draws the same trials for the same seed
         opened = study.user_attrs.get(OPENED, 0)
         study.set_user_attr(OPENED, opened + 1)
-    study.sampler = make_sampler(sampler, space, seed + opened)
+    study.sampler = make_sampler(sampler, space, seed + opened, folder)
     return study
 
 
@@ -170,8 +170,9 @@ OPENED = "processes_opened"
 
 
 @contextlib.contextmanager
-def _creating(folder: Path):
-    """An exclusive lock of the search folder while a process opens (and perhaps creates) its study."""
+def locked(folder: Path):
+    """An exclusive lock of the search folder, held while a process opens (and perhaps creates) its study, and
+    while the grid sampler picks a point, so that processes sharing the study never pick the same one."""
     with (folder / "study.lock").open("a") as fd:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -184,12 +185,14 @@ def _creating(folder: Path):
 DIRECTIONS = {"val_loss": "minimize", "val_accuracy": "maximize"}
 
 
-def make_sampler(sampler: str, space: list[Param], seed: int):
+def make_sampler(sampler: str, space: list[Param], seed: int, folder: Path):
     import optuna
+
+    from heads.trials import OncePerPoint
 
     return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
             "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-            "grid": lambda: optuna.samplers.GridSampler(grid_of(space), seed=seed)}[sampler]()
+            "grid": lambda: OncePerPoint(grid_of(space), folder=folder)}[sampler]()
 
 
 def open_storage(folder: Path, storage: str | None, *, heartbeats: bool = True):

@@ -58,7 +58,8 @@ def run_search(cache, params: list, *, layer=None, sampler: str | None = None, t
         # every process on the study stops once the study holds `trials` ended trials in all
         in_all = [] if trials is None else [optuna.study.MaxTrialsCallback(trials, states=ENDED)]
         study.optimize(lambda t: _trial(t, params, base, data, objective, folder / "tensorboard"), n_trials=left,
-                       timeout=timeout, callbacks=[lambda s, t: bar.update(1), *in_all], catch=(FloatingPointError,))
+                       timeout=timeout, callbacks=[lambda s, t: bar.update(not _surplus(t)), *in_all],
+                       catch=(FloatingPointError,))
         bar.close()
     return _finish(folder, study, params, base, data, reports,
                    dict(sampler=sampler, pruner=pruner, objective=objective, name=name, engine=engine,
@@ -68,10 +69,21 @@ def run_search(cache, params: list, *, layer=None, sampler: str | None = None, t
 ENGINES = ("local", "ray")
 
 
+def _surplus_asked(trial) -> bool:
+    """Whether OncePerPoint marked this live trial SURPLUS (read from the storage: the trial's own copy of its
+    attributes was taken before the sampler saw it)."""
+    return bool(trial.study.get_trials(deepcopy=False)[trial.number].user_attrs.get(SURPLUS))
+
+
+def _surplus(t) -> bool:
+    """A grid trial that was not run (OncePerPoint): left out of every count and record."""
+    return bool(t.user_attrs.get(SURPLUS)) and t.state == TrialState.PRUNED and not t.intermediate_values
+
+
 def _left(study, params: list, sampler: str, trials: int | None) -> int | None:
     """Trials still to run: `trials` less those run to an end, completed or pruned (a grid: no more than its points
     not yet run). A failed trial does not count: it is run again."""
-    done = len(study.get_trials(deepcopy=False, states=ENDED))
+    done = len([t for t in study.get_trials(deepcopy=False, states=ENDED) if not _surplus(t)])
     left = None if trials is None else max(0, trials - done)
     if sampler == "grid":
         left = max(0, hs.grid_size(params) - done) if left is None else min(left, max(0, hs.grid_size(params) - done))
@@ -82,7 +94,38 @@ def _left(study, params: list, sampler: str, trials: int | None) -> int | None:
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+class OncePerPoint(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, made safe for processes sharing a study: every process orders the grid the same way
+    (a point is stored in the study by its place in the sampler's seeded shuffle, so processes with different seeds
+    (seed + k for the k-th, or another --seed) ran each other's points again); a point is picked under the search
+    folder's lock; and a trial asked for once every point has been started (in any process) is marked SURPLUS,
+    where Optuna's would run a started point a second time. The local engine stops on a SURPLUS trial."""
+
+    def __init__(self, grid: dict, *, folder: Path):
+        super().__init__(grid, seed=0)
+        self._folder = folder
+
+    def before_trial(self, study, trial) -> None:
+        with hs.locked(self._folder):
+            fresh = "grid_id" not in trial.system_attrs and "fixed_params" not in trial.system_attrs
+            if fresh and trial.number >= len(self._all_grids) and self._all_started(study, trial):
+                study._storage.set_trial_user_attr(trial._trial_id, SURPLUS, True)
+            super().before_trial(study, trial)
+
+    def _all_started(self, study, trial) -> bool:
+        started = {t.system_attrs["grid_id"] for t in study.get_trials(deepcopy=False)
+                   if t.number != trial.number and "grid_id" in t.system_attrs and t.state != TrialState.WAITING}
+        return len(started) >= len(self._all_grids)
+
+
+#: The user attribute of a grid trial asked for once every point had been started: not run, not recorded.
+SURPLUS = "surplus"
+
+
 def _trial(trial, params: list, base: dict, data: SearchData, objective: str, logs: Path) -> float:
+    if _surplus_asked(trial):   # another process sharing the study started the grid's last point
+        trial.study.stop()
+        raise optuna.TrialPruned()
     values = {p.name: hs.suggest(trial, p) for p in params}
     figures = evaluate(values, base, data, logs / f"trial-{trial.number}", [hs.pruning_callback(trial, objective)])
     for key, value in figures.items():
@@ -106,7 +149,7 @@ def _finish(folder: Path, study, params: list, base: dict, data: SearchData, rep
     train_data, _ = data.get(config, values.get(hs.LAYERS))
     winner = train(train_data, TrainConfig(**{**config.__dict__, "name": f"{settings['name']}-winner"}),
                    runs_dir=folder, progress=False)
-    rows = [_row(t, reports.get(t.number)) for t in study.trials]
+    rows = [_row(t, reports.get(t.number)) for t in study.trials if not _surplus(t)]
     record = {**settings, "space": [p.__dict__ for p in params], "fixed": _jsonable(base), "trials": rows,
               "best_trial": best.number, "winner": {"run": winner.run_dir.name, "params": best.params,
                                                     "test_accuracy": winner.metrics["test_accuracy"],

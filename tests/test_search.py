@@ -205,6 +205,29 @@ def test_two_processes_share_one_study(tiny_cache, tmp_path):
     assert len({t.params["dropout"] for t in study.trials}) == len(study.trials)   # no trial sampled twice
 
 
+def test_a_grid_point_another_process_started_is_not_run_again(tiny_cache, tmp_path):
+    """Two searches sharing a grid: once every point had been started, Optuna's grid sampler ran a point that
+    another process was still running a second time (issue 32)."""
+    from heads import search as hs
+
+    grid = ("--param", "dropout=0.1|0.2", "--param", "lr=0.001|0.01")
+    params = [hs.parse_param(grid[1]), hs.parse_param(grid[3])]
+    folder = tmp_path / "search-search"
+    folder.mkdir()
+    other = hs.make_study(folder, "search", params, sampler="grid", pruner="none", objective="val_loss",
+                          storage=None, seed=0)
+    elsewhere = other.ask()   # another process's trial, still running on its grid point
+    running = {p.name: hs.suggest(elsewhere, p) for p in params}
+    r = run("search", "--cache", tiny_cache, *grid, "--head", "dense", "--pruner", "none", "--seed", "7",
+            "--runs-dir", tmp_path, *QUICK)   # another seed: the grid's order must not depend on it
+    assert r.exit_code == 0, r.output
+    record = json.loads(Path(r.stdout.strip(), "search.json").read_text())
+    done = [t["params"] for t in record["trials"] if t["state"] == "complete"]
+    assert len(done) == 3 and {str(v) for v in running.values()} != set() and all(
+        {k: float(v) for k, v in d.items()} != running for d in done), (done, running)
+    assert len(record["trials"]) == 4   # the three run here and the one running elsewhere; none skipped shows
+
+
 @pytest.mark.xdist_group("ray")
 def test_ray_engine_gives_the_local_figures_of_a_grid_and_leaves_no_process(tiny_cache, tmp_path):
     pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install 'featcache[ray]')")
