@@ -24,6 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from featcache import system
+from featcache.cache import digests
 from featcache.errors import BadInputError, CacheError, WorkerError
 from heads.batches import BLOCK_ROWS, batches_per_epoch, epoch_batches, on_tensorflow, plan_batches
 
@@ -107,6 +108,15 @@ class CachedRows:
             raise _reopen_failed(self.path, "was replaced by another file")
         return f
 
+    def _rows_check(self, f):
+        """The digests of this dataset, checked as its rows are read (one per process: its records are hashed
+        once); None for a file written before digests, or a joined cache's virtual features (their shards
+        carry their own, checked by `info --verify`)."""
+        if "_check" not in self.__dict__:
+            self._check = None if not digests.has_digests(f) or f[self.name].is_virtual else \
+                digests.RowsCheck(f, self.name)
+        return self._check
+
     def read(self, positions: np.ndarray, dtype=np.float32) -> np.ndarray:
         """The rows at `positions` (into this view), in that order, as `dtype`; contiguous runs of file
         rows are read as one slice each."""
@@ -116,11 +126,15 @@ class CachedRows:
         out = np.empty((len(wanted), *self.row_shape), dtype)
         if len(wanted):
             with self._open() as f:
-                data = f[self.name]
+                data, check = f[self.name], self._rows_check(f)
                 try:
                     for run in _runs(wanted):
                         first, last = wanted[run[0]], wanted[run[-1]]
-                        out[run] = data[first:last + 1][wanted[run] - first]
+                        rows = data[first:last + 1]
+                        problems = check.check(data, int(first), rows) if check else []
+                        if problems:
+                            raise digests.differs(self.path, problems)
+                        out[run] = rows[wanted[run] - first]
                 except OSError as e:   # a chunk failing its checksum
                     raise CacheError(f"{self.path}: rows of {self.name} cannot be read back ({e}): damaged on disk; "
                                      "fix: delete it and rerun `featcache extract`") from e

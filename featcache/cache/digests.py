@@ -6,9 +6,8 @@ file: `/digests/<dataset path>` holds records (start, stop, sha256) that tile it
 recorded batch by batch, next to the resume point, so a resumed partial keeps the records of the runs before
 it; write-once datasets get one record. A file is renamed into place only once every record matches what
 is read back (`check`), so a write that never reached the disk (a full disk, a failing device) cannot be
-published, and a later edit of any byte is found by the reads that check them (`check`) and by
-`featcache info --verify`. Streamed reads (blocks of rows, not whole records) check that values are finite; the
-digests are checked by whole-split reads, the publish and `info --verify`. (HDF5's Fletcher-32 chunk checksum
+published, and a later edit of any byte is found by the reads that check them (`check`; `RowsCheck` for
+streamed reads, which read rows in pieces) and by `featcache info --verify`. (HDF5's Fletcher-32 chunk checksum
 was tried and left out: as a filter it turns the raw writes into space allocated when the file is created, which
 the kill-and-resume design rests on, into chunks HDF5 places as they are written; a chunk never written then read
 back as zeros, not as an error.)
@@ -22,6 +21,8 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+
+from featcache.errors import CacheError
 
 #: The group of the records; every dataset path under it mirrors a dataset of the file.
 GROUP = "digests"
@@ -99,6 +100,42 @@ def check(f, path: str, array: np.ndarray | None = None) -> list[str]:
         if not problems and digest(data[start:stop]) != sha:
             problems.append(f"/{path} rows {start}-{stop} differ from what was written")
     return problems
+
+
+def differs(path, problems: list[str]) -> CacheError:
+    """The one error for a file whose content is not what featcache wrote (`problems`: from `check`)."""
+    return CacheError(f"{path} differs from what was written ({'; '.join(problems[:3])}); fix: delete it and rerun "
+                      "the same `featcache extract` command")
+
+
+class RowsCheck:
+    """The records of one dataset, checked as its rows are read in pieces (a streamed read): a record is hashed
+    once per instance, from the rows just read where they cover it, else read whole once (the rows at a piece's
+    edges), so an epoch's reads cost one hash of the dataset, and later epochs none."""
+
+    def __init__(self, f, path: str):
+        recs = records(f, path)
+        self.path, self.problems = path, [] if recs is not None else [f"/{path} has no digest"]
+        if recs is not None:
+            recs = np.sort(recs[recs["stop"] != recs["start"]], order="start")
+            self.problems = _tiling(recs, len(f[path]), path)
+            self.starts, self.stops, self.shas = recs["start"], recs["stop"], recs["sha256"]
+            self.done = np.zeros(len(recs), bool)
+
+    def check(self, data, first: int, rows: np.ndarray) -> list[str]:
+        """Problems of `rows`, just read as rows [first, first + len(rows)) of `data` (the open dataset)."""
+        if self.problems:
+            return self.problems
+        last = first + len(rows)
+        for i in range(np.searchsorted(self.stops, first, "right"), np.searchsorted(self.starts, last, "left")):
+            if self.done[i]:
+                continue
+            start, stop = int(self.starts[i]), int(self.stops[i])
+            block = rows[start - first:stop - first] if first <= start and stop <= last else data[start:stop]
+            if digest(block) != self.shas[i]:
+                return [f"/{self.path} rows {start}-{stop} differ from what was written"]
+            self.done[i] = True
+        return []
 
 
 def _tiling(recs: np.ndarray, n: int, path: str) -> list[str]:

@@ -144,13 +144,27 @@ def pool_source(cache, layer: str, pooling: str) -> dict:
             if name not in f:
                 out["views"] = None
                 continue
-            data = f[name]
-            row_bytes = int(np.prod(data.shape[1:])) * data.dtype.itemsize
-            block = max(1, BLOCK_BYTES // row_bytes)
-            out["views" if views else split] = _finite(global_pool(data, pooling, rows=block), cache, name)
+            out["views" if views else split] = _finite(_pooled_blocks(f, cache, name, pooling), cache, name)
             if not views:
                 out[f"{split}_labels"] = f[f"{split}/labels"][...]
     return out
+
+
+def _pooled_blocks(f, cache, name: str, pooling: str) -> np.ndarray:
+    """Dataset `name` of the open source file pooled block by block (about BLOCK_BYTES each), every block checked
+    against the digests recorded when it was written: a damaged source must not be pooled into a file whose own
+    digests would then vouch for it."""
+    data = f[name]
+    block = max(1, BLOCK_BYTES // (int(np.prod(data.shape[1:])) * data.dtype.itemsize))
+    check = digests.RowsCheck(f, name) if digests.has_digests(f) and not data.is_virtual else None
+    pooled = []
+    for start in range(0, len(data), block):
+        rows = data[start:start + block]
+        problems = check.check(data, start, rows) if check else []
+        if problems:
+            raise digests.differs(cache.path, problems)
+        pooled.append(global_pool(rows, pooling, rows=len(rows)))
+    return np.concatenate(pooled) if pooled else global_pool(data[:0], pooling)
 
 
 def _finite(x: np.ndarray, cache, name: str) -> np.ndarray:

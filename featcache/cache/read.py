@@ -299,8 +299,7 @@ def verify_content(cache: FeatureCache) -> int:
                              "checked; fix: rebuild it with `featcache extract ... --force`")
         problems = check_digests(f, cache)
     if problems:
-        raise CacheError(f"{cache.path} differs from what was written ({'; '.join(problems[:3])}); fix: delete it "
-                         "and rerun the same `featcache extract` command")
+        raise digests.differs(cache.path, problems)
     base = cache.path.resolve().parent
     checked = 0
     for record in cache.shards:
@@ -335,9 +334,19 @@ def checked(f, cache: FeatureCache, name: str, x: np.ndarray) -> np.ndarray:
     if digests.has_digests(f) and not f[name].is_virtual:
         problems = digests.check(f, name, x)
         if problems:
-            raise CacheError(f"{cache.path} differs from what was written ({problems[0]}); fix: delete it and rerun "
-                             "the same `featcache extract` command")
+            raise digests.differs(cache.path, problems)
     return x
+
+
+def checked_rows(f, cache: FeatureCache, name: str, first: int, rows: np.ndarray, state: dict) -> np.ndarray:
+    """`rows`, just read as rows [first, first + len) of dataset `name` of the open file of `cache`: finite and,
+    where the file has digests, equal to what was written (`digests.RowsCheck`, kept in `state` between calls)."""
+    if "check" not in state:
+        state["check"] = digests.RowsCheck(f, name) if digests.has_digests(f) and not f[name].is_virtual else None
+    problems = state["check"].check(f[name], first, rows) if state["check"] else []
+    if problems:
+        raise digests.differs(cache.path, problems)
+    return check_finite(rows, cache, f"/{name} rows {first}-{first + len(rows)}")
 
 
 @contextlib.contextmanager
@@ -390,7 +399,7 @@ def as_tf_dataset(cache, split: str, *, layer: str | None = None, batch_size: in
     path, n = str(Path(cache.path)), cache.splits[split].n
     shape = cache.splits[split].shapes[cache.select_layer(layer)][1:]
     out_shape = (shape[-1],) if pooling else tuple(shape)
-    epoch = [-1]
+    epoch, state = [-1], {}   # state: the digests' check, kept across epochs (a record is hashed once)
 
     def blocks():
         import h5py
@@ -400,7 +409,7 @@ def as_tf_dataset(cache, split: str, *, layer: str | None = None, batch_size: in
             [(s, min(s + block_rows, n)) for s in range(0, n, block_rows)]
         with h5py.File(path, "r") as f:   # opened per epoch, in the reading thread: h5py objects do not fork
             for s, e in order:
-                x = check_finite(f[name][s:e], cache, f"{split} rows {s}-{e}")
+                x = checked_rows(f, cache, name, s, f[name][s:e], state)
                 yield (global_pool(x, pooling) if pooling else x.astype(np.float32)), f[f"{split}/labels"][s:e]
 
     ds = tf.data.Dataset.from_generator(blocks, output_signature=(
