@@ -29,6 +29,10 @@ class CacheError(FeatcacheError):
     """A cache file is not usable: foreign, corrupt, stale, or of another format version."""
 
 
+class DiskFullError(FeatcacheError, OSError):
+    """An output did not fit on its disk (or quota): nothing was replaced, nothing half-written kept."""
+
+
 class WorkerError(RuntimeError):
     """A process featcache started (a Ray worker, a decoding or reading process) failed or died: killed, or out of
     memory. Not bad input (the CLI exits with 1), but said in one line, with what was kept and how to go on."""

@@ -7,6 +7,7 @@ memory may I use?", "does this fit the disk?") in one way. Nothing here knows ab
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from featcache.errors import BadInputError, WorkerError
+from featcache.errors import BadInputError, DiskFullError, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,12 @@ def staged_folder(final: Path, purpose: str, *, force: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{purpose}.", dir=final.parent))
     old = None
     try:
-        yield tmp
-        for path in [*tmp.rglob("*"), tmp]:
-            fsync_path(path)
+        try:
+            yield tmp
+            for path in [*tmp.rglob("*"), tmp]:
+                fsync_path(path)
+        except OSError as e:
+            raise (no_room(e, final) or e) from e
         if final.exists():
             if any(final.iterdir()) and not force:
                 raise BadInputError(f"{final} is not empty; fix: pass another folder, or --force")
@@ -133,6 +137,14 @@ def staged_folder(final: Path, purpose: str, *, force: bool = False):
             shutil.rmtree(old, ignore_errors=True)
 
 
+def no_room(error: OSError, target: Path, fix: str = "free some space, or pass another -o"):
+    """A full disk (or quota) met while writing `target`, as the one-line DiskFullError; None for another error."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return DiskFullError(f"{Path(target).parent} is full ({error.strerror}) while writing {target}: nothing was "
+                         f"replaced and nothing half-written kept; fix: {fix}")
+
+
 def staged_file(final: Path, text: str, *, force: bool = False) -> Path:
     """Write `text` to the file `final` through a temporary file beside it (fsynced, then renamed): a full disk
     leaves the old file whole. An existing `final` is replaced only with `force`."""
@@ -141,10 +153,13 @@ def staged_file(final: Path, text: str, *, force: bool = False) -> Path:
         raise BadInputError(f"{final} exists; fix: pass another -o, or --force to replace it")
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise (no_room(e, final) or e) from e
         os.replace(name, final)
         fsync_path(final.parent)
     finally:

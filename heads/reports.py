@@ -280,6 +280,10 @@ class staged_run_dir:
     def __exit__(self, kind, error, tb):
         if kind is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+            room = system.no_room(error, self.path, "free some space, or pass another --runs-dir") \
+                if isinstance(error, OSError) else None
+            if room:
+                raise room from error
             return False
         for i in range(1000):
             final = self.runs_dir / (self.stem if i == 0 else f"{self.stem}-{i}")

@@ -163,7 +163,7 @@ def test_verify_with_a_backend_that_is_not_installed_is_one_line(runs):
 def full_disk(tmp_path):
     from conftest import small_disk
 
-    yield from small_disk(tmp_path / "full", "1m")
+    yield from small_disk(tmp_path / "full", "64m")
 
 
 def test_a_search_whose_study_cannot_be_written_is_one_line(runs, full_disk):
@@ -174,3 +174,40 @@ def test_a_search_whose_study_cannot_be_written_is_one_line(runs, full_disk):
             "--runs-dir", full_disk, "--name", "s", "--param", "lr=1e-3|3e-3")
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert r.exit_code == 2 and len(errors) == 1 and "study.db" in errors[0] and "--storage" not in r.output, r.output
+
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill `disk` but `leave` bytes; the filler, to delete for room again."""
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * max(0, shutil.disk_usage(disk).free - leave))
+    return filler
+
+
+@pytest.mark.parametrize("command", ["export", "predict"])
+def test_outputs_on_a_full_disk_are_one_line_and_leave_what_was_there(runs, full_disk, command):
+    """An export or predictions that do not fit: one line, exit 2, no half-written output under its name, nothing
+    left in the way of the rerun; an earlier output replaced with --force is kept whole (issue 32, mechanism 9)."""
+    folder, made = runs
+    out = full_disk / ("exp" if command == "export" else "pred.csv")
+    args = (("export", made["dense"], "-o", out) if command == "export" else
+            ("predict", made["dense"], folder / "test", "-o", out))
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    before = {p.relative_to(full_disk): p.read_bytes() for p in [out, *out.rglob("*")] if p.is_file()}
+    filler = fill(full_disk, 0)
+    r = run(*args, "--force")
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "is full" in errors[0] and str(out) in errors[0], r.output
+    assert "Traceback" not in r.output
+    after = {p.relative_to(full_disk): p.read_bytes() for p in [out, *out.rglob("*")] if p.is_file()}
+    assert after == before, "the earlier output must be kept whole"
+    assert sorted(p.name for p in full_disk.iterdir()) == sorted(["filler", out.name]), "no temporary file left"
+    shutil.rmtree(out) if out.is_dir() else out.unlink()
+    filler.rename(full_disk / "filler-1")
+    fill(full_disk, 0)   # no room for a new output either
+    r = run(*args)
+    assert r.exit_code == 2 and not out.exists() and "is full" in r.output, r.output
+    for filler in full_disk.glob("filler*"):
+        filler.unlink()
+    assert run(*args).exit_code == 0, "the rerun must not be refused by what the failed one left"
