@@ -97,14 +97,22 @@ def read_json(path: str | Path, *, fix: str) -> dict:
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 (hex) of a file's bytes, read a MiB at a time."""
+    """sha256 (hex) of a file's bytes, read a MiB at a time; remembered for the file as it is now (a weights file is
+    hashed for the cache key and again when the backbone loads it: once is enough while it is unchanged)."""
     import hashlib
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    st = os.stat(path)
+    now = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if now not in _HASHED:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHED[now] = h.hexdigest()
+    return _HASHED[now]
+
+
+_HASHED: dict[tuple, str] = {}   # file_sha256's memory, by (path, inode, size, mtime, ctime)
 
 
 @contextlib.contextmanager

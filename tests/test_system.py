@@ -59,3 +59,20 @@ def test_a_script_on_standard_input_fails_at_once_with_decoding_processes_and_ru
         else:
             assert p.returncode == 1 and "decoding processes cannot start" in p.stderr \
                 and "standard input" in p.stderr and "--decoder threads" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_file_is_hashed_once_while_unchanged(tmp_path, monkeypatch):
+    import builtins
+    import hashlib
+
+    path = tmp_path / "w.h5"
+    path.write_bytes(b"a" * 3000)
+    opened = []
+    real = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    first = system.file_sha256(path)
+    assert system.file_sha256(path) == first == hashlib.sha256(b"a" * 3000).hexdigest() and len(opened) == 1
+    stat = path.stat()
+    path.write_bytes(b"b" * 3000)   # the same size, its times set back: still hashed again (ctime moved)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert system.file_sha256(path) == hashlib.sha256(b"b" * 3000).hexdigest() and len(opened) == 2
