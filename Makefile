@@ -82,6 +82,7 @@ bench: extract ## measure speed, size, memory, precision, decoding, streaming an
 	$(BIN)/python bench/search.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 	$(BIN)/python bench/finetune.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(FT_SELECT) --no-progress)"
+	$(BIN)/python bench/decode.py
 
 bench-gpu: install ## extraction img/s on the accelerator: 32/224 px, float32 and auto precision (< 5 min); docs/benchmarks-gpu.*
 	$(BIN)/python bench/gpu.py

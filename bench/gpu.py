@@ -87,15 +87,16 @@ def device_name() -> str:
     return ", ".join(tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus) or "CPU"
 
 
-def decode_rate(data: Path, size: int, workers: int, batch_size: int, decoder: str) -> float:
-    """Images/s of JPEG decoding and resizing alone (the training split, `workers` threads or processes)."""
+def decode_rate(data: Path, size: int, workers: int, batch_size: int, decoder: str, scale_jpegs: bool = True) -> float:
+    """Images/s of JPEG decoding and resizing alone (the training split, `workers` threads or processes), as an
+    extraction at that --input-size decodes (DCT-scaled; `scale_jpegs=False`: every pixel decoded, then resized)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from featcache.extract import local as engine
 
     ds = load_dataset(data)
     splits = {"train": ds.train, "test": ds.test}
-    decode = engine.Decoding(size=(size, size), require_native=None).rows
+    decode = engine.Decoding(size=(size, size), require_native=None, scale_jpegs=scale_jpegs).rows
     chunks = [("train", s, min(s + batch_size, len(ds.train))) for s in range(0, len(ds.train), batch_size)]
     with engine.decode_processes(workers if decoder == "processes" else 0, splits) as processes:
         if processes:   # started and warm before the clock, as in an extraction

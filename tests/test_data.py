@@ -212,6 +212,42 @@ def test_plain_jpegs_decode_fast_to_the_pixels_pillow_gives(tmp_path, monkeypatc
         data.read_image(tmp_path / "broken.jpg")
 
 
+def test_large_jpegs_decode_at_a_dct_scale_to_the_pixels_pillow_gives(tmp_path, monkeypatch):
+    """DCT-scaled decoding (issue 33): a JPEG at least twice the input size is decoded at 1/2, 1/4 or 1/8, the
+    smallest scale still at least the input size, by simplejpeg where it applies and by Pillow's draft otherwise,
+    to the same pixels."""
+    import simplejpeg
+
+    from featcache.sources import Split, images
+
+    rng = np.random.default_rng(0)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (25, 17, 3), dtype=np.uint8)).resize((136, 200)))
+    img = np.clip(smooth + rng.integers(-9, 9, smooth.shape), 0, 255).astype(np.uint8)   # 200 x 136
+    cases = {"444.jpg": dict(subsampling=0), "420.jpg": dict(subsampling=2), "progressive.jpg": dict(progressive=True)}
+    for name, options in cases.items():
+        Image.fromarray(img).save(tmp_path / name, "JPEG", **options)
+    exif = Image.Exif()
+    exif[0x0112] = 6   # shown rotated: 136 x 200
+    Image.fromarray(img).save(tmp_path / "rotated.jpg", "JPEG", exif=exif)
+    fast = []
+    decode = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: fast.append(1) or decode(*a, **k))
+    for at_least, shape in (((32, 32), (50, 34)), ((60, 32), (100, 68)), ((100, 100), (200, 136))):
+        for name in cases:
+            with Image.open(tmp_path / name) as reference:
+                reference.draft("RGB", at_least[::-1])
+                expected = np.asarray(reference.convert("RGB"))
+            got = images.read_image(tmp_path / name, at_least=at_least)
+            assert got.shape == expected.shape == (*shape, 3), (name, at_least, got.shape)
+            np.testing.assert_array_equal(got, expected, err_msg=name)
+    assert len(fast) == 9
+    rotated = images.read_image(tmp_path / "rotated.jpg", at_least=(32, 60))   # stored: at least 60 x 32, scale 2
+    assert rotated.shape == (68, 100, 3) and len(fast) == 9   # EXIF: Pillow's path
+    split = Split(labels=np.zeros(2, np.int64), files=(tmp_path / "444.jpg", tmp_path / "rotated.jpg"))
+    scaled, full = split.load(0, 2, (32, 32), scale_jpegs=True), split.load(0, 2, (32, 32))
+    assert scaled.shape == full.shape == (2, 32, 32, 3) and np.abs(scaled.astype(int) - full).mean() < 8
+
+
 def test_a_batch_of_mixed_images_loads_as_pillow_shows_each(tmp_path):
     """JPEGs of the batch's size are decoded in place, others resized, non-JPEGs and EXIF-rotated ones go
     through Pillow: every row is what Pillow gives for its file."""

@@ -62,6 +62,37 @@ def test_predict_on_the_raw_test_images_gives_the_heads_predictions_on_the_cache
     np.testing.assert_allclose(got.probabilities, want, atol=1e-3)   # float16 storage, batches cut differently
 
 
+def test_large_jpegs_at_an_input_size_are_decoded_at_a_dct_scale_in_extract_and_predict(tmp_path):
+    """A JPEG folder at --input-size: the cache records the DCT-scaled decode in its resize method and key, its
+    features are those of the scaled decode, and predict (and the export's record) decode the same way."""
+    from conftest import CLASSES
+
+    from featcache import sources
+
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in CLASSES:
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(n):   # smooth 136 px photos: scaled by 4 for a 32 px input
+                small = rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)
+                Image.fromarray(small).resize((136, 136)).save(tmp_path / "d" / split / c / f"{i}.jpg", quality=90)
+    cache = extract(data=tmp_path / "d", input_size=32, cache_dir=tmp_path / "c", progress=False, **OPTS)
+    c = featcache.open_cache(cache)
+    assert c.meta.resize == sources.RESIZE_DCT and "resize" in c.meta.key_fields()
+    native = extract(data=tmp_path / "d", cache_dir=tmp_path / "c", progress=False, **OPTS)
+    assert featcache.open_cache(native).meta.resize == sources.RESIZE   # no --input-size: never scaled
+    files = _test_files(cache)
+    split = sources.Split(labels=np.zeros(len(files), np.int64), files=tuple(Path(f) for f in files))
+    scaled, full = split.load(0, len(files), (32, 32), scale_jpegs=True), split.load(0, len(files), (32, 32))
+    assert np.abs(scaled.astype(int) - full).max() > 0   # the two decodes differ: the test can tell them apart
+    run_dir = train_head(cache, model="dense", units=(8,), epochs=1, runs_dir=tmp_path / "runs",
+                         progress=False).run_dir
+    got = inference.predict(run_dir, files, progress=False)
+    np.testing.assert_allclose(got.probabilities, _cached_probabilities(run_dir, cache), atol=1e-3)
+    out = inference.export(run_dir, tmp_path / "exp")
+    assert sources.RESIZE_DCT in json.loads((out / "export.json").read_text())["takes"]
+
+
 def test_the_export_loads_and_predicts_where_featcache_cannot_be_imported(trained, tmp_path):
     _, cache, runs, _ = trained
     out = inference.export(runs["dense"], tmp_path / "exported")

@@ -13,7 +13,7 @@ from featcache.errors import CacheError
 def make_meta(**changes) -> CacheMeta:
     meta = CacheMeta(
         backbone="vgg16", layer="block3_pool", weights="random:seed=0", weights_source="random",
-        input_shape=(32, 32, 3), feature_shape=(4, 4, 256), preprocessing="caffe", resize="PIL bilinear",
+        input_shape=(32, 32, 3), feature_shape=(4, 4, 256), preprocessing="caffe", resize="PIL bilinear, uint8",
         dtype="float16", dataset_name="tiny", dataset_source="folder:/tmp/tiny", dataset_fingerprint="ab" * 32,
         limit=0, n_train=3, n_test=2, versions={"numpy": "2"}, created="2026-01-01T00:00:00+00:00")
     return dataclasses.replace(meta, **changes)
@@ -57,6 +57,9 @@ def test_single_layer_keys_are_unchanged_by_format_2():
     assert make_meta().format_version == 1
     assert make_meta().key == "8aa5a0d2e6e0361629a48703da95c6d972887e58858e906627a4cf84a4ff0976"
     assert make_meta(views=3, augment="flip", augment_seed=1).key.startswith("88e69d671896")
+    from featcache.sources import RESIZE_DCT  # JPEGs decoded at a DCT scale: another key
+
+    assert make_meta(resize=RESIZE_DCT).key != make_meta().key
 
 
 def test_several_layers_in_one_file(tmp_path):

@@ -38,10 +38,9 @@ BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     VGG16, RESNET50, MOBILENET_V2, EFFICIENTNET_V2B0, CONVNEXT_TINY,
 )}
 DEFAULT_BACKBONE = "vgg16"
-RESIZE = "PIL bilinear, uint8"
 
 __all__ = ["BACKBONES", "DEFAULT_BACKBONE", "PRECISIONS", "BackboneSpec", "Backbone", "get", "build",
-           "output_shapes", "check_layers", "check_input_size", "weights_identity", "resolve_precision", "RESIZE"]
+           "output_shapes", "check_layers", "check_input_size", "weights_identity", "resolve_precision"]
 
 
 def get(name: str) -> BackboneSpec:

@@ -45,7 +45,8 @@ SPLITS = ("train", "test")
 KEY_FIELDS = ("format_version", "backbone", "layer", "weights", "input_shape", "dtype",
               "dataset_fingerprint", "limit")
 #: Key fields added later: left out of the key at their default, so older caches keep their names.
-OPTIONAL_KEY_FIELDS = {"views": 1, "augment": "", "augment_seed": 0, "precision": "float32"}
+OPTIONAL_KEY_FIELDS = {"views": 1, "augment": "", "augment_seed": 0, "precision": "float32",
+                       "resize": "PIL bilinear, uint8"}   # featcache.sources.RESIZE (not imported: a sibling layer)
 _JSON_FIELDS = ("input_shape", "feature_shape", "versions", "skipped_images")
 _MAX_CHUNK_BYTES = 1 << 20
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from featcache import backbones, system
+from featcache import backbones, sources, system
 from featcache.cache import CacheMeta, FeatureCache, differences, open_cache
 from featcache.errors import BadInputError, CacheError
 from featcache.extract.spec import KEY_OPTIONS, ExtractSpec
@@ -43,11 +43,17 @@ def plan(spec: ExtractSpec | None = None, **options) -> tuple[Dataset, CacheMeta
         backbone=spec.backbone,
         weights=backbones.weights_identity(spec.weights, seed=spec.seed, backbone=spec.backbone),
         weights_source=_weights_source(spec.weights), input_shape=(*size, 3), preprocessing=bspec.preprocessing,
-        resize=backbones.RESIZE, dtype=spec.dtype, dataset_name=ds.name, dataset_source=ds.source,
+        resize=_resize(spec, ds), dtype=spec.dtype, dataset_name=ds.name, dataset_source=ds.source,
         dataset_fingerprint=ds.fingerprint, limit=ds.limit or 0, n_train=len(ds.train), n_test=len(ds.test),
         versions=system.package_versions(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         views=spec.views, augment=spec.augment, augment_seed=spec.augment_seed,
         skipped_images=tuple(tuple(x) for x in ds.skipped), precision=_precision(spec.precision))
+
+
+def _resize(spec: ExtractSpec, ds: Dataset) -> str:
+    """How images become inputs: image files at an --input-size have their JPEGs DCT-scaled first (RESIZE_DCT);
+    without one, every image must be the first's size, so no JPEG is ever scaled (and caches keep their keys)."""
+    return sources.RESIZE_DCT if spec.input_size and ds.train.files is not None else sources.RESIZE
 
 
 def _weights_source(weights) -> str:

@@ -45,11 +45,12 @@ class Split:
         return read_image(self.files[0]).shape[:2]
 
     def load(self, start: int, stop: int, size: tuple[int, int],
-             *, require_native: tuple[int, int] | None = None) -> np.ndarray:
+             *, require_native: tuple[int, int] | None = None, scale_jpegs: bool = False) -> np.ndarray:
         """Rows [start, stop) as uint8 (n, *size, 3), resized (bilinear) where needed.
 
         With `require_native`, an image of another native size is an error: the caller chose
         the input size from the images' own size, which only makes sense when they share it.
+        With `scale_jpegs`, large JPEGs are decoded at a DCT scale first (images.RESIZE_DCT).
         """
         if self.pixels is not None:
             batch = self.pixels[start:stop]
@@ -58,7 +59,7 @@ class Split:
             return np.stack([resize(img, size) for img in batch])
         out = np.empty((stop - start, *size, 3), np.uint8)
         for i, path in enumerate(self.files[start:stop]):
-            img = read_image(path, out=out[i])
+            img = read_image(path, out=out[i], at_least=size if scale_jpegs else None)
             if require_native is not None and img.shape[:2] != tuple(require_native):
                 raise BadInputError(
                     f"images differ in size: {path} is {img.shape[1]}x{img.shape[0]}, expected "

@@ -36,19 +36,40 @@ def pillow_extensions() -> set[str]:
 _JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
-def read_image(path: Path, out: np.ndarray | None = None) -> np.ndarray:
+#: How images become model inputs, recorded in a cache's metadata (`resize`, part of its key): resized (when not
+#: already the input size) from the decoded pixels...
+RESIZE = "PIL bilinear, uint8"
+#: ...or, for image files extracted at an --input-size, a JPEG at least twice that size on both sides decoded by
+#: libjpeg at 1/2, 1/4 or 1/8 scale (in the DCT domain: several times cheaper than decoding every pixel), the
+#: smallest scale still at least the input size, then resized as RESIZE.
+RESIZE_DCT = "JPEG DCT-scaled by 1/2, 1/4 or 1/8 to at least the input size, then PIL bilinear, uint8"
+
+
+def dct_scale(height: int, width: int, at_least: tuple[int, int]) -> int:
+    """The largest of 8, 4 and 2 (else 1) that a height x width JPEG can be scaled down by and stay at least
+    `at_least` (height, width) on both sides: the rule of Pillow's `Image.draft`, kept by both decoders."""
+    for scale in (8, 4, 2):
+        if scale * at_least[0] <= height and scale * at_least[1] <= width:
+            return scale
+    return 1
+
+
+def read_image(path: Path, out: np.ndarray | None = None, at_least: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 RGB pixels as an image viewer shows them: EXIF orientation applied, 16-bit values scaled, float
     values (Pillow mode "F", e.g. a float TIFF) scaled from 0..1 to 0..255 when none exceeds 1.0, else clipped to
-    0..255. A plain JPEG of `out`'s shape is decoded into `out` (a view of it is returned). Only a regular file is
-    opened (see `read_bytes`)."""
+    0..255. A plain JPEG of `out`'s shape is decoded into `out` (a view of it is returned). With `at_least`
+    (height, width), a JPEG is decoded at `dct_scale` (RESIZE_DCT): the caller resizes the rest of the way. Only
+    a regular file is opened (see `read_bytes`)."""
     if path.suffix.lower() in _JPEG_SUFFIXES:
-        pixels = _read_plain_jpeg(path, out)
+        pixels = _read_plain_jpeg(path, out, at_least)
         if pixels is not None:
             return pixels
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with open_regular(path) as f, Image.open(f) as img:
+            if at_least is not None and img.format == "JPEG":
+                _draft(img, at_least)
             img = ImageOps.exif_transpose(img)
             gray = _gray_as_rgb(img)
             if gray is not None:
@@ -58,6 +79,15 @@ def read_image(path: Path, out: np.ndarray | None = None) -> np.ndarray:
             return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise _unreadable(path, e) from e
+
+
+def _draft(img, at_least: tuple[int, int]) -> None:
+    """Have Pillow decode the JPEG `img` at `dct_scale` of it, `at_least` given as displayed (an EXIF orientation
+    of 5 to 8 swaps the stored sides)."""
+    height, width = at_least
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+        height, width = width, height
+    img.draft(img.mode, (width, height))
 
 
 def _gray_as_rgb(img) -> np.ndarray | None:
@@ -77,7 +107,8 @@ def _gray_as_rgb(img) -> np.ndarray | None:
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
-def _read_plain_jpeg(path: Path, out: np.ndarray | None = None) -> np.ndarray | None:
+def _read_plain_jpeg(path: Path, out: np.ndarray | None = None,
+                     at_least: tuple[int, int] | None = None) -> np.ndarray | None:
     """A YCbCr or gray JPEG without EXIF or XMP, decoded by libjpeg-turbo through simplejpeg (into `out` when the
     shapes agree): the pixels Pillow gives (tested equal, 4:4:4 to 4:2:0, progressive, gray), in a fraction of
     Pillow's time (README, "Compute precision and decoding"). None wherever Pillow must decide: no simplejpeg, EXIF or XMP (orientation),
@@ -94,8 +125,11 @@ def _read_plain_jpeg(path: Path, out: np.ndarray | None = None) -> np.ndarray | 
         limit = pillow.MAX_IMAGE_PIXELS   # None: no limit; 0 refuses every image, as in Pillow
         if colorspace not in ("YCbCr", "Gray") or (limit is not None and height * width > limit):
             return None
-        into = out if out is not None and out.shape == (height, width, 3) else None
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=into)
+        scale = 1 if at_least is None else dct_scale(height, width, at_least)
+        shape = (-(-height // scale), -(-width // scale), 3)   # libjpeg rounds a scaled side up
+        into = out if out is not None and out.shape == shape else None
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=into, min_height=shape[0], min_width=shape[1])
+        return pixels if pixels.shape == shape else None   # another scale than Pillow's: let Pillow decode it
     except (OSError, ValueError):
         return None
 
