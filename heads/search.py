@@ -12,8 +12,6 @@ once more and only it is evaluated on the test split, as a normal run folder ins
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import math
 from dataclasses import dataclass, fields
@@ -149,6 +147,8 @@ def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pru
     pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
                "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2),
                "none": lambda: optuna.pruners.NopPruner()}
+    from heads.grid import locked
+
     with locked(folder):   # Optuna's schema creation races when two processes start on one new SQLite file
         try:
             study = optuna.create_study(study_name=name, storage=open_storage(folder, storage), load_if_exists=True,
@@ -169,18 +169,6 @@ def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pru
 OPENED = "processes_opened"
 
 
-@contextlib.contextmanager
-def locked(folder: Path):
-    """An exclusive lock of the search folder, held while a process opens (and perhaps creates) its study, and
-    while the grid sampler picks a point, so that processes sharing the study never pick the same one."""
-    with (folder / "study.lock").open("a") as fd:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-
-
 #: Optuna's direction of each objective.
 DIRECTIONS = {"val_loss": "minimize", "val_accuracy": "maximize"}
 
@@ -188,7 +176,7 @@ DIRECTIONS = {"val_loss": "minimize", "val_accuracy": "maximize"}
 def make_sampler(sampler: str, space: list[Param], seed: int, folder: Path):
     import optuna
 
-    from heads.trials import OncePerPoint
+    from heads.grid import OncePerPoint
 
     return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
             "random": lambda: optuna.samplers.RandomSampler(seed=seed),

@@ -13,6 +13,7 @@ from featcache import system
 from featcache.errors import BadInputError
 from heads import search as hs
 from heads.config import TrainConfig
+from heads.grid import SURPLUS
 from heads.trial import SearchData, evaluate
 
 log = logging.getLogger(__name__)
@@ -92,34 +93,6 @@ def _left(study, params: list, sampler: str, trials: int | None) -> int | None:
 
 #: The trials `--trials` counts: run to an end (failed ones are run again).
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-class OncePerPoint(optuna.samplers.GridSampler):
-    """Optuna's grid sampler, made safe for processes sharing a study: every process orders the grid the same way
-    (a point is stored in the study by its place in the sampler's seeded shuffle, so processes with different seeds
-    (seed + k for the k-th, or another --seed) ran each other's points again); a point is picked under the search
-    folder's lock; and a trial asked for once every point has been started (in any process) is marked SURPLUS,
-    where Optuna's would run a started point a second time. The local engine stops on a SURPLUS trial."""
-
-    def __init__(self, grid: dict, *, folder: Path):
-        super().__init__(grid, seed=0)
-        self._folder = folder
-
-    def before_trial(self, study, trial) -> None:
-        with hs.locked(self._folder):
-            fresh = "grid_id" not in trial.system_attrs and "fixed_params" not in trial.system_attrs
-            if fresh and trial.number >= len(self._all_grids) and self._all_started(study, trial):
-                study._storage.set_trial_user_attr(trial._trial_id, SURPLUS, True)
-            super().before_trial(study, trial)
-
-    def _all_started(self, study, trial) -> bool:
-        started = {t.system_attrs["grid_id"] for t in study.get_trials(deepcopy=False)
-                   if t.number != trial.number and "grid_id" in t.system_attrs and t.state != TrialState.WAITING}
-        return len(started) >= len(self._all_grids)
-
-
-#: The user attribute of a grid trial asked for once every point had been started: not run, not recorded.
-SURPLUS = "surplus"
 
 
 def _trial(trial, params: list, base: dict, data: SearchData, objective: str, logs: Path) -> float:
