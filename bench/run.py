@@ -35,7 +35,7 @@ from featcache.extract import extract  # noqa: E402
 from featcache.sources import load_dataset  # noqa: E402
 from heads import fit as hf  # noqa: E402
 from heads import train as ht  # noqa: E402
-from heads.batches import in_ram_dataset  # noqa: E402
+from heads.feed import in_ram_dataset  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -1,6 +1,6 @@
 """One batch planner for every feed: which (row, view) pairs each batch of an epoch holds.
 
-Rows held in RAM (`in_ram_dataset`) and rows streamed from the cache (`heads.feed.Stream`) are
+Rows held in RAM and rows streamed from the cache (both handed to Keras by `heads.feed`) are
 batched by the same plan: training rows in a new seeded order each epoch, each with a random view
 (or every view once, `all_views`), evaluation rows in order with view 0, the original image; every
 row comes once per epoch. Streamed rows are shuffled in blocks of consecutive rows (contiguous reads
@@ -61,84 +61,3 @@ def epochs_of_plans(positions, batch_size: int, *, shuffle: bool, seed: int = 0,
 def batches_per_epoch(positions, batch_size: int, *, shuffle: bool, n_views: int = 1, all_views: bool = False) -> int:
     rows = len(positions) * (n_views if n_views > 1 and all_views and shuffle else 1)
     return -(-rows // batch_size)
-
-
-def on_tensorflow() -> bool:
-    """Whether Keras runs on TensorFlow (its default backend), where batches travel as tf.data pipelines; on JAX and
-    PyTorch they travel as a keras.utils.PyDataset of numpy arrays (`epoch_batches`)."""
-    import keras
-
-    return keras.backend.backend() == "tensorflow"
-
-
-def in_ram_dataset(x, y, positions, batch_size: int, *, shuffle: bool, seed: int = 0, n_views: int = 1,
-                   all_views: bool = False, class_weights=None):
-    """Batches of (float32 features, labels) gathered from arrays held in RAM in their stored dtype (x: (n, ...)
-    or, with views, (n, n_views, ...) with view 0 the original), cast per batch; with `class_weights`
-    ((n_classes,)), (features, labels, row weights). Each pass is one epoch of `plan_batches` (rows shuffled one
-    by one): one gather per batch. A tf.data.Dataset on TensorFlow, a PyDataset on the other backends."""
-    n_batches = batches_per_epoch(positions, batch_size, shuffle=shuffle, n_views=n_views, all_views=all_views)
-    if not on_tensorflow():
-        x, y = np.asarray(x), np.asarray(y, np.int64)
-        weights = None if class_weights is None else np.asarray(class_weights, np.float32)
-
-        def gather(pairs):
-            features = x[pairs[:, 0], pairs[:, 1]] if n_views > 1 else x[pairs[:, 0]]
-            labels = y[pairs[:, 0]]
-            out = (features.astype(np.float32, copy=False), labels)
-            return out if weights is None else (*out, weights[labels])
-
-        return epoch_batches(lambda epoch: map(gather, plan_batches(
-            positions, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, n_views=n_views, all_views=all_views,
-            block_rows=1)), n_batches)
-    import tensorflow as tf
-
-    plans = epochs_of_plans(positions, batch_size, shuffle=shuffle, seed=seed, n_views=n_views,
-                            all_views=all_views, block_rows=1)
-    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(np.asarray(y, np.int64))
-    class_weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
-
-    @tf.autograph.experimental.do_not_convert   # plain tensor ops: nothing for AutoGraph to convert
-    def gather(pairs):
-        labels = tf.gather(y, pairs[:, 0])
-        features = tf.gather_nd(x, pairs) if n_views > 1 else tf.gather(x, pairs[:, 0])
-        if class_weights is None:
-            return tf.cast(features, tf.float32), labels
-        return tf.cast(features, tf.float32), labels, tf.gather(class_weights, labels)
-
-    ds = tf.data.Dataset.from_generator(plans, output_signature=tf.TensorSpec((None, 2), tf.int64))
-    ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
-    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-
-def epoch_batches(batches_of, n_batches: int):
-    """A keras.utils.PyDataset over epochs: `batches_of(epoch)` iterates epoch `epoch`'s `n_batches` batches (tuples
-    of numpy arrays), which Keras trains on with every backend. Keras asks for batches in order, and may ask for
-    the last one again (to look at its shapes); asking for batch 0 after the last starts the next epoch, so epoch
-    k is planned with the same seed on every backend."""
-    import keras
-
-    class EpochBatches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.epoch, self.batches, self.next, self.last = -1, None, 0, None
-
-        def __len__(self):
-            return n_batches
-
-        def __getitem__(self, index):
-            if index == self.next - 1:
-                return self.last
-            if self.batches is None or (index == 0 and self.next >= n_batches):
-                self.epoch += 1
-                self.batches, self.next = iter(batches_of(self.epoch)), 0
-            if index != self.next:
-                raise IndexError(f"batches are read in order: asked for {index}, next is {self.next}")
-            self.last, self.next = next(self.batches), self.next + 1
-            return self.last
-
-        def on_epoch_end(self):
-            if self.next:
-                self.batches, self.next = None, 0
-
-    return EpochBatches()

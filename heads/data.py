@@ -105,7 +105,7 @@ def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bo
 def _maps(cache, layer: str, budget: int, stream: bool) -> TrainData:
     """One layer's maps: in RAM when they fit `budget`, else (or with `stream`) read from disk as training needs."""
     maps = expected_bytes(cache.meta, [layer])
-    mode = "stream" if stream or feeds.RAM_FACTOR * maps > budget else "ram"
+    mode = "ram" if feeds.keeps_in_ram(maps, budget, stream=stream) else "stream"
     if mode == "stream":
         log.info("streaming %s from %s: %s of maps, memory budget %s", layer, cache.path, _gb(maps), _gb(budget))
     data = _streamed(cache, layer) if mode == "stream" else data_from_cache(cache, layer)
@@ -117,17 +117,13 @@ def in_ram_if_it_fits(data: TrainData) -> TrainData:
     the memory budget; the test split stays streamed."""
     plan = data.feed
     rows = [x for x in (data.x_train, data.x_views) if x is not None]
-    if plan is None or plan.stream_forced or feeds.RAM_FACTOR * sum(x.nbytes for x in rows) > plan.memory_budget_bytes:
+    if not feeds.is_streamed(data.x_train) or plan is None or not feeds.keeps_in_ram(
+            sum(x.nbytes for x in rows), plan.memory_budget_bytes, stream=plan.stream_forced):
         return data
     log.info("the %d training rows in use fit the memory budget: read into RAM", len(data.x_train))
     read = lambda x: None if x is None else x[np.arange(len(x))]   # noqa: E731
     return replace(data, x_train=read(data.x_train), x_views=read(data.x_views),
                    feed=replace(plan, mode="ram", subset_read=True))
-
-
-def streamed_rows(x) -> bool:
-    """Whether `x` is read from the cache as needed (heads.feed.CachedRows) rather than held in RAM."""
-    return isinstance(x, feeds.CachedRows)
 
 
 def _gb(n: int) -> str:
@@ -262,7 +258,7 @@ def subset(data: TrainData, per_class, seed: int) -> TrainData:
     """`data` with `per_class` training images per class (an int, or one count per class: a long-tailed
     subset), drawn stratified and seeded; the test split untouched."""
     rows = stratified_subset(data.y_train, per_class, seed, data.class_names)
-    pick = lambda x: None if x is None else x.take(rows) if streamed_rows(x) else x[rows]   # noqa: E731
+    pick = lambda x: None if x is None else x.take(rows) if feeds.is_streamed(x) else x[rows]   # noqa: E731
     recorded = per_class if np.ndim(per_class) == 0 else [int(n) for n in per_class]
     return replace(data, x_train=pick(data.x_train), y_train=data.y_train[rows], x_views=pick(data.x_views),
                    source={**data.source, "per_class": recorded, "subset_seed": seed})

@@ -1,4 +1,9 @@
-"""How cached features reach a head: pooled vectors, maps in RAM, or maps streamed from disk.
+"""The feed: the one owner of how cached rows reach a model, on every Keras backend.
+
+It decides whether maps are held in RAM or streamed (`keeps_in_ram`, one rule for the whole run and for a
+subset read later), tells which heads can fit on the rows as they are (`is_streamed`: the linear probe needs
+them in RAM), and hands batches planned by `heads.batches` to Keras (`keras_batches`): a tf.data pipeline on
+TensorFlow, a `keras.utils.PyDataset` of numpy arrays on JAX and PyTorch.
 
 - Heads that start with global pooling (the default head, the linear probe, any `--pooling gap|max`)
   train on pooled vectors, read from a derived cache that pools the maps once (featcache.cache.pooled);
@@ -17,6 +22,7 @@ short runs of rows, and every training row is seen once per epoch.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 from concurrent.futures.process import BrokenProcessPool
@@ -26,7 +32,7 @@ import numpy as np
 from featcache import system
 from featcache.cache import digests
 from featcache.errors import BadInputError, CacheError, WorkerError
-from heads.batches import BLOCK_ROWS, batches_per_epoch, epoch_batches, on_tensorflow, plan_batches
+from heads.batches import BLOCK_ROWS, batches_per_epoch, epochs_of_plans, plan_batches
 
 #: Training rows are shuffled across this many consecutive batches (fewer if the budget is small): a block of
 #: an image-folder cache usually holds one class, so a batch of 16 blocks alone would hold few classes.
@@ -50,6 +56,44 @@ def parse_bytes(value) -> int:
 
 def default_budget() -> int:
     return int(system.available_memory() * BUDGET_SHARE)
+
+
+def keeps_in_ram(nbytes: int, budget: int, *, stream: bool = False) -> bool:
+    """The one rule for maps: held in RAM when RAM_FACTOR times their stored bytes fit the memory budget (and
+    `stream`, --stream, was not asked for); streamed from the cache otherwise."""
+    return not stream and RAM_FACTOR * nbytes <= budget
+
+
+def is_streamed(x) -> bool:
+    """Whether rows `x` are read from the cache as needed (CachedRows) rather than held in RAM."""
+    return isinstance(x, CachedRows)
+
+
+#: Why a head fitted on all its rows at once cannot train on streamed rows, and what to do.
+NEEDS_RAM = ("the linear probe (L-BFGS) needs its training rows in memory, and these maps are streamed from "
+             "the cache (--stream, or more than --memory-budget); fix: --pooling gap or max (vectors pooled "
+             "once), a larger --memory-budget without --stream, or fewer rows with --per-class")
+
+
+@contextlib.contextmanager
+def keras_batches(x, views, y, rows: tuple, batch_size: int, *, seed: int, n_views: int = 1,
+                  all_views: bool = False, weights=(None, None), budget: int | None = None):
+    """`with keras_batches(x, views, y, (tr, va), ...) as (train, val):` what Keras fits on: training batches
+    (shuffled, a new seeded order each epoch) and validation batches (in order, view 0) of rows in RAM or
+    streamed from the cache, each with its row weight where class `weights` (training, validation) are given.
+    Reading processes of a stream are stopped on leaving the block."""
+    tr, va = rows
+    if is_streamed(x):
+        with Stream(x, views, np.asarray(y, np.int64), budget=budget, batch_size=batch_size) as stream:
+            yield (stream.dataset(tr, batch_size, shuffle=True, seed=seed, n_views=n_views, all_views=all_views,
+                                  class_weights=weights[0]),
+                   stream.dataset(va, batch_size, shuffle=False, class_weights=weights[1]))
+        return
+    if n_views > 1:   # (n, views, ...): view 0 is the original image
+        x = np.concatenate([x[:, None], views], axis=1)
+    yield (in_ram_dataset(x, y, tr, batch_size, shuffle=True, seed=seed, n_views=n_views, all_views=all_views,
+                          class_weights=weights[0]),
+           in_ram_dataset(x, y, va, batch_size, shuffle=False, n_views=n_views, class_weights=weights[1]))
 
 
 class CachedRows:
@@ -299,3 +343,84 @@ class Stream:
         options = tf.data.Options()
         options.autotune.enabled = False   # AUTOTUNE may buffer up to half the machine's memory
         return ds.prefetch(1).with_options(options)
+
+
+def on_tensorflow() -> bool:
+    """Whether Keras runs on TensorFlow (its default backend), where batches travel as tf.data pipelines; on JAX and
+    PyTorch they travel as a keras.utils.PyDataset of numpy arrays (`epoch_batches`)."""
+    import keras
+
+    return keras.backend.backend() == "tensorflow"
+
+
+def in_ram_dataset(x, y, positions, batch_size: int, *, shuffle: bool, seed: int = 0, n_views: int = 1,
+                   all_views: bool = False, class_weights=None):
+    """Batches of (float32 features, labels) gathered from arrays held in RAM in their stored dtype (x: (n, ...)
+    or, with views, (n, n_views, ...) with view 0 the original), cast per batch; with `class_weights`
+    ((n_classes,)), (features, labels, row weights). Each pass is one epoch of `plan_batches` (rows shuffled one
+    by one): one gather per batch. A tf.data.Dataset on TensorFlow, a PyDataset on the other backends."""
+    n_batches = batches_per_epoch(positions, batch_size, shuffle=shuffle, n_views=n_views, all_views=all_views)
+    if not on_tensorflow():
+        x, y = np.asarray(x), np.asarray(y, np.int64)
+        weights = None if class_weights is None else np.asarray(class_weights, np.float32)
+
+        def gather(pairs):
+            features = x[pairs[:, 0], pairs[:, 1]] if n_views > 1 else x[pairs[:, 0]]
+            labels = y[pairs[:, 0]]
+            out = (features.astype(np.float32, copy=False), labels)
+            return out if weights is None else (*out, weights[labels])
+
+        return epoch_batches(lambda epoch: map(gather, plan_batches(
+            positions, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, n_views=n_views, all_views=all_views,
+            block_rows=1)), n_batches)
+    import tensorflow as tf
+
+    plans = epochs_of_plans(positions, batch_size, shuffle=shuffle, seed=seed, n_views=n_views,
+                            all_views=all_views, block_rows=1)
+    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(np.asarray(y, np.int64))
+    class_weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
+
+    @tf.autograph.experimental.do_not_convert   # plain tensor ops: nothing for AutoGraph to convert
+    def gather(pairs):
+        labels = tf.gather(y, pairs[:, 0])
+        features = tf.gather_nd(x, pairs) if n_views > 1 else tf.gather(x, pairs[:, 0])
+        if class_weights is None:
+            return tf.cast(features, tf.float32), labels
+        return tf.cast(features, tf.float32), labels, tf.gather(class_weights, labels)
+
+    ds = tf.data.Dataset.from_generator(plans, output_signature=tf.TensorSpec((None, 2), tf.int64))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
+    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def epoch_batches(batches_of, n_batches: int):
+    """A keras.utils.PyDataset over epochs: `batches_of(epoch)` iterates epoch `epoch`'s `n_batches` batches (tuples
+    of numpy arrays), which Keras trains on with every backend. Keras asks for batches in order, and may ask for
+    the last one again (to look at its shapes); asking for batch 0 after the last starts the next epoch, so epoch
+    k is planned with the same seed on every backend."""
+    import keras
+
+    class EpochBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.epoch, self.batches, self.next, self.last = -1, None, 0, None
+
+        def __len__(self):
+            return n_batches
+
+        def __getitem__(self, index):
+            if index == self.next - 1:
+                return self.last
+            if self.batches is None or (index == 0 and self.next >= n_batches):
+                self.epoch += 1
+                self.batches, self.next = iter(batches_of(self.epoch)), 0
+            if index != self.next:
+                raise IndexError(f"batches are read in order: asked for {index}, next is {self.next}")
+            self.last, self.next = next(self.batches), self.next + 1
+            return self.last
+
+        def on_epoch_end(self):
+            if self.next:
+                self.batches, self.next = None, 0
+
+    return EpochBatches()

@@ -17,11 +17,11 @@ import numpy as np
 from featcache import system
 from featcache.cache.pooled import global_pool
 from featcache.errors import BadInputError
-from heads import balance
-from heads.batches import batches_per_epoch, in_ram_dataset
+from heads import balance, feed
+from heads.batches import batches_per_epoch
 from heads.builders import MODELS, STANDARDISE, tuned_layers
 from heads.config import TrainConfig
-from heads.data import TrainData, streamed_rows
+from heads.data import TrainData
 
 log = logging.getLogger(__name__)
 #: Training steps run per call into TensorFlow: a head step on cached features takes well under a
@@ -31,10 +31,6 @@ STEPS_PER_EXECUTION = 32
 MIN_STEPS_PER_EPOCH = 8
 #: ... and early stopping may end a run only after this many steps in all.
 MIN_STEPS = 200
-
-PROBE_NEEDS_RAM = ("the linear probe (L-BFGS) needs its training rows in memory, and these maps are streamed from "
-                   "the cache (--stream, or more than --memory-budget); fix: --pooling gap or max (vectors pooled "
-                   "once), a larger --memory-budget without --stream, or fewer rows with --per-class")
 
 
 @dataclass
@@ -162,17 +158,14 @@ def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int
     if batch_size != config.batch_size:
         log.info("batch size %d for %d training rows (at least %d steps per epoch)", batch_size, len(tr),
                  MIN_STEPS_PER_EPOCH)
-    stream, train_ds, val_ds = _datasets(x_fit, views_fit, y, (tr, va), batch_size, config, n_views, memory_budget,
-                                         weights)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                             restore_best_weights=True, start_from_epoch=start_from)
     timer = epoch_log(config.epochs, progress)
-    try:
-        history = fit_model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[stopper, timer, *callbacks],
-                                shuffle=False, verbose=0).history   # shuffled by the batch planner
-    finally:
-        if stream is not None:
-            stream.close()
+    with feed.keras_batches(x_fit, views_fit, y, (tr, va), batch_size, seed=config.seed, n_views=n_views,
+                            all_views=config.views_mode == "all", weights=weights, budget=memory_budget) as batches:
+        history = fit_model.fit(batches[0], validation_data=batches[1], epochs=config.epochs,
+                                callbacks=[stopper, timer, *callbacks], shuffle=False,
+                                verbose=0).history   # shuffled by the batch planner
     history["best"] = stopper.best_epoch   # the epoch whose weights were restored (monitored epochs only)
     history["seconds"] = timer.seconds
     history["learning_rate"] = timer.learning_rates   # at each epoch's end
@@ -223,31 +216,12 @@ def _is_batchnorm(layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
-def _datasets(x_fit, views_fit, y, rows, batch_size: int, config, n_views: int, memory_budget, weights):
-    """(stream or None, training batches, validation batches): from rows in RAM, or streamed from the cache;
-    with class `weights` (training, validation), batches carry each row's weight."""
-    (tr, va), all_views = rows, config.views_mode == "all"
-    if streamed_rows(x_fit):   # maps streamed from the cache (heads.feed)
-        from heads.feed import Stream
-
-        stream = Stream(x_fit, views_fit, y.astype(np.int64), budget=memory_budget, batch_size=batch_size)
-        return (stream, stream.dataset(tr, batch_size, shuffle=True, seed=config.seed, n_views=n_views,
-                                       all_views=all_views, class_weights=weights[0]),
-                stream.dataset(va, batch_size, shuffle=False, class_weights=weights[1]))
-    if n_views > 1:   # (n, views, ...): view 0 is the original image
-        x_fit = np.concatenate([x_fit[:, None], views_fit], axis=1)
-    x_all, y_all = x_fit, y
-    return (None, in_ram_dataset(x_all, y_all, tr, batch_size, shuffle=True, seed=config.seed, n_views=n_views,
-                                 all_views=all_views, class_weights=weights[0]),
-            in_ram_dataset(x_all, y_all, va, batch_size, shuffle=False, n_views=n_views, class_weights=weights[1]))
-
-
 def _fit_probe(fit_model, x_fit, views_fit, y, rows, n_classes, weights, rival) -> dict:
     """L-BFGS on the standardised vectors the probe's Dense layer sees; views add training rows."""
     from heads.probe import fit_linear_probe
 
-    if streamed_rows(x_fit):
-        raise BadInputError(PROBE_NEEDS_RAM)
+    if feed.is_streamed(x_fit):
+        raise BadInputError(feed.NEEDS_RAM)
     mean, std = _stats_of(fit_model.get_layer(STANDARDISE))
 
     def z(x):   # float32, in place: the probe's products are memory-bound, and copies multiply its memory

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import BadInputError
-from heads import balance
+from heads import balance, feed
 from heads.builders import MODELS
 from heads.config import AUTO, AUTO_CANDIDATES, VIEWS_MODES, TrainConfig, pools_first
 from heads.data import (
@@ -29,10 +29,9 @@ from heads.data import (
     in_ram_if_it_fits,
     split_indices,
     stratified_subset,
-    streamed_rows,
     subset,
 )
-from heads.fit import PROBE_NEEDS_RAM, Fitted, fit, fit_schedule
+from heads.fit import Fitted, fit, fit_schedule
 from heads.metrics import evaluate, predict
 
 #: What a notebook imports from here; the data side lives in heads.data and heads.config, re-exported.
@@ -120,8 +119,7 @@ def fit_and_choose(data: TrainData, config: TrainConfig, *, progress: bool = Tru
     if config.per_class is not None:
         data = subset(data, config.per_class, config.subset_seed)
         pooled = None   # other rows
-    if streamed_rows(data.x_train):
-        data = in_ram_if_it_fits(data)
+    data = in_ram_if_it_fits(data)
     candidates = _candidates(config, data)   # checked before any training, not after the first candidate
     tr, va = split_indices(data.y_train, config.val_fraction, config.seed, data.class_names)
     fits, pooled = [], {} if pooled is None else pooled   # pooled: maps pooled once per pooling, shared
@@ -148,10 +146,10 @@ def _candidates(config: TrainConfig, data: TrainData) -> list[TrainConfig]:
     for c in candidates:
         if MODELS[c.model].input != data.kind:
             raise BadInputError(f"model {c.model!r} trains on {MODELS[c.model].input}, but the data holds {data.kind}")
-    if streamed_rows(data.x_train):
+    if feed.is_streamed(data.x_train):
         probes = [c for c in candidates if MODELS[c.model].optimizer == "lbfgs"]
         if probes and config.model != AUTO:
-            raise BadInputError(PROBE_NEEDS_RAM)
+            raise BadInputError(feed.NEEDS_RAM)
         if probes:
             log.info("the linear probe needs its rows in memory and these maps are streamed: auto fits the dense "
                      "head alone")

@@ -130,7 +130,7 @@ def _load_all(data: SearchData, params: list, base: dict) -> None:
     """Read every (layer set, pooling) the space can ask for, so that the trials never read the caches."""
     import itertools
 
-    from heads.data import streamed_rows
+    from heads.feed import is_streamed
 
     choices = {p.name: p.choices for p in params if p.choices is not None and p.name in (hs.LAYERS, "pooling",
                                                                                           "model")}
@@ -140,7 +140,7 @@ def _load_all(data: SearchData, params: list, base: dict) -> None:
             config = hs.trial_config(base, values)
         except BadInputError:
             continue   # a combination no trial can run (its trials fail as on the local engine)
-        if streamed_rows(data.get(config, values.get(hs.LAYERS))[0].x_train):
+        if is_streamed(data.get(config, values.get(hs.LAYERS))[0].x_train):
             raise BadInputError("--engine ray places the features in Ray's object store, but these maps are "
                                 "streamed from disk (bigger than the memory budget); fix: a pooling head (gap, "
                                 "max), or --engine local")

@@ -12,8 +12,8 @@ from featcache.cli import main
 from featcache.errors import BadInputError
 from featcache.extract import extract
 from heads import train as ht
-from heads.batches import in_ram_dataset
 from heads.builders import MODELS
+from heads.feed import in_ram_dataset
 
 
 def test_several_layers_in_one_pass_and_one_file_equal_separate_extractions(image_folder, tmp_path, monkeypatch):
