@@ -157,8 +157,7 @@ class CachedRows:
         once); None for a file written before digests, or a joined cache's virtual features (their shards
         carry their own, checked by `info --verify`)."""
         if "_check" not in self.__dict__:
-            self._check = None if not digests.has_digests(f) or f[self.name].is_virtual else \
-                digests.RowsCheck(f, self.name)
+            self._check = digests.RowsCheck.of(f, self.name)
         return self._check
 
     def read(self, positions: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -175,9 +174,8 @@ class CachedRows:
                     for run in _runs(wanted):
                         first, last = wanted[run[0]], wanted[run[-1]]
                         rows = data[first:last + 1]
-                        problems = check.check(data, int(first), rows) if check else []
-                        if problems:
-                            raise digests.differs(self.path, problems)
+                        if check:
+                            check.verify(data, int(first), rows)
                         out[run] = rows[wanted[run] - first]
                 except OSError as e:   # a chunk failing its checksum
                     raise CacheError(f"{self.path}: rows of {self.name} cannot be read back ({e}): damaged on disk; "

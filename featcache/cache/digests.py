@@ -122,6 +122,19 @@ class RowsCheck:
             self.starts, self.stops, self.shas = recs["start"], recs["stop"], recs["sha256"]
             self.done = np.zeros(len(recs), bool)
 
+    @classmethod
+    def of(cls, f, path: str) -> "RowsCheck | None":
+        """The check of dataset `path` of the open file; None where there is nothing to check: a file written
+        before digests, or a joined cache's virtual features (their shards carry their own)."""
+        return cls(f, path) if has_digests(f) and not f[path].is_virtual else None
+
+    def verify(self, data, first: int, rows: np.ndarray) -> np.ndarray:
+        """`rows` (see `check`), or the one error for a file that differs from what was written."""
+        problems = self.check(data, first, rows)
+        if problems:
+            raise differs(data.file.filename, problems)
+        return rows
+
     def check(self, data, first: int, rows: np.ndarray) -> list[str]:
         """Problems of `rows`, just read as rows [first, first + len(rows)) of `data` (the open dataset)."""
         if self.problems:

@@ -342,10 +342,9 @@ def checked_rows(f, cache: FeatureCache, name: str, first: int, rows: np.ndarray
     """`rows`, just read as rows [first, first + len) of dataset `name` of the open file of `cache`: finite and,
     where the file has digests, equal to what was written (`digests.RowsCheck`, kept in `state` between calls)."""
     if "check" not in state:
-        state["check"] = digests.RowsCheck(f, name) if digests.has_digests(f) and not f[name].is_virtual else None
-    problems = state["check"].check(f[name], first, rows) if state["check"] else []
-    if problems:
-        raise digests.differs(cache.path, problems)
+        state["check"] = digests.RowsCheck.of(f, name)
+    if state["check"]:
+        state["check"].verify(f[name], first, rows)
     return check_finite(rows, cache, f"/{name} rows {first}-{first + len(rows)}")
 
 
