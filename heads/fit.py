@@ -56,21 +56,8 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
     per-row validation losses of the best model fitted before, lets the probe stop once it is clearly
     behind; `keep_rows` records this model's per-row validation losses, to be a rival; `callbacks` are
     more Keras callbacks for a model trained by epochs."""
-    spec = MODELS[config.model]
-    options = {k: getattr(config, k) for k in spec.options}
+    spec, model, fit_model, (x_fit, views_fit) = built(data, config, tr, pooled)
     n_classes = len(data.class_names)
-    if spec.optimizer == "knn":
-        options["bank_size"] = len(tr)
-        _check_bank_fits(data, config, len(tr))
-    if spec.tunes_backbone:
-        options["source"] = data.source
-    model = spec.build(data.map_shape or data.x_train.shape[1:], n_classes, **options)
-    fit_model, (x_fit, views_fit) = fixed_pooling_split(model, spec, options, [data.x_train, data.x_views],
-                                                        pooled, data.pooled_by)
-    if spec.tunes_backbone:
-        _standardise_head(fit_model, x_fit, tr, config.seed)
-    else:
-        set_standardisation(fit_model, x_fit, tr)
     n_views = data.n_views if config.views_mode != "original" else 1
     weights = balance.split_weights(config.class_weight, data.y_train, tr, va, n_classes)
     t0 = time.perf_counter()
@@ -96,6 +83,25 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
 
         rows = row_losses(predict(fit_model, x_fit[va], config.batch_size), data.y_train[va], weights[1])
     return Fitted(config, model, fit_model, history, best, seconds, rows)
+
+
+def built(data: TrainData, config: TrainConfig, tr: np.ndarray, pooled: dict | None = None) -> tuple:
+    """(spec, model, the part of it fitted, its training inputs (x, views)) of `config` on `data`, built with the
+    weights Keras' global seed gives, standardised on rows `tr`: the one way a model is made ready to fit."""
+    spec = MODELS[config.model]
+    options = {k: getattr(config, k) for k in spec.options}
+    if spec.optimizer == "knn":
+        options["bank_size"] = len(tr)
+        _check_bank_fits(data, config, len(tr))
+    if spec.tunes_backbone:
+        options["source"] = data.source
+    model = spec.build(data.map_shape or data.x_train.shape[1:], len(data.class_names), **options)
+    fit_model, inputs = fixed_pooling_split(model, spec, options, [data.x_train, data.x_views], pooled, data.pooled_by)
+    if spec.tunes_backbone:
+        _standardise_head(fit_model, inputs[0], tr, config.seed)
+    else:
+        set_standardisation(fit_model, inputs[0], tr)
+    return spec, model, fit_model, inputs
 
 
 def _check_bank_fits(data: TrainData, config: TrainConfig, rows: int) -> None:
@@ -137,10 +143,16 @@ def compile_for_training(fit_model, spec, learning_rate: float, *, weighted: boo
     weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="balanced_accuracy")] if weighted else None
     fit_model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                      weighted_metrics=weighted_metrics,
-                      steps_per_execution=STEPS_PER_EXECUTION,
-                      # TensorFlow's XLA was 4x slower on this CPU; JAX and PyTorch compile their step as they do best
-                      jit_compile=False if keras.backend.backend() == "tensorflow" else "auto")
+                      weighted_metrics=weighted_metrics, **step_options())
+
+
+def step_options() -> dict:
+    """How every model trained by epochs compiles its step."""
+    import keras
+
+    # TensorFlow's XLA was 4x slower on this CPU; JAX and PyTorch compile their step as they do best
+    return dict(steps_per_execution=STEPS_PER_EXECUTION,
+                jit_compile=False if keras.backend.backend() == "tensorflow" else "auto")
 
 
 def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int, progress: bool, *,

@@ -36,8 +36,9 @@ from heads.metrics import evaluate, predict
 
 #: What a notebook imports from here; the data side lives in heads.data and heads.config, re-exported.
 __all__ = ["AUTO", "VIEWS_MODES", "RunResult", "TrainConfig", "TrainData", "Validated", "data_from_cache",
-           "data_from_caches", "data_from_dataset", "fit_and_choose", "fit_schedule", "pools_first", "predict", "split_indices", "stratified_subset",
-           "subset", "train", "train_baseline", "train_head"]
+           "data_from_caches", "data_from_dataset", "fit_and_choose", "fit_and_choose_all", "fit_schedule",
+           "pools_first", "predict", "split_indices", "stratified_subset", "subset", "train", "train_baseline",
+           "train_head"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,54 @@ def fit_and_choose(data: TrainData, config: TrainConfig, *, progress: bool = Tru
         raise BadInputError(f"training diverged: the validation loss of {', '.join(f.config.model for f in fits)} is "
                             f"not finite (learning rate {chosen.config.learning_rate}); fix: a lower --lr")
     return Validated(data, chosen, fits, (tr, va))
+
+
+def fit_and_choose_all(data: TrainData, configs: list[TrainConfig], *, progress: bool = False,
+                       pooled: dict | None = None, on_epoch=None) -> list[Validated]:
+    """`fit_and_choose` for many configurations on the same rows: their candidates (auto's too) that can share a
+    pass are trained together (heads.together), the others after them, each distinct one once (the probe of
+    every auto configuration with the same pooling is one fit). `on_epoch(i, epoch, figures)` sees every epoch of
+    configuration i's heads and returns True to stop them (a search's pruning). The test split is not touched."""
+    if len({(c.per_class, c.subset_seed, c.val_fraction, c.seed) for c in configs}) != 1:
+        raise ValueError("fit_and_choose_all trains configurations on the same rows (per_class, seeds, val_fraction)")
+    if configs[0].per_class is not None:
+        data, pooled = subset(data, configs[0].per_class, configs[0].subset_seed), None
+    data, pooled = in_ram_if_it_fits(data), {} if pooled is None else pooled
+    owners, candidates = zip(*[(i, c) for i, config in enumerate(configs) for c in _candidates(config, data)])
+    rows = split_indices(data.y_train, configs[0].val_fraction, configs[0].seed, data.class_names)
+    fits = _fit_candidates(data, list(candidates), owners, rows, progress, pooled, on_epoch)
+    out = []
+    for i in range(len(configs)):
+        mine = [fits[n] for n in range(len(candidates)) if owners[n] == i]
+        out.append(Validated(data, _best(mine), mine, rows))
+    return out
+
+
+def _fit_candidates(data: TrainData, candidates: list, owners: tuple, rows: tuple, progress: bool, pooled: dict,
+                    on_epoch) -> dict:
+    """Candidate index -> Fitted: Adam heads in the passes of heads.together.groups, then the rest."""
+    import keras
+
+    from heads.together import fit_together, groups, pass_key, stopping_when
+
+    fits, alone = {}, {}
+    for group in groups(candidates, data):
+        if pass_key(candidates[group[0]], data) is None:
+            continue
+        stop = None if on_epoch is None else (lambda k, e, f, g=group: on_epoch(owners[g[k]], e, f))
+        fits.update(zip(group, fit_together(data, [candidates[g] for g in group], *rows, progress=progress,
+                                            pooled=pooled, on_epoch=stop)))
+    for n, c in enumerate(candidates):
+        if n not in fits:
+            spec = MODELS[c.model]   # a probe or kNN depends on these alone: auto's probes are one fit
+            key = ((c.model, *(getattr(c, k) for k in spec.options), c.class_weight, c.views_mode, c.seed)
+                   if spec.optimizer in ("lbfgs", "knn") else repr(c))
+            if key not in alone:
+                keras.utils.set_random_seed(c.seed)
+                stop = [] if on_epoch is None else [stopping_when(lambda e, f, i=owners[n]: on_epoch(i, e, f))]
+                alone[key] = fit(data, c, *rows, progress, pooled, callbacks=stop)
+            fits[n] = alone[key]
+    return fits
 
 
 def _best(fits: list):

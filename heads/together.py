@@ -1,0 +1,300 @@
+"""Many heads in one pass: K heads fitted on the same batches, each batch read once and fed to all of them.
+
+One Keras model holds the K heads side by side (their outputs stacked); its loss is the sum of theirs. The heads
+share no weights, so the gradient each head's weights get is that of its own loss, and Adam, which works weight by
+weight, moves each head as it would move it alone, at the head's own learning rate (a per-head factor of the
+optimizer's rate, which also follows a cosine schedule). Each head has its own early stopping with its own best
+weights, the rule of Keras' EarlyStopping for one model. A head that stops (or that a search prunes) gets a
+learning rate of 0, so its weights stay as they were; its arithmetic is still done until every head has stopped
+(each head's history records how many heads shared each epoch). With the same seeds, heads trained together
+follow the trajectory each follows alone (tests/test_together.py); the one figure that differs is the training
+loss of a head with weight decay, whose penalty is added at the epoch's end rather than averaged over its batches.
+
+Heads share a pass when they are Adam-trained heads on cached features (dense, conv) fitted on the same input
+(the same global pooling computed once, or the maps), with the same batches (batch size, seed, views, class
+weights) and the same number of epochs; `groups` sorts candidates into passes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from featcache import system
+from heads import balance, feed
+from heads.builders import MODELS
+from heads.config import TrainConfig
+from heads.data import TrainData
+from heads.fit import Fitted, built, fit, fit_schedule, step_options
+
+
+def pass_key(config: TrainConfig, data: TrainData) -> tuple | None:
+    """What heads must have in common to share a pass (None: `config` trains alone)."""
+    spec = MODELS[config.model]
+    if spec.optimizer != "adam" or spec.tunes_backbone or spec.input != "features":
+        return None
+    fed = spec.prepooled({k: getattr(config, k) for k in spec.options})
+    return (fed or "maps", config.batch_size, config.epochs, config.views_mode, config.seed, config.class_weight,
+            config.lr_schedule, config.per_class, config.subset_seed, config.val_fraction)
+
+
+def groups(configs: list[TrainConfig], data: TrainData) -> list[list[int]]:
+    """The indices of `configs` in passes: those with the same `pass_key` together, in order; the rest alone."""
+    passes: dict = {}
+    for i, c in enumerate(configs):
+        key = pass_key(c, data)
+        passes.setdefault(("alone", i) if key is None else key, []).append(i)
+    return list(passes.values())
+
+
+def fit_together(data: TrainData, configs: list[TrainConfig], tr: np.ndarray, va: np.ndarray, *,
+                 progress: bool = False, pooled: dict | None = None, on_epoch=None) -> list[Fitted]:
+    """Fit `configs` (one group of `groups`) in one pass on rows `tr`, each choosing its epoch by rows `va`.
+
+    `on_epoch(k, epoch, figures)`, called after each epoch of each head still training with its validation
+    figures, returns True to stop head k there (a search's pruning). The Fitted of head k is what `fit` would
+    give (its `seconds`: its share of the pass)."""
+    import keras
+
+    if len({pass_key(c, data) for c in configs}) != 1 or pass_key(configs[0], data) is None:
+        raise ValueError("fit_together needs heads of one pass (heads.together.groups)")
+    if len(configs) == 1 and on_epoch is None:
+        return [fit(data, configs[0], tr, va, progress, pooled)]
+    pooled = {} if pooled is None else pooled
+    heads = []
+    for c in configs:   # each head's weights as `fit` draws them for it alone
+        keras.utils.set_random_seed(c.seed)
+        heads.append(built(data, c, tr, pooled))
+    first = configs[0]
+    weights = balance.split_weights(first.class_weight, data.y_train, tr, va, len(data.class_names))
+    batch_size, start_from = fit_schedule(len(tr), first.batch_size, first.epochs)
+    joint, named = _joint([h[2] for h in heads])
+    _compile(joint, named, configs, len(tr), batch_size, data, weighted=weights[0] is not None)
+    watch = _watch(named, configs, start_from, on_epoch, progress)
+    x_fit, views_fit = heads[0][3]
+    n_views = data.n_views if first.views_mode != "original" else 1
+    t0 = time.perf_counter()
+    with feed.keras_batches(x_fit, views_fit, data.y_train, (tr, va), batch_size, seed=first.seed,
+                            n_views=n_views, all_views=first.views_mode == "all", weights=weights,
+                            budget=data.feed.memory_budget_bytes if data.feed is not None else None) as batches:
+        joint.fit(batches[0], validation_data=batches[1], epochs=first.epochs, callbacks=[watch], shuffle=False,
+                  verbose=0)
+    seconds = time.perf_counter() - t0
+    return [Fitted(c, h[1], h[2], {**watch.histories[k], "batch_size": batch_size}, watch.patience[k].best_epoch,
+                   seconds / len(configs)) for k, (c, h) in enumerate(zip(configs, heads))]
+
+
+def _joint(fit_models: list):
+    """(one model whose output stacks the K heads' class probabilities (batch, K, classes), the heads as its parts)."""
+    import keras
+
+    named = [keras.Model(m.inputs[0], m.outputs[0], name=f"head_{k}") for k, m in enumerate(fit_models)]
+    inputs = keras.Input(tuple(fit_models[0].inputs[0].shape[1:]), name="features")
+    outputs = keras.ops.stack([m(inputs) for m in named], axis=1)
+    return keras.Model(inputs, outputs, name="heads_together"), named
+
+
+def _compile(joint, named: list, configs: list, n_train: int, batch_size: int, data: TrainData, *,
+             weighted: bool) -> None:
+    """Adam with a learning rate per head, the sum of the heads' cross-entropies, and each head's figures."""
+    import keras
+
+    from heads.batches import batches_per_epoch
+
+    first = configs[0]
+    rate = 1.0   # times each head's own rate
+    if first.lr_schedule == "cosine":
+        steps = first.epochs * batches_per_epoch(np.arange(n_train), batch_size, shuffle=True,
+                                                 n_views=data.n_views if first.views_mode != "original" else 1,
+                                                 all_views=first.views_mode == "all")
+        rate = keras.optimizers.schedules.CosineDecay(1.0, steps)
+    optimizer = _rated_adam(named, rate)
+    figures = [_HeadLoss(k, name=f"h{k}_loss") for k in range(len(named))]
+    accuracies = [keras.metrics.MeanMetricWrapper(_accuracy_of(k), name=f"h{k}_accuracy") for k in range(len(named))]
+    balanced = [keras.metrics.MeanMetricWrapper(_accuracy_of(k), name=f"h{k}_balanced_accuracy")
+                for k in range(len(named))] if weighted else []
+    joint.compile(optimizer=optimizer, loss=_SumOfHeads(len(named)), metrics=accuracies,
+                  weighted_metrics=figures + balanced, **step_options())
+    optimizer.build(joint.trainable_variables)
+    optimizer.head_rates.assign(np.array([c.learning_rate for c in configs], np.float32))
+
+
+def _accuracy_of(k: int):
+    import keras
+
+    def accuracy(y_true, y_pred):
+        return keras.metrics.sparse_categorical_accuracy(y_true, y_pred[:, k])
+
+    return accuracy
+
+
+def _rated_adam(named: list, learning_rate):
+    """Adam whose step for a weight of head k is scaled by `head_rates[k]` (a rate of 0 freezes the head)."""
+    import keras
+
+    owner = {id(v): k for k, m in enumerate(named) for v in m.trainable_variables}
+
+    class RatedAdam(keras.optimizers.Adam):
+        def build(self, variables):
+            super().build(variables)
+            self._owners = tuple(owner[id(v)] for v in variables)
+            self.head_rates = self.add_variable((len(named),), initializer="ones", name="head_rates")
+
+        def update_step(self, gradient, variable, learning_rate):
+            k = self._owners[self._get_variable_index(variable)]
+            super().update_step(gradient, variable, learning_rate * self.head_rates[k])
+
+    return RatedAdam(learning_rate)
+
+
+def _sum_of_heads_class():
+    import keras
+
+    class SumOfHeads(keras.losses.Loss):
+        """The sum over heads of each head's sparse categorical cross-entropy, per row."""
+
+        def __init__(self, n_heads: int):
+            super().__init__(name="sum_of_heads")
+            self.n_heads = n_heads
+
+        def call(self, y_true, y_pred):
+            return sum(keras.losses.sparse_categorical_crossentropy(y_true, y_pred[:, k])
+                       for k in range(self.n_heads))
+
+    return SumOfHeads
+
+
+def _SumOfHeads(n_heads: int):   # noqa: N802 - builds a class defined with Keras imported
+    return _sum_of_heads_class()(n_heads)
+
+
+def _HeadLoss(k: int, name: str):   # noqa: N802
+    """Head k's cross-entropy as Keras reports a model's loss: sum of (weighted) row losses / rows."""
+    import keras
+
+    class HeadLoss(keras.metrics.Metric):
+        def __init__(self):
+            super().__init__(name=name)
+            self.total = self.add_variable((), initializer="zeros", name="total")
+            self.rows = self.add_variable((), initializer="zeros", name="rows")
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            losses = keras.losses.sparse_categorical_crossentropy(y_true, y_pred[:, k])
+            if sample_weight is not None:
+                losses = losses * keras.ops.cast(keras.ops.reshape(sample_weight, (-1,)), losses.dtype)
+            self.total.assign_add(keras.ops.sum(losses))
+            self.rows.assign_add(keras.ops.cast(keras.ops.shape(losses)[0], self.rows.dtype))
+
+        def result(self):
+            return self.total / keras.ops.maximum(self.rows, 1.0)
+
+        def reset_state(self):
+            self.total.assign(0.0)
+            self.rows.assign(0.0)
+
+    return HeadLoss()
+
+
+def _penalty(model) -> float:
+    """The weight decay a head's own loss adds (Keras adds it to a model's validation loss)."""
+    import keras
+
+    return float(sum(float(keras.ops.convert_to_numpy(v)) for v in model.losses)) if model.losses else 0.0
+
+
+def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool):
+    """A Keras callback: each head's history, early stopping (Keras' rule, best weights kept and restored), the
+    search's `on_epoch`, and a head's learning rate set to 0 once it stops."""
+    import keras
+
+    class Watch(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            n = len(named)
+            self.histories, self.left_with, self.live = [{} for _ in range(n)], [None] * n, list(range(n))
+            self.patience = [_Patience(m, c.patience, start_from) for m, c in zip(named, configs)]
+            self.bar = system.progress_bar(configs[0].epochs, unit="epoch", desc=f"train {n} heads", enabled=progress)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds, shared, rate = time.perf_counter() - self.t0, len(self.live), _rate_now(self.model.optimizer)
+            for k in list(self.live):
+                figures = _figures(logs, k, _penalty(named[k]))
+                self._record(k, {**figures, "seconds": seconds / shared, "shared_by": shared,
+                                 "learning_rate": rate * configs[k].learning_rate})
+                if self.patience[k].stops(epoch, figures["val_loss"]) or (on_epoch is not None and on_epoch(k, epoch, figures)):
+                    self.live.remove(k)   # its weights as they are now: later passes would move its BatchNorm
+                    self.left_with[k] = named[k].get_weights()
+            rates = np.zeros(len(named), np.float32)
+            rates[self.live] = [configs[k].learning_rate for k in self.live]
+            self.model.optimizer.head_rates.assign(rates)
+            self.model.stop_training = not self.live
+            self.bar.set_postfix(heads=len(self.live), refresh=False)
+            self.bar.update(1)
+
+        def _record(self, k, values):
+            for key, value in values.items():
+                self.histories[k].setdefault(key, []).append(value)
+
+        def on_train_end(self, logs=None):
+            self.bar.close()
+            for k, (patience, last) in enumerate(zip(self.patience, self.left_with)):
+                best = patience.best_weights   # as Keras restores it; else the weights where it stopped
+                if best is not None or last is not None:
+                    named[k].set_weights(best if best is not None else last)
+
+    return Watch()
+
+
+class _Patience:
+    """keras.callbacks.EarlyStopping's rule (on val_loss, best weights kept) for one head of a pass."""
+
+    def __init__(self, head, patience: int, start_from: int):
+        self.head, self.patience, self.start_from = head, patience, start_from
+        self.best, self.best_epoch, self.wait, self.best_weights = math.inf, 0, 0, None
+
+    def stops(self, epoch: int, current: float) -> bool:
+        """Whether the head stops after `epoch`, whose validation loss is `current`."""
+        if epoch < self.start_from:
+            return False
+        if self.best_weights is None:
+            self.best_weights, self.best_epoch = self.head.get_weights(), epoch
+        self.wait += 1
+        if current < self.best:
+            self.best, self.best_epoch, self.wait = current, epoch, 0
+            self.best_weights = self.head.get_weights()
+            return False
+        return self.wait >= self.patience and epoch > 0
+
+
+def stopping_when(on_epoch):
+    """A Keras callback for a head trained alone: `on_epoch(epoch, figures)` returning True stops it there."""
+    import keras
+
+    class StoppingWhen(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            figures = {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0}
+            if on_epoch(epoch, figures):
+                self.model.stop_training = True
+
+    return StoppingWhen()
+
+
+def _figures(logs: dict, k: int, penalty: float) -> dict:
+    """Head k's figures of an epoch, named as a model trained alone names them."""
+    out = {"loss": logs[f"h{k}_loss"] + penalty, "accuracy": logs[f"h{k}_accuracy"],
+           "val_loss": logs[f"val_h{k}_loss"] + penalty, "val_accuracy": logs[f"val_h{k}_accuracy"]}
+    if f"h{k}_balanced_accuracy" in logs:
+        out.update(balanced_accuracy=logs[f"h{k}_balanced_accuracy"],
+                   val_balanced_accuracy=logs[f"val_h{k}_balanced_accuracy"])
+    return {key: float(v) for key, v in out.items()}
+
+
+def _rate_now(optimizer) -> float:
+    """The optimizer's rate factor now (1, or the cosine schedule's value)."""
+    import keras
+
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
