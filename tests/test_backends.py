@@ -85,21 +85,21 @@ def test_probe_and_knn_on_jax_give_the_tensorflow_figures(jax_run, data, tmp_pat
 
 
 @pytest.mark.parametrize("weights", [weights, lambda: "random"], ids=["weights", "random"])
-def test_heads_train_predict_and_export_on_jax(jax_run, data, weights):
+def test_heads_train_predict_and_export_on_jax(jax_run, data, weights, tmp_path):
     common = ["--data", data, "--weights", weights(), "--runs-dir", jax_run.root / "runs", "--no-progress"]
     run = jax_run("train-head", *common, "--epochs", "3")
     assert 0 <= metrics(run)["test_accuracy"] <= 1
     streamed = metrics(jax_run("train-head", *common, "--head", "dense", "--pooling", "flatten", "--stream",
                                "--epochs", "2"))
     assert streamed["epochs_run"] == 2 and 0 <= streamed["test_accuracy"] <= 1
-    predictions = jax_run.root / "p.csv"
+    predictions = tmp_path / "p.csv"   # each parameter its own files
     jax_run("predict", run, data / "test", "--format", "csv", "-o", predictions)
     rows = predictions.read_text().splitlines()[1:]
     assert len(rows) == 24
     accuracy = sum(Path(r.split(",")[0]).parent.name == r.split(",")[1] for r in rows) / len(rows)
     assert abs(accuracy - metrics(run)["test_accuracy"]) < 1e-9, "predict reproduces the run's test accuracy"
-    jax_run("export", run, "-o", jax_run.root / "exported", "--format", "keras")
-    assert (jax_run.root / "exported" / "model.keras").is_file()
+    jax_run("export", run, "-o", tmp_path / "exported", "--format", "keras")
+    assert (tmp_path / "exported" / "model.keras").is_file()
 
 
 def test_a_two_trial_search_on_jax(jax_run, data):
