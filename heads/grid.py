@@ -14,13 +14,23 @@ from optuna.trial import TrialState
 @contextlib.contextmanager
 def locked(folder: Path):
     """An exclusive lock of the search folder, held while a process opens (and perhaps creates) its study, and
-    while the grid sampler picks a point, so that processes sharing the study never pick the same one."""
+    while the grid sampler picks a point, so that processes sharing the study never pick the same one. Reentrant
+    (a batch of trials is asked for under it, and the grid sampler takes it again for each)."""
+    if folder in _HELD:
+        yield
+        return
     with (folder / "study.lock").open("a") as fd:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _HELD.add(folder)
         try:
             yield
         finally:
+            _HELD.discard(folder)
             fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+#: The search folders whose lock this process holds.
+_HELD: set = set()
 
 
 class OncePerPoint(optuna.samplers.GridSampler):
@@ -40,6 +50,12 @@ class OncePerPoint(optuna.samplers.GridSampler):
             if fresh and trial.number >= len(self._all_grids) and self._all_started(study, trial):
                 study._storage.set_trial_user_attr(trial._trial_id, SURPLUS, True)
             super().before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        # Optuna's grid stops Study.optimize when the grid is done; a search fitting trials in batches (ask and tell,
+        # outside that loop, where Study.stop raises) stops on a SURPLUS trial instead
+        if study._thread_local.in_optimize_loop:
+            super().after_trial(study, trial, state, values)
 
     def _all_started(self, study, trial) -> bool:
         started = {t.system_attrs["grid_id"] for t in study.get_trials(deepcopy=False)

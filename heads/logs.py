@@ -35,6 +35,20 @@ def epochs_callback(folder: Path) -> list:
     return [keras.callbacks.TensorBoard(log_dir=str(folder), write_graph=False, histogram_freq=0, profile_batch=0)]
 
 
+def write_epochs(folder: Path, history: dict) -> None:
+    """A history's per-epoch figures as Keras' TensorBoard callback writes them (train/ and validation/, tags
+    epoch_NAME), for models trained where that callback could not watch them (heads trained together)."""
+    if not written():
+        return
+    import tensorflow as tf
+
+    for split, prefix in (("train", ""), ("validation", "val_")):
+        with tf.summary.create_file_writer(str(folder / split)).as_default():
+            for name in ("loss", "accuracy", "balanced_accuracy"):
+                for epoch, value in enumerate(history.get(prefix + name, ())):
+                    tf.summary.scalar(f"epoch_{name}", float(value), step=epoch)
+
+
 def write_trial(folder: Path, params: dict, metrics: dict) -> None:
     """One trial's parameters and final validation figures, for the HParams plugin, into `folder`."""
     if not written():

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "asha", "none")
 OBJECTIVES = ("val_loss", "val_accuracy")
+#: Trials the local engine asks the sampler for at once and fits together (heads.together).
+TOGETHER = 8
 #: Not searchable: they would change the rows every trial is compared on, or name the run.
 FIXED = ("seed", "val_fraction", "per_class", "subset_seed", "name")
 #: The one searched value that is not a training option: which cached layers (comma-separated) to train on.

@@ -59,3 +59,33 @@ def evaluate(values: dict, base: dict, data: SearchData, logs: Path, callbacks=(
     write_trial(logs, values, figures)
     return {**figures, "epochs_run": len(history["val_loss"]), "chosen": v.chosen.config.model,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def evaluate_together(batch: list[dict], base: dict, data: SearchData, logs: list[Path], on_epoch) -> list[dict]:
+    """`evaluate` for several trials' `batch` of values: the trials on the same data are fitted together
+    (heads.train.fit_and_choose_all: their heads that can share a pass in one). `on_epoch(i, epoch, figures)`
+    sees each epoch of trial i and returns True to stop it (pruned). A trial's seconds: its share of the batch."""
+    from heads.logs import write_epochs, write_trial
+    from heads.train import fit_and_choose_all
+
+    configs = [hs.trial_config(base, values) for values in batch]
+    by_data: dict = {}
+    for i, (values, config) in enumerate(zip(batch, configs)):
+        key = (values.get(hs.LAYERS), config.pooling, pools_first(config), config.per_class, config.subset_seed,
+               config.val_fraction, config.seed)   # trials on the same rows (heads.train.fit_and_choose_all)
+        by_data.setdefault(key, []).append(i)
+    out: list = [None] * len(batch)
+    for trials in by_data.values():
+        train_data, pooled = data.get(configs[trials[0]], batch[trials[0]].get(hs.LAYERS))
+        t0 = time.perf_counter()
+        chosen = fit_and_choose_all(train_data, [configs[i] for i in trials], pooled=pooled,
+                                    on_epoch=lambda j, epoch, figures, t=trials: on_epoch(t[j], epoch, figures))
+        seconds = (time.perf_counter() - t0) / len(trials)
+        for i, v in zip(trials, chosen):
+            history, best = v.chosen.history, v.chosen.best
+            figures = {k: float(history[k][best]) for k in hs.OBJECTIVES}
+            write_epochs(logs[i], history)
+            write_trial(logs[i], batch[i], figures)
+            out[i] = {**figures, "epochs_run": len(history["val_loss"]), "chosen": v.chosen.config.model,
+                      "seconds": round(seconds, 3)}
+    return out

@@ -3,7 +3,13 @@ at the test split, and the search folder's records (search.json, search.md, Optu
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import threading
+import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -13,8 +19,8 @@ from featcache import system
 from featcache.errors import BadInputError
 from heads import search as hs
 from heads.config import TrainConfig
-from heads.grid import SURPLUS
-from heads.trial import SearchData, evaluate
+from heads.grid import SURPLUS, locked
+from heads.trial import SearchData, evaluate, evaluate_together
 
 log = logging.getLogger(__name__)
 TEST_LINE = ("Only the winner was evaluated on the test split, once, after the search: every trial was chosen and "
@@ -25,8 +31,12 @@ TEST_LINE = ("Only the winner was evaluated on the test split, once, after the s
 def run_search(cache, params: list, *, layer=None, sampler: str | None = None, trials: int | None = 20,
                timeout: float | None = None, pruner: str = "median", objective: str = "val_loss",
                name: str = "search", storage: str | None = None, engine: str = "local", ray_address: str | None = None,
-               workers: int | None = None, runs_dir="runs", progress: bool = True, **options) -> Path:
+               workers: int | None = None, together: int = hs.TOGETHER, runs_dir="runs", progress: bool = True,
+               **options) -> Path:
     """Search `params` (heads.search.Param) on a cache path (or list of caches); return the search folder.
+
+    The local engine asks the sampler for `together` trials at a time and fits them together: their heads that
+    can share a pass (heads.together) train in one (1: one trial at a time, in Optuna's own loop).
 
     `engine="ray"` runs the trials on Ray Tune (heads.tune), on the cluster at `ray_address` or one of its own."""
     sampler = sampler or ("grid" if all(p.choices is not None for p in params) else "tpe")
@@ -55,19 +65,128 @@ def run_search(cache, params: list, *, layer=None, sampler: str | None = None, t
                                 trials=left, timeout=timeout, folder=folder, storage=storage, address=ray_address,
                                 workers=workers, progress=progress)
     elif left:
-        bar = system.progress_bar(left, unit="trial", desc="search", enabled=progress)
-        # every process on the study stops once the study holds `trials` ended trials in all
-        in_all = [] if trials is None else [optuna.study.MaxTrialsCallback(trials, states=ENDED)]
-        study.optimize(lambda t: _trial(t, params, base, data, objective, folder / "tensorboard"), n_trials=left,
-                       timeout=timeout, callbacks=[lambda s, t: bar.update(not _surplus(t)), *in_all],
-                       catch=(FloatingPointError,))
-        bar.close()
+        with system.progress_bar(left, unit="trial", desc="search", enabled=progress) as bar:
+            run = _in_batches if together > 1 else _one_at_a_time
+            run(study, Batch(params, base, data, objective, folder / "tensorboard"), left=left, together=together,
+                timeout=timeout, trials=trials, bar=bar)
     return _finish(folder, study, params, base, data, reports,
                    dict(sampler=sampler, pruner=pruner, objective=objective, name=name, engine=engine,
                         storage=storage or "sqlite (study.db)"))
 
 
 ENGINES = ("local", "ray")
+
+
+@dataclass
+class Batch:
+    """What every batch of a search fits its trials on."""
+
+    params: list
+    base: dict
+    data: SearchData
+    objective: str
+    logs: Path
+
+
+def _one_at_a_time(study, batch: Batch, *, left: int | None, together: int, timeout: float | None,
+                   trials: int | None, bar) -> None:
+    """Optuna's own loop, one trial at a time."""
+    # every process on the study stops once the study holds `trials` ended trials in all
+    in_all = [] if trials is None else [optuna.study.MaxTrialsCallback(trials, states=ENDED)]
+    study.optimize(lambda t: _trial(t, batch.params, batch.base, batch.data, batch.objective, batch.logs),
+                   n_trials=left, timeout=timeout, callbacks=[lambda s, t: bar.update(not _surplus(t)), *in_all],
+                   catch=(FloatingPointError,))
+
+
+def _in_batches(study, batch: Batch, *, left: int | None, together: int, timeout: float | None,
+                trials: int | None, bar) -> None:
+    """Optuna's ask and tell, `together` trials at a time, each batch fitted together (heads.trial.evaluate_together)
+    under heartbeats, so that a batch left by a killed process is failed and run again, as in Study.optimize."""
+    end = None if timeout is None else time.monotonic() + timeout
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # fail_stale_trials
+    warnings.filterwarnings("ignore", message="Heartbeat of storage")   # sent here, not by Study.optimize
+    while (left is None or left > 0) and (end is None or time.monotonic() < end):
+        optuna.storages.fail_stale_trials(study)
+        with locked(batch.logs.parent):   # processes sharing the study take --trials between them
+            taken = len([t for t in study.get_trials(deepcopy=False, states=(*ENDED, TrialState.RUNNING))
+                         if not _surplus(t)])
+            wanted = min([together, *(n for n in (left, None if trials is None else trials - taken) if n is not None)])
+            asked = _ask(study, wanted) if wanted > 0 else []
+        if asked:
+            with _heartbeats(study, asked):
+                _fit_batch(study, asked, batch)
+            bar.update(len(asked))
+            left = None if left is None else left - len(asked)
+        if len(asked) < wanted or wanted <= 0:   # the rest is other processes' (or a grid has every point started)
+            return
+
+
+def _ask(study, n: int) -> list:
+    """Up to `n` new trials (fewer once a grid has every point started: its surplus trial ends unrecorded)."""
+    asked = []
+    for _ in range(n):
+        trial = study.ask()
+        if _surplus_asked(trial):
+            study.tell(trial, state=TrialState.PRUNED)
+            break
+        asked.append(trial)
+    return asked
+
+
+def _fit_batch(study, asked: list, batch: Batch) -> None:
+    """Fit the asked trials together; tell Optuna each one's value, or that it was pruned or failed."""
+    values = [{p.name: hs.suggest(t, p) for p in batch.params} for t in asked]
+    pruned, reported = set(), set()
+
+    def report(i: int, epoch: int, figures: dict) -> bool:
+        value = figures.get(batch.objective)
+        if value is not None and math.isfinite(value) and (i, epoch) not in reported:   # a stage's epochs restart
+            reported.add((i, epoch))
+            asked[i].report(value, epoch)
+            if asked[i].should_prune():
+                pruned.add(i)
+        return i in pruned
+
+    try:
+        figures = evaluate_together(values, batch.base, batch.data,
+                                    [batch.logs / f"trial-{t.number}" for t in asked], report)
+    except FloatingPointError as e:
+        log.warning("trials %s failed: %s", [t.number for t in asked], e)
+        for t in asked:
+            study.tell(t, state=TrialState.FAIL)
+        return
+    for i, (t, f) in enumerate(zip(asked, figures)):
+        for key, value in f.items():
+            t.set_user_attr(key, value)
+        if i in pruned:
+            study.tell(t, state=TrialState.PRUNED)
+        else:
+            study.tell(t, f[batch.objective])
+
+
+@contextlib.contextmanager
+def _heartbeats(study, asked: list):
+    """The asked trials' heartbeats every HEARTBEAT_S while they train (Optuna's loop sends them per trial)."""
+    storage = study._storage
+    if not hasattr(storage, "record_heartbeat") or storage.get_heartbeat_interval() is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            for t in asked:
+                storage.record_heartbeat(t._trial_id)
+            if stop.wait(hs.HEARTBEAT_S):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _surplus_asked(trial) -> bool:

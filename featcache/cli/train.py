@@ -16,6 +16,7 @@ from featcache.extract.spec import options as spec_options
 from heads.builders import BASELINES, HEADS
 from heads.config import AUTO, BASELINE, CURVE, HEAD, TrainConfig
 from heads.config import options as config_options
+from heads.search import TOGETHER
 
 _MODEL = next(f for f in config_options() if f.name == "model")
 
@@ -171,6 +172,9 @@ def _ratios(text: str) -> tuple[float, ...]:
               "[default: $RAY_ADDRESS, else a local cluster of this machine's CPUs].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="--engine ray: trials at once [default: one per CPU of the cluster].")
+@click.option("--together", type=click.IntRange(min=1), default=TOGETHER, show_default=True,
+              help="--engine local: trials asked for at once and fitted together, their dense and conv heads on the "
+                   "same input in one pass (1: one trial at a time).")
 @click.option("--head", type=click.Choice((AUTO, *HEADS)), default=AUTO, show_default=True,
               help="The head of every trial, unless --param head=... searches it.")
 @add_options(f for f in config_options(HEAD) if f.name != "name")
@@ -178,7 +182,7 @@ def _ratios(text: str) -> tuple[float, ...]:
 @click.pass_context
 @needs_backend
 def search(ctx, cache_paths, params, space, sampler, trials, timeout, pruner, objective, search_name, storage, engine,
-           ray_address, workers, head, runs_dir, no_progress, **kw):
+           ray_address, workers, together, head, runs_dir, no_progress, **kw):
     """Search head options on one cache in one process (Optuna); test only the winner; print the search folder.
 
     Every trial trains on features read once, is scored on the validation split only and may be
@@ -194,8 +198,8 @@ def search(ctx, cache_paths, params, space, sampler, trials, timeout, pruner, ob
     caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)
     folder = run_search(caches, space_params, layer=pick, sampler=sampler, trials=trials, timeout=timeout,
                         pruner=pruner, objective=objective, name=search_name, storage=storage, engine=engine,
-                        ray_address=ray_address, workers=workers, runs_dir=runs_dir, progress=not no_progress,
-                        model=head, **fixed)
+                        ray_address=ray_address, workers=workers, together=together, runs_dir=runs_dir,
+                        progress=not no_progress, model=head, **fixed)
     click.echo(str(folder))
 
 
