@@ -81,19 +81,21 @@ def keras_batches(x, views, y, rows: tuple, batch_size: int, *, seed: int, n_vie
     """`with keras_batches(x, views, y, (tr, va), ...) as (train, val):` what Keras fits on: training batches
     (shuffled, a new seeded order each epoch) and validation batches (in order, view 0) of rows in RAM or
     streamed from the cache, each with its row weight where class `weights` (training, validation) are given.
-    Reading processes of a stream are stopped on leaving the block."""
+    Validation rows None: no validation batches (None). Reading processes of a stream are stopped on leaving
+    the block."""
     tr, va = rows
     if is_streamed(x):
         with Stream(x, views, np.asarray(y, np.int64), budget=budget, batch_size=batch_size) as stream:
             yield (stream.dataset(tr, batch_size, shuffle=True, seed=seed, n_views=n_views, all_views=all_views,
                                   class_weights=weights[0]),
-                   stream.dataset(va, batch_size, shuffle=False, class_weights=weights[1]))
+                   None if va is None else stream.dataset(va, batch_size, shuffle=False, class_weights=weights[1]))
         return
     if n_views > 1:   # (n, views, ...): view 0 is the original image
         x = np.concatenate([x[:, None], views], axis=1)
     yield (in_ram_dataset(x, y, tr, batch_size, shuffle=True, seed=seed, n_views=n_views, all_views=all_views,
                           class_weights=weights[0]),
-           in_ram_dataset(x, y, va, batch_size, shuffle=False, n_views=n_views, class_weights=weights[1]))
+           None if va is None else in_ram_dataset(x, y, va, batch_size, shuffle=False, n_views=n_views,
+                                                  class_weights=weights[1]))
 
 
 class CachedRows:
@@ -395,13 +397,15 @@ def epoch_batches(batches_of, n_batches: int):
     """A keras.utils.PyDataset over epochs: `batches_of(epoch)` iterates epoch `epoch`'s `n_batches` batches (tuples
     of numpy arrays), which Keras trains on with every backend. Keras asks for batches in order, and may ask for
     the last one again (to look at its shapes); asking for batch 0 after the last starts the next epoch, so epoch
-    k is planned with the same seed on every backend."""
+    k is planned with the same seed on every backend. An epoch of which Keras only looked at batch 0 (JAX's
+    `fit` does, to build its step) is served again from its start: a model fitted on the same batches in
+    several `fit` calls (heads.together) sees the epochs one `fit` would."""
     import keras
 
     class EpochBatches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__(workers=1, use_multiprocessing=False)
-            self.epoch, self.batches, self.next, self.last = -1, None, 0, None
+            self.epoch, self.batches, self.next, self.last, self.peeked = -1, None, 0, None, False
 
         def __len__(self):
             return n_batches
@@ -410,8 +414,8 @@ def epoch_batches(batches_of, n_batches: int):
             if index == self.next - 1:
                 return self.last
             if self.batches is None or (index == 0 and self.next >= n_batches):
-                self.epoch += 1
-                self.batches, self.next = iter(batches_of(self.epoch)), 0
+                self.epoch += 0 if self.peeked else 1
+                self.batches, self.next, self.peeked = iter(batches_of(self.epoch)), 0, False
             if index != self.next:
                 raise IndexError(f"batches are read in order: asked for {index}, next is {self.next}")
             self.last, self.next = next(self.batches), self.next + 1
@@ -419,6 +423,7 @@ def epoch_batches(batches_of, n_batches: int):
 
         def on_epoch_end(self):
             if self.next:
+                self.peeked = self.next == 1 and n_batches > 1
                 self.batches, self.next = None, 0
 
     return EpochBatches()

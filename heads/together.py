@@ -70,8 +70,7 @@ def fit_together(data: TrainData, configs: list[TrainConfig], tr: np.ndarray, va
     first = configs[0]
     weights = balance.split_weights(first.class_weight, data.y_train, tr, va, len(data.class_names))
     batch_size, start_from = fit_schedule(len(tr), first.batch_size, first.epochs)
-    joint, named = _joint([h[2] for h in heads])
-    _compile(joint, named, configs, len(tr), batch_size, data, weighted=weights[0] is not None)
+    named = [keras.Model(h[2].inputs[0], h[2].outputs[0], name=f"head_{k}") for k, h in enumerate(heads)]
     watch = _watch(named, configs, start_from, on_epoch, progress)
     x_fit, views_fit = heads[0][3]
     n_views = data.n_views if first.views_mode != "original" else 1
@@ -79,26 +78,41 @@ def fit_together(data: TrainData, configs: list[TrainConfig], tr: np.ndarray, va
     with feed.keras_batches(x_fit, views_fit, data.y_train, (tr, va), batch_size, seed=first.seed,
                             n_views=n_views, all_views=first.views_mode == "all", weights=weights,
                             budget=data.feed.memory_budget_bytes if data.feed is not None else None) as batches:
-        joint.fit(batches[0], validation_data=batches[1], epochs=first.epochs, callbacks=[watch], shuffle=False,
-                  verbose=0)
+        _segments(watch, named, configs, batches, (len(tr), batch_size, data, weights[0] is not None))
+    watch.finish()
     seconds = time.perf_counter() - t0
     return [Fitted(c, h[1], h[2], {**watch.histories[k], "batch_size": batch_size}, watch.patience[k].best_epoch,
                    seconds / len(configs)) for k, (c, h) in enumerate(zip(configs, heads))]
 
 
-def _joint(fit_models: list):
-    """(one model whose output stacks the K heads' class probabilities (batch, K, classes), the heads as its parts)."""
+def _segments(watch, named: list, configs: list, batches: tuple, shape: tuple) -> None:
+    """Train the live heads as one model until half of them have stopped, then the rest as a smaller one (the
+    same batches, epochs and Adam state going on): a stopped head costs arithmetic for a bounded while, and
+    the pass at most twice the arithmetic of its live heads. The last head trains alone until it stops."""
+    optimizer, epoch = None, 0
+    while watch.live and epoch < configs[0].epochs:
+        active = list(watch.live)
+        joint = _joint([named[k] for k in active])
+        optimizer = _compile(joint, [named[k] for k in active], [configs[k] for k in active], *shape,
+                             carried=optimizer)
+        watch.segment(active)
+        joint.fit(batches[0], validation_data=batches[1], initial_epoch=epoch, epochs=configs[0].epochs,
+                  callbacks=[watch], shuffle=False, verbose=0)
+        epoch = watch.epochs_done
+
+
+def _joint(named: list):
+    """One model whose output stacks the heads' class probabilities: (batch, heads, classes)."""
     import keras
 
-    named = [keras.Model(m.inputs[0], m.outputs[0], name=f"head_{k}") for k, m in enumerate(fit_models)]
-    inputs = keras.Input(tuple(fit_models[0].inputs[0].shape[1:]), name="features")
-    outputs = keras.ops.stack([m(inputs) for m in named], axis=1)
-    return keras.Model(inputs, outputs, name="heads_together"), named
+    inputs = keras.Input(tuple(named[0].inputs[0].shape[1:]), name="features")
+    return keras.Model(inputs, keras.ops.stack([m(inputs) for m in named], axis=1), name="heads_together")
 
 
-def _compile(joint, named: list, configs: list, n_train: int, batch_size: int, data: TrainData, *,
-             weighted: bool) -> None:
-    """Adam with a learning rate per head, the sum of the heads' cross-entropies, and each head's figures."""
+def _compile(joint, named: list, configs: list, n_train: int, batch_size: int, data: TrainData, weighted: bool,
+             carried=None):
+    """Adam with a learning rate per head, the sum of the heads' cross-entropies, and each head's figures; the
+    Adam state of `carried` (the optimizer of a segment before) goes on. Returns the optimizer."""
     import keras
 
     from heads.batches import batches_per_epoch
@@ -119,6 +133,18 @@ def _compile(joint, named: list, configs: list, n_train: int, batch_size: int, d
                   weighted_metrics=figures + balanced, **step_options())
     optimizer.build(joint.trainable_variables)
     optimizer.head_rates.assign(np.array([c.learning_rate for c in configs], np.float32))
+    if carried is not None:
+        _carry(carried, optimizer, joint.trainable_variables)
+    return optimizer
+
+
+def _carry(old, new, variables: list) -> None:
+    """Adam's step count and each weight's moments from `old` into `new` (built on a subset of its weights)."""
+    new.iterations.assign(old.iterations)
+    for v in variables:
+        i, j = old._get_variable_index(v), new._get_variable_index(v)   # Keras' Adam keeps them by weight
+        new._momentums[j].assign(old._momentums[i])
+        new._velocities[j].assign(old._velocities[i])
 
 
 def _accuracy_of(k: int):
@@ -205,41 +231,49 @@ def _penalty(model) -> float:
 
 
 def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool):
-    """A Keras callback: each head's history, early stopping (Keras' rule, best weights kept and restored), the
-    search's `on_epoch`, and a head's learning rate set to 0 once it stops."""
+    """A Keras callback over the pass's segments: each head's history, early stopping (Keras' rule, best weights
+    kept and, by `finish`, restored), the search's `on_epoch`, a stopped head's rate set to 0, and the end of a
+    segment once half its heads have stopped."""
     import keras
 
     class Watch(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
+        def __init__(self):
+            super().__init__()
             n = len(named)
             self.histories, self.left_with, self.live = [{} for _ in range(n)], [None] * n, list(range(n))
             self.patience = [_Patience(m, c.patience, start_from) for m, c in zip(named, configs)]
             self.bar = system.progress_bar(configs[0].epochs, unit="epoch", desc=f"train {n} heads", enabled=progress)
+            self.active, self.epochs_done = [], 0
+
+        def segment(self, active: list):
+            self.active = active   # position j of the segment's model is head active[j]
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            seconds, shared, rate = time.perf_counter() - self.t0, len(self.live), _rate_now(self.model.optimizer)
-            for k in list(self.live):
-                figures = _figures(logs, k, _penalty(named[k]))
-                self._record(k, {**figures, "seconds": seconds / shared, "shared_by": shared,
-                                 "learning_rate": rate * configs[k].learning_rate})
-                if self.patience[k].stops(epoch, figures["val_loss"]) or (on_epoch is not None and on_epoch(k, epoch, figures)):
-                    self.live.remove(k)   # its weights as they are now: later passes would move its BatchNorm
-                    self.left_with[k] = named[k].get_weights()
-            rates = np.zeros(len(named), np.float32)
-            rates[self.live] = [configs[k].learning_rate for k in self.live]
-            self.model.optimizer.head_rates.assign(rates)
-            self.model.stop_training = not self.live
+            seconds, rate = time.perf_counter() - self.t0, _rate_now(self.model.optimizer)
+            for j, k in enumerate(self.active):
+                if k in self.live:
+                    self._epoch_of(k, epoch, _figures(logs, j, _penalty(named[k])), seconds, rate)
+            self.model.optimizer.head_rates.assign(
+                np.array([configs[k].learning_rate if k in self.live else 0.0 for k in self.active], np.float32))
+            self.epochs_done = epoch + 1
+            self.model.stop_training = 2 * len(self.live) <= len(self.active)
             self.bar.set_postfix(heads=len(self.live), refresh=False)
             self.bar.update(1)
 
-        def _record(self, k, values):
+        def _epoch_of(self, k, epoch, figures, seconds, rate):
+            values = {**figures, "seconds": seconds / len(self.active), "shared_by": len(self.active),
+                      "learning_rate": rate * configs[k].learning_rate}
             for key, value in values.items():
                 self.histories[k].setdefault(key, []).append(value)
+            if self.patience[k].stops(epoch, figures["val_loss"]) or (on_epoch is not None and
+                                                                         on_epoch(k, epoch, figures)):
+                self.live.remove(k)   # its weights as they are now: later steps would move its BatchNorm
+                self.left_with[k] = named[k].get_weights()
 
-        def on_train_end(self, logs=None):
+        def finish(self):
             self.bar.close()
             for k, (patience, last) in enumerate(zip(self.patience, self.left_with)):
                 best = patience.best_weights   # as Keras restores it; else the weights where it stopped

@@ -114,3 +114,15 @@ def test_an_unusable_backend_is_one_line(jax_run, data):
     p = subprocess.run([sys.executable, "-m", "featcache.cli", "extract", "--data", str(data), "--weights", "random"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "KERAS_BACKEND" in p.stderr, p.stderr[-2000:]
+
+
+def test_heads_trained_together_follow_their_trajectory_alone_on_jax(jax_run):
+    """tests/test_together.py with Keras on JAX (TensorFlow blocked): the same weights, histories and stops as
+    each head alone, across the segments a pass is cut into as its heads stop."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(jax_run.root / "no-tensorflow")}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                        str(ROOT / "tests" / "test_together.py")], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+
