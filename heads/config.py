@@ -73,6 +73,10 @@ class TrainConfig:
                                    "(stratified, seeded by --subset-seed); the test split stays whole.", kind="int",
                                    low=1, cli=(HEAD,))
     subset_seed: int = option(0, "Which images --per-class draws.", kind="int", cli=(HEAD,))
+    refit: bool = option(False, "After validation chose the setting (auto's head, its epochs, the probe's C, the kNN "
+                         "vote's k), train that setting again on train + validation (that many epochs, that C or k, "
+                         "nothing chosen again) and test the refitted model; the run's validation figures stay the "
+                         "choosing fit's. Not for --head finetune.", kind="bool", flag=True, cli=(HEAD,))
     tune_to: str | None = option(None, "--head finetune: the highest backbone layer trained [default: the end of "
                                  "the block above the cached layer, e.g. block3_pool for a VGG16 block2_pool "
                                  "cache].", kind="str", cli=(HEAD,))
@@ -96,6 +100,8 @@ class TrainConfig:
         for name, value, default in (("tune_to", self.tune_to, None), ("map_shift", self.map_shift, 0)):
             if value != default and self.model != "finetune":
                 raise BadInputError(f"--{name.replace('_', '-')} applies to --head finetune, not {self.model}")
+        if self.refit and self.model == "finetune":   # its two stages each choose their epochs on validation
+            raise BadInputError("--refit does not apply to --head finetune; fix: leave out --refit")
 
     @property
     def learning_rate(self) -> float | None:

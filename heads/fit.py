@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -83,6 +83,38 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
 
         rows = row_losses(predict(fit_model, x_fit[va], config.batch_size), data.y_train[va], weights[1])
     return Fitted(config, model, fit_model, history, best, seconds, rows)
+
+
+def refit(data: TrainData, fitted: Fitted, rows: tuple, progress: bool) -> Fitted:
+    """`fitted`'s setting trained again on its training and validation `rows` together (--refit): its epochs (and
+    batch size), the probe's C, the kNN vote's k, temperature and smoothing; nothing is chosen again. The Fitted's
+    history is the refit's: training figures only."""
+    import keras
+
+    config, spec = fitted.config, MODELS[fitted.config.model]
+    chosen = {k: v[fitted.best] for k, v in fitted.history.items() if isinstance(v, list) and len(v) > fitted.best}
+    if spec.optimizer not in ("lbfgs", "knn"):
+        config = replace(config, epochs=fitted.best + 1, batch_size=fitted.history.get("batch_size", config.batch_size))
+    every = np.sort(np.concatenate(rows))
+    keras.utils.set_random_seed(config.seed)
+    spec, model, fit_model, (x_fit, views_fit) = built(data, config, every)
+    n_classes, n_views = len(data.class_names), data.n_views if config.views_mode != "original" else 1
+    weights = balance.split_weights(config.class_weight, data.y_train, every, rows[1], n_classes)
+    t0 = time.perf_counter()
+    if spec.optimizer == "lbfgs":
+        history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, (every, None),
+                             n_classes, weights, None, at=chosen["C"])
+    elif spec.optimizer == "knn":
+        from heads.knn import refit_knn
+
+        history = refit_knn(fit_model, x_fit, data.y_train, every, n_classes=n_classes, weights=weights,
+                            setting=chosen)
+    else:
+        history = _fit_keras(fit_model, spec, config, (x_fit, views_fit, data.y_train), (every, None), n_views,
+                             progress, memory_budget=data.feed.memory_budget_bytes if data.feed is not None else None,
+                             weights=weights)
+    best = history.pop("best")
+    return Fitted(config, model, fit_model, history, best, time.perf_counter() - t0)
 
 
 def built(data: TrainData, config: TrainConfig, tr: np.ndarray, pooled: dict | None = None) -> tuple:
@@ -158,7 +190,8 @@ def step_options() -> dict:
 def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int, progress: bool, *,
                memory_budget: int | None = None, weights=(None, None), callbacks=()) -> dict:
     """Mini-batch training on `arrays` (x, views, y) rows `rows` (train, validation), with early stopping on
-    validation loss (class-weighted with `weights`; best weights restored)."""
+    validation loss (class-weighted with `weights`; best weights restored). Validation rows None: all
+    `config.epochs`, nothing chosen (a refit)."""
     import keras
 
     (x_fit, views_fit, y), (tr, va) = arrays, rows
@@ -176,9 +209,10 @@ def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int
     with feed.keras_batches(x_fit, views_fit, y, (tr, va), batch_size, seed=config.seed, n_views=n_views,
                             all_views=config.views_mode == "all", weights=weights, budget=memory_budget) as batches:
         history = fit_model.fit(batches[0], validation_data=batches[1], epochs=config.epochs,
-                                callbacks=[stopper, timer, *callbacks], shuffle=False,
-                                verbose=0).history   # shuffled by the batch planner
-    history["best"] = stopper.best_epoch   # the epoch whose weights were restored (monitored epochs only)
+                                callbacks=[*([stopper] if va is not None else []), timer, *callbacks],
+                                shuffle=False, verbose=0).history   # shuffled by the batch planner
+    # the epoch whose weights were restored (monitored epochs only), or a refit's last
+    history["best"] = stopper.best_epoch if va is not None else config.epochs - 1
     history["seconds"] = timer.seconds
     history["learning_rate"] = timer.learning_rates   # at each epoch's end
     history["batch_size"] = batch_size
@@ -228,9 +262,10 @@ def _is_batchnorm(layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
-def _fit_probe(fit_model, x_fit, views_fit, y, rows, n_classes, weights, rival) -> dict:
-    """L-BFGS on the standardised vectors the probe's Dense layer sees; views add training rows."""
-    from heads.probe import fit_linear_probe
+def _fit_probe(fit_model, x_fit, views_fit, y, rows, n_classes, weights, rival, at: float | None = None) -> dict:
+    """L-BFGS on the standardised vectors the probe's Dense layer sees; views add training rows. `at`: the one C
+    to fit at (a refit: validation rows None)."""
+    from heads.probe import fit_at, fit_linear_probe
 
     if feed.is_streamed(x_fit):
         raise BadInputError(feed.NEEDS_RAM)
@@ -247,6 +282,8 @@ def _fit_probe(fit_model, x_fit, views_fit, y, rows, n_classes, weights, rival) 
     if views_fit is not None:
         x_train = np.concatenate([x_train, *(z(views_fit[tr, v]) for v in range(views_fit.shape[1]))])
         y_train = np.tile(y_train, 1 + views_fit.shape[1])
+    if at is not None:
+        return fit_at(fit_model, x_train, y_train, at, n_classes=n_classes, weights=weights)
     return fit_linear_probe(fit_model, x_train, y_train, z(x_fit[va]), y[va], n_classes=n_classes, weights=weights,
                             rival=rival)
 
@@ -335,8 +372,8 @@ def epoch_log(epochs: int, progress: bool):
         def on_epoch_end(self, epoch, logs=None):
             self.seconds.append(time.perf_counter() - self.t0)
             self.learning_rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", val_loss=f"{logs['val_loss']:.3f}",
-                                 val_acc=f"{logs['val_accuracy']:.3f}", refresh=False)
+            shown = {"loss": "loss", "val_loss": "val_loss", "val_acc": "val_accuracy"}   # a refit has no val_
+            self.bar.set_postfix({k: f"{logs[key]:.3f}" for k, key in shown.items() if key in logs}, refresh=False)
             self.bar.update(1)
 
         def on_train_end(self, logs=None):

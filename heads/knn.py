@@ -100,12 +100,9 @@ def nearest(queries: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, 
 def fit_knn(fit_model, x_fit, y, tr, va, *, n_classes: int, weights=(None, None)) -> dict:
     """Fill the model's bank with the training rows `tr` and choose k, temperature and smoothing by the
     (class-weighted, with `weights`) validation loss on rows `va`. Returns one history row per setting."""
-    bank, queries = _embed(fit_model, x_fit, tr), _embed(fit_model, x_fit, va)
+    bank, queries = fill_bank(fit_model, x_fit, y, tr, n_classes, weights[0]), _embed(fit_model, x_fit, va)
     vote = fit_model.get_layer("knn")
     class_w = weights[0] if weights[0] is not None else np.ones(n_classes, np.float32)
-    vote.bank.assign(bank)
-    vote.bank_labels.assign(y[tr].astype(np.int32))
-    vote.class_weights.assign(class_w)
     top, rows = nearest(queries, bank, max(K_GRID))
     labels, y_val = y[tr][rows], y[va]
     history = {key: [] for key in ("k", "temperature", "smoothing", "val_loss", "val_accuracy", "seconds")}
@@ -120,6 +117,27 @@ def fit_knn(fit_model, x_fit, y, tr, va, *, n_classes: int, weights=(None, None)
     vote.k, vote.temperature, vote.smoothing = (history[key][history["best"]] for key in ("k", "temperature",
                                                                                          "smoothing"))
     return history
+
+
+def refit_knn(fit_model, x_fit, y, rows: np.ndarray, *, n_classes: int, weights=(None, None), setting: dict) -> dict:
+    """The bank filled with rows `rows` (train + validation), the vote at the chosen `setting` (k, temperature,
+    smoothing): a refit chooses nothing. Returns a history of one row."""
+    t0 = time.perf_counter()
+    fill_bank(fit_model, x_fit, y, rows, n_classes, weights[0])
+    vote = fit_model.get_layer("knn")
+    vote.k, vote.temperature, vote.smoothing = (setting[key] for key in ("k", "temperature", "smoothing"))
+    return {**{key: [setting[key]] for key in ("k", "temperature", "smoothing")},
+            "seconds": [time.perf_counter() - t0], "best": 0}
+
+
+def fill_bank(fit_model, x_fit, y, rows: np.ndarray, n_classes: int, class_weights=None) -> np.ndarray:
+    """Put rows `rows` (their normalised vectors and labels) in the vote's bank, with the class weights; return
+    the bank. A refit fills it with train + validation and keeps the vote's k, temperature and smoothing."""
+    bank, vote = _embed(fit_model, x_fit, rows), fit_model.get_layer("knn")
+    vote.bank.assign(bank)
+    vote.bank_labels.assign(y[rows].astype(np.int32))
+    vote.class_weights.assign(class_weights if class_weights is not None else np.ones(n_classes, np.float32))
+    return bank
 
 
 def _embed(fit_model, x, rows: np.ndarray) -> np.ndarray:

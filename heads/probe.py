@@ -73,6 +73,24 @@ def fit_linear_probe(model, x_train, y_train, x_val, y_val, *, n_classes: int, w
     return history
 
 
+def fit_at(model, x_train, y_train, c: float, *, n_classes: int, weights=(None, None)) -> dict:
+    """Fit the last Dense layer of `model` at the one L2 strength `c` (a refit on train + validation: nothing is
+    chosen). Returns a history of one row (training figures only)."""
+    from threadpoolctl import threadpool_limits
+
+    xt = np.asarray(x_train, np.float32)
+    present = np.unique(y_train)
+    sample_w = None if weights[0] is None else weights[0][y_train].astype(np.float64)
+    t0 = time.perf_counter()
+    with threadpool_limits(BLAS_THREADS, user_api="blas"):
+        params = _Solver(xt, np.searchsorted(present, y_train), len(present), sample_w)(c, None)
+    coef, intercept = _full(params, present, n_classes)
+    model.get_layer("classes").set_weights([coef.T.astype(np.float32), intercept.astype(np.float32)])
+    p = _softmax(xt @ coef.T.astype(np.float32) + intercept)
+    return {"C": [c], "loss": [float(np.mean(row_losses(p, y_train, weights[0])))],
+            "accuracy": [float(np.mean(p.argmax(1) == y_train))], "seconds": [time.perf_counter() - t0], "best": 0}
+
+
 def _walk_decades(attempt, tried: dict, rival: np.ndarray | None) -> bool:
     """Try every other C from the strongest regularisation, warm-started, until validation loss rises
     (it has one minimum along the path). Returns True when stopped early, behind `rival`."""

@@ -58,10 +58,12 @@ def _write_records(run_dir: Path, result, data, *, run_id: str) -> None:
                    f"{m['test_balanced_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
     header = (f"{RANDOM_FLAG}\n\n" if data.random_weights else "") + \
         (f"Held-out test split, evaluated once after training (n={m['n_test']}); model chosen by validation "
-         f"loss at {chosen}.\n"
+         f"loss at {chosen}" + (f"; then refitted with that setting on training + validation ({m['refit']['rows']} "
+                                f"rows), the model tested" if "refit" in m else "") + ".\n"
          f"test accuracy {m['test_accuracy']:.4f}, validation accuracy {m['val_accuracy']:.4f}\n\n")
     (run_dir / "classification_report.txt").write_text(header + m["classification_report"])
-    model = f"auto, chose {m['chosen']}" if "chosen" in m else result.config.model
+    model = (f"auto, chose {m['chosen']}" if "chosen" in m else result.config.model) + (", refitted" if "refit" in m
+                                                                                       else "")
     title = f"{run_id}: {model}, test accuracy {m['test_accuracy']:.4f}" + ("\n" + RANDOM_FLAG if data.random_weights
                                                                              else "")
     plot_confusion(m["confusion_matrix"], data.class_names, run_dir / "confusion_matrix.png", title)

@@ -31,7 +31,7 @@ from heads.data import (
     stratified_subset,
     subset,
 )
-from heads.fit import Fitted, fit, fit_schedule
+from heads.fit import Fitted, fit, fit_schedule, refit
 from heads.metrics import evaluate, predict
 
 #: What a notebook imports from here; the data side lives in heads.data and heads.config, re-exported.
@@ -82,17 +82,19 @@ def _train_and_test(data: TrainData, config: TrainConfig, runs_dir, logs: Path |
     validated = fit_and_choose(data, config, progress=progress,
                                callbacks=epochs_callback(logs) if logs is not None else ())
     data, chosen, fits, (tr, va) = validated.data, validated.chosen, validated.fits, validated.rows
+    tested = refit(data, chosen, (tr, va), progress) if config.refit else chosen
     # the one and only look at the test split (pooled vectors go to the model past its pooling layer)
-    probs = predict(chosen.fit_model if data.pooled_by else chosen.model, data.x_test, config.batch_size)
+    probs = predict(tested.fit_model if data.pooled_by else tested.model, data.x_test, config.batch_size)
     metrics = {**evaluate(probs, data.y_test, data.class_names), **_fit_metrics(chosen, fits, data, config, tr, va),
-               **_balance_metrics(config, data, tr)}
-    result = RunResult(None, config, metrics, chosen.history, chosen.model)
+               **_balance_metrics(config, data, tr), **(_refit_metrics(tested, tr, va) if config.refit else {})}
+    result = RunResult(None, config, metrics, chosen.history, tested.model)
     if runs_dir is not None:
         from heads.reports import write_run
 
         result.run_dir = write_run(Path(runs_dir), result, data, tensorboard=logs)
     log.info("%s: val accuracy %.4f (best %s of %d), test accuracy %.4f%s, %.1f s",
-             (config.name or config.model) + (f" (chose {chosen.config.model})" if config.model == AUTO else ""),
+             (config.name or config.model) + (f" (chose {chosen.config.model})" if config.model == AUTO else "")
+             + (f", refitted on {len(tr) + len(va)} rows" if config.refit else ""),
              metrics["val_accuracy"], _setting(metrics), metrics["epochs_run"], metrics["test_accuracy"],
              f" (balanced {metrics['test_balanced_accuracy']:.4f})" if metrics["class_weight"] == "balanced" else "",
              metrics["seconds"])
@@ -213,6 +215,14 @@ def _setting(metrics: dict) -> str:
     if "k" in metrics:
         return f"k={metrics['k']} T={metrics['temperature']:g}"
     return f"epoch {metrics['best_epoch']}"
+
+
+def _refit_metrics(refitted, tr, va) -> dict:
+    """What --refit trained on and what it kept from validation's choice (the run's `seconds` are the choosing fits')."""
+    history = refitted.history
+    kept = {key: history[key][0] for key in ("C", "k", "temperature", "smoothing") if key in history}
+    epochs = {} if kept else {"epochs": len(history["loss"])}
+    return {"refit": {"rows": len(tr) + len(va), **epochs, **kept, "seconds": round(refitted.seconds, 3)}}
 
 
 def _balance_metrics(config: TrainConfig, data: TrainData, tr) -> dict:
