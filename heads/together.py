@@ -95,7 +95,7 @@ def _segments(watch, named: list, configs: list, batches: tuple, shape: tuple) -
         joint = _joint([named[k] for k in active])
         optimizer = _compile(joint, [named[k] for k in active], [configs[k] for k in active], *shape,
                              carried=optimizer)
-        watch.segment(active)
+        watch.active = active
         joint.fit(batches[0], validation_data=batches[1], initial_epoch=epoch, epochs=configs[0].epochs,
                   callbacks=[watch], shuffle=False, verbose=0)
         epoch = watch.epochs_done
@@ -243,10 +243,7 @@ def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool
             self.histories, self.left_with, self.live = [{} for _ in range(n)], [None] * n, list(range(n))
             self.patience = [_Patience(m, c.patience, start_from) for m, c in zip(named, configs)]
             self.bar = system.progress_bar(configs[0].epochs, unit="epoch", desc=f"train {n} heads", enabled=progress)
-            self.active, self.epochs_done = [], 0
-
-        def segment(self, active: list):
-            self.active = active   # position j of the segment's model is head active[j]
+            self.active, self.epochs_done = [], 0   # position j of a segment's model is head active[j]
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
