@@ -26,7 +26,7 @@ SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER) --precision 
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 .DEFAULT_GOAL := help
-.PHONY: help install extract heads curve search finetune bench bench-gpu study lint test clean
+.PHONY: help install extract heads curve search finetune bench bench-gpu study lint test test-slow clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -95,8 +95,11 @@ lint: install ## the import contracts (layers, function-local imports counted) a
 	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 
-test: lint ## the import contracts, ruff, then the test suite in two processes (about 8 minutes on 2 cores)
-	$(BIN)/pytest -q -n 2 --dist loadgroup
+test: lint ## the import contracts, ruff, then the test suite in two processes, less the slow tests (under 10 minutes on 2 cores)
+	$(BIN)/pytest -q -n 2 --dist loadgroup -m "not slow"
+
+test-slow: install ## the slow tests alone: Ray clusters, JAX processes (about 4 minutes on 2 cores; CI runs them after make test)
+	$(BIN)/pytest -q -n 2 --dist loadgroup -m slow
 
 clean: ## remove caches, runs and build leftovers (keeps .venv)
 	if [ -d "$(CACHE_DIR)" ]; then find "$(CACHE_DIR)" -mindepth 1 ! -name .gitignore -delete; fi

@@ -84,6 +84,7 @@ def test_probe_and_knn_on_jax_give_the_tensorflow_figures(jax_run, data, tmp_pat
         assert abs(on_jax["test_accuracy"] - on_tf["test_accuracy"]) <= 1 / 24 + 1e-9, (on_jax, on_tf)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", [weights, lambda: "random"], ids=["weights", "random"])
 def test_heads_train_predict_and_export_on_jax(jax_run, data, weights, tmp_path):
     common = ["--data", data, "--weights", weights(), "--runs-dir", jax_run.root / "runs", "--no-progress"]
@@ -116,6 +117,7 @@ def test_an_unusable_backend_is_one_line(jax_run, data):
     assert p.returncode == 2 and "Traceback" not in p.stderr and "KERAS_BACKEND" in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_heads_trained_together_follow_their_trajectory_alone_on_jax(jax_run):
     """tests/test_together.py with Keras on JAX (TensorFlow blocked): the same weights, histories and stops as
     each head alone, across the segments a pass is cut into as its heads stop."""

@@ -34,6 +34,7 @@ def local(folder, tmp_path):
     return featcache.open_cache(extract(data=folder, cache_dir=tmp_path / "local", **OPTS))
 
 
+@pytest.mark.slow
 def test_ray_gives_the_local_cache_row_for_row_and_stops_its_processes(folder, local, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # relative data and cache folder: the workers get absolute paths
     before = {p.pid for p in psutil.Process().children(recursive=True)}
@@ -88,6 +89,7 @@ def test_a_worker_killed_mid_shard_is_restarted_and_its_shard_resumes(folder, lo
     assert_all_gone(watch.seen)
 
 
+@pytest.mark.slow
 def test_a_killed_driver_rerun_computes_only_the_missing_shards(tmp_path):
     data = write_folder(tmp_path / "more", n_train=16, n_test=8)   # 48 + 24 rows: 18 shards of 4
     local = featcache.open_cache(extract(data=data, cache_dir=tmp_path / "local", **OPTS))

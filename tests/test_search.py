@@ -228,6 +228,7 @@ def test_a_grid_point_another_process_started_is_not_run_again(tiny_cache, tmp_p
     assert len(record["trials"]) == 4   # the three run here and the one running elsewhere; none skipped shows
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("ray")
 def test_ray_engine_gives_the_local_figures_of_a_grid_and_leaves_no_process(tiny_cache, tmp_path):
     pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install 'featcache[ray]')")
