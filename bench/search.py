@@ -7,8 +7,9 @@ one `featcache train-head` process per configuration, side by side on the same c
 small (section 11): the dense head at six dropout rates, on --per-class images per class, no pruning (so both
 sides train the same six models; the search then trains its winner once more and tests it), alternated.
 grid (section 12): the issue's 24-configuration grid of dense heads (units x dropout x lr x batch size, 50 epochs
-at most, patience 5) on the whole training split, as 24 processes, as one search without pruning and as one with
-the median pruner; epochs run, best validation figures, and the head's epoch against its arithmetic floor.
+at most, patience 5) on the whole training split, as 24 processes, and as one search training its trials together
+(`--together 24`: the 12 trials of each batch size share a pass) without pruning and with the median pruner;
+epochs run, best validation figures, and a head's epoch against its arithmetic floor.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from run import write_sections  # noqa: E402
+from run import machine, write_sections  # noqa: E402
 
 DROPOUTS = ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6")
 CLI = [sys.executable, "-m", "featcache.cli"] if (ROOT / "featcache" / "cli" / "__main__.py").exists() else \
@@ -72,10 +73,11 @@ def grid_processes(cache: str, runs: Path) -> tuple[float, list[dict]]:
     return time.perf_counter() - t0, out
 
 
-def grid_search(cache: str, runs: Path, pruner: str) -> tuple[float, dict]:
+def grid_search(cache: str, runs: Path, pruner: str, together: int) -> tuple[float, dict]:
     t0 = time.perf_counter()
     done = subprocess.run([*CLI, "-q", "search", "--cache", cache, "--head", "dense", "--pruner", pruner,
-                           "--name", f"grid-{pruner}", "--runs-dir", str(runs), "--no-progress", "--trials", "24",
+                           "--name", f"grid-{pruner}-{together}", "--runs-dir", str(runs), "--no-progress",
+                           "--trials", "24", "--together", str(together),
                            *[a for k, v in GRID.items() for a in ("--param", f"{k}={'|'.join(v)}")]],
                           check=True, capture_output=True, text=True)
     return time.perf_counter() - t0, json.loads((Path(done.stdout.strip()) / "search.json").read_text())
@@ -95,51 +97,66 @@ def head_flops_per_row(units: str, n_in: int = 256, n_classes: int = 10) -> int:
     return 6 * sum(a * b for a, b in zip(sizes, sizes[1:]))
 
 
+SIDES = (("processes", "24 `featcache train-head` processes"),
+         ("search", "one search, `--together 24`, no pruning"),
+         ("search_pruned", "one search, `--together 24`, median pruner"))
+
+
 def grid_part(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t_proc, procs = grid_processes(args.cache, Path(tmp) / "p")
-        t_none, none = grid_search(args.cache, Path(tmp), "none")
-        t_median, median = grid_search(args.cache, Path(tmp), "median")
-    rate = float32_peak()
-    n_train = procs[0]["n_train"]
-    floors = [head_flops_per_row(p["units"]) * n_train / (rate * 1e9) for p in procs]
-    epoch_ratio = statistics.median(p["seconds_per_epoch"] / f for p, f in zip(procs, floors))
-    summary = {
-        "processes": {"seconds": t_proc, "epochs": sum(p["epochs"] for p in procs),
-                      "best_val_loss": min(p["val_loss"] for p in procs),
-                      "best_val_accuracy": max(p["val_accuracy"] for p in procs)},
-        **{name: {"seconds": t, "epochs": sum(tr["epochs"] or 0 for tr in rec["trials"]),
-                  "pruned": sum(tr["pruned"] for tr in rec["trials"]),
-                  "best_val_loss": min(tr["val_loss"] for tr in rec["trials"] if tr["val_loss"] is not None),
-                  "best_val_accuracy": max(tr["val_accuracy"] for tr in rec["trials"]
-                                           if tr["val_accuracy"] is not None),
-                  "winner_test_accuracy": rec["winner"]["test_accuracy"]}
-           for name, t, rec in (("search", t_none, none), ("search_pruned", t_median, median))},
-        "fma_peak_gflops": rate, "epoch_vs_floor_median": epoch_ratio, "n_train": n_train}
+        searches = {"search": grid_search(args.cache, Path(tmp), "none", 24),
+                    "search_pruned": grid_search(args.cache, Path(tmp), "median", 24)}
+    rate, n_train = float32_peak(), procs[0]["n_train"]
+    floor = {c["units"]: head_flops_per_row(c["units"]) * n_train / (rate * 1e9) for c in procs}
+    summary = {"processes": {"seconds": t_proc, "epochs": sum(p["epochs"] for p in procs),
+                             "best_val_loss": min(p["val_loss"] for p in procs),
+                             "best_val_accuracy": max(p["val_accuracy"] for p in procs),
+                             "epoch_vs_floor": statistics.median(p["seconds_per_epoch"] / floor[p["units"]]
+                                                                 for p in procs)},
+               **{k: search_summary(t, rec, floor) for k, (t, rec) in searches.items()},
+               "fma_peak_gflops": rate, "n_train": n_train, "machine": machine()}
     (args.out / "benchmarks-search-grid.json").write_text(json.dumps({"summary": summary, "processes": procs},
                                                                      indent=2) + "\n")
-    s = summary
-    row = lambda label, k: (f"| {label} | {s[k]['seconds']:.0f} | {s[k]['epochs']} | {s[k]['best_val_loss']:.4f} | "  # noqa: E731
-                            f"{s[k]['best_val_accuracy']:.4f} |")
-    write_sections(args.out / "benchmarks.md", "\n".join([
-        "## 12. A 24-configuration grid: one search vs 24 processes, with and without pruning", "",
+    write_sections(args.out / "benchmarks.md", grid_section(summary))
+
+
+def search_summary(seconds: float, rec: dict, floor: dict) -> dict:
+    """A search's side: time, epochs, best validation figures, and its trials' training time (each trial's share of
+    its pass) against the arithmetic floor of the epochs they ran."""
+    trials = [t for t in rec["trials"] if t["val_loss"] is not None]
+    return {"seconds": seconds, "epochs": sum(t["epochs"] or 0 for t in trials),
+            "pruned": sum(t["pruned"] for t in rec["trials"]),
+            "best_val_loss": min(t["val_loss"] for t in trials),
+            "best_val_accuracy": max(t["val_accuracy"] for t in trials if t["val_accuracy"] is not None),
+            "winner_test_accuracy": rec["winner"]["test_accuracy"],
+            "epoch_vs_floor": sum(t["seconds"] for t in trials) / sum(
+                (t["epochs"] or 0) * floor[str(t["params"]["units"])] for t in trials)}
+
+
+def grid_section(s: dict) -> str:
+    row = lambda k, label: (f"| {label} | {s[k]['seconds']:.0f} | {s[k]['epochs']} | {s[k]['best_val_loss']:.4f} | "  # noqa: E731
+                            f"{s[k]['best_val_accuracy']:.4f} | {s[k]['epoch_vs_floor']:.1f}x |")
+    m = s["machine"]
+    return "\n".join([
+        "## 12. A 24-configuration grid: one search training its trials together vs 24 processes", "",
         "`python bench/search.py --cache <the block3_pool cache> --part grid`: dense heads, units x dropout x lr x "
         f"batch size ({' x '.join(str(len(v)) for v in GRID.values())}), 50 epochs at most, patience 5, on the whole "
-        f"training split ({n_train} rows), one after another in one run. Host: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} logical CPUs.", "",
-        "| side | seconds | epochs in all | best val loss | best val accuracy |", "|---|---|---|---|---|",
-        row("24 `featcache train-head` processes", "processes"), row("one search, no pruning", "search"),
-        row("one search, median pruner", "search_pruned"), "",
-        f"Search / processes: **{s['search']['seconds'] / s['processes']['seconds']:.2f}** of the time (target 1/3); "
-        f"pruning ran **{s['search']['epochs'] / max(1, s['search_pruned']['epochs']):.2f}x** fewer epochs "
-        f"(target 2x; {s['search_pruned']['pruned']} trials pruned) and its best validation accuracy is "
+        f"training split ({s['n_train']} rows), one after another in one run. Host: {m['cpu']}, {m['cores']} logical "
+        "CPUs. A head epoch's floor: the dense layers' forward and backward (6 x multiply-adds x rows) at the float32 "
+        f"FMA peak measured here ({s['fma_peak_gflops']:.0f} GFLOP/s, bench/peak_flops.c); for the searches, the "
+        "trials' training time (each its share of its pass) over the floor of the epochs they ran.", "",
+        "| side | seconds | epochs in all | best val loss | best val accuracy | head epoch / floor |",
+        "|---|---|---|---|---|---|", *(row(k, label) for k, label in SIDES), "",
+        f"Search / processes: **{s['search']['seconds'] / s['processes']['seconds']:.2f}** of the time (target 1/3), "
+        f"best validation loss {s['search']['best_val_loss'] - s['processes']['best_val_loss']:+.4f} from the "
+        f"processes'; with the median pruner **{s['search_pruned']['seconds'] / s['processes']['seconds']:.2f}** "
+        f"({s['search_pruned']['pruned']} trials pruned, {s['search']['epochs'] / max(1, s['search_pruned']['epochs']):.2f}x "
+        f"fewer epochs, best validation accuracy "
         f"{100 * (s['search_pruned']['best_val_accuracy'] - s['search']['best_val_accuracy']):+.2f} points from the "
-        "unpruned search's. The searches' winners were tested once each: "
+        "unpruned search's). The searches' winners were tested once each: "
         f"{s['search']['winner_test_accuracy']:.4f} (no pruning), {s['search_pruned']['winner_test_accuracy']:.4f} "
-        "(pruned).", "",
-        f"Head epoch vs its arithmetic floor: the dense layers' forward and backward (6 x multiply-adds x "
-        f"{n_train} rows) at the float32 FMA peak measured here ({rate:.0f} GFLOP/s, bench/peak_flops.c): "
-        f"the epochs the processes timed are a median **{epoch_ratio:.1f}x** their floor (target 2x).", ""]))
+        "(pruned).", ""])
 
 
 def main() -> None:
