@@ -261,8 +261,10 @@ class LogProgress:
             self.last = now
             self._log(now)
 
-    def set_postfix(self, refresh: bool = False, **values) -> None:
-        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **values) -> None:
+        """tqdm's signature: a mapping and keywords, both shown; `refresh` matters only to a terminal."""
+        shown = {**(ordered_dict or {}), **values}
+        self.postfix = ", ".join(f"{k}={v}" for k, v in shown.items())
 
     def _log(self, now: float) -> None:
         rate = (self.n - self.initial) / max(now - self.start, 1e-9)

@@ -20,6 +20,17 @@ def test_progress_on_a_non_terminal_stderr_is_a_log_line_every_few_seconds(caplo
     assert "extract: 250/1,000 img" in caplog.text and "img/s" in caplog.text
 
 
+def test_log_progress_takes_postfix_as_tqdm_does(caplog, monkeypatch):
+    # a training epoch passed a dict positionally, as tqdm allows, and the log-line bar refused it
+    monkeypatch.setattr(system.sys.stderr, "isatty", lambda: False, raising=False)
+    caplog.set_level(logging.INFO, logger="featcache.system")
+    bar = system.progress_bar(10, unit="epoch", desc="train")
+    bar.every = 0.0
+    bar.set_postfix({"loss": "0.500"}, refresh=False, val_loss="0.600")
+    bar.update(1)
+    assert "(loss=0.500, val_loss=0.600)" in caplog.text
+
+
 def test_no_progress_means_no_lines(caplog, monkeypatch):
     monkeypatch.setattr(system.sys.stderr, "isatty", lambda: False, raising=False)
     caplog.set_level(logging.INFO, logger="featcache.system")
