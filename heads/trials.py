@@ -102,9 +102,15 @@ def _in_batches(study, batch: Batch, *, left: int | None, together: int, timeout
                 trials: int | None, bar) -> None:
     """Optuna's ask and tell, `together` trials at a time, each batch fitted together (heads.trial.evaluate_together)
     under heartbeats, so that a batch left by a killed process is failed and run again, as in Study.optimize."""
+    with warnings.catch_warnings():   # the caller's filters as they were afterwards
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # fail_stale_trials
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")   # sent here, not by Study.optimize
+        _batch_after_batch(study, batch, left=left, together=together, timeout=timeout, trials=trials, bar=bar)
+
+
+def _batch_after_batch(study, batch: Batch, *, left: int | None, together: int, timeout: float | None,
+                       trials: int | None, bar) -> None:
     end = None if timeout is None else time.monotonic() + timeout
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # fail_stale_trials
-    warnings.filterwarnings("ignore", message="Heartbeat of storage")   # sent here, not by Study.optimize
     while (left is None or left > 0) and (end is None or time.monotonic() < end):
         optuna.storages.fail_stale_trials(study)
         with locked(batch.logs.parent):   # processes sharing the study take --trials between them

@@ -79,6 +79,17 @@ def test_space_file_and_ranges(tiny_cache, tmp_path):
     assert all(1e-4 <= t["params"]["lr"] <= 1e-2 and t["params"]["units"] in ("4", "8,4") for t in record["trials"])
 
 
+def test_a_search_leaves_the_callers_warning_filters_as_they_were(tiny_cache, tmp_path):
+    # a notebook that runs a search keeps seeing its own warnings (Optuna's were silenced process-wide)
+    import warnings
+
+    before = list(warnings.filters)
+    r = run("search", "--cache", tiny_cache, "--param", "dropout=0.1|0.3", "--head", "dense", "--pruner", "none",
+            "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    assert warnings.filters == before
+
+
 def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path):
     import optuna
 
