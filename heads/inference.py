@@ -126,7 +126,7 @@ def end_to_end(info: RunInfo, *, weights: str | None = None):
         pool = {"gap": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}[data["pooling"]]
         stored = [keras.layers.Concatenate(name="layers")([pool(dtype="float32")(s) for s in stored])]
     probs = head(stored[0])
-    return keras.Model(images, probs, name=f"{meta['backbone']}_{head.name}")
+    return keras.Model(images, probs, name=backbones.keras_name(f"{meta['backbone']}_{head.name}"))
 
 
 def _backbone(meta: dict, layers: list[str], weights: str | None):

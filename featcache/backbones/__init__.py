@@ -17,6 +17,7 @@ import contextlib
 import functools
 import numbers
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from featcache import system
+from featcache.backbones import hub
 from featcache.backbones.convnext import CONVNEXT_TINY
 from featcache.backbones.efficientnet import EFFICIENTNET_V2B0
 from featcache.backbones.mobilenet import MOBILENET_V2
@@ -43,10 +45,16 @@ __all__ = ["BACKBONES", "DEFAULT_BACKBONE", "PRECISIONS", "BackboneSpec", "Backb
            "output_shapes", "check_layers", "check_input_size", "weights_identity", "resolve_precision"]
 
 
-def get(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise BadInputError(f"unknown backbone {name!r}; expected one of: {', '.join(BACKBONES)}")
-    return BACKBONES[name]
+def get(name: str) -> BackboneSpec | hub.HubSpec:
+    """The spec of a registry name, or of a KerasHub preset: `hub:NAME`, `hub:PATH` or a bare preset name."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if hub.is_hub(name):
+        return hub.spec(name)
+    if isinstance(name, str) and name.startswith(hub.VISION_FAMILIES):
+        return hub.spec(hub.PREFIX + name)
+    raise BadInputError(f"unknown backbone {name!r}; expected one of: {', '.join(BACKBONES)}, or a KerasHub preset "
+                        "as hub:NAME or hub:PATH (`featcache backbones` lists them)")
 
 
 def check_layers(spec: BackboneSpec, layers) -> tuple[str, ...]:
@@ -65,6 +73,8 @@ def check_input_size(size, spec: BackboneSpec = VGG16):
         raise BadInputError(f"--input-size must be a whole number of pixels, got {size!r}")
     if size is not None and size < spec.min_input_size:
         raise BadInputError(f"--input-size must be at least {spec.min_input_size} for {spec.name}, got {size}")
+    if isinstance(spec, hub.HubSpec):
+        hub.check_input_size(spec, size)
     return size
 
 
@@ -72,6 +82,8 @@ def weights_identity(weights: str, *, seed: int = 0, backbone: str = DEFAULT_BAC
     """A string that changes whenever the weights' numbers can change (cheap: no model built). ImageNet weights
     found on disk ($FEATCACHE_WEIGHTS_DIR, ~/.keras/models) are known by the hash of that file, as a path is, so a
     replaced file is another cache; only weights still to be downloaded are known by the Keras version."""
+    if backbone not in BACKBONES:   # a KerasHub preset
+        return hub.weights_identity(get(backbone), weights, seed)
     if weights == "imagenet":
         import keras
 
@@ -206,6 +218,8 @@ class Backbone:
 
 def _base(spec: BackboneSpec, weights, shape: tuple[int, int, int]):
     """The Keras application without its top, with `weights` (None, 'imagenet' or a file path)."""
+    if isinstance(spec, hub.HubSpec):
+        return hub.token_model(spec.folder, weights, shape)
     application = spec.keras_application()
     local = local_imagenet_weights(spec) if weights == "imagenet" else None
     if local is not None:
@@ -249,6 +263,7 @@ def build(*, backbone: str = DEFAULT_BACKBONE, layer=None, weights: str = "image
     import keras
 
     spec = get(backbone)
+    backbone = spec.name   # a bare preset name becomes hub:NAME
     layers = check_layers(spec, layer or spec.default_layer)
     check_input_size(min(input_size), spec)
     precision = resolve_precision(precision)
@@ -266,9 +281,14 @@ def build(*, backbone: str = DEFAULT_BACKBONE, layer=None, weights: str = "image
         keras.config.set_dtype_policy(previous)
     outputs = [spec.tensor(base, name) for name in layers]
     model = keras.Model(base.input, outputs if len(outputs) > 1 else outputs[0],
-                        name=f"{spec.name}_{'_'.join(layers)}")
+                        name=keras_name(f"{spec.name}_{'_'.join(layers)}"))
     model.trainable = False
     return Backbone(spec=spec, model=model, layers=layers, weights_id=wid, input_size=tuple(input_size))
+
+
+def keras_name(text: str) -> str:
+    """`text` as a Keras model name (a preset's hub:PATH has characters Keras refuses in names)."""
+    return re.sub(r"\W+", "_", text).strip("_")
 
 
 def check_cached_shapes(path, backbone: str, input_size: tuple[int, int], shapes: dict) -> None:
@@ -289,9 +309,15 @@ def check_cached_shapes(path, backbone: str, input_size: tuple[int, int], shapes
                              "was edited (tampered); fix: delete it and rerun `featcache extract`")
 
 
-@functools.lru_cache(maxsize=32)
 def output_shapes(backbone: str, input_size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
     """{layer: output shape of one image} for every layer `backbone` offers, read off its graph."""
+    spec = get(backbone)
+    return _output_shapes(spec.name, tuple(input_size), getattr(spec, "config_digest", ""))
+
+
+@functools.lru_cache(maxsize=32)
+def _output_shapes(backbone: str, input_size: tuple[int, int], config_digest: str) -> dict[str, tuple[int, ...]]:
+    """Memoised by name and, for a KerasHub preset, its configuration's digest (an edited folder is another graph)."""
     spec = get(backbone)
     check_input_size(min(input_size), spec)
     base = _base(spec, None, (*input_size, 3))

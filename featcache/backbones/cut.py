@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from featcache.backbones import POLICIES, _base, get, resolve_precision, weights_identity
+from featcache.backbones.hub import HubSpec
 from featcache.errors import BadInputError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def weights_of_cache(meta: dict, weights: str | None = None) -> tuple[str, int]:
 def default_tune_to(backbone: str, cached: str) -> str:
     """The end of the block above `cached`: the next of the backbone's block ends (VGG16: its pools)."""
     spec = get(backbone)
+    _refuse_hub(spec)
     ends = spec.block_ends or spec.layers
     if cached not in spec.layers:
         raise BadInputError(f"{cached} is not one of {spec.name}'s cut points ({', '.join(spec.layers)})")
@@ -53,6 +55,12 @@ def default_tune_to(backbone: str, cached: str) -> str:
     return above[0]
 
 
+def _refuse_hub(spec) -> None:
+    if isinstance(spec, HubSpec):   # its cut points are all outputs of the last block: nothing lies above them
+        raise BadInputError(f"--head finetune needs a Keras application backbone; {spec.name}'s cut points are all at "
+                            "the top of the model, with nothing above them to fine-tune; fix: another --head")
+
+
 def upper(backbone: str, cached: str, tune_to: str, *, weights: str, seed: int = 0,
           input_size: tuple[int, int] = (32, 32), precision: str = "float32"):
     """The backbone's layers from above `cached` up to and including `tune_to`, as a keras.Model taking the
@@ -61,6 +69,7 @@ def upper(backbone: str, cached: str, tune_to: str, *, weights: str, seed: int =
     import keras
 
     spec = get(backbone)
+    _refuse_hub(spec)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(POLICIES[resolve_precision(precision)])
     try:

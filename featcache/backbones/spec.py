@@ -15,6 +15,8 @@ class BackboneSpec:
     weights_file: str              # the no-top ImageNet weights file Keras downloads
     preprocessing: str             # what its preprocess_input does, recorded in the cache
     min_input_size: int = 32
+    #: The input size it is made for, the default where images have another (None: the images' own size).
+    native_input_size: int | None = None
     #: A rough estimate of the peak bytes per input pixel of one forward pass (the float32 image and
     #: the largest activations alive at once), to refuse batches that clearly cannot fit in memory.
     peak_bytes_per_pixel: int = 4 * (3 + 2 * 64)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,7 +146,10 @@ def cache_key(fields: dict) -> str:
 
 def cache_filename(meta: CacheMeta) -> str:
     """<dataset>-<layers>-<key12>.h5; other backbones than VGG16 (whose names predate them) name themselves."""
-    backbone = "" if meta.backbone == "vgg16" else f"{meta.backbone}-"
+    name = meta.backbone
+    if name.startswith("hub:"):   # a KerasHub preset: its name, or its folder's
+        name = "hub-" + name[len("hub:"):].rstrip("/").rsplit("/", 1)[-1]
+    backbone = "" if name == "vgg16" else re.sub(r"[^\w.+-]+", "_", name) + "-"
     return f"{meta.dataset_name}-{backbone}{'+'.join(meta.layers)}-{meta.key[:12]}.h5"
 
 

@@ -48,26 +48,21 @@ def extract(ctx, force, no_progress, **kw):
 
 @main.command()
 @click.argument("name", required=False)
-@click.option("--input-size", type=int, default=None, help="Input size for the shapes [default: the minimum, 32].")
+@click.option("--input-size", type=int, default=None,
+              help="Input size for the shapes [default: the backbone's own (a preset's), else its minimum, 32].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @needs_backend
 def backbones(name, input_size, as_json):
-    """List the backbones, or one backbone's layers with their output shapes and bytes per image."""
+    """List the backbones (Keras applications, and the KerasHub vision presets when keras-hub is installed), or
+    one backbone's layers with their output shapes and bytes per image (NAME: vgg16, hub:NAME or hub:PATH)."""
     from featcache import backbones as registry
 
     names = [registry.get(name).name] if name else list(registry.BACKBONES)
-    table = {}
-    for n in names:
-        spec = registry.get(n)
-        size = input_size or spec.min_input_size
-        shapes = registry.output_shapes(n, (size, size))
-        table[n] = {"application": spec.application, "default_layer": spec.default_layer, "input_size": size,
-                    "min_input_size": spec.min_input_size, "preprocessing": spec.preprocessing,
-                    "weights_file": spec.weights_file,
-                    "layers": {layer: {"shape": list(shape), "float16_bytes": 2 * int(np.prod(shape))}
-                               for layer, shape in shapes.items()}}
+    table = {n: _backbone_row(registry, n, input_size) for n in names}
+    presets = _hub_presets() if not name else ()
     if as_json:
-        click.echo(json.dumps(table, indent=2))
+        click.echo(json.dumps({**table, **{f"hub:{p}": {"application": "keras_hub", "downloaded_on_use": True}
+                                           for p in presets}}, indent=2))
         return
     for n, t in table.items():
         click.echo(f"{n}  ({t['application']}, input {t['input_size']}x{t['input_size']}, "
@@ -75,6 +70,32 @@ def backbones(name, input_size, as_json):
         for layer, x in t["layers"].items():
             mark = "  (default)" if layer == t["default_layer"] else ""
             click.echo(f"  {layer:42s} {'x'.join(map(str, x['shape'])):>14s}  {x['float16_bytes']:>9,d} B{mark}")
+    if presets:
+        click.echo("KerasHub vision presets (downloaded on first use; `featcache backbones hub:NAME` shows their "
+                   "cut points: cls, patch_mean, cls_patch_mean, patch_tokens, pooled):")
+        click.echo("\n".join(f"  hub:{p}" for p in presets))
+
+
+def _backbone_row(registry, name: str, input_size) -> dict:
+    spec = registry.get(name)
+    size = input_size or spec.native_input_size or spec.min_input_size
+    shapes = registry.output_shapes(name, (size, size))
+    return {"application": spec.application, "default_layer": spec.default_layer, "input_size": size,
+            "min_input_size": spec.min_input_size, "preprocessing": spec.preprocessing,
+            "weights_file": spec.weights_file,
+            "layers": {layer: {"shape": list(shape), "float16_bytes": 2 * int(np.prod(shape))}
+                       for layer, shape in shapes.items()}}
+
+
+def _hub_presets() -> tuple:
+    """The KerasHub vision presets, or none where keras-hub is not installed (an optional extra)."""
+    from featcache.backbones import hub
+    from featcache.errors import BadInputError
+
+    try:
+        return hub.vision_presets()
+    except BadInputError:
+        return ()
 
 
 @main.command()
@@ -112,7 +133,7 @@ def info(path, as_json, verify):
         f"dataset       {m.dataset_name} ({m.dataset_source}), limit {m.limit or 'none'}",
         f"fingerprint   {m.dataset_fingerprint[:16]}...",
         f"backbone      {m.backbone} -> {m.layer}, input {m.input_shape}",
-        f"weights       {m.weights} ({m.weights_source})" + ("   RANDOM WEIGHTS: not ImageNet features" if m.random_weights else ""),
+        f"weights       {m.weights} ({_weights_source(m)})" + ("   RANDOM WEIGHTS: not ImageNet features" if m.random_weights else ""),
         f"preprocessing {m.preprocessing}; resize {m.resize}; computed in {m.precision}",
         *(f"features      {layer}: {m.dtype}, train {c.splits['train'].shapes[layer]}, "
           f"test {c.splits['test'].shapes[layer]}" for layer in m.layers),
@@ -166,3 +187,10 @@ def consolidate(path, output, force):
     from featcache.cache.shards import consolidate as run
 
     click.echo(str(run(path, output, force=force)))
+
+
+def _weights_source(meta) -> str:
+    """What --weights was; 'imagenet' of a KerasHub preset is the preset's own weights."""
+    if meta.weights_source == "imagenet" and meta.backbone.startswith("hub:"):
+        return "the preset's own"
+    return meta.weights_source

@@ -32,7 +32,8 @@ def plan(spec: ExtractSpec | None = None, **options) -> tuple[Dataset, CacheMeta
     if spec.input_size:
         size = (spec.input_size, spec.input_size)
     else:
-        size = ds.default_input_size(bspec.min_input_size)
+        size = ((bspec.native_input_size,) * 2 if bspec.native_input_size
+                else ds.default_input_size(bspec.min_input_size))
         if ds.test.pixels is not None and ds.test.native_size() != ds.train.native_size():
             raise BadInputError(f"train images are {ds.train.native_size()} but test images are "
                                 f"{ds.test.native_size()}; fix: pass --input-size N")

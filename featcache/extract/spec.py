@@ -31,11 +31,14 @@ class ExtractSpec:
     data: object = option(
         "cifar10", "'cifar10' (Keras download), an image folder ROOT/{train,test}/<class>/, a cifar-10-batches-py "
         "folder or cifar-10-python.tar.gz, or an .npz (x_train, y_train, x_test, y_test).", kind="any")
-    backbone: str = option(backbones.DEFAULT_BACKBONE, "Frozen Keras backbone (`featcache backbones` lists them "
-                            "with their layers).", kind="str", choices=tuple(backbones.BACKBONES))
-    weights: str = option("imagenet", "'imagenet' (Keras download), a path to the backbone's no-top weights file "
-                           "(e.g. vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5), or 'random' (tests only; "
-                           "flagged everywhere).", kind="path")
+    backbone: str = option(backbones.DEFAULT_BACKBONE, "Frozen backbone: a Keras application ("
+                            f"{', '.join(backbones.BACKBONES)}) or a KerasHub preset, hub:NAME "
+                            "(downloaded) or hub:PATH (a local preset folder); `featcache backbones` lists them with "
+                            "their layers.", kind="str")
+    weights: str = option("imagenet", "'imagenet' (Keras download; for a KerasHub preset: the preset's own "
+                           "weights), a path to the backbone's no-top weights file (e.g. "
+                           "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5, or a preset's .weights.h5), or "
+                           "'random' (tests only; flagged everywhere).", kind="path")
     layer: str | None = option(None, "Layer to cut the backbone at (default: the backbone's own, block3_pool for "
                                 "vgg16); several, comma-separated, share one forward pass and one cache file "
                                 "(train-head concatenates their pooled features; with --cache, picks these layers "
@@ -91,8 +94,9 @@ class ExtractSpec:
 
     def __post_init__(self):
         validate(self)   # every field against its declaration; what follows are the rules across fields
-        spec = backbones.get(self.backbone)
+        spec = backbones.get(self.backbone)   # the one check of --backbone: a registry name or a preset
         set_ = lambda name, value: object.__setattr__(self, name, value)   # noqa: E731  (frozen)
+        set_("backbone", spec.name)   # a bare preset name, or a folder, as caches record it
         set_("layer", ",".join(backbones.check_layers(spec, self.layer or spec.default_layer)))
         backbones.check_input_size(self.input_size, spec)
         set_("augment", ",".join(aug.parse(self.augment)) if self.views > 1 else "")

@@ -1,0 +1,320 @@
+"""KerasHub presets as backbones: the vision transformers people cache features of today (DINOv2, DINOv3, CLIP and
+SigLIP vision towers, ViT, DeiT), through `keras-hub` (`pip install 'featcache[hub]'`).
+
+A preset is named `hub:NAME` (KerasHub downloads it once, on a machine that is online) or `hub:PATH`, a folder that
+KerasHub's `save_to_preset` wrote: `config.json`, `model.weights.h5` and the `image_converter.json` that says how
+the preset wants its pixels (scale and offset per channel; its resize mode is recorded). The cut points are token
+outputs of the last block, after the model's final norm:
+
+    cls             the class token                                    1x1xD
+    patch_mean      the mean of the patch tokens                       1x1xD
+    cls_patch_mean  both concatenated (DINOv2's linear evaluation)     1x1x2D
+    patch_tokens    the patch tokens as a map                          (S/P)x(S/P)xD (input S, patch P)
+    pooled          the model's own pooled output (SigLIP's attention pooling head)   1x1xD
+
+Vectors are stored as 1x1xD maps, so that pooling, every head, predict and export treat them as they treat a CNN's
+maps. Which cut points a preset has is read off one forward pass: the tokens before the patches (class, registers)
+are the sequence's length less the patch grid's size.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache import system
+from featcache.errors import BadInputError, DownloadError, MissingInputError, first_line
+
+PREFIX = "hub:"
+OUTPUTS = ("cls", "patch_mean", "cls_patch_mean", "patch_tokens", "pooled")
+#: Preset name prefixes of the vision towers listed by `featcache backbones`: those whose outputs are tokens.
+VISION_FAMILIES = ("dinov2", "dinov3", "clip_", "siglip", "metaclip", "vit_", "deit_")
+INSTALL = "pip install 'featcache[hub]'"
+CONVERTER_FILE, CONFIG_FILE, WEIGHTS_FILE = "image_converter.json", "config.json", "model.weights.h5"
+
+
+def is_hub(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def keras_hub():
+    """The keras_hub module, or a one-line error naming the install command."""
+    try:
+        import keras_hub as module
+    except ImportError as e:
+        raise BadInputError(f"KerasHub backbones need the keras-hub package ({first_line(e)}); fix: {INSTALL}") from e
+    return module
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """What featcache knows of one preset; the same interface as BackboneSpec where extraction reads it."""
+
+    name: str                       # "hub:/abs/folder" or "hub:preset_name", recorded in the cache
+    folder: str                     # the preset's local folder (a named preset's download)
+    layers: tuple[str, ...]
+    default_layer: str
+    native_input_size: int          # the image size the preset was trained at: the default --input-size
+    min_input_size: int             # one patch
+    patch_size: int
+    resizable: bool                 # its position embeddings interpolate to other input sizes (DINOv2, DINOv3)
+    prefix_tokens: int              # tokens before the patches: a class token, registers (counted in a forward pass)
+    scale: tuple[float, ...]
+    offset: tuple[float, ...]
+    preprocessing: str
+    config_digest: str              # sha256 of config.json and image_converter.json: part of the weights' identity
+    peak_bytes_per_pixel: int
+    application: str = "keras_hub.models.Backbone.from_preset"
+    weights_file: str = WEIGHTS_FILE
+    block_ends: tuple[str, ...] = ()
+
+    @property
+    def title(self) -> str:
+        return self.name
+
+    def preprocess(self, x):
+        """The preset's image converter on float32 RGB in 0..255: x * scale + offset per channel."""
+        return (np.asarray(x, np.float32) * np.float32(self.scale) + np.float32(self.offset)).astype(np.float32)
+
+    def tensor(self, base, name: str):
+        """The cut point `name` of `base` (token_model's model: the sequence of tokens, and a pooled output)."""
+        import keras
+
+        sequence = base.outputs[0]
+        width, grid = sequence.shape[2], base.inputs[0].shape[1] // self.patch_size
+
+        def as_map(vector):
+            return keras.ops.reshape(vector, (-1, 1, 1, vector.shape[-1]))
+
+        if name == "pooled":
+            return as_map(base.outputs[1])
+        patches = sequence[:, -grid * grid:]   # the last tokens (KerasHub's symbolic lengths can be off by one)
+        if name == "patch_tokens":
+            return keras.ops.reshape(patches, (-1, grid, grid, width))
+        mean = keras.ops.mean(patches, axis=1)
+        if name == "patch_mean":
+            return as_map(mean)
+        cls = sequence[:, 0]
+        return as_map(cls if name == "cls" else keras.ops.concatenate([cls, mean], axis=-1))
+
+    def position(self, base, name: str):
+        return None
+
+
+def spec(name: str) -> HubSpec:
+    """The HubSpec of `hub:NAME` or `hub:PATH` (a folder made absolute, so caches find it from any folder)."""
+    target = name[len(PREFIX):]
+    if not target:
+        raise BadInputError("--backbone hub: needs a preset name or folder, e.g. hub:dinov2_small or hub:./my-preset")
+    local = Path(target).expanduser()
+    if local.is_dir():
+        folder = str(local.absolute())
+        return _spec(PREFIX + folder, folder, _digest(folder))
+    if "/" in target or target.startswith("."):
+        raise MissingInputError(f"no KerasHub preset folder at {local}; fix: pass the folder save_to_preset wrote "
+                                "(config.json, model.weights.h5, image_converter.json)")
+    folder = _download(target)
+    return _spec(name, folder, _digest(folder))
+
+
+def _download(preset: str) -> str:
+    """The local folder of a named preset (KerasHub downloads it once); a one-line error offline."""
+    hub = keras_hub()
+    from keras_hub.src.utils.preset_utils import get_file
+
+    try:
+        return str(Path(get_file(preset, CONFIG_FILE)).parent)
+    except Exception as e:   # kagglehub and huggingface_hub raise their own errors for a missing network or name
+        raise DownloadError(
+            f"could not fetch the KerasHub preset {preset!r} ({first_line(e)}); KerasHub {hub.__version__} knows "
+            f"{len(vision_presets())} vision presets (`featcache backbones` lists them); offline, fix: on a machine "
+            f"online run keras_hub.models.Backbone.from_preset({preset!r}).save_to_preset(DIR) and "
+            f"keras_hub.layers.ImageConverter.from_preset({preset!r}).save_to_preset(DIR), copy DIR here and pass "
+            "--backbone hub:DIR") from e
+
+
+@functools.lru_cache(maxsize=16)
+def _spec(name: str, folder: str, config_digest: str) -> HubSpec:
+    """Memoised by the configuration's digest: an edited image_converter.json is another spec."""
+    config, converter = _read_json(folder, CONFIG_FILE), _read_json(folder, CONVERTER_FILE)
+    inner = config.get("config", {})
+    if "vision_encoder" in inner:   # a CLIP or SigLIP image-text preset: its vision tower
+        inner = inner["vision_encoder"].get("config", {})
+    patch = inner.get("patch_size")
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    native = (converter.get("config", {}).get("image_size") or inner.get("image_shape") or [None])[0]
+    if not isinstance(patch, int) or not isinstance(native, int):
+        raise BadInputError(f"{folder}/{CONFIG_FILE} is not a vision transformer featcache can cut (no patch_size "
+                            "or image size); fix: use a ViT-family preset (DINOv2, DINOv3, CLIP, SigLIP, ViT, DeiT)")
+    scale, offset = _affine(folder, converter.get("config", {}))
+    base = token_model(folder, None, (native, native, 3))
+    out = base.predict_on_batch(np.zeros((1, native, native, 3), np.float32))
+    n_tokens = np.asarray(out[0] if isinstance(out, (list, tuple)) else out).shape[1]
+    cut = HubSpec(name=name, folder=folder, layers=(), default_layer="", native_input_size=native,
+                  min_input_size=patch, patch_size=patch, resizable="position_embedding_shape" in inner,
+                  prefix_tokens=n_tokens - (native // patch) ** 2,
+                  scale=scale, offset=offset, preprocessing=_describe(converter),
+                  config_digest=config_digest,
+                  peak_bytes_per_pixel=_peak_bytes_per_pixel(inner, n_tokens, patch))
+    layers = _layers_of(base, cut, n_tokens)
+    return HubSpec(**{**cut.__dict__, "layers": layers, "default_layer": "cls_patch_mean" if "cls" in layers
+                      else "patch_mean"})
+
+
+def _layers_of(base, cut: HubSpec, n_tokens: int) -> tuple[str, ...]:
+    if cut.prefix_tokens < 0:
+        grid = cut.native_input_size // cut.patch_size
+        raise BadInputError(f"{cut.name}: its {n_tokens} tokens are fewer than its {grid}x{grid} patches; fix: use a "
+                            "ViT-family preset (DINOv2, DINOv3, CLIP, SigLIP, ViT, DeiT)")
+    names = ["cls", "patch_mean", "cls_patch_mean", "patch_tokens"] if cut.prefix_tokens else ["patch_mean",
+                                                                                               "patch_tokens"]
+    return tuple(names + (["pooled"] if len(base.outputs) > 1 else []))
+
+
+def _read_json(folder: str, name: str) -> dict:
+    path = Path(folder) / name
+    if not path.is_file():
+        why = ("says how the preset wants its pixels; fix: save the preset's image converter into the folder too "
+               "(keras_hub.layers.ImageConverter.from_preset(PRESET).save_to_preset(DIR))") if name == CONVERTER_FILE \
+            else "fix: pass the folder save_to_preset wrote"
+        raise MissingInputError(f"KerasHub preset folder {folder} has no {name}; it {why}" if name == CONVERTER_FILE
+                                else f"KerasHub preset folder {folder} has no {name}; {why}")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path} is not JSON ({first_line(e)}); fix: save the preset again") from e
+
+
+def _affine(folder: str, converter: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The converter's scale and offset as three numbers each (a single number applies to every channel)."""
+    def three(value, default):
+        value = default if value is None else value
+        value = [value] * 3 if isinstance(value, (int, float)) else list(value)
+        if len(value) != 3 or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in value):
+            raise BadInputError(f"{folder}/{CONVERTER_FILE}: scale and offset must be finite numbers, one or three; "
+                                "fix: save the preset's image converter again")
+        return tuple(float(v) for v in value)
+
+    return three(converter.get("scale"), 1.0), three(converter.get("offset"), 0.0)
+
+
+def _describe(converter: dict) -> str:
+    c = converter.get("config", {})
+    shown = {k: c.get(k) for k in ("image_size", "scale", "offset", "crop_to_aspect_ratio", "interpolation",
+                                    "antialias")}
+    return (f"{converter.get('registered_name', 'ImageConverter')} {json.dumps(shown)}; images resized to the input "
+            "size by featcache (PIL bilinear), then x * scale + offset")
+
+
+def _digest(folder: str) -> str:
+    """sha256 of the preset's configuration: the model's and the image converter's (both read, so both must exist)."""
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, CONVERTER_FILE):
+        _read_json(folder, name)
+        h.update(name.encode() + b"\0" + (Path(folder) / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _peak_bytes_per_pixel(config: dict, n_tokens: int, patch: int) -> int:
+    """A rough float32 peak of one image per pixel: each token's hidden, MLP and attention rows over a patch."""
+    hidden, mlp = config.get("hidden_dim", 768), config.get("intermediate_dim", config.get("mlp_dim", 3072))
+    return int(4 * (3 + (4 * hidden + mlp + config.get("num_heads", 12) * n_tokens) / patch ** 2))
+
+
+def token_model(folder: str, weights, shape: tuple[int, int, int]):
+    """The preset's vision tower as a model from one image batch to [tokens of the last block (after its final
+    norm)] (+ [its pooled output] where the model pools), with `weights`: None (initialised, seeded by the
+    caller), 'imagenet' (the preset's own, for a KerasHub preset) or a .weights.h5 file of the same model."""
+    import keras
+
+    hub = keras_hub()
+    config = _read_json(folder, CONFIG_FILE).get("config", {})
+    own = (config.get("vision_encoder", {}).get("config", config).get("image_shape") or [None])[0]
+    kwargs = {} if own == shape[0] else {"image_shape": shape}
+    single = Path(folder) / WEIGHTS_FILE
+    from_file = weights if weights not in (None, "imagenet") else str(single) if weights and single.is_file() else None
+    sharded = weights == "imagenet" and from_file is None   # model.weights.json and its shards: KerasHub reads them
+    try:
+        with system.quiet_stderr():
+            model = hub.models.Backbone.from_preset(folder, load_weights=sharded,
+                                                     dtype=keras.config.dtype_policy().name, **kwargs)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise BadInputError(f"KerasHub cannot load the preset in {folder} at {shape[0]}x{shape[1]} ({first_line(e)}); "
+                            "fix: check the folder (save_to_preset writes it) or pass its own --input-size") from e
+    if sharded:
+        _check_fit(model, sorted(Path(folder).glob("*.weights.h5")), f"{folder}/model.weights.json")
+    if from_file:   # the whole preset's file (a CLIP preset's holds its text tower too)
+        _load_weights(model, from_file)
+    model = getattr(model, "vision_encoder", model)
+    outs = [layer.output for layer in model.layers[1:]]
+    sequence = [o for o in outs if len(getattr(o, "shape", ())) == 3]   # a layer may give several: not a sequence
+    if not sequence:
+        raise BadInputError(f"the preset in {folder} has no token outputs; fix: use a ViT-family preset")
+    outputs = [sequence[-1]] + ([model.outputs[0]] if len(model.outputs[0].shape) == 2 else [])
+    return keras.Model(model.inputs[0], outputs, name="tokens")
+
+
+def _check_fit(model, files, shown: str) -> None:
+    """Refuse weights files that hold another number of arrays than `model` has: Keras loads a deeper model's file
+    into a shallower one without a word, leaving the surplus unread."""
+    import h5py
+
+    arrays = []
+    for file in files:
+        with h5py.File(file, "r") as f:
+            f.visititems(lambda name, item: arrays.append(name) if isinstance(item, h5py.Dataset) else None)
+    if len(arrays) != len(model.weights):
+        raise BadInputError(f"weights {shown} hold {len(arrays)} arrays but the preset's model has "
+                            f"{len(model.weights)}: they are another model's; fix: the preset's own {WEIGHTS_FILE}")
+
+
+def _load_weights(model, path: str) -> None:
+    _check_fit(model, [Path(path).expanduser()], path)
+    try:
+        model.load_weights(str(Path(path).expanduser()))
+    except (ValueError, OSError, KeyError) as e:
+        raise BadInputError(f"weights file {path} does not fit this KerasHub preset ({first_line(e)}); expected "
+                            f"the preset's own {WEIGHTS_FILE} or a file of the same model") from e
+
+
+def weights_identity(cut: HubSpec, weights: str, seed: int) -> str:
+    """The preset's weights known by the hash of their files, and its configuration (model and image converter)."""
+    import keras
+
+    config = f":config={cut.config_digest}"
+    if weights == "random":
+        backend = keras.backend.backend()
+        return f"random:seed={seed}" + ("" if backend == "tensorflow" else f":{backend}") + config
+    if weights == "imagenet":
+        files = sorted(Path(cut.folder).glob("*.weights.*"))
+        if not files:
+            raise MissingInputError(f"KerasHub preset folder {cut.folder} has no weights ({WEIGHTS_FILE}); fix: save "
+                                    "the preset with its weights, or pass --weights random for a test")
+        return "sha256:" + "+".join(system.file_sha256(f)[:32] for f in files) + config
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise MissingInputError(f"weights file {path} does not exist; expected 'imagenet' (the preset's own "
+                                "weights), 'random' or a .weights.h5 file of the same model")
+    return f"sha256:{system.file_sha256(path)}{config}"
+
+
+@functools.lru_cache(maxsize=1)
+def vision_presets() -> tuple[str, ...]:
+    """The names of the vision presets this KerasHub knows (downloaded on use)."""
+    return tuple(sorted(n for n in keras_hub().models.Backbone.presets if n.startswith(VISION_FAMILIES)))
+
+
+def check_input_size(cut: HubSpec, size) -> None:
+    if size is None:
+        return
+    if size % cut.patch_size:
+        raise BadInputError(f"--input-size must be a multiple of {cut.name}'s patch size {cut.patch_size}, got {size}")
+    if size != cut.native_input_size and not cut.resizable:
+        raise BadInputError(f"--input-size {size}: {cut.name} takes only its own {cut.native_input_size}x"
+                            f"{cut.native_input_size} images (its position embeddings do not interpolate); fix: "
+                            "leave out --input-size")
