@@ -31,7 +31,7 @@ from gpu import decode_rate, measure, write_images  # noqa: E402
 from run import machine  # noqa: E402
 
 from featcache import backbones  # noqa: E402
-from featcache.sources import Split, load_dataset  # noqa: E402
+from featcache.sources import RESIZE_DCT, Split, load_dataset  # noqa: E402
 
 
 def decode_side_by_side(data: Path, args) -> dict:
@@ -47,7 +47,7 @@ def decode_side_by_side(data: Path, args) -> dict:
         out[workers] = {"full_images_per_s": full, "dct_images_per_s": dct, "speedup": dct / full}
     split = load_dataset(data).train
     some = Split(labels=split.labels[:256], files=split.files[:256])
-    full, dct = some.load(0, len(some), (32, 32)), some.load(0, len(some), (32, 32), scale_jpegs=True)
+    full, dct = some.load(0, len(some), (32, 32)), some.load(0, len(some), (32, 32), resizing=RESIZE_DCT)
     diff = np.abs(full.astype(np.int16) - dct)
     return {"threads": out, "pixel_mean_abs_diff": float(diff.mean()), "pixel_max_abs_diff": int(diff.max())}
 

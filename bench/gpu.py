@@ -92,11 +92,13 @@ def decode_rate(data: Path, size: int, workers: int, batch_size: int, decoder: s
     extraction at that --input-size decodes (DCT-scaled; `scale_jpegs=False`: every pixel decoded, then resized)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from featcache import sources
     from featcache.extract import local as engine
 
     ds = load_dataset(data)
     splits = {"train": ds.train, "test": ds.test}
-    decode = engine.Decoding(size=(size, size), require_native=None, scale_jpegs=scale_jpegs).rows
+    resizing = sources.RESIZE_DCT if scale_jpegs else sources.RESIZE
+    decode = engine.Decoding(size=(size, size), require_native=None, resizing=resizing).rows
     chunks = [("train", s, min(s + batch_size, len(ds.train))) for s in range(0, len(ds.train), batch_size)]
     with engine.decode_processes(workers if decoder == "processes" else 0, splits) as processes:
         if processes:   # started and warm before the clock, as in an extraction

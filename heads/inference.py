@@ -20,7 +20,7 @@ import numpy as np
 
 from featcache import backbones, system
 from featcache.errors import BadInputError, MissingInputError, UnreadableImageError, first_line
-from featcache.sources import RESIZE, RESIZE_DCT, Split
+from featcache.sources import RESIZE, Split
 from featcache.sources.images import is_system_file, pillow_extensions
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class RunInfo:
     def resize(self) -> str:
         """How images become the model's inputs, as its caches (or its export) recorded it."""
         metas = self.cache_metas if self.kind != "exported" else self.config.get("cache", [])
-        return next((m["resize"] for m in metas if m.get("resize") == RESIZE_DCT), RESIZE)
+        return next((m["resize"] for m in metas if m.get("resize", RESIZE) != RESIZE), RESIZE)
 
 
 def _parts(config: dict) -> list[dict]:
@@ -213,7 +213,7 @@ def predict(run, images, *, batch_size: int = 128, weights: str | None = None, s
     size = info.input_size or tuple(model.input_shape[1:3])
     with system.progress_bar(len(files), unit="img", desc="predict", enabled=progress) as bar:
         probs, kept, bad = predict_files(model, files, size, batch_size, skip_bad_images, bar,
-                                         scale_jpegs=info.resize == RESIZE_DCT)
+                                         resizing=info.resize)
     return Predictions(kept, probs, info.class_names, bad)
 
 
@@ -222,20 +222,20 @@ DECODE_AHEAD = 2
 
 
 def predict_files(model, files: list[Path], size, batch_size: int, skip_bad_images: bool, bar=None, *,
-                  scale_jpegs: bool = False):
+                  resizing: str = RESIZE):
     """(probabilities, the files they are of, [(file, why)] left out): `files` a batch at a time, the next
     DECODE_AHEAD batches decoding in threads while the model runs (memory: those few batches). `scale_jpegs`:
-    decode as a cache with RESIZE_DCT was."""
+    decode as a cache with that `resize` was."""
     from concurrent.futures import ThreadPoolExecutor
 
     chunks = [files[s:s + batch_size] for s in range(0, len(files), batch_size)]
     probs, kept, bad = [], [], []
     with ThreadPoolExecutor(DECODE_AHEAD) as pool:
-        ahead = [pool.submit(_decode, c, size, skip_bad_images, scale_jpegs) for c in chunks[:DECODE_AHEAD]]
+        ahead = [pool.submit(_decode, c, size, skip_bad_images, resizing) for c in chunks[:DECODE_AHEAD]]
         for k, chunk in enumerate(chunks):
             pixels, ok, failed = ahead.pop(0).result()
             if k + DECODE_AHEAD < len(chunks):
-                ahead.append(pool.submit(_decode, chunks[k + DECODE_AHEAD], size, skip_bad_images, scale_jpegs))
+                ahead.append(pool.submit(_decode, chunks[k + DECODE_AHEAD], size, skip_bad_images, resizing))
             bad += failed
             if ok:
                 probs.append(np.asarray(model.predict_on_batch(pixels), np.float32))
@@ -263,7 +263,7 @@ class PredictWorker:
 
     def run(self, files: list[str]):
         probs, kept, bad = predict_files(self.model, [Path(f) for f in files], self.size, self.batch_size, self.skip,
-                                         scale_jpegs=self.info.resize == RESIZE_DCT)
+                                         resizing=self.info.resize)
         return probs, [str(f) for f in kept], [(str(f), why) for f, why in bad]
 
 
@@ -300,17 +300,17 @@ def _on_ray(info: RunInfo, files: list[Path], *, batch_size: int, weights, skip:
     return out, kept, bad
 
 
-def _decode(files: list[Path], size: tuple[int, int], skip_bad_images: bool, scale_jpegs: bool = False):
+def _decode(files: list[Path], size: tuple[int, int], skip_bad_images: bool, resizing: str = RESIZE):
     """(uint8 batch, the files in it, [(file, why)] left out): the batch decoded as a split of the extraction is."""
     split = Split(labels=np.zeros(len(files), np.int64), files=tuple(files))
     try:
-        return split.load(0, len(files), size, scale_jpegs=scale_jpegs), list(files), []
+        return split.load(0, len(files), size, resizing=resizing), list(files), []
     except UnreadableImageError:
         pass   # find which, image by image
     ok, pixels, bad = [], [], []
     for f in files:
         try:
-            pixels.append(Split(labels=np.zeros(1, np.int64), files=(f,)).load(0, 1, size, scale_jpegs=scale_jpegs)[0])
+            pixels.append(Split(labels=np.zeros(1, np.int64), files=(f,)).load(0, 1, size, resizing=resizing)[0])
             ok.append(f)
         except UnreadableImageError as e:
             if not skip_bad_images:

@@ -8,7 +8,7 @@ from conftest import CLASSES, random_images, write_folder
 from PIL import Image, ImageOps
 
 from featcache.errors import BadInputError, DownloadError, MissingInputError
-from featcache.sources import load_dataset
+from featcache.sources import RESIZE_DCT, load_dataset
 
 
 def test_image_folder_rows_are_ordered_by_class_then_file(image_folder):
@@ -244,7 +244,7 @@ def test_large_jpegs_decode_at_a_dct_scale_to_the_pixels_pillow_gives(tmp_path, 
     rotated = images.read_image(tmp_path / "rotated.jpg", at_least=(32, 60))   # stored: at least 60 x 32, scale 2
     assert rotated.shape == (68, 100, 3) and len(fast) == 9   # EXIF: Pillow's path
     split = Split(labels=np.zeros(2, np.int64), files=(tmp_path / "444.jpg", tmp_path / "rotated.jpg"))
-    scaled, full = split.load(0, 2, (32, 32), scale_jpegs=True), split.load(0, 2, (32, 32))
+    scaled, full = split.load(0, 2, (32, 32), resizing=RESIZE_DCT), split.load(0, 2, (32, 32))
     assert scaled.shape == full.shape == (2, 32, 32, 3) and np.abs(scaled.astype(int) - full).mean() < 8
 
 
@@ -305,3 +305,15 @@ def test_the_decompression_bomb_limit_holds_on_every_decoding_path(tmp_path, mon
                 decode_workers=1, fingerprint="stat", progress=False)
     workers = [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
     assert not workers   # the decoding process is stopped (multiprocessing's resource tracker may stay)
+
+
+def test_the_resize_texts_caches_recorded_before_backbones_chose_their_resize_are_unchanged():
+    # they are part of every cache's key: another text would orphan every cache made before
+    from featcache import sources
+
+    assert sources.RESIZE == "PIL bilinear, uint8"
+    assert sources.RESIZE_DCT == "JPEG DCT-scaled by 1/2, 1/4 or 1/8 to at least the input size, then PIL bilinear, uint8"
+    for dct in (False, True):
+        for crop in (False, True):
+            text = sources.resize_text(dct=dct, crop=crop, interpolation="bicubic")
+            assert sources.resize_mode(text) == (dct, crop, "bicubic")

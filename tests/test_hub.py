@@ -92,6 +92,31 @@ def test_cached_features_are_keras_hubs_own_forward_pass_with_the_presets_prepro
         np.testing.assert_allclose(got.reshape(expected.shape), expected, atol=1e-5)
 
 
+def test_images_are_centre_cropped_and_interpolated_as_the_preset_says(presets, tmp_path):
+    # the converter says crop_to_aspect_ratio and bicubic: a 16x24 image is its centre 16x16, unresized
+    from PIL import Image
+
+    from featcache import sources
+
+    folders, _ = presets
+    rng = np.random.default_rng(3)
+    wide = write_folder(tmp_path / "wide", n_train=1, n_test=1, size=SIZE)
+    centre = tmp_path / "centre"
+    for path in sorted(wide.rglob("*.png")):
+        pixels = rng.integers(0, 256, (SIZE, SIZE + 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        (centre / path.relative_to(wide)).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[:, 4:4 + SIZE]).save(centre / path.relative_to(wide))
+    caches = [featcache.open_cache(extract(data=d, backbone=f"hub:{folders['dinov2']}", cache_dir=tmp_path / "cache",
+                                           dtype="float32", progress=False)) for d in (wide, centre)]
+    assert caches[0].meta.resize == sources.resize_text(dct=True, crop=True, interpolation="bicubic")
+    np.testing.assert_allclose(caches[0].load("train")[0], caches[1].load("train")[0], atol=1e-6)
+    from featcache.backbones import hub
+    from featcache.sources.images import FILTERS
+
+    assert set(hub.INTERPOLATIONS) == set(FILTERS)   # what a preset may ask for is what decoding does
+
+
 def test_the_key_changes_with_the_weights_and_the_configuration(presets, tmp_path):
     folders, _ = presets
     images = write_folder(tmp_path / "imgs", n_train=1, n_test=1, size=SIZE)
@@ -125,8 +150,11 @@ def test_heads_train_predict_reproduces_the_run_and_the_export_equals_the_cached
     out = inference.export(run_dir, tmp_path / "exported")
     from PIL import Image
 
-    pixels = np.stack([np.asarray(Image.open(f).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR))
-                       for f in files])
+    from featcache import sources
+
+    _, crop, interpolation = sources.resize_mode(c.meta.resize)   # as export.json says the model takes its images
+    pixels = np.stack([sources.resize(np.asarray(Image.open(f).convert("RGB")), (SIZE, SIZE), crop=crop,
+                                      interpolation=interpolation) for f in files])
     np.save(tmp_path / "pixels.npy", pixels)
     code = ("import sys; sys.modules['featcache'] = None; sys.modules['heads'] = None\n"
             "import numpy as np, keras, keras_hub\n"   # the preset's layers are KerasHub's

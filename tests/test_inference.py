@@ -83,7 +83,7 @@ def test_large_jpegs_at_an_input_size_are_decoded_at_a_dct_scale_in_extract_and_
     assert featcache.open_cache(native).meta.resize == sources.RESIZE   # no --input-size: never scaled
     files = _test_files(cache)
     split = sources.Split(labels=np.zeros(len(files), np.int64), files=tuple(Path(f) for f in files))
-    scaled, full = split.load(0, len(files), (32, 32), scale_jpegs=True), split.load(0, len(files), (32, 32))
+    scaled, full = split.load(0, len(files), (32, 32), resizing=sources.RESIZE_DCT), split.load(0, len(files), (32, 32))
     assert np.abs(scaled.astype(int) - full).max() > 0   # the two decodes differ: the test can tell them apart
     run_dir = train_head(cache, model="dense", units=(8,), epochs=1, runs_dir=tmp_path / "runs",
                          progress=False).run_dir

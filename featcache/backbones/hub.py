@@ -3,8 +3,8 @@ SigLIP vision towers, ViT, DeiT), through `keras-hub` (`pip install 'featcache[h
 
 A preset is named `hub:NAME` (KerasHub downloads it once, on a machine that is online) or `hub:PATH`, a folder that
 KerasHub's `save_to_preset` wrote: `config.json`, `model.weights.h5` and the `image_converter.json` that says how
-the preset wants its pixels (scale and offset per channel; its resize mode is recorded). The cut points are token
-outputs of the last block, after the model's final norm:
+the preset wants its pixels (scale and offset per channel; its centre crop and interpolation become the cache's
+resize). The cut points are token outputs of the last block, after the model's final norm:
 
     cls             the class token                                    1x1xD
     patch_mean      the mean of the patch tokens                       1x1xD
@@ -35,6 +35,8 @@ OUTPUTS = ("cls", "patch_mean", "cls_patch_mean", "patch_tokens", "pooled")
 #: Preset name prefixes of the vision towers listed by `featcache backbones`: those whose outputs are tokens.
 VISION_FAMILIES = ("dinov2", "dinov3", "clip_", "siglip", "metaclip", "vit_", "deit_")
 INSTALL = "pip install 'featcache[hub]'"
+#: The converter interpolations featcache's decoding does (featcache.sources.images.FILTERS: Pillow's filters)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos3", "lanczos5", "area")
 CONVERTER_FILE, CONFIG_FILE, WEIGHTS_FILE = "image_converter.json", "config.json", "model.weights.h5"
 
 
@@ -68,6 +70,8 @@ class HubSpec:
     offset: tuple[float, ...]
     preprocessing: str
     config_digest: str              # sha256 of config.json and image_converter.json: part of the weights' identity
+    crop: bool                      # centre-crop images to the input's aspect ratio before resizing (the converter's)
+    interpolation: str              # the converter's interpolation, done by Pillow's filter of that name
     peak_bytes_per_pixel: int
     application: str = "keras_hub.models.Backbone.from_preset"
     weights_file: str = WEIGHTS_FILE
@@ -152,6 +156,7 @@ def _spec(name: str, folder: str, config_digest: str) -> HubSpec:
         raise BadInputError(f"{folder}/{CONFIG_FILE} is not a vision transformer featcache can cut (no patch_size "
                             "or image size); fix: use a ViT-family preset (DINOv2, DINOv3, CLIP, SigLIP, ViT, DeiT)")
     scale, offset = _affine(folder, converter.get("config", {}))
+    crop, interpolation = _resizing(folder, converter.get("config", {}))
     base = token_model(folder, None, (native, native, 3))
     out = base.predict_on_batch(np.zeros((1, native, native, 3), np.float32))
     n_tokens = np.asarray(out[0] if isinstance(out, (list, tuple)) else out).shape[1]
@@ -159,7 +164,7 @@ def _spec(name: str, folder: str, config_digest: str) -> HubSpec:
                   min_input_size=patch, patch_size=patch, resizable="position_embedding_shape" in inner,
                   prefix_tokens=n_tokens - (native // patch) ** 2,
                   scale=scale, offset=offset, preprocessing=_describe(converter),
-                  config_digest=config_digest,
+                  config_digest=config_digest, crop=crop, interpolation=interpolation,
                   peak_bytes_per_pixel=_peak_bytes_per_pixel(inner, n_tokens, patch))
     layers = _layers_of(base, cut, n_tokens)
     return HubSpec(**{**cut.__dict__, "layers": layers, "default_layer": "cls_patch_mean" if "cls" in layers
@@ -203,12 +208,22 @@ def _affine(folder: str, converter: dict) -> tuple[tuple[float, ...], tuple[floa
     return three(converter.get("scale"), 1.0), three(converter.get("offset"), 0.0)
 
 
+def _resizing(folder: str, converter: dict) -> tuple[bool, str]:
+    """The converter's crop_to_aspect_ratio and interpolation, as featcache's decoding does them."""
+    interpolation = converter.get("interpolation", "bilinear")
+    if interpolation not in INTERPOLATIONS or converter.get("pad_to_aspect_ratio"):
+        raise BadInputError(f"{folder}/{CONVERTER_FILE}: interpolation {interpolation!r}"
+                            f"{' with pad_to_aspect_ratio' if converter.get('pad_to_aspect_ratio') else ''} is not one "
+                            f"featcache decodes ({', '.join(INTERPOLATIONS)}; crop or stretch); fix: another converter")
+    return bool(converter.get("crop_to_aspect_ratio", True)), interpolation
+
+
 def _describe(converter: dict) -> str:
     c = converter.get("config", {})
     shown = {k: c.get(k) for k in ("image_size", "scale", "offset", "crop_to_aspect_ratio", "interpolation",
                                     "antialias")}
-    return (f"{converter.get('registered_name', 'ImageConverter')} {json.dumps(shown)}; images resized to the input "
-            "size by featcache (PIL bilinear), then x * scale + offset")
+    return (f"{converter.get('registered_name', 'ImageConverter')} {json.dumps(shown)}: x * scale + offset per "
+            "channel (the crop and interpolation are the cache's resize)")
 
 
 def _digest(folder: str) -> str:

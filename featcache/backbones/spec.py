@@ -17,6 +17,9 @@ class BackboneSpec:
     min_input_size: int = 32
     #: The input size it is made for, the default where images have another (None: the images' own size).
     native_input_size: int | None = None
+    #: How images are brought to the input size: a centre crop to its aspect ratio first, and the interpolation.
+    crop: bool = False
+    interpolation: str = "bilinear"
     #: A rough estimate of the peak bytes per input pixel of one forward pass (the float32 image and
     #: the largest activations alive at once), to refuse batches that clearly cannot fit in memory.
     peak_bytes_per_pixel: int = 4 * (3 + 2 * 64)

@@ -50,7 +50,8 @@ def extract(*, force: bool = False, progress: bool = True, after_batch=None, **o
     with cache_lock(final):
         if final.exists() and not force:
             return _hit(final, meta)
-        decoding = local.Decoding.of(meta, None if spec.input_size else ds.train.native_size())
+        any_size = spec.input_size or spec.backbone_spec.native_input_size   # every image resized
+        decoding = local.Decoding.of(meta, None if any_size else ds.train.native_size())
         _build(ds, meta, final, spec, force=force, progress=progress, decoding=decoding, after_batch=after_batch)
         publish(partial_path(final), final, lambda written: verify(written, meta))
         log.info("cache: %s (%s)", final, system.megabytes(open_cache(final).size_bytes))

@@ -30,7 +30,7 @@ from featcache.cache.read import features_digest, open_cache
 from featcache.cache.write import BatchWriter, create, finish, reopen, written_peak
 from featcache.errors import BadInputError, CacheError, UnreadableImageError, WorkerError
 from featcache.extract.planner import Unit, units
-from featcache.sources import RESIZE_DCT
+from featcache.sources import RESIZE
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,19 @@ class Decoding:
     views: int = 1
     augment: str = ""
     augment_seed: int = 0
-    scale_jpegs: bool = False   # the cache's resize is RESIZE_DCT
+    resizing: str = RESIZE   # the cache's resize
 
     @classmethod
     def of(cls, meta: CacheMeta, require_native) -> "Decoding":
         return cls(tuple(meta.input_shape[:2]), require_native, meta.views, meta.augment, meta.augment_seed,
-                   meta.resize == RESIZE_DCT)
+                   meta.resize)
 
     def rows(self, splits: dict, name: str, s: int, e: int, row0: int = 0):
         """Rows [s, e) of split `name` decoded (uint8), with their cached views for the training split; the
         views' seeds follow the rows' place in the whole split (`row0` + row), so a shard gets the views a
         single file gets."""
         images = (splits or _WORKER_SPLITS)[name].load(s, e, self.size, require_native=self.require_native,
-                                                       scale_jpegs=self.scale_jpegs)
+                                                       resizing=self.resizing)
         extra = ([aug.views(images, range(row0 + s, row0 + e), v, self.augment, self.augment_seed)
                   for v in range(1, self.views)] if name == "train" else [])
         return images, extra

@@ -29,11 +29,10 @@ def plan(spec: ExtractSpec | None = None, **options) -> tuple[Dataset, CacheMeta
     ds = data if isinstance(data, Dataset) else load_dataset(data, limit=spec.limit,
                                                              skip_bad_images=spec.skip_bad_images,
                                                              fingerprint_by=spec.fingerprint)
-    if spec.input_size:
-        size = (spec.input_size, spec.input_size)
+    if spec.input_size or bspec.native_input_size:   # a preset's own size, unless one is given
+        size = (spec.input_size or bspec.native_input_size,) * 2
     else:
-        size = ((bspec.native_input_size,) * 2 if bspec.native_input_size
-                else ds.default_input_size(bspec.min_input_size))
+        size = ds.default_input_size(bspec.min_input_size)
         if ds.test.pixels is not None and ds.test.native_size() != ds.train.native_size():
             raise BadInputError(f"train images are {ds.train.native_size()} but test images are "
                                 f"{ds.test.native_size()}; fix: pass --input-size N")
@@ -52,9 +51,12 @@ def plan(spec: ExtractSpec | None = None, **options) -> tuple[Dataset, CacheMeta
 
 
 def _resize(spec: ExtractSpec, ds: Dataset) -> str:
-    """How images become inputs: image files at an --input-size have their JPEGs DCT-scaled first (RESIZE_DCT);
-    without one, every image must be the first's size, so no JPEG is ever scaled (and caches keep their keys)."""
-    return sources.RESIZE_DCT if spec.input_size and ds.train.files is not None else sources.RESIZE
+    """How images become inputs: image files at an --input-size (or a preset's own size) have their JPEGs
+    DCT-scaled first (RESIZE_DCT); without one, every image must be the first's size, so no JPEG is ever scaled
+    (and caches keep their keys). A backbone may ask for a centre crop and its own interpolation (a preset's)."""
+    bspec = spec.backbone_spec
+    resized = bool(spec.input_size or bspec.native_input_size) and ds.train.files is not None
+    return sources.resize_text(dct=resized, crop=bspec.crop, interpolation=bspec.interpolation)
 
 
 def _weights_source(weights) -> str:

@@ -23,11 +23,12 @@ from featcache.sources.arrays import CIFAR10_CLASSES, load_cifar_python, load_ke
 from featcache.sources.dataset import Dataset, Split, existing
 from featcache.sources.fingerprints import CONTENT_FINGERPRINT_MAX_FILES, FINGERPRINTS, fingerprint, fingerprint_scheme
 from featcache.sources.folder import load_image_folder, without_bad_images
-from featcache.sources.images import RESIZE, RESIZE_DCT, read_image, resize
+from featcache.sources.images import RESIZE, RESIZE_DCT, read_image, resize, resize_mode, resize_text
 
 __all__ = ["CIFAR10_CLASSES", "CONTENT_FINGERPRINT_MAX_FILES", "FINGERPRINTS", "SOURCES", "Dataset", "Split",
            "fingerprint", "fingerprint_scheme", "load_cifar_python", "load_dataset", "load_image_folder",
-           "load_keras_cifar10", "load_npz", "read_image", "resize", "RESIZE", "RESIZE_DCT"]
+           "load_keras_cifar10", "load_npz", "read_image", "resize", "resize_mode", "resize_text", "RESIZE",
+           "RESIZE_DCT"]
 
 log = logging.getLogger(__name__)
 

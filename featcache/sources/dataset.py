@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import BadInputError, MissingInputError
-from featcache.sources.images import printable, read_image, resize
+from featcache.sources.images import RESIZE, printable, read_image, resize, resize_mode
 
 
 @dataclass(frozen=True)
@@ -45,28 +45,31 @@ class Split:
         return read_image(self.files[0]).shape[:2]
 
     def load(self, start: int, stop: int, size: tuple[int, int],
-             *, require_native: tuple[int, int] | None = None, scale_jpegs: bool = False) -> np.ndarray:
+             *, require_native: tuple[int, int] | None = None, resizing: str = RESIZE) -> np.ndarray:
         """Rows [start, stop) as uint8 (n, *size, 3), resized (bilinear) where needed.
 
         With `require_native`, an image of another native size is an error: the caller chose
         the input size from the images' own size, which only makes sense when they share it.
-        With `scale_jpegs`, large JPEGs are decoded at a DCT scale first (images.RESIZE_DCT).
+        `resizing` (a cache's `resize`, images.resize_text) says how: large JPEGs decoded at a DCT scale first
+        (images.RESIZE_DCT), a centre crop to the input's aspect ratio, the interpolation.
         """
+        dct, crop, interpolation = resize_mode(resizing)
         if self.pixels is not None:
             batch = self.pixels[start:stop]
             if batch.shape[1:3] == tuple(size):
                 return batch
-            return np.stack([resize(img, size) for img in batch])
+            return np.stack([resize(img, size, crop=crop, interpolation=interpolation) for img in batch])
         out = np.empty((stop - start, *size, 3), np.uint8)
         for i, path in enumerate(self.files[start:stop]):
-            img = read_image(path, out=out[i], at_least=size if scale_jpegs else None)
+            img = read_image(path, out=out[i], at_least=size if dct else None)
             if require_native is not None and img.shape[:2] != tuple(require_native):
                 raise BadInputError(
                     f"images differ in size: {path} is {img.shape[1]}x{img.shape[0]}, expected "
                     f"{require_native[1]}x{require_native[0]} like the first image; "
                     "fix: pass --input-size N to resize every image to NxN")
             if not np.may_share_memory(img, out):   # not decoded in place
-                out[i] = img if img.shape[:2] == tuple(size) else resize(img, size)
+                out[i] = img if img.shape[:2] == tuple(size) else resize(img, size, crop=crop,
+                                                                          interpolation=interpolation)
         return out
 
     def all_pixels(self, size: tuple[int, int] | None = None) -> np.ndarray:

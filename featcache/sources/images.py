@@ -36,13 +36,34 @@ def pillow_extensions() -> set[str]:
 _JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
-#: How images become model inputs, recorded in a cache's metadata (`resize`, part of its key): resized (when not
-#: already the input size) from the decoded pixels...
-RESIZE = "PIL bilinear, uint8"
+_DCT = "JPEG DCT-scaled by 1/2, 1/4 or 1/8 to at least the input size, then "
+_CROP = "centre-cropped to the input's aspect ratio, then "
+#: The interpolations a backbone may ask for (KerasHub's names), as Pillow's filters; Pillow filters a downscaled
+#: image over each output pixel's whole footprint (what KerasHub calls antialias).
+FILTERS = {"bilinear": "BILINEAR", "bicubic": "BICUBIC", "nearest": "NEAREST", "lanczos3": "LANCZOS",
+           "lanczos5": "LANCZOS", "area": "BOX"}
+
+
+def resize_text(*, dct: bool = False, crop: bool = False, interpolation: str = "bilinear") -> str:
+    """How images become model inputs, as a cache's metadata records it (`resize`, part of its key)."""
+    return (_DCT if dct else "") + (_CROP if crop else "") + f"PIL {interpolation}, uint8"
+
+
+def resize_mode(text: str) -> tuple[bool, bool, str]:
+    """(dct, crop, interpolation) of a `resize_text`."""
+    mode = (text.startswith(_DCT), _CROP in text, text.rsplit("PIL ", 1)[-1].split(",", 1)[0])
+    if mode[2] not in FILTERS or resize_text(dct=mode[0], crop=mode[1], interpolation=mode[2]) != text:
+        raise ValueError(f"unknown resize {text!r}")
+    return mode
+
+
+#: Resized (when not already the input size) from the decoded pixels...
+RESIZE = resize_text()
 #: ...or, for image files extracted at an --input-size, a JPEG at least twice that size on both sides decoded by
 #: libjpeg at 1/2, 1/4 or 1/8 scale (in the DCT domain: several times cheaper than decoding every pixel), the
-#: smallest scale still at least the input size, then resized as RESIZE.
-RESIZE_DCT = "JPEG DCT-scaled by 1/2, 1/4 or 1/8 to at least the input size, then PIL bilinear, uint8"
+#: smallest scale still at least the input size, then resized as RESIZE. A backbone may ask for its images
+#: centre-cropped to the input's aspect ratio first, and for another interpolation (a KerasHub preset's converter).
+RESIZE_DCT = resize_text(dct=True)
 
 
 def dct_scale(height: int, width: int, at_least: tuple[int, int]) -> int:
@@ -223,10 +244,19 @@ def _unreadable(path: Path, e: Exception) -> UnreadableImageError:
                                 "--skip-bad-images to leave unreadable images out")
 
 
-def resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize(img: np.ndarray, size: tuple[int, int], *, crop: bool = False, interpolation: str = "bilinear") -> np.ndarray:
+    """`img` at `size` (height, width); with `crop`, its centre of the target's aspect ratio first."""
     from PIL import Image
 
-    return np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+    if crop:
+        h, w = img.shape[:2]
+        keep_h, keep_w = min(h, round(w * size[0] / size[1])), min(w, round(h * size[1] / size[0]))
+        top, left = (h - keep_h) // 2, (w - keep_w) // 2
+        img = img[top:top + keep_h, left:left + keep_w]
+        if img.shape[:2] == tuple(size):
+            return np.ascontiguousarray(img)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(
+        (size[1], size[0]), getattr(Image.Resampling, FILTERS[interpolation])))
 
 
 def printable(name: str) -> str:
