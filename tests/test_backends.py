@@ -64,6 +64,20 @@ def test_extraction_on_jax_matches_tensorflow_and_keys_random_weights_by_backend
         assert_same_features(on_jax.load(split)[0], on_tf.load(split)[0])
 
 
+def test_a_keras_hub_preset_extracts_on_jax_as_on_tensorflow(jax_run, data, tmp_path):
+    pytest.importorskip("keras_hub")
+    from test_hub import save_preset
+
+    folder = save_preset(tmp_path / "dinov2", "dinov2")   # a preset folder is backend-neutral: JSON and HDF5
+    args = dict(backbone=f"hub:{folder}", dtype="float32", layer="cls_patch_mean,patch_tokens")
+    on_jax = featcache.open_cache(jax_run("extract", "--data", data, "--backbone", args["backbone"], "--dtype", "float32",
+                                          "--layer", args["layer"], "--no-progress"))
+    on_tf = featcache.open_cache(extract(data=data, cache_dir=tmp_path / "cache", progress=False, **args))
+    assert on_jax.meta.key == on_tf.meta.key   # the preset's own weights: known by their hash on every backend
+    for layer in ("cls_patch_mean", "patch_tokens"):
+        assert_same_features(on_jax.load("train", layer)[0], on_tf.load("train", layer)[0])
+
+
 def metrics(run_folder) -> dict:
     return json.loads((Path(run_folder) / "metrics.json").read_text())
 
