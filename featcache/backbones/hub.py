@@ -31,6 +31,7 @@ from featcache import system
 from featcache.errors import BadInputError, DownloadError, MissingInputError, first_line
 
 PREFIX = "hub:"
+#: The cut points of a preset, where it has them (a class token for the first and third, a pooling head for the last)
 OUTPUTS = ("cls", "patch_mean", "cls_patch_mean", "patch_tokens", "pooled")
 #: Preset name prefixes of the vision towers listed by `featcache backbones`: those whose outputs are tokens.
 VISION_FAMILIES = ("dinov2", "dinov3", "clip_", "siglip", "metaclip", "vit_", "deit_")
@@ -176,9 +177,9 @@ def _layers_of(base, cut: HubSpec, n_tokens: int) -> tuple[str, ...]:
         grid = cut.native_input_size // cut.patch_size
         raise BadInputError(f"{cut.name}: its {n_tokens} tokens are fewer than its {grid}x{grid} patches; fix: use a "
                             "ViT-family preset (DINOv2, DINOv3, CLIP, SigLIP, ViT, DeiT)")
-    names = ["cls", "patch_mean", "cls_patch_mean", "patch_tokens"] if cut.prefix_tokens else ["patch_mean",
-                                                                                               "patch_tokens"]
-    return tuple(names + (["pooled"] if len(base.outputs) > 1 else []))
+    missing = ({"cls", "cls_patch_mean"} if not cut.prefix_tokens else set()) | (
+        {"pooled"} if len(base.outputs) == 1 else set())
+    return tuple(name for name in OUTPUTS if name not in missing)
 
 
 def _read_json(folder: str, name: str) -> dict:
