@@ -21,11 +21,11 @@ from heads.train import train_head
 keras_hub = pytest.importorskip("keras_hub")
 
 SIZE = 16   # the presets' own image size: KerasHub's converter then resizes nothing, so both paths see one image
-CLASS_TOKEN = ("cls", "patch_mean", "cls_patch_mean", "patch_tokens")
+CLASS_TOKEN = ("cls", "patch_mean", "cls_patch_mean", "patch_tokens", "cls_last4", "cls_last4_patch_mean")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def save_preset(folder, family: str, seed: int = 0, layers: int = 2):
+def save_preset(folder, family: str, seed: int = 0, layers: int = 4):
     """A tiny preset of `family` (dinov2: class token, 2 registers, patches; clip: class token, patches; siglip:
     patches and a pooled output) with
     its image converter (ImageNet mean and standard deviation, as the real presets)."""
@@ -79,12 +79,18 @@ def test_cached_features_are_keras_hubs_own_forward_pass_with_the_presets_prepro
         tokens = np.asarray(keras.Model(model.inputs, model.layers[-2].output)(inputs))
     else:
         tokens = np.asarray(model(inputs))
+        norm, blocks = ((model.layernorm, list(model.pyramid_outputs.values())[1:]) if family == "dinov2"
+                        else (model.layer_norm, [layer.output for layer in model.encoder_layers]))
+        last4 = [np.asarray(b)[:, 0] for b in keras.Model(model.inputs, [norm(b) for b in blocks[-4:]])(inputs)]
     before = {"dinov2": 3, "clip": 1, "siglip": 0}[family]   # the class token, and DINOv2's two registers
     patches = tokens[:, before:]
     want = {"cls": tokens[:, 0], "patch_mean": patches.mean(1),
             "cls_patch_mean": np.concatenate([tokens[:, 0], patches.mean(1)], -1),
             "patch_tokens": patches.reshape(len(pixels), SIZE // 4, SIZE // 4, -1)}
-    if family == "siglip":
+    if family != "siglip":   # DINOv2's linear evaluation: the last 4 blocks' class tokens, and the patch mean
+        want.update(cls_last4=np.concatenate(last4, -1), cls_last4_patch_mean=np.concatenate([*last4, patches.mean(1)], -1))
+        np.testing.assert_allclose(last4[-1], tokens[:, 0], atol=1e-5)   # the last block through the norm: the output
+    else:
         want = {"patch_mean": want["patch_mean"], "patch_tokens": want["patch_tokens"],
                 "pooled": np.asarray(model(inputs))}
     for layer, expected in want.items():
@@ -136,10 +142,11 @@ def test_the_key_changes_with_the_weights_and_the_configuration(presets, tmp_pat
     assert key(moved) != before
 
 
-def test_heads_train_predict_reproduces_the_run_and_the_export_equals_the_cached_path(presets, tmp_path):
+@pytest.mark.parametrize("family", ["dinov2", "clip", "siglip"])
+def test_heads_train_predict_reproduces_the_run_and_the_export_equals_the_cached_path(presets, tmp_path, family):
     folders, _ = presets
     images = write_folder(tmp_path / "imgs", size=24)   # resized to the preset's 16 px, as predict does
-    cache = extract(data=images, backbone=f"hub:{folders['dinov2']}", cache_dir=tmp_path / "cache", progress=False)
+    cache = extract(data=images, backbone=f"hub:{folders[family]}", cache_dir=tmp_path / "cache", progress=False)
     run_dir = train_head(cache, model="dense", units=(8,), epochs=2, runs_dir=tmp_path / "runs", progress=False).run_dir
     metrics = json.loads((run_dir / "metrics.json").read_text())
     c = featcache.open_cache(cache)
@@ -183,7 +190,7 @@ def test_a_preset_folder_with_missing_or_foreign_weights_is_a_one_line_error(pre
     (broken / "model.weights.h5").write_bytes((folders["clip"] / "model.weights.h5").read_bytes())   # CLIP's, not DINOv2's
     r = run("extract", "--data", images, "--backbone", f"hub:{broken}", "--no-progress")
     assert r.exit_code == 2 and "another model's" in r.output and "Traceback" not in r.output, r.output
-    deeper = save_preset(tmp_path / "deeper", "dinov2", layers=3)   # Keras would load its first two blocks silently
+    deeper = save_preset(tmp_path / "deeper", "dinov2", layers=5)   # Keras would load its first four blocks silently
     (broken / "model.weights.h5").write_bytes((deeper / "model.weights.h5").read_bytes())
     r = run("extract", "--data", images, "--backbone", f"hub:{broken}", "--no-progress")
     assert r.exit_code == 2 and "another model's" in r.output, r.output

@@ -11,6 +11,8 @@ resize). The cut points are token outputs of the last block, after the model's f
     cls_patch_mean  both concatenated (DINOv2's linear evaluation)     1x1x2D
     patch_tokens    the patch tokens as a map                          (S/P)x(S/P)xD (input S, patch P)
     pooled          the model's own pooled output (SigLIP's attention pooling head)   1x1xD
+    cls_last4       the class tokens of the last 4 blocks, each through the final norm   1x1x4D
+    cls_last4_patch_mean   and the patch-token mean (DINOv2's linear evaluation, n=4)    1x1x5D
 
 Vectors are stored as 1x1xD maps, so that pooling, every head, predict and export treat them as they treat a CNN's
 maps. Which cut points a preset has is read off one forward pass: the tokens before the patches (class, registers)
@@ -31,8 +33,10 @@ from featcache import system
 from featcache.errors import BadInputError, DownloadError, MissingInputError, first_line
 
 PREFIX = "hub:"
-#: The cut points of a preset, where it has them (a class token for the first and third, a pooling head for the last)
-OUTPUTS = ("cls", "patch_mean", "cls_patch_mean", "patch_tokens", "pooled")
+#: The cut points of a preset, where it has them (a class token for cls_..., a pooling head for pooled, blocks it
+#: shows for ..._last4: DINOv2's linear evaluation concatenates the last 4 blocks' class tokens)
+LAST_BLOCKS = 4
+OUTPUTS = ("cls", "patch_mean", "cls_patch_mean", "patch_tokens", "pooled", "cls_last4", "cls_last4_patch_mean")
 #: Preset name prefixes of the vision towers listed by `featcache backbones`: those whose outputs are tokens.
 VISION_FAMILIES = ("dinov2", "dinov3", "clip_", "siglip", "metaclip", "vit_", "deit_")
 INSTALL = "pip install 'featcache[hub]'"
@@ -90,22 +94,22 @@ class HubSpec:
         """The cut point `name` of `base` (token_model's model: the sequence of tokens, and a pooled output)."""
         import keras
 
-        sequence = base.outputs[0]
+        sequence = base.output["tokens"]
         width, grid = sequence.shape[2], base.inputs[0].shape[1] // self.patch_size
 
         def as_map(vector):
             return keras.ops.reshape(vector, (-1, 1, 1, vector.shape[-1]))
 
         if name == "pooled":
-            return as_map(base.outputs[1])
+            return as_map(base.output["pooled"])
         patches = sequence[:, -grid * grid:]   # the last tokens (KerasHub's symbolic lengths can be off by one)
         if name == "patch_tokens":
             return keras.ops.reshape(patches, (-1, grid, grid, width))
         mean = keras.ops.mean(patches, axis=1)
-        if name == "patch_mean":
-            return as_map(mean)
-        cls = sequence[:, 0]
-        return as_map(cls if name == "cls" else keras.ops.concatenate([cls, mean], axis=-1))
+        classes = ([base.output[f"block-{k}"][:, 0] for k in range(LAST_BLOCKS, 0, -1)] if "last" in name
+                   else [sequence[:, 0]] if name.startswith("cls") else [])
+        parts = classes + ([mean] if name.endswith("patch_mean") else [])
+        return as_map(parts[0] if len(parts) == 1 else keras.ops.concatenate(parts, axis=-1))
 
     def position(self, base, name: str):
         return None
@@ -159,8 +163,7 @@ def _spec(name: str, folder: str, config_digest: str) -> HubSpec:
     scale, offset = _affine(folder, converter.get("config", {}))
     crop, interpolation = _resizing(folder, converter.get("config", {}))
     base = token_model(folder, None, (native, native, 3))
-    out = base.predict_on_batch(np.zeros((1, native, native, 3), np.float32))
-    n_tokens = np.asarray(out[0] if isinstance(out, (list, tuple)) else out).shape[1]
+    n_tokens = np.asarray(base.predict_on_batch(np.zeros((1, native, native, 3), np.float32))["tokens"]).shape[1]
     cut = HubSpec(name=name, folder=folder, layers=(), default_layer="", native_input_size=native,
                   min_input_size=patch, patch_size=patch, resizable="position_embedding_shape" in inner,
                   prefix_tokens=n_tokens - (native // patch) ** 2,
@@ -177,8 +180,9 @@ def _layers_of(base, cut: HubSpec, n_tokens: int) -> tuple[str, ...]:
         grid = cut.native_input_size // cut.patch_size
         raise BadInputError(f"{cut.name}: its {n_tokens} tokens are fewer than its {grid}x{grid} patches; fix: use a "
                             "ViT-family preset (DINOv2, DINOv3, CLIP, SigLIP, ViT, DeiT)")
-    missing = ({"cls", "cls_patch_mean"} if not cut.prefix_tokens else set()) | (
-        {"pooled"} if len(base.outputs) == 1 else set())
+    missing = ({name for name in OUTPUTS if name.startswith("cls")} if not cut.prefix_tokens else set()) | (
+        {"pooled"} if "pooled" not in base.output else set()) | (
+        {name for name in OUTPUTS if "last" in name} if "block-1" not in base.output else set())
     return tuple(name for name in OUTPUTS if name not in missing)
 
 
@@ -266,13 +270,29 @@ def token_model(folder: str, weights, shape: tuple[int, int, int]):
         _check_fit(model, sorted(Path(folder).glob("*.weights.h5")), f"{folder}/model.weights.json")
     if from_file:   # the whole preset's file (a CLIP preset's holds its text tower too)
         _load_weights(model, from_file)
-    model = getattr(model, "vision_encoder", model)
-    outs = [layer.output for layer in model.layers[1:]]
-    sequence = [o for o in outs if len(getattr(o, "shape", ())) == 3]   # a layer may give several: not a sequence
-    if not sequence:
+    return keras.Model(model.inputs[0], _token_outputs(getattr(model, "vision_encoder", model), folder), name="tokens")
+
+
+def _token_outputs(model, folder: str) -> dict:
+    """{"tokens": the last block's tokens after the final norm, "pooled": the model's pooled output (where it
+    pools), "block-4".."block-1": the last LAST_BLOCKS blocks' tokens, each through the final norm (where the
+    model shows its blocks: DINOv2's and DINOv3's feature pyramid, CLIP's and SigLIP's encoder layers)}."""
+    import keras
+
+    ranked = [layer for layer in model.layers[1:] if len(getattr(layer.output, "shape", ())) == 3]   # not tuples
+    if not ranked:
         raise BadInputError(f"the preset in {folder} has no token outputs; fix: use a ViT-family preset")
-    outputs = [sequence[-1]] + ([model.outputs[0]] if len(model.outputs[0].shape) == 2 else [])
-    return keras.Model(model.inputs[0], outputs, name="tokens")
+    out = {"tokens": ranked[-1].output}
+    if len(model.outputs[0].shape) == 2:
+        out["pooled"] = model.outputs[0]
+    pyramid = getattr(model, "pyramid_outputs", None)
+    blocks = ([t for k, t in pyramid.items() if k != "stem"] if pyramid
+              else [layer.output for layer in getattr(model, "encoder_layers", [])])
+    norm = ranked[-1] if isinstance(ranked[-1], keras.layers.LayerNormalization) else None
+    if len(blocks) >= LAST_BLOCKS and norm is not None:
+        normed = not (pyramid and getattr(model, "apply_layernorm", False))   # DINOv2 may norm its pyramid itself
+        out.update({f"block-{LAST_BLOCKS - i}": norm(b) if normed else b for i, b in enumerate(blocks[-LAST_BLOCKS:])})
+    return out
 
 
 def _check_fit(model, files, shown: str) -> None:
