@@ -138,24 +138,24 @@ def summarise(rows: list[dict], heads) -> list[dict]:
 def format_curve(summary: list[dict], heads, repeats: int, n_test: int) -> str:
     chose = any("auto_chose" in row for row in summary)
     head = ["images per class", "training rows"] + [f"{h} test acc" for h in heads] + (["auto chose"] if chose else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    from heads.reports import markdown_table
+
+    body = []
     for row in summary:
         cells = [str(row["per_class"]), str(row["n_train"])]
         cells += [f"{row[h]['mean']:.4f} ± {row[h]['std']:.4f}" for h in heads]
         if chose:
             cells.append(", ".join(f"{name} x{k}" for name, k in row.get("auto_chose", {}).items()))
-        lines.append("| " + " | ".join(cells) + " |")
-    return ("\n".join(lines) + f"\n\nMean ± standard deviation over {repeats} seeded subsets; test accuracy on the "
+        body.append(cells)
+    return (markdown_table(head, body) + f"\n\nMean ± standard deviation over {repeats} seeded subsets; test accuracy on the "
             f"whole held-out test split ({n_test} images), measured once per run. Training rows exclude the "
             "validation rows carved from each subset.\n")
 
 
 def plot_curve(summary: list[dict], heads, path: Path, n_classes: int, n_train_split: int) -> None:
-    import matplotlib
+    from heads.reports import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     x = [r["per_class"] if r["per_class"] != "all" else n_train_split / n_classes for r in summary]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     # where auto chose the probe the two lines coincide: drawn apart by style and a small shift, never hidden

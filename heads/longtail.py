@@ -109,13 +109,12 @@ def summarise(rows: list[dict], labels) -> list[dict]:
 
 def format_table(summary: list[dict], labels, *, repeats: int, n_test: int) -> str:
     head = ["shape", "largest / smallest class", "training rows", *labels, "default chose"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in summary:
-        cells = [row["shape"], f"{row['largest']} / {row['smallest']}", str(row["n_train"])]
-        cells += [f"{row[label]['mean']:.4f} ± {row[label]['std']:.4f}" for label in labels]
-        cells.append(", ".join(f"{name} x{k}" for name, k in row.get("default_chose", {}).items()))
-        lines.append("| " + " | ".join(cells) + " |")
-    return ("\n".join(lines) + f"\n\nTest balanced accuracy (mean recall over classes), mean ± standard deviation over "
+    from heads.reports import markdown_table
+
+    body = [[row["shape"], f"{row['largest']} / {row['smallest']}", str(row["n_train"]),
+             *(f"{row[label]['mean']:.4f} ± {row[label]['std']:.4f}" for label in labels),
+             ", ".join(f"{name} x{k}" for name, k in row.get("default_chose", {}).items())] for row in summary]
+    return (markdown_table(head, body) + f"\n\nTest balanced accuracy (mean recall over classes), mean ± standard deviation over "
             f"{repeats} seeded long-tailed subsets of the training split (which classes are large is drawn per "
             f"repeat); the whole held-out test split ({n_test} images), once per run. Training rows exclude the "
             "validation rows carved from each subset.\n")

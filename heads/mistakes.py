@@ -19,8 +19,9 @@ def most_confused(matrix, class_names, n: int = 10) -> list[tuple[str, str, int]
 
 
 def confused_table(pairs: list[tuple[str, str, int]]) -> str:
-    lines = ["| true class | predicted as | test images |", "|---|---|---|"]
-    return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in pairs]) + "\n"
+    from heads.reports import markdown_table
+
+    return markdown_table(["true class", "predicted as", "test images"], pairs) + "\n"
 
 
 def top_losses(probs: np.ndarray, y: np.ndarray, n: int) -> np.ndarray:
@@ -76,11 +77,9 @@ def _images(data: dict, rows: np.ndarray) -> list[np.ndarray]:
 
 
 def _plot(path: Path, images: list, labels: list) -> None:
-    import matplotlib
+    from heads.reports import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = 4
     rows = max(1, -(-len(images) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), dpi=100, squeeze=False)

@@ -85,14 +85,27 @@ def _write_history(path: Path, history: dict) -> None:
             w.writerow([i + 1, *(f"{history[k][i]:.6g}" for k in keys)])
 
 
-def plot_confusion(matrix, class_names, path: Path, title: str) -> None:
+def pyplot():
+    """matplotlib.pyplot drawing into files (the Agg backend: no display needed, none opened)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def markdown_table(head: list, rows: list) -> str:
+    """A Markdown table of `head` and `rows` (each a list of cells, shown with str)."""
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def plot_confusion(matrix, class_names, path: Path, title: str) -> None:
     import numpy as np
     from sklearn.metrics import ConfusionMatrixDisplay
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(class_names)).plot(
         ax=ax, xticks_rotation=45, colorbar=False, values_format="d")
@@ -103,11 +116,7 @@ def plot_confusion(matrix, class_names, path: Path, title: str) -> None:
 
 
 def plot_curves(history: dict, best_epoch: int, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if "k" in history:
         return _plot_knn(history, best_epoch - 1, path, title)
     by_c = "C" in history   # the linear probe: one point per L2 strength, not per epoch
@@ -133,7 +142,7 @@ def plot_curves(history: dict, best_epoch: int, path: Path, title: str) -> None:
 
 def _plot_knn(history: dict, best: int, path: Path, title: str) -> None:
     """Validation loss and accuracy against k, one line per temperature, at the smoothing chosen."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     smoothing = history["smoothing"][best]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
@@ -249,9 +258,7 @@ def format_table(rows: list[dict], *, markdown: bool = False) -> str:
                else []),
              _shown(r["seconds"], ".1f"), _shown(r["seconds_per_epoch"], ".2f")] for r in rows]
     if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines) + "\n\nOrdered by validation accuracy; test accuracy is the held-out split, used once.\n"
+        return markdown_table(head, body) + "\n\nOrdered by validation accuracy; test accuracy is the held-out split, used once.\n"
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*row) for row in [head, *body])

@@ -277,20 +277,19 @@ def _jsonable(d: dict) -> dict:
 
 
 def _markdown(rows: list[dict], record: dict, seed: int) -> str:
+    from heads.reports import markdown_table
+
     sign = 1 if record["objective"] == "val_loss" else -1
     ordered = sorted(rows, key=lambda r: (r["value"] is None, sign * (r["value"] or 0)))
     names = list(dict.fromkeys(k for r in rows for k in r["params"]))
     head = ["trial", *names, record["objective"], "val acc", "epochs (C, kNN settings)", "state", "seconds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in ordered:
-        cells = [str(r["trial"]), *(_shown(r["params"].get(n, "")) for n in names),
-                 "" if r["value"] is None else f"{r['value']:.4f}",
-                 "" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}", str(r["epochs"] or ""),
-                 r["state"], "" if r["seconds"] is None else f"{r['seconds']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    body = [[str(r["trial"]), *(_shown(r["params"].get(n, "")) for n in names),
+             "" if r["value"] is None else f"{r['value']:.4f}",
+             "" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}", str(r["epochs"] or ""),
+             r["state"], "" if r["seconds"] is None else f"{r['seconds']:.1f}"] for r in ordered]
     w = record["winner"]
     return (f"# search {record['name']}: {record['sampler']} sampler, {record['pruner']} pruner\n\n" +
-            "\n".join(lines) + f"\n\nWinner: trial {record['best_trial']} ({w['params']}), run {w['run']}: "
+            markdown_table(head, body) + f"\n\nWinner: trial {record['best_trial']} ({w['params']}), run {w['run']}: "
             f"test accuracy **{w['test_accuracy']:.4f}**.\n\n" + TEST_LINE.format(seed=seed) + "\n")
 
 
@@ -303,11 +302,10 @@ def _plots(study, folder: Path) -> None:
     """Optuna's own matplotlib views: history, each parameter's slice and (with 2+ parameters) importances."""
     import warnings
 
-    import matplotlib
+    from heads.reports import pyplot
 
-    matplotlib.use("Agg")
+    plt = pyplot()   # Agg before Optuna's views import pyplot
     logging.getLogger("matplotlib").setLevel(logging.WARNING)   # not its notes on categorical axes of numbers
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as views
 
     wanted = [("history.png", views.plot_optimization_history), ("slice.png", views.plot_slice)]

@@ -179,7 +179,7 @@ def test_fine_tuning_from_a_presets_cache_is_refused_in_one_line(presets, tmp_pa
     assert r.exit_code == 2 and "needs a Keras application backbone" in r.output, r.output
 
 
-def test_a_preset_folder_with_missing_or_foreign_weights_is_a_one_line_error(presets, tmp_path):
+def test_a_preset_folder_with_missing_or_foreign_weights_is_a_one_line_error(presets, tmp_path, cache_dir):
     folders, tmp = presets
     images = write_folder(tmp_path / "imgs", n_train=1, n_test=1, size=SIZE)
     broken = tmp_path / "broken"
