@@ -14,6 +14,8 @@ from heads.builders import MODELS, POOLINGS
 
 #: The default head: the reference dense head or the linear probe, whichever has the lower validation loss.
 AUTO = "auto"
+#: Where runs (and searches, curves, studies) write their folders unless told otherwise.
+RUNS_DIR = "runs"
 #: The widest Dense layer a head may have.
 MAX_UNITS = 65536
 AUTO_CANDIDATES = ("dense", "linear")

@@ -16,7 +16,7 @@ import numpy as np
 
 from featcache import system
 from featcache.errors import BadInputError
-from heads.config import TrainConfig, pools_first
+from heads.config import RUNS_DIR, TrainConfig, pools_first
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def parse_sizes(text: str) -> tuple[int | None, ...]:
 
 
 def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: int = 3, heads=CURVE_HEADS,
-                          runs_dir: str | Path = "runs", progress: bool = True, **options) -> Path:
+                          runs_dir: str | Path = RUNS_DIR, progress: bool = True, **options) -> Path:
     """Train each head of `heads` on `repeats` subsets of each size; write the curve; return its folder.
 
     `cache` is a path, a FeatureCache or a list of them (as for `train_head`); `options` are

@@ -17,7 +17,7 @@ import numpy as np
 
 from featcache import system
 from featcache.errors import BadInputError
-from heads.config import TrainConfig, pools_first
+from heads.config import RUNS_DIR, TrainConfig, pools_first
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def tail_counts(n_max: int, n_classes: int, ratio: float, shape: str, order: np.
 
 
 def long_tail_table(cache, *, layer=None, ratios=DEFAULT_RATIOS, shapes=SHAPES, n_max: int = 500,
-                    repeats: int = 3, heads: dict | None = None, runs_dir: str | Path = "runs",
+                    repeats: int = 3, heads: dict | None = None, runs_dir: str | Path = RUNS_DIR,
                     progress: bool = True, **options) -> Path:
     """Train each head of `heads` on `repeats` long-tailed subsets of each shape and ratio; write the table
     into a new folder under `runs_dir`; return the folder. `options` are TrainConfig fields for every run."""

@@ -20,7 +20,7 @@ import numpy as np
 from featcache.errors import BadInputError
 from heads import balance, feed
 from heads.builders import MODELS
-from heads.config import AUTO, AUTO_CANDIDATES, VIEWS_MODES, TrainConfig, pools_first
+from heads.config import AUTO, AUTO_CANDIDATES, RUNS_DIR, VIEWS_MODES, TrainConfig, pools_first
 from heads.data import (
     TrainData,
     data_from_cache,
@@ -52,7 +52,7 @@ class RunResult:
     model: object = field(repr=False, default=None)
 
 
-def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str | Path | None = "runs",
+def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str | Path | None = RUNS_DIR,
           progress: bool = True) -> RunResult:
     """Train `config.model` on `data`, evaluate once on the test split, and record the run.
 
@@ -263,7 +263,7 @@ def _fit_metrics(chosen: Fitted, fits: list[Fitted], data: TrainData, config: Tr
     return out
 
 
-def train_head(cache, *, layer=None, runs_dir="runs", progress=True, **options) -> RunResult:
+def train_head(cache, *, layer=None, runs_dir=RUNS_DIR, progress=True, **options) -> RunResult:
     """Train a head on a cache path or FeatureCache: `model="auto"` (default: the dense head or the linear
     probe, whichever has the lower validation loss), `"dense"`, `"linear"` or `"conv"`.
 
@@ -282,7 +282,7 @@ def train_head(cache, *, layer=None, runs_dir="runs", progress=True, **options) 
     return train(data, config, runs_dir=runs_dir, progress=progress)
 
 
-def train_baseline(model: str, *, data="cifar10", limit=None, input_size=None, runs_dir="runs", progress=True,
+def train_baseline(model: str, *, data="cifar10", limit=None, input_size=None, runs_dir=RUNS_DIR, progress=True,
                    **options) -> RunResult:
     """Train a scratch baseline (`ann` or `cnn`) on the raw pixels of a dataset source."""
     from featcache.backbones import check_input_size

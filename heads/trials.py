@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from featcache import system
 from featcache.errors import BadInputError
 from heads import search as hs
-from heads.config import TrainConfig
+from heads.config import RUNS_DIR, TrainConfig
 from heads.grid import SURPLUS, locked
 from heads.trial import SearchData, evaluate, evaluate_together
 
@@ -31,7 +31,7 @@ TEST_LINE = ("Only the winner was evaluated on the test split, once, after the s
 def run_search(cache, params: list, *, layer=None, sampler: str | None = None, trials: int | None = 20,
                timeout: float | None = None, pruner: str = "median", objective: str = "val_loss",
                name: str = "search", storage: str | None = None, engine: str = "local", ray_address: str | None = None,
-               workers: int | None = None, together: int = hs.TOGETHER, runs_dir="runs", progress: bool = True,
+               workers: int | None = None, together: int = hs.TOGETHER, runs_dir=RUNS_DIR, progress: bool = True,
                **options) -> Path:
     """Search `params` (heads.search.Param) on a cache path (or list of caches); return the search folder.
 

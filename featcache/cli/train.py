@@ -14,7 +14,7 @@ from featcache.errors import BadInputError
 from featcache.extract.spec import KEY_OPTIONS
 from featcache.extract.spec import options as spec_options
 from heads.builders import BASELINES, HEADS
-from heads.config import AUTO, BASELINE, CURVE, HEAD, TrainConfig
+from heads.config import AUTO, BASELINE, CURVE, HEAD, RUNS_DIR, TrainConfig
 from heads.config import options as config_options
 from heads.search import TOGETHER
 
@@ -25,7 +25,7 @@ def run_options(f):
     """Where runs go and whether a progress bar shows: every command that trains."""
     f = click.option("--no-progress", is_flag=True, help="No progress bar (and no progress lines on a non-terminal "
                                                          "stderr).")(f)
-    return click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True,
+    return click.option("--runs-dir", type=click.Path(file_okay=False), default=RUNS_DIR, show_default=True,
                         help="Each run writes a new folder in here.")(f)
 
 
@@ -220,7 +220,7 @@ def train_baseline(model, data, limit, input_size, runs_dir, no_progress, **kw):
 
 
 @main.command()
-@click.option("--runs-dir", type=click.Path(file_okay=False), default="runs", show_default=True)
+@click.option("--runs-dir", type=click.Path(file_okay=False), default=RUNS_DIR, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="A JSON list on stdout.")
 @click.option("--markdown", is_flag=True, help="A Markdown table.")
 def runs(runs_dir, as_json, markdown):
