@@ -156,3 +156,11 @@ def test_imagenet_offline_names_the_local_file_for_every_backbone(monkeypatch):
     with pytest.raises(DownloadError, match="ResNet50 weights.*offline; fix: pass --weights PATH to a local "
                                             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"):
         bb.build(backbone="resnet50", weights="imagenet")
+
+
+def test_a_keras_model_name_is_ascii_whatever_the_folder_is_called():
+    # a preset folder named "dino ünï": TensorFlow refused the non-ASCII model name in predict and export
+    from featcache.backbones import keras_name
+
+    name = keras_name("hub:/tmp/dino v2 ünï_dense")
+    assert name.isascii() and name.replace("_", "").isalnum() and name.startswith("hub_tmp_dino_v2_")

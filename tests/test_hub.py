@@ -127,9 +127,12 @@ def test_the_key_changes_with_the_weights_and_the_configuration(presets, tmp_pat
     folders, _ = presets
     images = write_folder(tmp_path / "imgs", n_train=1, n_test=1, size=SIZE)
 
-    def key(folder):
+    def key(folder, **options):
         return featcache.open_cache(extract(data=images, backbone=f"hub:{folder}", cache_dir=tmp_path / "cache",
-                                            progress=False)).meta.key
+                                            progress=False, **options)).meta.key
+
+    own = key(folders["dinov2"])   # the preset's own weights, or its file named: one cache (a run's --weights too)
+    assert key(folders["dinov2"], weights=str(folders["dinov2"] / "model.weights.h5")) == own
 
     other = save_preset(tmp_path / "other", "dinov2", seed=1)   # the same model, other weights
     assert key(folders["dinov2"]) != key(other)
@@ -197,6 +200,9 @@ def test_a_preset_folder_with_missing_or_foreign_weights_is_a_one_line_error(pre
     r = run("extract", "--data", images, "--backbone", f"hub:{folders['dinov2']}", "--weights",
             deeper / "model.weights.h5", "--no-progress")
     assert r.exit_code == 2 and "another model's" in r.output, r.output
+    (broken / "model.weights.h5").write_bytes(b"\x89HDF\r\n" + b"\0" * 64)   # truncated
+    r = run("extract", "--data", images, "--backbone", f"hub:{broken}", "--no-progress")
+    assert r.exit_code == 2 and "cannot be read" in r.output and "fix:" in r.output, r.output
     r = run("extract", "--data", images, "--backbone", f"hub:{tmp_path / 'absent'}", "--no-progress")
     assert r.exit_code == 2 and "no KerasHub preset folder" in r.output, r.output
 

@@ -288,7 +288,7 @@ def build(*, backbone: str = DEFAULT_BACKBONE, layer=None, weights: str = "image
 
 def keras_name(text: str) -> str:
     """`text` as a Keras model name (a preset's hub:PATH has characters Keras refuses in names)."""
-    return re.sub(r"\W+", "_", text).strip("_")
+    return re.sub(r"\W+", "_", text, flags=re.ASCII).strip("_")   # TensorFlow's scope names are ASCII
 
 
 def check_cached_shapes(path, backbone: str, input_size: tuple[int, int], shapes: dict) -> None:

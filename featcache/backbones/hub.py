@@ -302,8 +302,12 @@ def _check_fit(model, files, shown: str) -> None:
 
     arrays = []
     for file in files:
-        with h5py.File(file, "r") as f:
-            f.visititems(lambda name, item: arrays.append(name) if isinstance(item, h5py.Dataset) else None)
+        try:
+            with h5py.File(file, "r") as f:
+                f.visititems(lambda name, item: arrays.append(name) if isinstance(item, h5py.Dataset) else None)
+        except OSError as e:   # truncated, empty, not HDF5: rerunning cannot help
+            raise BadInputError(f"weights file {file} cannot be read ({first_line(e)}); fix: save the preset's "
+                                f"{WEIGHTS_FILE} again") from e
     if len(arrays) != len(model.weights):
         raise BadInputError(f"weights {shown} hold {len(arrays)} arrays but the preset's model has "
                             f"{len(model.weights)}: they are another model's; fix: the preset's own {WEIGHTS_FILE}")
@@ -336,7 +340,7 @@ def weights_identity(cut: HubSpec, weights: str, seed: int) -> str:
     if not path.is_file():
         raise MissingInputError(f"weights file {path} does not exist; expected 'imagenet' (the preset's own "
                                 "weights), 'random' or a .weights.h5 file of the same model")
-    return f"sha256:{system.file_sha256(path)}{config}"
+    return f"sha256:{system.file_sha256(path)[:32]}{config}"   # as the preset's own: the same file, the same key
 
 
 @functools.lru_cache(maxsize=1)
