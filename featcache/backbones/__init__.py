@@ -82,24 +82,31 @@ def weights_identity(weights: str, *, seed: int = 0, backbone: str = DEFAULT_BAC
     """A string that changes whenever the weights' numbers can change (cheap: no model built). ImageNet weights
     found on disk ($FEATCACHE_WEIGHTS_DIR, ~/.keras/models) are known by the hash of that file, as a path is, so a
     replaced file is another cache; only weights still to be downloaded are known by the Keras version."""
-    if backbone not in BACKBONES:   # a KerasHub preset
-        return hub.weights_identity(get(backbone), weights, seed)
+    if backbone not in BACKBONES:   # a KerasHub preset: its configuration is part of what its weights compute
+        spec = get(backbone)
+        own = _random_identity(seed) if weights == "random" else hub.weights_identity(spec, weights)
+        return f"{own}:config={spec.config_digest}"
     if weights == "imagenet":
         import keras
 
         local = local_imagenet_weights(get(backbone))
         return f"sha256:{system.file_sha256(local)}" if local is not None else f"imagenet:keras-{keras.__version__}"
-    if weights == "random":   # drawn by each backend's own generator: other numbers on JAX or PyTorch
-        import keras
-
-        backend = keras.backend.backend()
-        return f"random:seed={seed}" + ("" if backend == "tensorflow" else f":{backend}")
+    if weights == "random":
+        return _random_identity(seed)
     path = Path(weights).expanduser()
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist" if not path.exists() else "is not a regular file"
         raise MissingInputError(f"weights file {path} {what}; expected 'imagenet', 'random' or the path of a "
                                 "no-top weights file of the backbone (.h5)")
     return f"sha256:{system.file_sha256(path)}"
+
+
+def _random_identity(seed: int) -> str:
+    """Seeded random weights, drawn by each backend's own generator: other numbers on JAX or PyTorch."""
+    import keras
+
+    backend = keras.backend.backend()
+    return f"random:seed={seed}" + ("" if backend == "tensorflow" else f":{backend}")
 
 
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")

@@ -322,25 +322,19 @@ def _load_weights(model, path: str) -> None:
                             f"the preset's own {WEIGHTS_FILE} or a file of the same model") from e
 
 
-def weights_identity(cut: HubSpec, weights: str, seed: int) -> str:
-    """The preset's weights known by the hash of their files, and its configuration (model and image converter)."""
-    import keras
-
-    config = f":config={cut.config_digest}"
-    if weights == "random":
-        backend = keras.backend.backend()
-        return f"random:seed={seed}" + ("" if backend == "tensorflow" else f":{backend}") + config
+def weights_identity(cut: HubSpec, weights: str) -> str:
+    """The preset's own weights ('imagenet') or a weights file, known by the hash of their files."""
     if weights == "imagenet":
         files = sorted(Path(cut.folder).glob("*.weights.*"))
         if not files:
             raise MissingInputError(f"KerasHub preset folder {cut.folder} has no weights ({WEIGHTS_FILE}); fix: save "
                                     "the preset with its weights, or pass --weights random for a test")
-        return "sha256:" + "+".join(system.file_sha256(f)[:32] for f in files) + config
+        return "sha256:" + "+".join(system.file_sha256(f)[:32] for f in files)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise MissingInputError(f"weights file {path} does not exist; expected 'imagenet' (the preset's own "
                                 "weights), 'random' or a .weights.h5 file of the same model")
-    return f"sha256:{system.file_sha256(path)[:32]}{config}"   # as the preset's own: the same file, the same key
+    return f"sha256:{system.file_sha256(path)[:32]}"   # as the preset's own: the same file, the same key
 
 
 @functools.lru_cache(maxsize=1)
