@@ -134,6 +134,7 @@ def _backbone(meta: dict, layers: list[str], weights: str | None):
     (hash checked)."""
     from featcache.backbones.cut import weights_of_cache
 
+    backbones.hub.recall(meta["backbone"], meta.get("backbone_config", {}))   # a preset folder that has moved
     source, seed = weights_of_cache(meta, weights)
     return backbones.build(backbone=meta["backbone"], layer=layers, weights=source, seed=seed,
                            input_size=tuple(meta["input_shape"][:2]), precision=meta.get("precision", "float32"))

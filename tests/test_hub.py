@@ -36,6 +36,9 @@ def save_preset(folder, family: str, seed: int = 0, layers: int = 4):
     if family == "dinov2":
         model = keras_hub.models.DINOV2Backbone(**tower, num_register_tokens=2, position_embedding_shape=(SIZE, SIZE, 3))
         converter = keras_hub.layers.DINOV2ImageConverter
+    elif family == "dinov3":   # rotary positions: any input size
+        model = keras_hub.models.DINOV3Backbone(**tower, num_register_tokens=2)
+        converter = keras_hub.layers.DINOV3ImageConverter
     elif family == "clip":
         model, converter = keras_hub.models.CLIPVisionEncoder(**tower), keras_hub.layers.CLIPImageConverter
     else:   # patch tokens only, pooled by an attention head
@@ -96,6 +99,37 @@ def test_cached_features_are_keras_hubs_own_forward_pass_with_the_presets_prepro
     for layer, expected in want.items():
         got = cache.load("train", layer=layer)[0]
         np.testing.assert_allclose(got.reshape(expected.shape), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_an_image_text_preset_is_cut_at_its_vision_tower(tmp_path, family):
+    # what Backbone.from_preset("clip_...") saves: both towers, one weights file, one "images" input
+    import keras
+
+    keras.utils.set_random_seed(0)
+    tower = dict(patch_size=4, num_layers=2, hidden_dim=8, num_heads=2, intermediate_dim=16, image_shape=(SIZE, SIZE, 3))
+    text = dict(vocabulary_size=50, embedding_dim=8, hidden_dim=8, num_layers=1, num_heads=2, intermediate_dim=16,
+                max_sequence_length=8)
+    if family == "clip":
+        model = keras_hub.models.CLIPBackbone(keras_hub.models.CLIPVisionEncoder(**tower),
+                                              keras_hub.models.CLIPTextEncoder(**text), projection_dim=8)
+    else:
+        model = keras_hub.models.SigLIPBackbone(keras_hub.models.SigLIPVisionEncoder(**tower),
+                                                keras_hub.models.SigLIPTextEncoder(**text))
+    model.save_to_preset(str(tmp_path / "preset"))
+    keras_hub.layers.ImageConverter(image_size=(SIZE, SIZE), scale=1 / 255).save_to_preset(str(tmp_path / "preset"))
+    images = write_folder(tmp_path / "imgs", n_train=2, n_test=1, size=SIZE)
+    layer = {"clip": "cls", "siglip": "pooled"}[family]
+    cache = featcache.open_cache(extract(data=images, backbone=f"hub:{tmp_path / 'preset'}", layer=layer,
+                                         cache_dir=tmp_path / "cache", dtype="float32", progress=False))
+    from PIL import Image
+
+    root = cache.meta.dataset_source.removeprefix("folder:")
+    pixels = np.stack([np.asarray(Image.open(f"{root}/{p}").convert("RGB")) for p in cache.paths("train")]) / 255
+    loaded = keras_hub.models.Backbone.from_preset(str(tmp_path / "preset")).vision_encoder
+    out = np.asarray(loaded(pixels.astype("float32")))
+    want = out[:, 0] if family == "clip" else out   # CLIP's tower gives its tokens, SigLIP's its pooled output
+    np.testing.assert_allclose(cache.load("train")[0].reshape(want.shape), want, atol=1e-5)
 
 
 def test_images_are_centre_cropped_and_interpolated_as_the_preset_says(presets, tmp_path):
@@ -174,6 +208,31 @@ def test_heads_train_predict_reproduces_the_run_and_the_export_equals_the_cached
     np.testing.assert_allclose(np.load(tmp_path / "p.npy"), got.probabilities, atol=1e-3)   # float16 storage
 
 
+def test_a_cache_outlives_its_preset_folder_moving(tmp_path):
+    # a cache copied to another machine, or a preset folder moved: heads train and verify from the configuration the
+    # cache carries; predict takes the weights where they are now, checked by hash
+    images = write_folder(tmp_path / "imgs", n_train=4, n_test=2, size=SIZE)
+    save_preset(tmp_path / "preset", "dinov2")
+    r = run("extract", "--data", images, "--backbone", f"hub:{tmp_path / 'preset'}", "--cache-dir", tmp_path / "cache",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    cache = r.output.strip().splitlines()[-1]
+    (tmp_path / "preset").rename(tmp_path / "moved")
+    r = run("train-head", "--cache", cache, "--head", "dense", "--units", "8", "--epochs", "1", "--runs-dir",
+            tmp_path / "runs", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert run("info", "--verify", cache).exit_code == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    r = run("predict", run_dir, images / "test")
+    assert r.exit_code == 2 and "is not there" in r.output and "--weights" in r.output, r.output
+    weights = tmp_path / "moved" / "model.weights.h5"
+    got = inference.predict(run_dir, sorted((images / "test").rglob("*.png")), weights=str(weights), progress=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    names = sorted(p.name for p in (images / "test").iterdir())   # the classes are the folders, sorted
+    labels = [names.index(f.parent.name) for f in sorted((images / "test").rglob("*.png"))]
+    assert np.mean(got.indices == labels) == pytest.approx(metrics["test_accuracy"])
+
+
 def test_fine_tuning_from_a_presets_cache_is_refused_in_one_line(presets, tmp_path):
     folders, _ = presets
     images = write_folder(tmp_path / "imgs", n_train=2, n_test=1, size=SIZE)
@@ -207,6 +266,29 @@ def test_a_preset_folder_with_missing_or_foreign_weights_is_a_one_line_error(pre
     assert r.exit_code == 2 and "no KerasHub preset folder" in r.output, r.output
 
 
+def test_a_broken_preset_configuration_or_name_is_a_one_line_error_naming_it(presets, tmp_path):
+    import shutil
+
+    folders, _ = presets
+    cases = {"config.json": ("[]", "not a KerasHub configuration"),
+             "image_converter.json": ('{"config": 3}', "not a KerasHub configuration")}
+    for file, (text, message) in cases.items():
+        broken = tmp_path / file
+        shutil.copytree(folders["clip"], broken)
+        (broken / file).write_text(text)
+        with pytest.raises(BadInputError, match=message):
+            backbones.get(f"hub:{broken}")
+    odd = tmp_path / "odd"   # a converter size the model cannot take: blamed on the converter, before any weights
+    shutil.copytree(folders["clip"], odd)
+    converter = json.loads((odd / "image_converter.json").read_text())
+    converter["config"]["image_size"] = [18, 18]
+    (odd / "image_converter.json").write_text(json.dumps(converter))
+    with pytest.raises(BadInputError, match="image_converter.json resizes images to 18x18"):
+        backbones.get(f"hub:{odd}")
+    with pytest.raises(BadInputError, match="unknown KerasHub preset 'dinov2_smal'"):
+        backbones.get("hub:dinov2_smal")
+
+
 def test_an_input_size_the_preset_cannot_take_is_refused(presets, tmp_path):
     folders, _ = presets
     with pytest.raises(BadInputError, match="takes only its own 16x16"):
@@ -214,6 +296,25 @@ def test_an_input_size_the_preset_cannot_take_is_refused(presets, tmp_path):
     with pytest.raises(BadInputError, match="multiple of .* patch size 4"):
         backbones.check_input_size(18, backbones.get(f"hub:{folders['dinov2']}"))
     assert backbones.output_shapes(f"hub:{folders['dinov2']}", (32, 32))["patch_tokens"] == (8, 8, 8)   # interpolated
+
+
+def test_a_preset_with_rotary_positions_takes_another_input_size(tmp_path):
+    import keras
+
+    folder = save_preset(tmp_path / "dinov3", "dinov3")
+    images = write_folder(tmp_path / "imgs", n_train=2, n_test=1, size=32)
+    cache = featcache.open_cache(extract(data=images, backbone=f"hub:{folder}", layer="patch_tokens", input_size=32,
+                                         cache_dir=tmp_path / "cache", dtype="float32", progress=False))
+    assert cache.meta.shapes == {"patch_tokens": (8, 8, 8)}
+    from PIL import Image
+
+    root = cache.meta.dataset_source.removeprefix("folder:")
+    pixels = np.stack([np.asarray(Image.open(f"{root}/{p}").convert("RGB")) for p in cache.paths("train")])
+    converter = keras.saving.deserialize_keras_object(json.loads((folder / "image_converter.json").read_text()))
+    scale, offset = np.asarray(converter.scale, "float32"), np.asarray(converter.offset, "float32")
+    model = keras_hub.models.Backbone.from_preset(str(folder), image_shape=(32, 32, 3))
+    tokens = np.asarray(model(pixels.astype("float32") * scale + offset))[:, 3:]   # after the class token, 2 registers
+    np.testing.assert_allclose(cache.load("train")[0], tokens.reshape(-1, 8, 8, 8), atol=1e-5)
 
 
 def test_backbones_lists_both_families_and_a_presets_cut_points(presets):

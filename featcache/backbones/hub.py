@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class HubSpec:
     native_input_size: int          # the image size the preset was trained at: the default --input-size
     min_input_size: int             # one patch
     patch_size: int
-    resizable: bool                 # its position embeddings interpolate to other input sizes (DINOv2, DINOv3)
+    resizable: bool                 # takes other input sizes: interpolated (DINOv2) or rotary (DINOv3) positions
     prefix_tokens: int              # tokens before the patches: a class token, registers (counted in a forward pass)
     scale: tuple[float, ...]
     offset: tuple[float, ...]
@@ -124,11 +125,44 @@ def spec(name: str) -> HubSpec:
     if local.is_dir():
         folder = str(local.absolute())
         return _spec(PREFIX + folder, folder, _digest(folder))
-    if "/" in target or target.startswith("."):
+    if name in _RECALLED:   # a cache's preset whose folder has moved, or which cannot be downloaded here
+        return _spec(name, _RECALLED[name], _digest(_RECALLED[name]))
+    if ("/" in target or target.startswith(".")) and "://" not in target:   # kaggle:// and hf:// are handles
         raise MissingInputError(f"no KerasHub preset folder at {local}; fix: pass the folder save_to_preset wrote "
                                 "(config.json, model.weights.h5, image_converter.json)")
     folder = _download(target)
     return _spec(name, folder, _digest(folder))
+
+
+#: {preset name recorded in a cache: the folder its recorded configuration was restored to}
+_RECALLED: dict[str, str] = {}
+
+
+def config_files(cut: HubSpec) -> dict[str, str]:
+    """The preset's configuration files, {name: text}: a cache records them, see `recall`."""
+    return {name: (Path(cut.folder) / name).read_text() for name in (CONFIG_FILE, CONVERTER_FILE)}
+
+
+def recall(name: str, files: dict[str, str]) -> None:
+    """Let the preset `name` of a cache be found when its folder has moved or is gone (a cache copied to another
+    machine): the configuration the cache carries (`config_files`) is written to a folder of its own, enough for
+    the model's graph and preprocessing, without weights (predict and export take them with --weights)."""
+    target = name[len(PREFIX):]
+    if not is_hub(name) or not files or Path(target).expanduser().is_dir() or name in _RECALLED:
+        return
+    if "/" not in target and not target.startswith("."):
+        try:   # a named preset: its download, where it can be had
+            _download(target)
+            return
+        except DownloadError:
+            pass
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"featcache-hub-{digest}"
+    if not folder.is_dir():
+        with system.staged_folder(folder, "recalling") as tmp:
+            for file, text in files.items():
+                (tmp / Path(file).name).write_text(text)
+    _RECALLED[name] = str(folder)
 
 
 def _download(preset: str) -> str:
@@ -136,6 +170,9 @@ def _download(preset: str) -> str:
     hub = keras_hub()
     from keras_hub.src.utils.preset_utils import get_file
 
+    if "://" not in preset and preset not in hub.models.Backbone.presets:
+        raise BadInputError(f"unknown KerasHub preset {preset!r}; fix: one of the {len(vision_presets())} vision "
+                            "presets `featcache backbones` lists, a kaggle:// or hf:// handle, or hub:PATH (a folder)")
     try:
         return str(Path(get_file(preset, CONFIG_FILE)).parent)
     except Exception as e:   # kagglehub and huggingface_hub raise their own errors for a missing network or name
@@ -151,21 +188,24 @@ def _download(preset: str) -> str:
 def _spec(name: str, folder: str, config_digest: str) -> HubSpec:
     """Memoised by the configuration's digest: an edited image_converter.json is another spec."""
     config, converter = _read_json(folder, CONFIG_FILE), _read_json(folder, CONVERTER_FILE)
-    inner = config.get("config", {})
+    inner = _section(folder, CONFIG_FILE, config)
     if "vision_encoder" in inner:   # a CLIP or SigLIP image-text preset: its vision tower
-        inner = inner["vision_encoder"].get("config", {})
+        inner = _section(folder, CONFIG_FILE, inner["vision_encoder"])
+    converter = {**converter, "config": _section(folder, CONVERTER_FILE, converter)}
     patch = inner.get("patch_size")
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    native = (converter.get("config", {}).get("image_size") or inner.get("image_shape") or [None])[0]
+    size = converter["config"].get("image_size") or inner.get("image_shape")
+    native = size[0] if isinstance(size, (list, tuple)) and size else None
     if not isinstance(patch, int) or not isinstance(native, int):
         raise BadInputError(f"{folder}/{CONFIG_FILE} is not a vision transformer featcache can cut (no patch_size "
                             "or image size); fix: use a ViT-family preset (DINOv2, DINOv3, CLIP, SigLIP, ViT, DeiT)")
+    _check_native(folder, inner, patch, native)
     scale, offset = _affine(folder, converter.get("config", {}))
     crop, interpolation = _resizing(folder, converter.get("config", {}))
     base = token_model(folder, None, (native, native, 3))
     n_tokens = np.asarray(base.predict_on_batch(np.zeros((1, native, native, 3), np.float32))["tokens"]).shape[1]
     cut = HubSpec(name=name, folder=folder, layers=(), default_layer="", native_input_size=native,
-                  min_input_size=patch, patch_size=patch, resizable="position_embedding_shape" in inner,
+                  min_input_size=patch, patch_size=patch, resizable=_resizable(inner),
                   prefix_tokens=n_tokens - (native // patch) ** 2,
                   scale=scale, offset=offset, preprocessing=_describe(converter),
                   config_digest=config_digest, crop=crop, interpolation=interpolation,
@@ -173,6 +213,30 @@ def _spec(name: str, folder: str, config_digest: str) -> HubSpec:
     layers = _layers_of(base, cut, n_tokens)
     return HubSpec(**{**cut.__dict__, "layers": layers, "default_layer": "cls_patch_mean" if "cls" in layers
                       else "patch_mean"})
+
+
+def _section(folder: str, name: str, parent) -> dict:
+    """The "config" object of a KerasHub JSON file's object `parent`; a one-line error when it is not one."""
+    inner = parent.get("config", {}) if isinstance(parent, dict) else None
+    if not isinstance(inner, dict):
+        raise BadInputError(f"{folder}/{name} is not a KerasHub configuration (its \"config\" is not an object); "
+                            "fix: save the preset again")
+    return inner
+
+
+def _resizable(inner: dict) -> bool:
+    """Takes other input sizes: its position embeddings interpolate (DINOv2) or are rotary (DINOv3)."""
+    return bool({"position_embedding_shape", "rope_theta"} & set(inner))
+
+
+def _check_native(folder: str, inner: dict, patch: int, native: int) -> None:
+    """The converter's image size must be one the model takes: a whole number of patches, its own size unless
+    its positions interpolate or rotate (found here, not when the weights fail to load)."""
+    own = (inner.get("image_shape") or [native])[0]
+    if native % patch or (native != own and not _resizable(inner)):
+        raise BadInputError(f"{folder}/{CONVERTER_FILE} resizes images to {native}x{native}, which its model (patch "
+                            f"{patch}, {own}x{own} images in {CONFIG_FILE}) cannot take; fix: save the preset's own "
+                            "image converter again")
 
 
 def _layers_of(base, cut: HubSpec, n_tokens: int) -> tuple[str, ...]:
@@ -187,6 +251,7 @@ def _layers_of(base, cut: HubSpec, n_tokens: int) -> tuple[str, ...]:
 
 
 def _read_json(folder: str, name: str) -> dict:
+    """The JSON object in the folder's file `name`; a one-line error when it is missing, not JSON or not an object."""
     path = Path(folder) / name
     if not path.is_file():
         why = ("says how the preset wants its pixels; fix: save the preset's image converter into the folder too "
@@ -195,9 +260,12 @@ def _read_json(folder: str, name: str) -> dict:
         raise MissingInputError(f"KerasHub preset folder {folder} has no {name}; it {why}" if name == CONVERTER_FILE
                                 else f"KerasHub preset folder {folder} has no {name}; {why}")
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise BadInputError(f"{path} is not JSON ({first_line(e)}); fix: save the preset again") from e
+    if not isinstance(value, dict):
+        raise BadInputError(f"{path} is not a KerasHub configuration (not a JSON object); fix: save the preset again")
+    return value
 
 
 def _affine(folder: str, converter: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -270,7 +338,8 @@ def token_model(folder: str, weights, shape: tuple[int, int, int]):
         _check_fit(model, sorted(Path(folder).glob("*.weights.h5")), f"{folder}/model.weights.json")
     if from_file:   # the whole preset's file (a CLIP preset's holds its text tower too)
         _load_weights(model, from_file)
-    return keras.Model(model.inputs[0], _token_outputs(getattr(model, "vision_encoder", model), folder), name="tokens")
+    tower = getattr(model, "vision_encoder", model)   # an image-text preset's vision tower: its own graph and input
+    return keras.Model(tower.inputs[0], _token_outputs(tower, folder), name="tokens")
 
 
 def _token_outputs(model, folder: str) -> dict:
@@ -326,6 +395,10 @@ def weights_identity(cut: HubSpec, weights: str) -> str:
     """The preset's own weights ('imagenet') or a weights file, known by the hash of their files."""
     if weights == "imagenet":
         files = sorted(Path(cut.folder).glob("*.weights.*"))
+        if not files and _RECALLED.get(cut.name) == cut.folder:
+            raise MissingInputError(f"the preset folder {cut.name[len(PREFIX):]} is not there (the cache carries its "
+                                    "configuration, not its weights); fix: pass --weights with its model.weights.h5 "
+                                    "where it is now (the same file: its hash is checked)")
         if not files:
             raise MissingInputError(f"KerasHub preset folder {cut.folder} has no weights ({WEIGHTS_FILE}); fix: save "
                                     "the preset with its weights, or pass --weights random for a test")
@@ -350,5 +423,5 @@ def check_input_size(cut: HubSpec, size) -> None:
         raise BadInputError(f"--input-size must be a multiple of {cut.name}'s patch size {cut.patch_size}, got {size}")
     if size != cut.native_input_size and not cut.resizable:
         raise BadInputError(f"--input-size {size}: {cut.name} takes only its own {cut.native_input_size}x"
-                            f"{cut.native_input_size} images (its position embeddings do not interpolate); fix: "
+                            f"{cut.native_input_size} images (its position embeddings are learnt per patch); fix: "
                             "leave out --input-size")

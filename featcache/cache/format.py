@@ -48,7 +48,7 @@ KEY_FIELDS = ("format_version", "backbone", "layer", "weights", "input_shape", "
 #: Key fields added later: left out of the key at their default, so older caches keep their names.
 OPTIONAL_KEY_FIELDS = {"views": 1, "augment": "", "augment_seed": 0, "precision": "float32",
                        "resize": "PIL bilinear, uint8"}   # featcache.sources.RESIZE (not imported: a sibling layer)
-_JSON_FIELDS = ("input_shape", "feature_shape", "versions", "skipped_images")
+_JSON_FIELDS = ("input_shape", "feature_shape", "versions", "skipped_images", "backbone_config")
 _MAX_CHUNK_BYTES = 1 << 20
 
 
@@ -78,6 +78,9 @@ class CacheMeta:
     augment_seed: int = 0
     skipped_images: tuple = ()  # (file, reason) of unreadable images left out by --skip-bad-images
     precision: str = "float32"  # compute precision of the backbone (float32, bfloat16, float16)
+    #: a KerasHub preset's configuration files ({name: text}), so that heads, `info --verify`, predict and export
+    #: still rebuild its graph when its folder has moved or is gone (its weights' hash and this digest are keyed)
+    backbone_config: dict = dataclasses.field(default_factory=dict)
 
     @property
     def format_version(self) -> int:

@@ -159,6 +159,7 @@ def _verify(c) -> None:
 
     start_backend(click.get_current_context().meta.get(VERBOSE, False))   # the backbone's shapes need Keras
 
+    backbones.hub.recall(c.meta.backbone, c.meta.backbone_config)   # a preset folder that has moved
     backbones.check_cached_shapes(c.path, c.meta.backbone, c.meta.input_shape[:2], c.meta.shapes)
     checked = verify_content(c)
     shards = f"every block of the file and {checked} shard digests match" if c.shards else \

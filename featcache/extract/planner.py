@@ -47,7 +47,8 @@ def plan(spec: ExtractSpec | None = None, **options) -> tuple[Dataset, CacheMeta
         dataset_fingerprint=ds.fingerprint, limit=ds.limit or 0, n_train=len(ds.train), n_test=len(ds.test),
         versions=system.package_versions(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         views=spec.views, augment=spec.augment, augment_seed=spec.augment_seed,
-        skipped_images=tuple(tuple(x) for x in ds.skipped), precision=_precision(spec.precision))
+        skipped_images=tuple(tuple(x) for x in ds.skipped), precision=_precision(spec.precision),
+        backbone_config=backbones.hub.config_files(bspec) if backbones.hub.is_hub(spec.backbone) else {})
 
 
 def _resize(spec: ExtractSpec, ds: Dataset) -> str:
@@ -96,6 +97,7 @@ def check_cache(path: str | Path, **given) -> FeatureCache:
         raise TypeError(f"check_cache() got options it cannot compare: {', '.join(sorted(unknown))}")
     cache = open_cache(path)
     m = cache.meta
+    backbones.hub.recall(m.backbone, m.backbone_config)   # a preset folder that has moved: its graph from the cache
     if given:   # asked for something: the file must really be it (its shapes, the backbone's at that layer)
         backbones.check_cached_shapes(cache.path, m.backbone, m.input_shape[:2], m.shapes)
     # the cache's own options fill in what was not given, so only the given ones can differ
