@@ -125,12 +125,16 @@ def spec(name: str) -> HubSpec:
     if local.is_dir():
         folder = str(local.absolute())
         return _spec(PREFIX + folder, folder, _digest(folder))
-    if name in _RECALLED:   # a cache's preset whose folder has moved, or which cannot be downloaded here
-        return _spec(name, _RECALLED[name], _digest(_RECALLED[name]))
-    if ("/" in target or target.startswith(".")) and "://" not in target:   # kaggle:// and hf:// are handles
-        raise MissingInputError(f"no KerasHub preset folder at {local}; fix: pass the folder save_to_preset wrote "
-                                "(config.json, model.weights.h5, image_converter.json)")
-    folder = _download(target)
+    named = "://" in target or not ("/" in target or target.startswith("."))   # kaggle:// and hf:// are handles
+    try:
+        if not named:
+            raise MissingInputError(f"no KerasHub preset folder at {local}; fix: pass the folder save_to_preset "
+                                    "wrote (config.json, model.weights.h5, image_converter.json)")
+        folder = _download(target)
+    except (MissingInputError, DownloadError):
+        if name not in _RECALLED:
+            raise
+        folder = _RECALLED[name]   # a cache's preset whose folder has moved, or that cannot be downloaded here
     return _spec(name, folder, _digest(folder))
 
 
@@ -145,17 +149,11 @@ def config_files(cut: HubSpec) -> dict[str, str]:
 
 def recall(name: str, files: dict[str, str]) -> None:
     """Let the preset `name` of a cache be found when its folder has moved or is gone (a cache copied to another
-    machine): the configuration the cache carries (`config_files`) is written to a folder of its own, enough for
+    machine; a named preset that cannot be downloaded here): the configuration the cache carries (`config_files`) is written to a folder of its own, enough for
     the model's graph and preprocessing, without weights (predict and export take them with --weights)."""
     target = name[len(PREFIX):]
     if not is_hub(name) or not files or Path(target).expanduser().is_dir() or name in _RECALLED:
         return
-    if "/" not in target and not target.startswith("."):
-        try:   # a named preset: its download, where it can be had
-            _download(target)
-            return
-        except DownloadError:
-            pass
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / f"featcache-hub-{digest}"
     if not folder.is_dir():
