@@ -149,8 +149,9 @@ def config_files(cut: HubSpec) -> dict[str, str]:
 
 def recall(name: str, files: dict[str, str]) -> None:
     """Let the preset `name` of a cache be found when its folder has moved or is gone (a cache copied to another
-    machine; a named preset that cannot be downloaded here): the configuration the cache carries (`config_files`) is written to a folder of its own, enough for
-    the model's graph and preprocessing, without weights (predict and export take them with --weights)."""
+    machine; a named preset that cannot be downloaded here): the configuration the cache carries (`config_files`)
+    is written to a folder of its own, enough for the model's graph and preprocessing, without weights (predict
+    and export take them with --weights)."""
     target = name[len(PREFIX):]
     if not is_hub(name) or not files or Path(target).expanduser().is_dir() or name in _RECALLED:
         return
@@ -198,8 +199,8 @@ def _spec(name: str, folder: str, config_digest: str) -> HubSpec:
         raise BadInputError(f"{folder}/{CONFIG_FILE} is not a vision transformer featcache can cut (no patch_size "
                             "or image size); fix: use a ViT-family preset (DINOv2, DINOv3, CLIP, SigLIP, ViT, DeiT)")
     _check_native(folder, inner, patch, native)
-    scale, offset = _affine(folder, converter.get("config", {}))
-    crop, interpolation = _resizing(folder, converter.get("config", {}))
+    scale, offset = _affine(folder, converter["config"])
+    crop, interpolation = _resizing(folder, converter["config"])
     base = token_model(folder, None, (native, native, 3))
     n_tokens = np.asarray(base.predict_on_batch(np.zeros((1, native, native, 3), np.float32))["tokens"]).shape[1]
     cut = HubSpec(name=name, folder=folder, layers=(), default_layer="", native_input_size=native,
