@@ -26,7 +26,7 @@ SELECT   = --data "$(DATA)" --weights "$(WEIGHTS)" --layer $(LAYER) --precision 
 export FEATCACHE_CACHE_DIR := $(CACHE_DIR)
 
 .DEFAULT_GOAL := help
-.PHONY: help install extract heads curve search finetune bench bench-gpu study lint test test-slow clean
+.PHONY: help install extract heads curve search finetune bench bench-gpu study docs lint test test-slow clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -54,22 +54,22 @@ heads: extract ## train the default head, the reference head (gap, flatten), a l
 	$(BIN)/featcache train-baseline cnn --data "$(DATA)" --runs-dir $(RUNS_DIR) --epochs $(BASELINE_EPOCHS) --name cnn
 	$(BIN)/featcache runs --runs-dir $(RUNS_DIR) --markdown | tee $(RUNS_DIR)/summary.md
 
-curve: extract ## data-efficiency curve (default head, linear probe, kNN; 5..1000 per class and all) and the long-tail table (~15 min); docs/curve.*, docs/longtail.*
-	d=$$($(BIN)/featcache -q curve $(SELECT) --runs-dir $(RUNS_DIR)) && cp "$$d"/curve.json "$$d"/curve.md "$$d"/curve.png docs/
+curve: extract ## data-efficiency curve (default head, linear probe, kNN; 5..1000 per class and all) and the long-tail table (~15 min); docs/results/curve.*, docs/results/longtail.*
+	d=$$($(BIN)/featcache -q curve $(SELECT) --runs-dir $(RUNS_DIR)) && cp "$$d"/curve.json "$$d"/curve.md "$$d"/curve.png docs/results/
 	d=$$($(BIN)/featcache -q curve $(SELECT) --long-tail 10,50 --tail-max 500 --runs-dir $(RUNS_DIR)) && \
-		cp "$$d"/longtail.json "$$d"/longtail.md docs/
+		cp "$$d"/longtail.json "$$d"/longtail.md docs/results/
 
-search: extract ## a head search on the cache (Optuna TPE, median pruning, 30 min of trials on 2 cores, then its winner tested); docs/search*
+search: extract ## a head search on the cache (Optuna TPE, median pruning, 30 min of trials on 2 cores, then its winner tested); docs/results/search*
 	d=$$($(BIN)/featcache -q search $(SELECT) --runs-dir $(RUNS_DIR) --name make $(SEARCH_ARGS)) && \
-		cp "$$d"/search.md docs/search.md && cp "$$d"/search.json docs/search.json && \
-		for f in history slice importances; do cp "$$d"/$$f.png docs/search-$$f.png; done
+		cp "$$d"/search.md docs/results/search.md && cp "$$d"/search.json docs/results/search.json && \
+		for f in history slice importances; do cp "$$d"/$$f.png docs/results/search-$$f.png; done
 
 finetune: install ## fine-tune VGG16's block3 from a cached block2_pool (2 views) with the dense head; prints the run (~35 min on 2 cores)
 	$(BIN)/featcache extract $(FT_SELECT)
 	$(BIN)/featcache train-head $(FT_SELECT) --head finetune --runs-dir $(RUNS_DIR) --name finetune $(FINETUNE_ARGS)
 	$(BIN)/featcache runs --runs-dir $(RUNS_DIR) --markdown
 
-bench: extract ## measure speed, size, memory, precision, decoding, streaming and the Ray engine side by side; writes docs/benchmarks*.md, .json (~30 min, 12 GB of disk)
+bench: extract ## measure speed, size, memory, precision, decoding, streaming and the Ray engine side by side; writes docs/results/benchmarks*.md, .json (~30 min, 12 GB of disk)
 	$(BIN)/python bench/run.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 	$(BIN)/python bench/precision.py --data "$(DATA)" --weights "$(WEIGHTS)"
@@ -84,12 +84,15 @@ bench: extract ## measure speed, size, memory, precision, decoding, streaming an
 		--cache "$$($(BIN)/featcache -q extract $(FT_SELECT) --no-progress)"
 	$(BIN)/python bench/decode.py
 
-bench-gpu: install ## extraction img/s on the accelerator: 32/224 px, float32 and auto precision (< 5 min); docs/benchmarks-gpu.*
+bench-gpu: install ## extraction img/s on the accelerator: 32/224 px, float32 and auto precision (< 5 min); docs/results/benchmarks-gpu.*
 	$(BIN)/python bench/gpu.py
 
 study: install ## the accuracy study: input size x layer x views x head, chosen on validation (42 min with caches, 3.5 h without)
 	$(BIN)/python bench/study.py --data "$(DATA)" --weights "$(WEIGHTS)" --cache-dir $(CACHE_DIR) \
 		--runs-dir $(RUNS_DIR)/study
+
+docs: install ## regenerate the reference pages (docs/reference/cli.md, api.md) from the code; tests check they are current
+	$(BIN)/python -m featcache.cli.reference docs/reference
 
 lint: install ## the import contracts (layers, function-local imports counted) and ruff
 	$(BIN)/lint-imports

@@ -6,7 +6,7 @@
 - The extraction loop against the slower of decoding alone and the bare compiled model, at 32 and 224 px
   (bench/gpu.py's measurement, on this machine): the loop should reach at least 0.8 of it.
 
-Writes docs/benchmarks-decode.md (and .json).
+Writes docs/results/benchmarks-decode.md (and .json).
 
     python bench/decode.py [--images 1024] [--weights random] [--quick]
 """
@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
     args = p.parse_args()
     args.decoder = "threads"

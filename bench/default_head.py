@@ -2,7 +2,7 @@
 side in one run (alternated before, after, before, after) on the same cache.
 
     python bench/default_head.py --cache cache/<the block3_pool cache> [--before REF] [--per-class 100]
-                                 [--repeats 2] [--out docs]
+                                 [--repeats 2] [--out docs/results]
 
 Each side runs `featcache train-head --cache CACHE` (every default) in a fresh process, on the whole training
 split and on a --per-class subset; reported: seconds of training (metrics.json `seconds`: every candidate's fit),
@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--before", default="ef3fa2c", help="the commit to compare with (default: before issue 25)")
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = p.parse_args()
     after = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                            text=True, check=True).stdout.strip()

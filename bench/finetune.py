@@ -1,6 +1,6 @@
 """make bench, part 9: one fine-tuning epoch from the cache against the same model trained end to end from images.
 
-    python bench/finetune.py --data DIR --weights FILE --cache <a VGG16 block2_pool cache> [--rows 2048] [--out docs]
+    python bench/finetune.py --data DIR --weights FILE --cache <a VGG16 block2_pool cache> [--rows 2048] [--out docs/results]
 
 Both sides train the same model: VGG16's block3 (initialised from the cache's weights) and the dense head, every
 layer of block3 trainable. The cached way reads the block2_pool maps from the cache (in RAM); the end-to-end way
@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--cache", required=True)
     p.add_argument("--rows", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = p.parse_args()
     cache = featcache.open_cache(args.cache)
     data = data_from_cache(cache)

@@ -2,7 +2,7 @@
 
 For 32 px and 224 px inputs, at float32 and at the precision `auto` picks (bfloat16 on recent GPUs),
 it times featcache's extraction loop (JPEG decoding in `--decode-workers` threads, model, float16 writes)
-and the bare compiled model on the same images in memory, and writes docs/benchmarks-gpu.md (and .json).
+and the bare compiled model on the same images in memory, and writes docs/results/benchmarks-gpu.md (and .json).
 The images are synthetic JPEGs written first (smooth random patterns, 256 px), so nothing is downloaded.
 `--smoke` runs tiny sizes on whatever device there is (CI runs it on the CPU to keep it working).
 
@@ -151,7 +151,7 @@ def main() -> None:
     p.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--decoder", default="auto", choices=("auto", "threads", "processes"))
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CI)")
     args = p.parse_args()
     if args.smoke:

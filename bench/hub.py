@@ -6,7 +6,7 @@ preset folder: the speed and shapes are the real presets', the features are not 
 Each backbone extracts the same real CIFAR-10 images (--limit per split) at 224 px, once; the whole `extract`
 call is timed (model build included), and its images/s is given with the ratio to VGG16 in the same run.
 
-Writes docs/benchmarks-hub.json and its section of docs/benchmarks.md.
+Writes docs/results/benchmarks-hub.json and its section of docs/results/benchmarks.md.
 
     python bench/hub.py --data ../shared/datasets/cifar10-jpeg [--limit 64] [--smoke]
 """
@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="an image folder ROOT/{train,test}/<class>/")
     p.add_argument("--limit", type=int, default=64, help="images per split")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--smoke", action="store_true", help="tiny models and 4 images per split: the path, not figures")
     args = p.parse_args()
     limit = 4 if args.smoke else args.limit

@@ -7,7 +7,7 @@
 - decode-only throughput (JPEG decode + resize, `--decode-workers` threads) at 32, 64 and 224 px;
 - the whole dataset extracted at float32 and at `auto`, and the reference head and linear probe trained on each.
 
-Merges its keys into docs/benchmarks.json, writes docs/benchmarks-precision.md and its section of docs/benchmarks.md.
+Merges its keys into docs/results/benchmarks.json, writes docs/results/benchmarks-precision.md and its section of docs/results/benchmarks.md.
 
     python bench/precision.py --data DIR --weights FILE [--quick]
 """
@@ -193,7 +193,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--weights", required=True)
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--images", type=int, default=4096, help="images of the loop-vs-bare comparison")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="bare/loop pairs of the comparison")
@@ -242,7 +242,7 @@ def compare_table(r: dict) -> list[str]:
 
 
 def summary(r: dict, command: str) -> str:
-    """The section of docs/benchmarks.md: the headline figures; the details are in benchmarks-precision.md."""
+    """The section of docs/results/benchmarks.md: the headline figures; the details are in benchmarks-precision.md."""
     auto = r["precision_auto"]
     lines = [f"## {SECTION}", "", f"`python {command}` ({time.strftime('%Y-%m-%d')}; details, method and decoding "
              "throughput in [benchmarks-precision.md](benchmarks-precision.md)). `--precision auto` chose "

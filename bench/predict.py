@@ -2,7 +2,7 @@
 side by side in one run, and the exported model's accuracy against the run's own test accuracy.
 
     python bench/predict.py --run runs/<a head on the block3_pool cache> --data ../shared/datasets/cifar10-jpeg
-                            [--out docs] [--repeats 2]
+                            [--out docs/results] [--repeats 2]
 
 Both sides decode the same JPEGs, run the same backbone in the cache's precision and batch size 128;
 predict adds the head and the top-k. Alternated A, B, A, B; the ratio of medians is reported.
@@ -70,7 +70,7 @@ def main() -> None:
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--weights", default=None, help="default: the file the run's cache recorded")
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     info = inference.load_run(args.run)

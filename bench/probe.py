@@ -3,7 +3,7 @@ LogisticRegression (L-BFGS, the path the probe used before: 15 C values warm-sta
 the best) against heads.probe (our float32 evaluation of the same objective, decade walk and refinement), with one
 and two BLAS threads.
 
-    python bench/probe.py --cache cache/<the block3_pool cache> [--out docs]
+    python bench/probe.py --cache cache/<the block3_pool cache> [--out docs/results]
 
 Reported per side: seconds for the whole path, L-BFGS iterations, milliseconds per iteration, the C chosen, its
 validation loss and accuracy (validation: the same 10% carved from train as every head).
@@ -86,7 +86,7 @@ def ours(xt, yt, xv, yv, k, threads: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True)
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = p.parse_args()
     data = vectors(args.cache)
     results = {}

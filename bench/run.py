@@ -1,10 +1,10 @@
-"""make bench: speed, size and memory of featcache, measured side by side; writes docs/benchmarks.{md,json}.
+"""make bench: speed, size and memory of featcache, measured side by side; writes docs/results/benchmarks.{md,json}.
 
 Every comparison is a ratio of two things timed in the same run, alternating A, B, A, B..., and
 reported as the ratio of medians, because these machines are noisy. Absolute figures are only
 meaningful with the machine they came from, which the report names.
 
-    python bench/run.py --data DIR --weights FILE --cache cache/NAME.h5 [--out docs]
+    python bench/run.py --data DIR --weights FILE --cache cache/NAME.h5 [--out docs/results]
 """
 
 from __future__ import annotations
@@ -379,7 +379,7 @@ def write_report(results: dict, out: Path, command: str) -> None:
 def write_sections(path: Path, text: str) -> None:
     """Write `text` (a head, or none, then `## ` sections) into the markdown file `path`: each of its sections
     replaces the file's section of the same heading, or is appended; the file's other sections stay where they
-    are. So each bench script keeps its own part of docs/benchmarks.md up to date and leaves the others'."""
+    are. So each bench script keeps its own part of docs/results/benchmarks.md up to date and leaves the others'."""
     def split(md: str) -> tuple[str, dict]:
         head, *parts = ("\n" + md).split("\n## ")
         return head.strip("\n"), {part.split("\n", 1)[0]: "## " + part.strip("\n") for part in parts}
@@ -395,7 +395,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--weights", required=True)
     p.add_argument("--cache", required=True, type=Path, help="the full cache made by `make extract`")
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--extract-images", type=int, default=4096)

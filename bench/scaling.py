@@ -8,7 +8,7 @@
 - the join of 1,281 synthetic shards (ImageNet's training split in 1,000-row shards has as many):
   verifying them, writing the virtual cache, opening it, reading it back.
 
-Merges its keys into docs/benchmarks.json and writes docs/benchmarks-scaling.md.
+Merges its keys into docs/results/benchmarks.json and writes docs/results/benchmarks-scaling.md.
 
     python bench/scaling.py --data DIR --weights FILE [--limit N]
 """
@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--weights", required=True)
     p.add_argument("--limit", type=int, default=None, help="first N rows of each split (default: all)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:
         tmp = Path(tmp)

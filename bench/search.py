@@ -1,7 +1,7 @@
 """make bench, part 8: head experiments per minute, `featcache search` (one process, features read once) against
 one `featcache train-head` process per configuration, side by side on the same cache and configurations.
 
-    python bench/search.py --cache cache/<the block3_pool cache> [--per-class 200] [--repeats 2] [--out docs]
+    python bench/search.py --cache cache/<the block3_pool cache> [--per-class 200] [--repeats 2] [--out docs/results]
                            [--part small|grid|both]
 
 small (section 11): the dense head at six dropout rates, on --per-class images per class, no pruning (so both
@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--cache", required=True)
     p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--part", choices=("small", "grid", "both"), default="both")
     args = p.parse_args()
     if args.part in ("grid", "both"):

@@ -6,7 +6,7 @@
   `--synthetic-gb` GB with a 2 GB `--memory-budget`: once with the flatten head (maps streamed), once
   with the default head (vectors pooled once into a derived cache).
 
-Merges its keys into docs/benchmarks.json and writes docs/benchmarks-stream.md.
+Merges its keys into docs/results/benchmarks.json and writes docs/results/benchmarks-stream.md.
 
     python bench/stream.py --cache CIFAR_CACHE.h5 [--synthetic-gb 12] [--quick]
 """
@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--synthetic-gb", type=float, default=12.0)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = p.parse_args()
     if args.quick:

@@ -2,7 +2,7 @@
 
 Each cell trains a head on cached features; the configuration is chosen on validation accuracy
 alone (validation is carved from the training split). Test accuracy is reported for every cell
-for transparency, but never used to choose. Writes docs/study.md and docs/study.json.
+for transparency, but never used to choose. Writes docs/results/study.md and docs/results/study.json.
 
     python bench/study.py --data DIR --weights FILE [--cache-dir cache] [--runs-dir runs/study]
 """
@@ -187,7 +187,7 @@ def main() -> None:
     p.add_argument("--weights", required=True)
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--runs-dir", default="runs/study")
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
     study = run(args)

@@ -153,8 +153,8 @@ def fit_schedule(n_train: int, batch_size: int, epochs: int) -> tuple[int, int]:
 
     A small split gets smaller batches, so that an epoch is several optimiser steps, and early
     stopping waits until the head has taken MIN_STEPS steps: validation loss on a few dozen images is
-    noisy and rises early (the head grows confident) while test accuracy still improves (the README's
-    small-data section and docs/curve.md show the default head across dataset sizes).
+    noisy and rises early (the head grows confident) while test accuracy still improves (docs/guides/heads.md's
+    small-data section and docs/results/curve.md show the default head across dataset sizes).
     """
     batch = max(1, min(batch_size, -(-n_train // MIN_STEPS_PER_EPOCH)))
     steps_per_epoch = -(-n_train // batch)

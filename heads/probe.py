@@ -9,7 +9,7 @@ Keras model (standardise -> Dense softmax), so `model.keras` predicts as fitted.
 The objective is scikit-learn's (`C * sum(w_i * loss_i) + |W|^2 / 2`, intercept free), minimised by
 SciPy's L-BFGS-B with scikit-learn's tolerance, but evaluated here in float32 matrix products: on
 45,000 x 256 rows the whole path takes 13.2 s against scikit-learn's 34.2 s, same C and validation loss,
-2 cores (bench/probe.py, docs/benchmarks.md section 10). The grid is walked a decade at a time from the strongest
+2 cores (bench/probe.py, docs/results/benchmarks.md section 10). The grid is walked a decade at a time from the strongest
 regularisation, warm-started, and refined by half-decades around the best decade.
 """
 

@@ -160,7 +160,8 @@ def _ratios(text: str) -> tuple[float, ...]:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds to search at most.")
 @click.option("--pruner", type=click.Choice(("median", "asha", "none")), default="median", show_default=True,
               help="Stop bad trials early from their per-epoch validation loss.")
-@click.option("--objective", type=click.Choice(("val_loss", "val_accuracy")), default="val_loss", show_default=True)
+@click.option("--objective", type=click.Choice(("val_loss", "val_accuracy")), default="val_loss", show_default=True,
+              help="What trials are ranked by: validation loss (lower is better) or validation accuracy.")
 @click.option("--name", "search_name", default="search", show_default=True,
               help="The search: runs-dir/search-NAME/; the same name continues it.")
 @click.option("--storage", default=None, help="An Optuna storage URL (e.g. postgresql://...) to share the study "
@@ -220,7 +221,8 @@ def train_baseline(model, data, limit, input_size, runs_dir, no_progress, **kw):
 
 
 @main.command()
-@click.option("--runs-dir", type=click.Path(file_okay=False), default=RUNS_DIR, show_default=True)
+@click.option("--runs-dir", type=click.Path(file_okay=False), default=RUNS_DIR, show_default=True,
+              help="The folder of run folders to compare.")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list on stdout.")
 @click.option("--markdown", is_flag=True, help="A Markdown table.")
 def runs(runs_dir, as_json, markdown):

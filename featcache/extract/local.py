@@ -296,7 +296,7 @@ def _start_decoder(splits, max_image_pixels) -> None:
 @contextlib.contextmanager
 def decode_processes(n: int, splits):
     """A pool of `n` decoding processes (none when n is 0). Processes, not threads, because Pillow holds the
-    GIL for part of each image, and a GPU host's decoding must scale with its cores (docs/benchmarks-gpu.md)."""
+    GIL for part of each image, and a GPU host's decoding must scale with its cores (docs/results/benchmarks-gpu.md)."""
     if not n:
         yield None
         return

@@ -132,7 +132,7 @@ def _read_plain_jpeg(path: Path, out: np.ndarray | None = None,
                      at_least: tuple[int, int] | None = None) -> np.ndarray | None:
     """A YCbCr or gray JPEG without EXIF or XMP, decoded by libjpeg-turbo through simplejpeg (into `out` when the
     shapes agree): the pixels Pillow gives (tested equal, 4:4:4 to 4:2:0, progressive, gray), in a fraction of
-    Pillow's time (README, "Compute precision and decoding"). None wherever Pillow must decide: no simplejpeg, EXIF or XMP (orientation),
+    Pillow's time (docs/results/README.md, "Compute precision and decoding"). None wherever Pillow must decide: no simplejpeg, EXIF or XMP (orientation),
     CMYK and other color spaces, more pixels than Pillow's bomb limit, anything simplejpeg refuses (Pillow then
     decodes or names the fault)."""
     simplejpeg, pillow = _jpeg_modules()
