@@ -213,6 +213,34 @@ def test_every_key_option_is_compared_with_a_given_cache(image_folder, cache_dir
         assert r.exit_code == 2 and f"{field}: cache has" in r.stderr, (args, r.output)
 
 
+def test_the_key_options_declare_every_field_of_the_cache_key():
+    from featcache.cache.format import KEY_FIELDS, OPTIONAL_KEY_FIELDS
+    from featcache.extract import planner
+
+    declared = set(planner.KEY_FIELDS) | {"format_version"}   # the format version follows from the layers
+    assert declared == set(KEY_FIELDS) | set(OPTIONAL_KEY_FIELDS)
+
+
+@pytest.mark.parametrize("options", [
+    dict(input_size=32), dict(input_size=40), dict(dtype="float32"), dict(dtype="float16"), dict(limit=2),
+    dict(views=2), dict(views=1), dict(precision="float32"), dict(layer="block2_pool"), dict(layer="block3_pool"),
+    dict(weights="random"), dict(weights="random", seed=1)])
+def test_a_given_cache_is_refused_exactly_when_the_options_lead_to_another_cache(image_folder, cache_dir, options):
+    """check_cache and the cache key agree: one declaration (spec.KEY) feeds both. `--input-size 32` on a cache of
+    32 px files made without it is another cache (its JPEGs would be DCT-scaled: another resize method), which the
+    check once let through."""
+    from featcache.extract import check_cache
+
+    path = extract(data=str(image_folder), weights="random", progress=False)
+    base = dict(data=str(image_folder), weights="random")
+    other_cache = plan(**{**base, **options})[1].key != store.open_cache(path).meta.key
+    if other_cache:
+        with pytest.raises(CacheError, match="does not match what was asked.*fix: .*drop --"):
+            check_cache(path, **options)
+    else:
+        check_cache(path, **options)
+
+
 def test_units_cover_every_row_once_and_resume_from_progress():
     from featcache.extract import Unit, units
 

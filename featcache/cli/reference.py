@@ -137,7 +137,27 @@ def api_reference(api=API) -> str:
     return HEADER + "\n".join(lines).rstrip() + "\n"
 
 
-PAGES = {"cli.md": cli_reference, "api.md": api_reference}
+def key_reference() -> str:
+    """Markdown of the cache key: each option that decides a cache and the metadata fields it sets, from the one
+    declaration (`featcache.extract.spec.KEY`) that names a new cache and checks a given one."""
+    from featcache.cache.format import OPTIONAL_KEY_FIELDS
+    from featcache.extract.spec import KEY
+
+    lines = ["# The cache key", "", "Which options decide a cache. Each sets metadata fields of the file; the key is "
+             "a sha256 of those fields and the format version (1 for one layer, 2 for several), and its first 12 hex "
+             "digits end the file name. `extract` reuses a cache with the same key; `train-head --cache F` with "
+             "any of these options refuses F when they lead to another key, naming each field that differs (`--layer` "
+             "may also pick some layers of a several-layer file). Every "
+             "other option only says how to build a cache. See [the cache format](cache-format.md).", "",
+             "| option | metadata fields it sets | in the key |", "| --- | --- | --- |"]
+    for option, fields in KEY.items():
+        optional = [f"`{f}` left out at `{OPTIONAL_KEY_FIELDS[f]!r}`" for f in fields if f in OPTIONAL_KEY_FIELDS]
+        when = "; ".join(optional) + " (caches made before it keep their keys)" if optional else "always"
+        lines.append(f"| `--{option.replace('_', '-')}` | {', '.join(f'`{f}`' for f in fields)} | {when} |")
+    return HEADER + "\n".join(lines) + "\n"
+
+
+PAGES = {"cli.md": cli_reference, "api.md": api_reference, "cache-key.md": key_reference}
 
 
 def write(folder: str | Path) -> list[Path]:

@@ -21,9 +21,24 @@ DTYPES = ("float16", "float32")
 DECODERS = ("auto", "threads", "processes")
 ENGINES = ("local", "ray")
 CACHE_DIR_ENV = "FEATCACHE_CACHE_DIR"
-#: The options that decide which cache a spec leads to (its key); the others only say how to build it.
-KEY_OPTIONS = ("data", "backbone", "weights", "layer", "input_size", "dtype", "precision", "limit", "views",
-               "augment", "augment_seed")
+#: The cache key, declared once: each option that decides which cache a spec leads to, with the CacheMeta fields
+#: it sets (what `CacheMeta.key` hashes, besides the format version that the layers decide). `planner.key_values`
+#: derives the fields, for `plan` to name a new cache and for `check_cache` to compare a given one field by field.
+#: The other options only say how to build a cache.
+KEY = {
+    "data": ("dataset_fingerprint", "limit"),
+    "limit": ("dataset_fingerprint", "limit"),
+    "backbone": ("backbone",),
+    "weights": ("weights",),
+    "layer": ("layer",),
+    "input_size": ("input_shape", "resize"),   # files at an --input-size are DCT-scaled: another resize method
+    "dtype": ("dtype",),
+    "precision": ("precision",),
+    "views": ("views",),
+    "augment": ("augment",),
+    "augment_seed": ("augment_seed",),
+}
+KEY_OPTIONS = tuple(KEY)
 
 
 @dataclass(frozen=True)
