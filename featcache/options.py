@@ -24,8 +24,8 @@ KINDS = ("str", "path", "int", "float", "bool", "units", "any")
 def option(default, help: str, *, kind: str = "any", choices=None, low=None, high=None, low_open: bool = False,
            high_open: bool = False, **cli):
     """A dataclass field with its declaration in the metadata. `cli` holds what only the command line needs
-    (flag=True, env=VAR, cli=False or the commands that show it) and `label`, the name messages use
-    (default: the option's flag, --field-name)."""
+    (flag=True, env=VAR, cli=False or the commands that show it), `label`, the name messages use
+    (default: the option's flag, --field-name), and `optional=True` for a field that may also be None."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     meta = dict(help=help, kind=kind, choices=None if choices is None else tuple(choices), low=low, high=high,
@@ -71,7 +71,7 @@ def validate(instance) -> None:
 
 def _checked(f, value):
     meta = f.metadata
-    if value is None and f.default is None:
+    if value is None and (f.default is None or meta.get("optional")):   # not set: the option's absence means something
         return value
     kind = meta["kind"]
     if kind == "units":

@@ -12,12 +12,15 @@ once more and only it is evaluated on the test split, as a normal run folder ins
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from featcache import system
 from featcache.errors import BadInputError, first_line
+from featcache.options import declared, option, validate
 from heads.config import HEAD, TrainConfig, options
 
 log = logging.getLogger(__name__)
@@ -25,8 +28,64 @@ log = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "asha", "none")
 OBJECTIVES = ("val_loss", "val_accuracy")
+ENGINES = ("local", "ray")
 #: Trials the local engine asks the sampler for at once and fits together (heads.together).
 TOGETHER = 8
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How a search runs, every option declared once (default, help, bounds): the command line's search options
+    are built from these fields and checked by the one validator. What each trial trains with is a TrainConfig,
+    what it varies a list of Params."""
+
+    sampler: str | None = option(None, "Optuna sampler [default: grid when every parameter is a choice, else tpe].",
+                                 kind="str", choices=SAMPLERS)
+    trials: int | None = option(20, "Trials in all (a continued search counts its finished ones; a grid stops when "
+                                "it is done).", kind="int", low=1, optional=True)
+    timeout: float | None = option(None, "Seconds to search at most.", kind="float", low=0, low_open=True)
+    pruner: str = option("median", "Stop bad trials early from their per-epoch validation loss.", kind="str",
+                         choices=PRUNERS)
+    objective: str = option("val_loss", "What trials are ranked by: validation loss (lower is better) or "
+                            "validation accuracy.", kind="str", choices=OBJECTIVES)
+    name: str = option("search", "The search: runs-dir/search-NAME/; the same name continues it.", kind="str")
+    storage: str | None = option(None, "An Optuna storage URL (e.g. postgresql://...) to share the study between "
+                                 "machines [default: SQLite in the search folder].", kind="str")
+    engine: str = option("local", "Who runs the trials: this process (local), or Ray Tune on the cluster at "
+                         "--ray-address or on a local one featcache starts and stops (ray; pip install "
+                         "'featcache[ray]'); the same trials either way.", kind="str", choices=ENGINES)
+    ray_address: str | None = option(None, "--engine ray: the cluster (e.g. ray://head:10001 or auto) [default: "
+                                     "$RAY_ADDRESS, else a local cluster of this machine's CPUs].", kind="str")
+    workers: int | None = option(None, "--engine ray: trials at once [default: one per CPU of the cluster].",
+                                 kind="int", low=1)
+    together: int = option(TOGETHER, "--engine local: trials asked for at once and fitted together, their dense and "
+                           "conv heads on the same input in one pass (1: one trial at a time).", kind="int", low=1)
+
+    def __post_init__(self):
+        validate(self)
+        system.check_name(self.name)   # one folder inside --runs-dir, never a path out of it
+        if self.engine == "local" and (self.ray_address or self.workers):
+            raise BadInputError("--ray-address and --workers need --engine ray")
+
+    def chosen_sampler(self, params: list) -> str:
+        """The sampler asked for, else grid when every parameter is a list of choices, else TPE."""
+        return self.sampler or ("grid" if all(p.choices is not None for p in params) else "tpe")
+
+
+def search_options() -> list:
+    """The declared fields of SearchConfig, in order (what `featcache search` turns into options)."""
+    return declared(SearchConfig)
+
+
+def configs(search: SearchConfig | None, config: TrainConfig | None, options: dict) -> tuple:
+    """(SearchConfig, TrainConfig) of a search: the objects given, or built from keyword `options`, each field to
+    the option set that declares it (a name in neither is refused by TrainConfig)."""
+    names = {f.name for f in search_options()}
+    if options and (search is not None and names & set(options) or config is not None and set(options) - names):
+        raise TypeError(f"pass the options {sorted(options)} inside the SearchConfig or TrainConfig given, not beside it")
+    search = search if search is not None else SearchConfig(**{k: v for k, v in options.items() if k in names})
+    config = config if config is not None else TrainConfig(**{k: v for k, v in options.items() if k not in names})
+    return search, config
 #: Not searchable: they would change the rows every trial is compared on, or name the run.
 FIXED = ("seed", "val_fraction", "per_class", "subset_seed", "name")
 #: The one searched value that is not a training option: which cached layers (comma-separated) to train on.
@@ -235,33 +294,27 @@ def pruning_callback(trial, objective: str):
     return Report()
 
 
-def check(params: list[Param], *, sampler: str, pruner: str, objective: str, trials: int | None,
-          timeout: float | None) -> None:
-    """One-line errors for the search options, before any data is read."""
-    for value, allowed, option in ((sampler, SAMPLERS, "--sampler"), (pruner, PRUNERS, "--pruner"),
-                                   (objective, OBJECTIVES, "--objective")):
-        if value not in allowed:
-            raise BadInputError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+def check(params: list[Param], *, sampler: str) -> None:
+    """One-line errors for the searched parameters, before any data is read (the search's own options are checked
+    by SearchConfig)."""
     if not params:
         raise BadInputError("a search needs at least one --param (or --space FILE)")
     if len({p.name for p in params}) != len(params):
         raise BadInputError("each parameter may be searched once")
-    if trials is not None and trials < 1 or timeout is not None and timeout <= 0:
-        raise BadInputError("--trials must be at least 1 and --timeout above 0")
     if sampler == "grid":
         grid_of(params)
 
 
-def check_values(params: list[Param], base: dict) -> None:
+def check_values(params: list[Param], base: TrainConfig) -> None:
     """Every choice and both ends of every range make a valid TrainConfig: refused now, not at a trial."""
     for p in params:
         for value in p.choices if p.choices is not None else (p.low, p.high):
             trial_config(base, {p.name: value})   # layer sets: checked against the caches (SearchData)
 
 
-def trial_config(base: dict, values: dict) -> TrainConfig:
+def trial_config(base: TrainConfig, values: dict) -> TrainConfig:
     """The TrainConfig of a trial: the fixed options with this trial's values (validated as any config)."""
-    return TrainConfig(**{**base, **{k: v for k, v in values.items() if k != LAYERS}})
+    return dataclasses.replace(base, **{k: v for k, v in values.items() if k != LAYERS})
 
 
 def value_of(p: Param, stored):

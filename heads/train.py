@@ -263,9 +263,11 @@ def _fit_metrics(chosen: Fitted, fits: list[Fitted], data: TrainData, config: Tr
     return out
 
 
-def train_head(cache, *, layer=None, runs_dir=RUNS_DIR, progress=True, **options) -> RunResult:
+def train_head(cache, *, layer=None, config: TrainConfig | None = None, runs_dir=RUNS_DIR, progress=True,
+               memory_budget=None, stream: bool = False, **options) -> RunResult:
     """Train a head on a cache path or FeatureCache: `model="auto"` (default: the dense head or the linear
-    probe, whichever has the lower validation loss), `"dense"`, `"linear"` or `"conv"`.
+    probe, whichever has the lower validation loss), `"dense"`, `"linear"` or `"conv"`. The training options
+    come as a TrainConfig (`config`) or as its fields (`units=(256,)`), validated once.
 
     `layer` picks the cached layers to train on (default: all). Several layers, from one cache or
     a list of caches of the same images, train on their pooled features, concatenated. Heads that pool
@@ -273,22 +275,32 @@ def train_head(cache, *, layer=None, runs_dir=RUNS_DIR, progress=True, **options
     within `memory_budget` (bytes or "2GB"; default half the available memory) and stream them from
     disk beyond it, or always with `stream=True`.
     """
-    options.setdefault("model", AUTO)
-    memory_budget, stream = options.pop("memory_budget", None), options.pop("stream", False)
-    config = TrainConfig(**options)
+    config = _given(config, options, model=AUTO)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     data = data_from_caches(caches, config.pooling, layer, prepooled=pools_first(config),
                             memory_budget=memory_budget, stream=stream)
     return train(data, config, runs_dir=runs_dir, progress=progress)
 
 
-def train_baseline(model: str, *, data="cifar10", limit=None, input_size=None, runs_dir=RUNS_DIR, progress=True,
-                   **options) -> RunResult:
-    """Train a scratch baseline (`ann` or `cnn`) on the raw pixels of a dataset source."""
+def train_baseline(model: str, *, data="cifar10", limit=None, input_size=None, config: TrainConfig | None = None,
+                   runs_dir=RUNS_DIR, progress=True, **options) -> RunResult:
+    """Train a scratch baseline (`ann` or `cnn`) on the raw pixels of a dataset source, with the training options
+    of `config` (a TrainConfig) or given as its fields."""
     from featcache.backbones import check_input_size
     from featcache.sources import load_dataset
 
-    config = TrainConfig(model=model, **options)
+    config = _given(config, {**options, "model": model} if config is None else options)
+    if config.model != model:
+        raise TypeError(f"train_baseline({model!r}) was given a TrainConfig of model {config.model!r}")
     check_input_size(input_size)
     ds = load_dataset(data, limit=limit)
     return train(data_from_dataset(ds, input_size), config, runs_dir=runs_dir, progress=progress)
+
+
+def _given(config: TrainConfig | None, options: dict, **defaults) -> TrainConfig:
+    """The TrainConfig given, or one built from its fields in `options` (with `defaults`), never both."""
+    if config is None:
+        return TrainConfig(**{**defaults, **options})
+    if options:
+        raise TypeError(f"pass {', '.join(sorted(options))} inside the TrainConfig given, not beside it")
+    return config

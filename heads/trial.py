@@ -42,7 +42,7 @@ class SearchData:
                     layer_sources(opened, choice)
 
 
-def evaluate(values: dict, base: dict, data: SearchData, logs: Path, callbacks=()) -> dict:
+def evaluate(values: dict, base: TrainConfig, data: SearchData, logs: Path, callbacks=()) -> dict:
     """Fit one trial's `values` (over the fixed options `base`) and return its validation figures, epochs run,
     the model chosen and seconds; Keras `callbacks` see every epoch (pruning, reporting). The test split is not
     touched. TensorBoard logs, with the trial's HParams, go to `logs`."""
@@ -61,7 +61,7 @@ def evaluate(values: dict, base: dict, data: SearchData, logs: Path, callbacks=(
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def evaluate_together(batch: list[dict], base: dict, data: SearchData, logs: list[Path], on_epoch) -> list[dict]:
+def evaluate_together(batch: list[dict], base: TrainConfig, data: SearchData, logs: list[Path], on_epoch) -> list[dict]:
     """`evaluate` for several trials' `batch` of values: the trials on the same data are fitted together
     (heads.train.fit_and_choose_all: their heads that can share a pass in one). `on_epoch(i, epoch, figures)`
     sees each epoch of trial i and returns True to stop it (pruned). A trial's seconds: its share of the batch."""

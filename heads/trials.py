@@ -4,6 +4,7 @@ at the test split, and the search folder's records (search.json, search.md, Optu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -28,53 +29,49 @@ TEST_LINE = ("Only the winner was evaluated on the test split, once, after the s
              "search's only test figure.")
 
 
-def run_search(cache, params: list, *, layer=None, sampler: str | None = None, trials: int | None = 20,
-               timeout: float | None = None, pruner: str = "median", objective: str = "val_loss",
-               name: str = "search", storage: str | None = None, engine: str = "local", ray_address: str | None = None,
-               workers: int | None = None, together: int = hs.TOGETHER, runs_dir=RUNS_DIR, progress: bool = True,
-               **options) -> Path:
+def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | None = None,
+               config: TrainConfig | None = None, runs_dir=RUNS_DIR, progress: bool = True, **options) -> Path:
     """Search `params` (heads.search.Param) on a cache path (or list of caches); return the search folder.
+
+    `search` (a heads.search.SearchConfig: sampler, trials, pruner, objective, name, engine...) says how the
+    search runs, `config` (a TrainConfig) what every trial trains with besides its parameters; or pass their
+    fields as keywords (`run_search(cache, params, trials=20, epochs=30)`), each validated once.
 
     The local engine asks the sampler for `together` trials at a time and fits them together: their heads that
     can share a pass (heads.together) train in one (1: one trial at a time, in Optuna's own loop).
 
     `engine="ray"` runs the trials on Ray Tune (heads.tune), on the cluster at `ray_address` or one of its own."""
-    sampler = sampler or ("grid" if all(p.choices is not None for p in params) else "tpe")
-    hs.check(params, sampler=sampler, pruner=pruner, objective=objective, trials=trials, timeout=timeout)
-    if engine not in ENGINES or (engine == "local" and (ray_address or workers)):
-        raise BadInputError(f"--engine must be one of {', '.join(ENGINES)} (--ray-address and --workers need "
-                            f"--engine ray), got {engine!r}")
-    system.check_name(name)   # one folder inside --runs-dir, never a path out of it
-    base = TrainConfig(**options).__dict__   # the fixed options, validated once
+    search, base = hs.configs(search, config, options)
+    sampler = search.chosen_sampler(params)
+    hs.check(params, sampler=sampler)
     hs.check_values(params, base)
     data = SearchData(list(cache) if isinstance(cache, (list, tuple)) else [cache], layer)
     data.check_layers(params)
-    folder = system.writable_folder(Path(runs_dir) / f"search-{name}", what="search folder",
+    folder = system.writable_folder(Path(runs_dir) / f"search-{search.name}", what="search folder",
                                     fix="pass a writable --runs-dir")
-    study = hs.make_study(folder, name, params, sampler=sampler, pruner=pruner, objective=objective,
-                          storage=storage, seed=base["seed"])
+    study = hs.make_study(folder, search.name, params, sampler=sampler, pruner=search.pruner,
+                          objective=search.objective, storage=search.storage, seed=base.seed)
     from heads.logs import write_search
 
     write_search(folder / "tensorboard", params, hs.OBJECTIVES)
-    left = _left(study, params, sampler, trials)
+    left = _left(study, params, sampler, search.trials)
     reports = {}
-    if left and engine == "ray":
+    if left and search.engine == "ray":
         from heads import tune
 
-        reports = tune.optimize(study, params, base, data, pruner=pruner, objective=objective,
-                                trials=left, timeout=timeout, folder=folder, storage=storage, address=ray_address,
-                                workers=workers, progress=progress)
+        reports = tune.optimize(study, params, base, data, pruner=search.pruner, objective=search.objective,
+                                trials=left, timeout=search.timeout, folder=folder, storage=search.storage,
+                                address=search.ray_address, workers=search.workers, progress=progress)
     elif left:
         with system.progress_bar(left, unit="trial", desc="search", enabled=progress) as bar:
-            run = _in_batches if together > 1 else _one_at_a_time
-            run(study, Batch(params, base, data, objective, folder / "tensorboard"), left=left, together=together,
-                timeout=timeout, trials=trials, bar=bar)
+            run = _in_batches if search.together > 1 else _one_at_a_time
+            run(study, Batch(params, base, data, search.objective, folder / "tensorboard"), left=left,
+                together=search.together, timeout=search.timeout, trials=search.trials, bar=bar)
     return _finish(folder, study, params, base, data, reports,
-                   dict(sampler=sampler, pruner=pruner, objective=objective, name=name, engine=engine,
-                        storage=storage or "sqlite (study.db)"))
+                   dict(sampler=sampler, pruner=search.pruner, objective=search.objective, name=search.name,
+                        engine=search.engine, storage=search.storage or "sqlite (study.db)"))
 
 
-ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -82,7 +79,7 @@ class Batch:
     """What every batch of a search fits its trials on."""
 
     params: list
-    base: dict
+    base: TrainConfig
     data: SearchData
     objective: str
     logs: Path
@@ -220,7 +217,7 @@ def _left(study, params: list, sampler: str, trials: int | None) -> int | None:
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def _trial(trial, params: list, base: dict, data: SearchData, objective: str, logs: Path) -> float:
+def _trial(trial, params: list, base: TrainConfig, data: SearchData, objective: str, logs: Path) -> float:
     if _surplus_asked(trial):   # another process sharing the study started the grid's last point
         trial.study.stop()
         raise optuna.TrialPruned()
@@ -231,7 +228,7 @@ def _trial(trial, params: list, base: dict, data: SearchData, objective: str, lo
     return figures[objective]
 
 
-def _finish(folder: Path, study, params: list, base: dict, data: SearchData, reports: dict, settings: dict) -> Path:
+def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchData, reports: dict, settings: dict) -> Path:
     """Train the winner once more and test it, then write the records; the search folder is returned.
 
     `reports`: the Ray engine's last report of each trial, by Optuna trial number (empty for the local engine)."""
@@ -245,16 +242,16 @@ def _finish(folder: Path, study, params: list, base: dict, data: SearchData, rep
     values = {p.name: hs.value_of(p, best.params[p.name]) for p in params}
     config = hs.trial_config(base, values)
     train_data, _ = data.get(config, values.get(hs.LAYERS))
-    winner = train(train_data, TrainConfig(**{**config.__dict__, "name": f"{settings['name']}-winner"}),
+    winner = train(train_data, dataclasses.replace(config, name=f"{settings['name']}-winner"),
                    runs_dir=folder, progress=False)
     rows = [_row(t, reports.get(t.number)) for t in study.trials if not _surplus(t)]
-    record = {**settings, "space": [p.__dict__ for p in params], "fixed": _jsonable(base), "trials": rows,
+    record = {**settings, "space": [p.__dict__ for p in params], "fixed": _jsonable(base.__dict__), "trials": rows,
               "best_trial": best.number, "winner": {"run": winner.run_dir.name, "params": best.params,
                                                     "test_accuracy": winner.metrics["test_accuracy"],
                                                     "val_loss": winner.metrics["val_loss"]},
               "data": {k: v for k, v in train_data.source.items() if k != "cache_meta"}}
     write_json(folder / "search.json", record)
-    (folder / "search.md").write_text(_markdown(rows, record, base["seed"]))
+    (folder / "search.md").write_text(_markdown(rows, record, base.seed))
     _plots(study, folder)
     return folder
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from featcache import cluster, system
 from featcache.errors import BadInputError
 from heads import search as hs
+from heads.config import TrainConfig
 from heads.trial import SearchData, evaluate
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ NUMBER = "optuna_trial"
 BEST = "best_so_far"
 
 
-def optimize(study, params: list, base: dict, data: SearchData, *, pruner: str, objective: str,
+def optimize(study, params: list, base: TrainConfig, data: SearchData, *, pruner: str, objective: str,
              trials: int, timeout: float | None, folder: Path, storage: str | None, address: str | None,
              workers: int | None, progress: bool) -> dict:
     """Run `trials` trials of `study` on Ray; {Optuna trial number: what its last report said}."""
@@ -54,7 +55,7 @@ def optimize(study, params: list, base: dict, data: SearchData, *, pruner: str, 
             {"cpu": threads})
         bar = system.progress_bar(trials, unit="trial", desc="search (ray)", enabled=progress)
         tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=_scheduler(tune, pruner, objective, base["epochs"]), num_samples=trials,
+            search_alg=searcher, scheduler=_scheduler(tune, pruner, objective, base.epochs), num_samples=trials,
             max_concurrent_trials=n_workers, time_budget_s=timeout),
             run_config=tune.RunConfig(name=study.study_name, storage_path=str((folder / "ray").absolute()),
                                       verbose=0, callbacks=[_progress(tune, bar), JsonLoggerCallback()]))
@@ -103,7 +104,7 @@ def _scheduler(tune, pruner: str, objective: str, epochs: int):
     return tune.schedulers.FIFOScheduler()
 
 
-def _trainable(config: dict, *, params: list, base: dict, data: SearchData, objective: str, logs: str, env: dict):
+def _trainable(config: dict, *, params: list, base: TrainConfig, data: SearchData, objective: str, logs: str, env: dict):
     """One Ray Tune trial: the trial's values from `config`, fitted as the local engine fits them, each epoch
     and the end reported to Ray Tune."""
     os.environ.update(env)   # before this worker imports TensorFlow: threads sized to the trial's CPUs
@@ -126,7 +127,7 @@ def _trainable(config: dict, *, params: list, base: dict, data: SearchData, obje
     tune.report({**figures, BEST: figures[objective], "final": True, NUMBER: number})
 
 
-def _load_all(data: SearchData, params: list, base: dict) -> None:
+def _load_all(data: SearchData, params: list, base: TrainConfig) -> None:
     """Read every (layer set, pooling) the space can ask for, so that the trials never read the caches."""
     import itertools
 

@@ -125,3 +125,19 @@ def test_bad_training_options_exit_2(tiny_cache, tmp_path, args, message):
     r = run("train-head", "--cache", tiny_cache, "--runs-dir", tmp_path / "runs", *args)
     assert r.exit_code == 2 and message in r.stderr
     assert not (tmp_path / "runs").exists(), "nothing may be written"
+
+
+def test_train_head_hands_its_config_down_as_one_object(tiny_cache, tmp_path, monkeypatch):
+    """The command builds one TrainConfig (validated once) and passes it down; it is never flattened into keywords
+    and rebuilt. Fields beside a config are refused."""
+    import heads.train as ht
+
+    seen, built, real = [], [], ht.TrainConfig
+    monkeypatch.setattr(ht, "train", lambda data, config, **kw: seen.append(config) or 1 / 0)
+    monkeypatch.setattr(ht, "TrainConfig", lambda **kw: built.append(kw) or real(**kw))
+    with pytest.raises(ZeroDivisionError):
+        run("train-head", "--cache", tiny_cache, "--units", "8", "--epochs", "1", "--runs-dir", tmp_path)
+    assert seen[0].units == (8,) and seen[0].epochs == 1
+    assert built == []   # heads.train built no TrainConfig of its own: the command's came down whole
+    with pytest.raises(TypeError, match="inside the TrainConfig"):
+        ht.train_head(tiny_cache, config=seen[0], epochs=3)

@@ -68,6 +68,41 @@ def test_bad_search_options_are_one_line_errors(tiny_cache, tmp_path):
         assert len([line for line in r.stderr.splitlines() if not line.startswith("WARNING")]) == 1
 
 
+def test_search_options_are_refused_before_any_cache_is_built(image_folder, cache_dir, tmp_path):
+    """The search's own options are one declared set (SearchConfig), checked with the training options before any
+    work: a local search given --workers refuses at once, where it used to extract the cache first."""
+    r = run("search", "--data", image_folder, "--weights", "random", "--param", "dropout=0.1|0.3", "--workers", "2",
+            "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 2 and "--ray-address and --workers need --engine ray" in r.stderr, r.output
+    assert not cache_dir.exists() or not any(cache_dir.iterdir())
+
+
+def test_the_search_command_takes_its_options_from_their_declaration():
+    import click
+
+    from heads.search import search_options
+
+    params = {p.name: p for p in main.get_command(click.Context(main), "search").params}
+    for f in search_options():
+        assert params[f.name].help == f.metadata["help"], f.name
+        assert params[f.name].default == f.default, f.name
+
+
+def test_run_search_takes_its_config_objects_from_python(tiny_cache, tmp_path):
+    from heads.config import TrainConfig
+    from heads.search import SearchConfig, parse_param
+    from heads.trials import run_search
+
+    params = [parse_param("dropout=0.1|0.3")]
+    fixed = TrainConfig(model="dense", epochs=2, patience=1, units=(8,))
+    folder = run_search(tiny_cache, params, search=SearchConfig(name="py", pruner="none"), config=fixed,
+                        runs_dir=tmp_path, progress=False)
+    record = json.loads((folder / "search.json").read_text())
+    assert record["name"] == "py" and record["fixed"]["units"] == [8] and len(record["trials"]) == 2
+    with pytest.raises(TypeError, match="inside the SearchConfig"):
+        run_search(tiny_cache, params, search=SearchConfig(), trials=3, runs_dir=tmp_path)
+
+
 def test_space_file_and_ranges(tiny_cache, tmp_path):
     space = tmp_path / "space.toml"
     space.write_text('[params]\nunits = ["4", "8,4"]\nlr = {low = 1e-4, high = 1e-2, log = true}\n')

@@ -22,7 +22,7 @@ API = (
     ("featcache.cache.read", ("as_tf_dataset",)),
     ("heads.train", ("train_head", "train_baseline", "train", "fit_and_choose_all", "RunResult")),
     ("heads.trials", ("run_search",)),
-    ("heads.search", ("parse_param",)),
+    ("heads.search", ("SearchConfig", "parse_param")),
     ("heads.together", ("fit_together",)),
     ("heads.curve", ("data_efficiency_curve",)),
     ("heads.longtail", ("long_tail_table",)),

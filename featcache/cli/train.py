@@ -16,7 +16,7 @@ from featcache.extract.spec import options as spec_options
 from heads.builders import BASELINES, HEADS
 from heads.config import AUTO, BASELINE, CURVE, HEAD, RUNS_DIR, TrainConfig
 from heads.config import options as config_options
-from heads.search import TOGETHER
+from heads.search import search_options
 
 _MODEL = next(f for f in config_options() if f.name == "model")
 
@@ -88,8 +88,8 @@ def train_head(ctx, cache_paths, head, memory_budget, stream, runs_dir, no_progr
         memory_budget = parse_bytes(memory_budget)   # a bad size is refused before any work
     config = _config(HEAD, kw, model=head)
     caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)
-    result = run(caches, layer=pick, runs_dir=runs_dir, progress=not no_progress, memory_budget=memory_budget,
-                 stream=stream, **config.__dict__)
+    result = run(caches, layer=pick, config=config, runs_dir=runs_dir, progress=not no_progress,
+                 memory_budget=memory_budget, stream=stream)
     click.echo(str(result.run_dir))
 
 
@@ -153,54 +153,29 @@ def _ratios(text: str) -> tuple[float, ...]:
                    "or a range low:high[:log] (dropout=0.1:0.6, lr=1e-4:1e-2:log). Repeat for more.")
 @click.option("--space", type=click.Path(dir_okay=False, exists=True), default=None,
               help="A TOML file with a [params] table: NAME = [choices] or NAME = {low, high, log}.")
-@click.option("--sampler", type=click.Choice(("tpe", "random", "grid")), default=None,
-              help="Optuna sampler [default: grid when every parameter is a choice, else tpe].")
-@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Trials in all (a continued search counts its finished ones; a grid stops when it is done).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds to search at most.")
-@click.option("--pruner", type=click.Choice(("median", "asha", "none")), default="median", show_default=True,
-              help="Stop bad trials early from their per-epoch validation loss.")
-@click.option("--objective", type=click.Choice(("val_loss", "val_accuracy")), default="val_loss", show_default=True,
-              help="What trials are ranked by: validation loss (lower is better) or validation accuracy.")
-@click.option("--name", "search_name", default="search", show_default=True,
-              help="The search: runs-dir/search-NAME/; the same name continues it.")
-@click.option("--storage", default=None, help="An Optuna storage URL (e.g. postgresql://...) to share the study "
-              "between machines [default: SQLite in the search folder].")
-@click.option("--engine", type=click.Choice(("local", "ray")), default="local", show_default=True,
-              help="Who runs the trials: this process (local), or Ray Tune on the cluster at --ray-address or on a "
-                   "local one featcache starts and stops (ray; pip install 'featcache[ray]'); the same trials either way.")
-@click.option("--ray-address", default=None, help="--engine ray: the cluster (e.g. ray://head:10001 or auto) "
-              "[default: $RAY_ADDRESS, else a local cluster of this machine's CPUs].")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="--engine ray: trials at once [default: one per CPU of the cluster].")
-@click.option("--together", type=click.IntRange(min=1), default=TOGETHER, show_default=True,
-              help="--engine local: trials asked for at once and fitted together, their dense and conv heads on the "
-                   "same input in one pass (1: one trial at a time).")
+@add_options(search_options())
 @click.option("--head", type=click.Choice((AUTO, *HEADS)), default=AUTO, show_default=True,
               help="The head of every trial, unless --param head=... searches it.")
 @add_options(f for f in config_options(HEAD) if f.name != "name")
 @run_options
 @click.pass_context
 @needs_backend
-def search(ctx, cache_paths, params, space, sampler, trials, timeout, pruner, objective, search_name, storage, engine,
-           ray_address, workers, together, head, runs_dir, no_progress, **kw):
+def search(ctx, cache_paths, params, space, head, runs_dir, no_progress, **kw):
     """Search head options on one cache in one process (Optuna); test only the winner; print the search folder.
 
     Every trial trains on features read once, is scored on the validation split only and may be
     pruned; the best trial is trained once more and evaluated once on the test split, as a run folder
     inside the search folder, beside search.json, search.md and Optuna's plots.
     """
-    from heads.search import load_space, parse_param
+    from heads.search import SearchConfig, load_space, parse_param
     from heads.trials import run_search
 
     space_params = [parse_param(p) for p in params] + (load_space(space) if space else [])
-    fixed = {f.name: kw.pop(f.name) for f in config_options(HEAD) if f.name != "name"}
-    TrainConfig(model=head, **fixed)   # the fixed options refused in one line before any work
-    caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)
-    folder = run_search(caches, space_params, layer=pick, sampler=sampler, trials=trials, timeout=timeout,
-                        pruner=pruner, objective=objective, name=search_name, storage=storage, engine=engine,
-                        ray_address=ray_address, workers=workers, together=together, runs_dir=runs_dir,
-                        progress=not no_progress, model=head, **fixed)
+    how = SearchConfig(**{f.name: kw.pop(f.name) for f in search_options()})
+    fixed = TrainConfig(model=head, **{f.name: kw.pop(f.name) for f in config_options(HEAD) if f.name != "name"})
+    caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)   # both refused before this
+    folder = run_search(caches, space_params, layer=pick, search=how, config=fixed, runs_dir=runs_dir,
+                        progress=not no_progress)
     click.echo(str(folder))
 
 
@@ -215,8 +190,8 @@ def train_baseline(model, data, limit, input_size, runs_dir, no_progress, **kw):
     from heads.train import train_baseline as run
 
     config = _config(BASELINE, kw, model=model)
-    result = run(model, data=data, limit=limit, input_size=input_size, runs_dir=runs_dir, progress=not no_progress,
-                 **{k: v for k, v in config.__dict__.items() if k != "model"})
+    result = run(model, data=data, limit=limit, input_size=input_size, config=config, runs_dir=runs_dir,
+                 progress=not no_progress)
     click.echo(str(result.run_dir))
 
 
