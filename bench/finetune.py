@@ -41,7 +41,7 @@ def models(data, n_classes: int):
 
     cached = finetune_head(data.x_train.shape[1:], n_classes, source=data.source, train_precision="float32")
     meta = data.source["cache_meta"]
-    frozen = inference._backbone(meta, [data.source["layer"]], None)
+    frozen = inference.frozen_backbone(meta, [data.source["layer"]], None)
     images = keras.Input((*meta["input_shape"][:2], 3), dtype="uint8")
     x = inference.affine_preprocessing(frozen.spec, name="preprocess")(keras.layers.Identity(dtype="float32")(images))
     twin = finetune_head(data.x_train.shape[1:], n_classes, source=data.source, train_precision="float32")
@@ -73,13 +73,13 @@ def main() -> None:
     files = [args.data / p for p in np.asarray(cache.paths("train"))[rows]]
     size = tuple(data.source["cache_meta"]["input_shape"][:2])
     cached, end_to_end, frozen = models(data, len(data.class_names))
-    pixels, _, _ = inference._decode(files, size, False)
+    pixels, _, _ = inference.decode_batch(files, size, False)
     epoch(cached, x_maps, y), epoch(end_to_end, pixels, y)   # trace both steps
     times = {"cached": [], "end_to_end": [], "decode": []}
     for _ in range(args.repeats):
         times["cached"].append(epoch(cached, x_maps, y))
         t0 = time.perf_counter()
-        pixels, _, _ = inference._decode(files, size, False)
+        pixels, _, _ = inference.decode_batch(files, size, False)
         times["decode"].append(time.perf_counter() - t0)
         times["end_to_end"].append(epoch(end_to_end, pixels, y) + times["decode"][-1])
         print({k: round(v[-1], 1) for k, v in times.items()}, flush=True)

@@ -37,7 +37,7 @@ def inspect(run, *, n_images: int = 16, n_pairs: int = 10) -> dict:
     import keras
 
     from heads.data import data_from_cache
-    from heads.inference import load_run
+    from heads.endtoend import load_run
     from heads.metrics import predict
 
     info = load_run(run)   # records read in one line each, the model checked to be the run's own

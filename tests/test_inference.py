@@ -267,3 +267,30 @@ def test_real_images_and_weights_whose_file_moved(tmp_path):
     want = _cached_probabilities(run, cache)
     assert (got.indices == want.argmax(1)).mean() >= 0.995
     np.testing.assert_allclose(got.probabilities, want, atol=1e-3)   # float16 storage of the cached features
+
+
+def test_predict_and_export_options_are_declared_once_and_validated_before_any_work(trained, tmp_path):
+    """PredictConfig and ExportConfig hold every option of predict and export: the command line is built from them
+    and the Python API checks a value with the same one-line message (batch_size=0 reached the model before)."""
+    import click
+
+    from featcache.cli import main
+    from heads.export import ExportConfig, export_options
+    from heads.predict import PredictConfig, predict_options
+
+    _, cache, runs, _ = trained
+    with pytest.raises(BadInputError, match="--batch-size must be at least 1"):
+        inference.predict(runs["dense"], _test_files(cache), batch_size=0, progress=False)
+    with pytest.raises(BadInputError, match="--ray-address and --workers need --engine ray"):
+        inference.predict(runs["dense"], _test_files(cache), workers=2, progress=False)
+    with pytest.raises(BadInputError, match="--format must be one of keras, saved_model, onnx"):
+        inference.export(runs["dense"], tmp_path / "x", format="pdf")
+    with pytest.raises(TypeError, match="inside the PredictConfig"):
+        inference.predict(runs["dense"], _test_files(cache), config=PredictConfig(), batch_size=2)
+    assert not (tmp_path / "x").exists()
+    for command, declared in (("predict", predict_options()), ("export", export_options())):
+        params = {p.name: p for p in main.get_command(click.Context(main), command).params}
+        for f in declared:
+            p = params[f.name]
+            assert p.help == f.metadata["help"] and (p.is_flag or p.default == f.default), (command, f.name)
+    assert ExportConfig().format == "keras" and PredictConfig().engine == "local"

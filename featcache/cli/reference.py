@@ -26,7 +26,9 @@ API = (
     ("heads.together", ("fit_together",)),
     ("heads.curve", ("data_efficiency_curve",)),
     ("heads.longtail", ("long_tail_table",)),
-    ("heads.inference", ("predict", "export", "load_run")),
+    ("heads.predict", ("predict", "PredictConfig", "Predictions")),
+    ("heads.export", ("export", "ExportConfig")),
+    ("heads.endtoend", ("load_run", "end_to_end")),
     ("featcache.errors", ("FeatcacheError", "BadInputError", "CacheError")),
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -12,7 +13,10 @@ import click
 
 from featcache import system
 from featcache.cli.group import main, needs_backend
+from featcache.cli.options import add_options
 from featcache.errors import BadInputError
+from heads.export import export_options
+from heads.predict import predict_options
 
 
 def _rows(result, k: int) -> list[dict]:
@@ -60,39 +64,29 @@ def _report_if_labelled(result) -> None:
 @click.argument("run", type=click.Path(file_okay=False, exists=True))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per forward pass.")
 @click.option("--format", "fmt", type=click.Choice(("table", "csv", "json")), default=None,
               help="Output format [default: table on a terminal, csv otherwise].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the results to this file (new, or replaced with --force), not stdout.")
 @click.option("--force", is_flag=True, help="Replace an existing -o file.")
-@click.option("--weights", default=None, help="The backbone weights file, if it moved since the cache was made (its "
-                                              "hash must be the one the cache recorded).")
-@click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable images (listed on stderr) instead of "
-                                                      "stopping at the end with an error.")
-@click.option("--engine", type=click.Choice(("local", "ray")), default="local", show_default=True,
-              help="ray: shards of the images on Ray actors (each builds the model once), on --ray-address or a local "
-                   "cluster featcache starts and stops, as `extract --engine ray`; the same rows come back.")
-@click.option("--ray-address", default=None, help="Ray cluster to run on [default: $RAY_ADDRESS, else a local one].")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Ray workers [default: one per GPU of the cluster, else one per CPU].")
+@add_options(predict_options())
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @needs_backend
-def predict(run, images, top_k, batch_size, fmt, output, force, weights, skip_bad_images, engine, ray_address,
-            workers, no_progress):
+def predict(run, images, top_k, fmt, output, force, no_progress, **kw):
     """Classify IMAGES (files, or folders walked recursively) with the head of RUN (a run folder, or a folder
     `featcache export` wrote): the top classes of each image with their probabilities, on stdout (or -o).
 
     Images are decoded and resized exactly as `extract` does, then go through the same backbone, weights
     (checked by hash) and precision as the cache the head was trained on."""
-    from heads.inference import predict as run_predict
+    from heads.predict import PredictConfig
+    from heads.predict import predict as run_predict
 
-    if engine == "local" and (ray_address or workers):
-        raise click.UsageError("--ray-address and --workers need --engine ray")
+    config = PredictConfig(**kw)
     if output and Path(_outside_runs(output)).exists() and not force:   # before any work
         raise BadInputError(f"{output} exists; fix: pass another -o, or --force to replace it")
-    result = run_predict(run, list(images), batch_size=batch_size, weights=weights, skip_bad_images=True,
-                         progress=not no_progress, engine=engine, ray_address=ray_address, workers=workers)
+    # unreadable images are always collected, then listed; --skip-bad-images decides whether they fail the run
+    result = run_predict(run, list(images), config=dataclasses.replace(config, skip_bad_images=True),
+                         progress=not no_progress)
     for _, why in result.bad:
         click.echo(f"error: {why}", err=True)
     k = min(top_k, len(result.class_names))
@@ -102,7 +96,7 @@ def predict(run, images, top_k, batch_size, fmt, output, force, weights, skip_ba
     else:
         click.echo(text)
     _report_if_labelled(result)
-    if result.bad and not skip_bad_images:
+    if result.bad and not config.skip_bad_images:
         click.echo(f"error: {len(result.bad)} unreadable images (above); fix: replace or remove them, or pass "
                    "--skip-bad-images", err=True)
         sys.exit(2)
@@ -123,21 +117,16 @@ def _outside_runs(output) -> Path:
 @click.argument("run", type=click.Path(file_okay=False, exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Folder to write the model and export.json into.")
-@click.option("--format", "fmt", type=click.Choice(("keras", "saved_model", "onnx")), default="keras",
-              show_default=True, help="keras: DIR/model.keras (loads with plain keras.saving.load_model; a kNN head's after "
-                                      "`import heads.knn`); saved_model: "
-                                      "DIR/saved_model/ (Keras' model.export); onnx: DIR/model.onnx (through tf2onnx: "
-                                      "pip install 'featcache[onnx]').")
-@click.option("--weights", default=None, help="The backbone weights file, if it moved since the cache was made.")
-@click.option("--force", is_flag=True, help="Replace an earlier export in the folder (never a run folder).")
+@add_options(export_options())
 @needs_backend
-def export(run, output, fmt, weights, force):
+def export(run, output, **kw):
     """Write RUN's head with its backbone as one model, from uint8 images at the cache's input size to class
     probabilities, plus export.json (class names, input size, the cache's and weights' provenance); print the
     folder."""
-    from heads.inference import export as run_export
+    from heads.export import ExportConfig
+    from heads.export import export as run_export
 
-    click.echo(str(run_export(run, output, format=fmt, weights=weights, force=force)))
+    click.echo(str(run_export(run, output, config=ExportConfig(**kw))))
 
 
 @main.command()
