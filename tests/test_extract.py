@@ -253,7 +253,7 @@ def test_units_cover_every_row_once_and_resume_from_progress():
 
 
 def test_precision_is_part_of_the_key_and_close_to_float32(image_folder, cache_dir):
-    import featcache.backbones as registry
+    import featcache.backbones.precision as registry
 
     f32 = extract(data=str(image_folder), weights="random", dtype="float32", progress=False)
     bf16 = extract(data=str(image_folder), weights="random", dtype="float32", precision="bfloat16", progress=False)
@@ -272,7 +272,7 @@ def test_precision_is_part_of_the_key_and_close_to_float32(image_folder, cache_d
                                                  (set(), [(7, 0)], "float16"), (set(), [(9, 0)], "bfloat16"),
                                                  ({"avx512_bf16"}, [(6, 1)], "float32")])
 def test_auto_precision_follows_the_hardware(monkeypatch, flags, gpus, chosen):
-    import featcache.backbones as registry
+    import featcache.backbones.precision as registry
 
     monkeypatch.setattr(registry, "cpu_flags", lambda: flags)
     monkeypatch.setattr(registry, "gpu_compute_capabilities", lambda: gpus)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from featcache.backbones import POLICIES, _base, get, resolve_precision, weights_identity
+from featcache.backbones.frozen import base_model
 from featcache.backbones.hub import HubSpec
+from featcache.backbones.precision import POLICIES, resolve_precision
+from featcache.backbones.registry import get
+from featcache.backbones.weights import weights_identity
 from featcache.errors import BadInputError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ def upper(backbone: str, cached: str, tune_to: str, *, weights: str, seed: int =
     try:
         if weights == "random":
             keras.utils.set_random_seed(seed)
-        base = _base(spec, None if weights == "random" else weights, (*input_size, 3))
+        base = base_model(spec, None if weights == "random" else weights, (*input_size, 3))
     finally:
         keras.config.set_dtype_policy(previous)
     where = {name: spec.position(base, name) for name in (cached, tune_to)}
