@@ -116,6 +116,55 @@ _HASHED: dict[tuple, str] = {}   # file_sha256's memory, by (path, inode, size, 
 
 
 @contextlib.contextmanager
+def file_lock(path: Path, *, waiting: str | None = None, reentrant: bool = False):
+    """The one lock featcache's processes coordinate by: an exclusive flock of the file `path` (created if missing),
+    held for the block; the kernel drops it when its process dies, so a killed holder never leaves it taken. A
+    process that finds it held logs `waiting` (if given) and waits. With `reentrant`, a block inside another that
+    holds the same lock in this process goes straight in (for locks taken again by code the holder calls)."""
+    import fcntl
+
+    key = Path(path).absolute()
+    if reentrant and key in _HELD_LOCKS:
+        yield
+        return
+    with key.open("a") as fd:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                log.warning("%s", waiting)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _HELD_LOCKS.add(key) if reentrant else None
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(key)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+#: The reentrant locks (file_lock) this process holds.
+_HELD_LOCKS: set = set()
+
+
+def is_locked(path: Path) -> bool:
+    """Whether another process holds file_lock(`path`) now (False when the file is missing or unreadable)."""
+    import fcntl
+
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        with path.open("rb") as fd:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+@contextlib.contextmanager
 def staged_folder(final: Path, purpose: str, *, force: bool = False):
     """`with staged_folder(out, "exporting") as tmp:` write a folder's files into `tmp`, a hidden folder beside
     `final`; when the block succeeds every file is fsynced and `tmp` renamed to `final` (an empty `final`, or with

@@ -3,34 +3,19 @@ point once however many processes share the study."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from featcache import system
 
-@contextlib.contextmanager
+
 def locked(folder: Path):
     """An exclusive lock of the search folder, held while a process opens (and perhaps creates) its study, and
     while the grid sampler picks a point, so that processes sharing the study never pick the same one. Reentrant
     (a batch of trials is asked for under it, and the grid sampler takes it again for each)."""
-    if folder in _HELD:
-        yield
-        return
-    with (folder / "study.lock").open("a") as fd:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        _HELD.add(folder)
-        try:
-            yield
-        finally:
-            _HELD.discard(folder)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-#: The search folders whose lock this process holds.
-_HELD: set = set()
+    return system.file_lock(folder / "study.lock", reentrant=True)
 
 
 class OncePerPoint(optuna.samplers.GridSampler):

@@ -87,3 +87,35 @@ def test_a_file_is_hashed_once_while_unchanged(tmp_path, monkeypatch):
     path.write_bytes(b"b" * 3000)   # the same size, its times set back: still hashed again (ctime moved)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert system.file_sha256(path) == hashlib.sha256(b"b" * 3000).hexdigest() and len(opened) == 2
+
+
+def test_the_one_file_lock_waits_says_so_reenters_and_dies_with_its_holder(tmp_path, caplog):
+    """system.file_lock serves the cache's lock and the search folder's: another holder makes a process wait (and
+    say so), a reentrant lock taken again inside its block goes straight in, and a killed holder frees it."""
+    import subprocess
+    import sys
+    import time
+
+    from featcache.system import file_lock, is_locked
+
+    lock = tmp_path / "x.lock"
+    with file_lock(lock, reentrant=True):
+        with file_lock(lock, reentrant=True):   # would wait for ever if it took the flock again
+            assert is_locked(lock)
+    assert not is_locked(lock)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from featcache.system import file_lock\n"
+                               f"with file_lock({str(lock)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert is_locked(lock)
+        holder.kill()
+        holder.wait(timeout=10)
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING"), file_lock(lock, waiting="waiting for the other one"):
+            pass
+        assert time.monotonic() - t0 < 5 and "waiting for the other one" not in caplog.text   # freed by the kill
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    assert holder.poll() is not None   # no process left

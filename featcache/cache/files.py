@@ -13,7 +13,6 @@ featcache's own naming that a killed process left behind are removed by the next
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -42,36 +41,16 @@ def final_path(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".partial"))
 
 
-@contextlib.contextmanager
 def cache_lock(final: Path):
     """The exclusive lock that one process building (or rewriting) the cache `final` holds; others wait
     for it, and say so."""
-    with lock_path(final).open("a") as fd:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("another featcache process is extracting %s; waiting for it to finish", final)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+    return system.file_lock(lock_path(final), waiting=f"another featcache process is extracting {final}; waiting "
+                                                      "for it to finish")
 
 
 def being_written(path: Path) -> bool:
     """Whether another process holds the lock of this cache (or of the cache this partial becomes)."""
-    lock = lock_path(final_path(path))
-    if not lock.exists():
-        return False
-    try:
-        with lock.open("rb") as fd:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
+    return system.is_locked(lock_path(final_path(path)))
 
 
 def resume_point(partial: Path, meta: CacheMeta, *, shard: tuple | None = None) -> tuple[int, int] | None:
