@@ -10,12 +10,14 @@ curve.png into a new folder under `runs_dir`.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from featcache import system
 from featcache.errors import BadInputError
+from featcache.options import declared, option, validate
 from heads.config import RUNS_DIR, TrainConfig, pools_first
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,47 @@ def parse_sizes(text: str) -> tuple[int | None, ...]:
     return tuple(out)
 
 
+def parse_ratios(text) -> tuple[float, ...]:
+    """'10,50' (or numbers) -> (10.0, 50.0): largest/smallest class ratios of at least 1."""
+    try:
+        out = tuple(float(p) for p in (text.split(",") if isinstance(text, str) else text))
+    except (TypeError, ValueError):
+        out = ()
+    if not out or any(not r >= 1 for r in out):
+        raise BadInputError(f"--long-tail must be ratios of at least 1 separated by commas (e.g. 10,50), got {text!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """The options of `featcache curve` besides training's (TrainConfig), declared once: the command line is built
+    from them, and `data_efficiency_curve` and `long_tail_table` check their arguments with the same validator."""
+
+    sizes: tuple = option("5,10,25,50,100,250,500,1000,all", "Training images per class of each point ('all': the "
+                          "whole training split); sizes above the smallest class are skipped.", kind="any")
+    repeats: int = option(3, "Seeded subsets per size (mean and standard deviation are reported).", kind="int",
+                          low=1)
+    long_tail: tuple | None = option(None, "Instead of --sizes: long-tailed subsets of the training split with these "
+                                     "largest/smallest class ratios (e.g. 10,50), in two shapes (exp: sizes falling "
+                                     "geometrically, as CIFAR-10-LT; step: half the classes small); compares the "
+                                     "default head, the probe with and without class weights and kNN by test "
+                                     "balanced accuracy; writes longtail.json and longtail.md.", kind="any")
+    tail_max: int = option(500, "With --long-tail: training images of the largest class.", kind="int", low=2)
+
+    def __post_init__(self):
+        validate(self)
+        text = self.sizes if isinstance(self.sizes, str) else ",".join(
+            "all" if s is None else str(s) for s in self.sizes)   # (5, 10, None) is checked as "5,10,all" is
+        object.__setattr__(self, "sizes", parse_sizes(text))
+        if self.long_tail is not None:
+            object.__setattr__(self, "long_tail", parse_ratios(self.long_tail))
+
+
+def curve_options() -> list:
+    """The declared fields of CurveConfig (what `featcache curve` turns into options)."""
+    return declared(CurveConfig)
+
+
 def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: int = 3, heads=CURVE_HEADS,
                           runs_dir: str | Path = RUNS_DIR, progress: bool = True, **options) -> Path:
     """Train each head of `heads` on `repeats` subsets of each size; write the curve; return its folder.
@@ -53,8 +96,8 @@ def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: in
     from heads.data import data_from_caches
     from heads.reports import check_runs_dir
 
-    if repeats < 1:
-        raise BadInputError(f"--repeats must be at least 1, got {repeats}")
+    checked = CurveConfig(sizes=sizes, repeats=repeats)
+    sizes, repeats = checked.sizes, checked.repeats
     for bad in ("model", "per_class", "subset_seed", "seed"):
         if bad in options:
             raise BadInputError(f"{bad} is set by the curve itself")

@@ -18,6 +18,7 @@ import numpy as np
 from featcache import system
 from featcache.errors import BadInputError
 from heads.config import RUNS_DIR, TrainConfig, pools_first
+from heads.curve import CurveConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ def long_tail_table(cache, *, layer=None, ratios=DEFAULT_RATIOS, shapes=SHAPES, 
         if bad in options:
             raise BadInputError(f"{bad} is set by the long-tail table itself")
     configs = {label: TrainConfig(**{**options, **fields}) for label, fields in heads.items()}   # validated up front
-    if repeats < 1 or n_max < 2 or any(r < 1 for r in ratios):
-        raise BadInputError("--repeats must be at least 1, --tail-max at least 2 and every ratio at least 1")
+    checked = CurveConfig(long_tail=ratios, tail_max=n_max, repeats=repeats)
+    ratios, n_max, repeats = checked.long_tail, checked.tail_max, checked.repeats
     check_runs_dir(runs_dir)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     data = data_from_caches(caches, next(iter(configs.values())).pooling, layer,

@@ -185,3 +185,24 @@ def test_long_tail_table_end_to_end(tiny_cache, tmp_path):
         args = ("--long-tail", "2", *bad) if bad[0] == "--tail-max" else bad
         r = run("curve", "--cache", tiny_cache, *args, "--runs-dir", tmp_path / "runs")
         assert r.exit_code == 2 and bad[0] in r.stderr, r.output
+
+
+def test_curve_options_are_one_declared_set_checked_from_python_too(tiny_cache, tmp_path):
+    """CurveConfig checks the curve's own options wherever they come from: sizes given as a tuple from Python
+    reached the subset code unchecked (a TypeError there), and the command line refuses them before any work."""
+    from featcache.errors import BadInputError
+    from heads.curve import data_efficiency_curve
+    from heads.longtail import long_tail_table
+
+    runs = tmp_path / "runs"
+    with pytest.raises(BadInputError, match="--sizes must be images per class"):
+        data_efficiency_curve(tiny_cache, sizes=("ten",), runs_dir=runs, progress=False)
+    with pytest.raises(BadInputError, match="--long-tail must be ratios of at least 1"):
+        long_tail_table(tiny_cache, ratios=(0.5,), runs_dir=runs, progress=False)
+    assert not runs.exists()   # nothing written
+
+    from heads.curve import CurveConfig
+
+    with pytest.raises(BadInputError, match="--repeats must be at least 1"):
+        CurveConfig(repeats=0)
+    assert CurveConfig(sizes=(5, None)).sizes == (5, None) and CurveConfig(long_tail="10,50").long_tail == (10, 50)

@@ -24,7 +24,7 @@ API = (
     ("heads.trials", ("run_search",)),
     ("heads.search", ("SearchConfig", "parse_param")),
     ("heads.together", ("fit_together",)),
-    ("heads.curve", ("data_efficiency_curve",)),
+    ("heads.curve", ("data_efficiency_curve", "CurveConfig")),
     ("heads.longtail", ("long_tail_table",)),
     ("heads.predict", ("predict", "PredictConfig", "Predictions")),
     ("heads.export", ("export", "ExportConfig")),

@@ -10,12 +10,12 @@ import click
 from featcache.cli.cache import selection, selection_options
 from featcache.cli.group import main, needs_backend
 from featcache.cli.options import add_options
-from featcache.errors import BadInputError
 from featcache.extract.spec import KEY_OPTIONS
 from featcache.extract.spec import options as spec_options
 from heads.builders import BASELINES, HEADS
 from heads.config import AUTO, BASELINE, CURVE, HEAD, RUNS_DIR, TrainConfig
 from heads.config import options as config_options
+from heads.curve import curve_options
 from heads.search import search_options
 
 _MODEL = next(f for f in config_options() if f.name == "model")
@@ -96,53 +96,31 @@ def train_head(ctx, cache_paths, head, memory_budget, stream, runs_dir, no_progr
 @main.command()
 @cache_option
 @selection_options
-@click.option("--sizes", default="5,10,25,50,100,250,500,1000,all", show_default=True,
-              help="Training images per class of each point ('all': the whole training split); sizes above the "
-                   "smallest class are skipped.")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Seeded subsets per size (mean and standard deviation are reported).")
-@click.option("--long-tail", "ratios", default=None, metavar="RATIOS",
-              help="Instead of --sizes: long-tailed subsets of the training split with these largest/smallest "
-                   "class ratios (e.g. 10,50), in two shapes (exp: sizes falling geometrically, as CIFAR-10-LT; "
-                   "step: half the classes small); compares the default head, the probe with and without class "
-                   "weights and kNN by test balanced accuracy; writes longtail.json and longtail.md.")
-@click.option("--tail-max", type=click.IntRange(min=2), default=500, show_default=True,
-              help="With --long-tail: training images of the largest class.")
+@add_options(curve_options())
 @add_options(config_options(CURVE))
 @run_options
 @click.pass_context
 @needs_backend
-def curve(ctx, cache_paths, sizes, repeats, ratios, tail_max, runs_dir, no_progress, **kw):
+def curve(ctx, cache_paths, runs_dir, no_progress, **kw):
     """Data-efficiency curve: test accuracy of the default head, the linear probe and kNN vs images per class.
 
     Reads the cache once; trains the heads on REPEATS seeded stratified subsets of each size;
     writes curve.json, curve.md and curve.png into a new folder under --runs-dir and prints it.
     With --long-tail, the same on long-tailed subsets (longtail.json, longtail.md).
     """
-    from heads.curve import data_efficiency_curve, parse_sizes
+    from heads.curve import CurveConfig, data_efficiency_curve
     from heads.longtail import long_tail_table
 
-    points = parse_sizes(sizes)
-    tail = _ratios(ratios) if ratios is not None else None
+    how = CurveConfig(**{f.name: kw.pop(f.name) for f in curve_options()})   # refused before any work
     options = {f.name: kw.pop(f.name) for f in config_options(CURVE)}
     caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)
-    if tail is not None:
-        out = long_tail_table(caches, layer=pick, ratios=tail, n_max=tail_max, repeats=repeats, runs_dir=runs_dir,
-                              progress=not no_progress, **options)
+    if how.long_tail is not None:
+        out = long_tail_table(caches, layer=pick, ratios=how.long_tail, n_max=how.tail_max, repeats=how.repeats,
+                              runs_dir=runs_dir, progress=not no_progress, **options)
     else:
-        out = data_efficiency_curve(caches, layer=pick, sizes=points, repeats=repeats, runs_dir=runs_dir,
+        out = data_efficiency_curve(caches, layer=pick, sizes=how.sizes, repeats=how.repeats, runs_dir=runs_dir,
                                     progress=not no_progress, **options)
     click.echo(str(out))
-
-
-def _ratios(text: str) -> tuple[float, ...]:
-    try:
-        out = tuple(float(p) for p in text.split(","))
-    except ValueError:
-        out = ()
-    if not out or any(not r >= 1 for r in out):
-        raise BadInputError(f"--long-tail must be ratios of at least 1 separated by commas (e.g. 10,50), got {text!r}")
-    return out
 
 
 @main.command()
