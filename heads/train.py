@@ -119,13 +119,10 @@ def fit_and_choose(data: TrainData, config: TrainConfig, *, progress: bool = Tru
     `callbacks` are Keras callbacks of the models trained by epochs (a search's pruning)."""
     import keras
 
-    if config.per_class is not None:
-        data = subset(data, config.per_class, config.subset_seed)
-        pooled = None   # other rows
-    data = in_ram_if_it_fits(data)
+    data, pooled = _rows_of(data, config, pooled)
     candidates = _candidates(config, data)   # checked before any training, not after the first candidate
     tr, va = split_indices(data.y_train, config.val_fraction, config.seed, data.class_names)
-    fits, pooled = [], {} if pooled is None else pooled   # pooled: maps pooled once per pooling, shared
+    fits = []
     for i, c in enumerate(candidates):   # auto: the dense head first, so that the probe can stop once it cannot win
         keras.utils.set_random_seed(c.seed)
         rival = _best(fits).val_rows if fits else None
@@ -138,6 +135,14 @@ def fit_and_choose(data: TrainData, config: TrainConfig, *, progress: bool = Tru
     return Validated(data, chosen, fits, (tr, va))
 
 
+def _rows_of(data: TrainData, config: TrainConfig, pooled: dict | None) -> tuple[TrainData, dict]:
+    """What `config` trains on: its --per-class subset of `data` (maps read into RAM where they fit), and the memo
+    of maps pooled once per pooling, shared across calls on the same rows (a new one for a subset: other rows)."""
+    if config.per_class is not None:
+        data, pooled = subset(data, config.per_class, config.subset_seed), None
+    return in_ram_if_it_fits(data), {} if pooled is None else pooled
+
+
 def fit_and_choose_all(data: TrainData, configs: list[TrainConfig], *, progress: bool = False,
                        pooled: dict | None = None, on_epoch=None) -> list[Validated]:
     """`fit_and_choose` for many configurations on the same rows: their candidates (auto's too) that can share a
@@ -146,9 +151,7 @@ def fit_and_choose_all(data: TrainData, configs: list[TrainConfig], *, progress:
     configuration i's heads and returns True to stop them (a search's pruning). The test split is not touched."""
     if len({(c.per_class, c.subset_seed, c.val_fraction, c.seed) for c in configs}) != 1:
         raise ValueError("fit_and_choose_all trains configurations on the same rows (per_class, seeds, val_fraction)")
-    if configs[0].per_class is not None:
-        data, pooled = subset(data, configs[0].per_class, configs[0].subset_seed), None
-    data, pooled = in_ram_if_it_fits(data), {} if pooled is None else pooled
+    data, pooled = _rows_of(data, configs[0], pooled)
     owners, candidates = zip(*[(i, c) for i, config in enumerate(configs) for c in _candidates(config, data)])
     rows = split_indices(data.y_train, configs[0].val_fraction, configs[0].seed, data.class_names)
     fits = _fit_candidates(data, list(candidates), owners, rows, progress, pooled, on_epoch)
