@@ -39,12 +39,12 @@ def models(data, n_classes: int):
     """(cached-way model on block2_pool maps, end-to-end model on uint8 images), the same tuned layers and head."""
     import keras
 
-    cached = finetune_head(data.x_train.shape[1:], n_classes, source=data.source, train_precision="float32")
-    meta = data.source["cache_meta"]
-    frozen = inference.frozen_backbone(meta, [data.source["layer"]], None)
+    cached = finetune_head(data.x_train.shape[1:], n_classes, provenance=data.provenance, train_precision="float32")
+    meta, layer = data.provenance.layers[0].cache_meta, data.provenance.layers[0].layer
+    frozen = inference.frozen_backbone(meta, [layer], None)
     images = keras.Input((*meta["input_shape"][:2], 3), dtype="uint8")
     x = inference.affine_preprocessing(frozen.spec, name="preprocess")(keras.layers.Identity(dtype="float32")(images))
-    twin = finetune_head(data.x_train.shape[1:], n_classes, source=data.source, train_precision="float32")
+    twin = finetune_head(data.x_train.shape[1:], n_classes, provenance=data.provenance, train_precision="float32")
     end_to_end = keras.Model(images, twin(frozen.model(x)))
     for m in (cached, end_to_end):
         m.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
@@ -71,7 +71,7 @@ def main() -> None:
     rows = np.random.default_rng(0).choice(len(data.y_train), args.rows, replace=False)
     x_maps, y = data.x_train[rows].astype(np.float32), data.y_train[rows]
     files = [args.data / p for p in np.asarray(cache.paths("train"))[rows]]
-    size = tuple(data.source["cache_meta"]["input_shape"][:2])
+    size = tuple(data.provenance.layers[0].cache_meta["input_shape"][:2])
     cached, end_to_end, frozen = models(data, len(data.class_names))
     pixels, _, _ = inference.decode_batch(files, size, False)
     epoch(cached, x_maps, y), epoch(end_to_end, pixels, y)   # trace both steps

@@ -150,12 +150,12 @@ def conv_head(input_shape, n_classes: int, *, filters: int = 128, units=(400, 25
     return keras.Model(inputs, outputs, name="conv_head")
 
 
-def finetune_head(input_shape, n_classes: int, *, source: dict, tune_to: str | None = None, units=(400, 256, 256),
+def finetune_head(input_shape, n_classes: int, *, provenance, tune_to: str | None = None, units=(400, 256, 256),
                   pooling: str = "gap", batchnorm: bool = True, dropout: float = 0.2, l2: float = 0.0,
                   train_precision: str = "float32", map_shift: int = 0, seed: int = 0):
     """The backbone's layers above the cached one, up to `tune_to` (default: the end of the next block), with
     the weights the cache was made from (featcache.backbones.cut), then the dense head: trained by heads.fit in
-    two stages (the head alone, then all of it). `source` is the training data's record of its cache. With a
+    two stages (the head alone, then all of it). `provenance` (heads.provenance.Provenance) says which cache and layer the maps are of. With a
     bfloat16 or float16 `train_precision`, layers compute in it (Keras mixed precision); the class layer, its
     softmax and the loss stay float32. `map_shift` > 0 shifts each map by up to that many cells in training
     (`shift_maps`)."""
@@ -164,9 +164,9 @@ def finetune_head(input_shape, n_classes: int, *, source: dict, tune_to: str | N
     from featcache.backbones import POLICIES, resolve_precision
     from featcache.backbones.cut import default_tune_to, upper, weights_of_cache
 
-    if "cache_meta" not in source:
+    if provenance.joined or len(provenance.layers) != 1:
         raise ValueError("--head finetune trains on one cached layer's maps, not on pooled vectors of several layers")
-    meta, layer = source["cache_meta"], source["layer"]
+    meta, layer = provenance.layers[0].cache_meta, provenance.layers[0].layer
     weights, seed = weights_of_cache(meta)
     precision = resolve_precision(train_precision)
     tuned = upper(meta["backbone"], layer, tune_to or default_tune_to(meta["backbone"], layer), weights=weights,
@@ -215,7 +215,7 @@ class ModelSpec:
     lr: float
     options: tuple        # TrainConfig fields this builder takes
     pools_first: bool = False   # the model starts with `_pool(inputs, options["pooling"])`
-    tunes_backbone: bool = False   # built from the cache's backbone (needs the data's source), trained in two stages
+    tunes_backbone: bool = False   # built from the cache's backbone (needs the data's provenance), trained in two stages
 
     def prepooled(self, options: dict) -> str | None:
         """The global pooling the built model starts with ("gap", "max"), or None: it can run once, before training."""

@@ -150,7 +150,7 @@ def _write_curve(runs_dir: Path, rows: list[dict], data, *, heads, kept, repeats
     from heads.reports import staged_run_dir, write_json
 
     summary = summarise(rows, heads)
-    source = {k: v for k, v in data.source.items() if k != "cache_meta"}
+    source = data.provenance.brief()
     with staged_run_dir(runs_dir, "curve") as stage:
         write_json(stage.path / "curve.json", {
             "heads": list(heads), "sizes": [n or "all" for n in kept], "repeats": repeats,

@@ -14,6 +14,7 @@ from featcache.cache import pooled as pooled_vectors
 from featcache.errors import BadInputError
 from heads import feed as feeds
 from heads.builders import GLOBAL_POOLINGS
+from heads.provenance import CachedLayer, Provenance
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class FeedPlan:
 
 @dataclass
 class TrainData:
-    """Arrays to train on, with a description of where they came from (recorded in config.json)."""
+    """Arrays to train on, with the record of where they came from (`provenance`, written into config.json)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -43,7 +44,7 @@ class TrainData:
     y_test: np.ndarray
     class_names: tuple[str, ...]
     kind: str                      # "features" or "pixels"
-    source: dict = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
     random_weights: bool = False
     x_views: np.ndarray | None = None   # (n_train, views - 1, ...) augmented training views, if cached
     #: set when the x arrays hold pooled vectors of maps of `map_shape` (pooled by `pooled_by`, once, in
@@ -64,7 +65,7 @@ def data_from_cache(cache, layer: str | None = None) -> TrainData:
     cache = _open(cache)
     (x_train, y_train), (x_test, y_test) = cache.load("train", layer), cache.load("test", layer)
     return TrainData(x_train, y_train, x_test, y_test, cache.class_names, "features",
-                     source=_source(cache, cache.select_layer(layer)), random_weights=cache.meta.random_weights,
+                     provenance=_provenance(cache, cache.select_layer(layer)), random_weights=cache.meta.random_weights,
                      x_views=cache.load_views(layer))
 
 
@@ -87,18 +88,18 @@ def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bo
     plan = FeedPlan("pooled", budget)
     if len(parts) == 1:
         return replace(parts[0], feed=plan)
-    first = parts[0]
-    for p in parts[1:]:
-        same = (p.source["cache_meta"]["dataset_fingerprint"] == first.source["cache_meta"]["dataset_fingerprint"]
-                and p.source["cache_meta"]["input_shape"] == first.source["cache_meta"]["input_shape"]
+    first, layers = parts[0], tuple(p.provenance.layers[0] for p in parts)
+    for p, part in zip(parts[1:], layers[1:]):
+        same = (part.cache_meta["dataset_fingerprint"] == layers[0].cache_meta["dataset_fingerprint"]
+                and part.cache_meta["input_shape"] == layers[0].cache_meta["input_shape"]
                 and p.n_views == first.n_views)
         if not same:
-            raise BadInputError(f"{p.source['cache']} and {first.source['cache']} hold different images, input "
-                                "sizes or views; fix: extract every layer with the same options")
+            raise BadInputError(f"{part.cache} and {layers[0].cache} hold different images, input sizes or views; "
+                                "fix: extract every layer with the same options")
     cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=-1)   # noqa: E731
     return TrainData(
         cat([p.x_train for p in parts]), first.y_train, cat([p.x_test for p in parts]), first.y_test,
-        first.class_names, "features", source={"caches": [p.source for p in parts], "pooling": pooling},
+        first.class_names, "features", provenance=Provenance(layers, pooling),
         random_weights=any(p.random_weights for p in parts), x_views=cat([p.x_views for p in parts]), feed=plan)
 
 
@@ -130,15 +131,16 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def _source(cache, layer: str) -> dict:
-    return {"cache": str(cache.path), "cache_key": cache.meta.key, "layer": layer, "cache_meta": cache.meta.to_dict()}
+def _provenance(cache, layer: str, pooled: str | None = None) -> Provenance:
+    """Rows of one layer of `cache` (read as vectors `pooled` so, if given)."""
+    return Provenance((CachedLayer(str(cache.path), cache.meta.key, layer, cache.meta.to_dict(), pooled),))
 
 
 def _pooled(cache, layer: str, pooling: str) -> TrainData:
     """One layer's pooled vectors (both splits, views), from its derived pooled cache."""
     p = pooled_vectors.pooled(cache, layer, pooling)
     return TrainData(p["train"], p["train_labels"], p["test"], p["test_labels"], cache.class_names, "features",
-                     source={**_source(cache, layer), "pooled": pooling}, random_weights=cache.meta.random_weights,
+                     provenance=_provenance(cache, layer, pooling), random_weights=cache.meta.random_weights,
                      x_views=p["views"], map_shape=tuple(cache.meta.shapes[layer]), pooled_by=pooling)
 
 
@@ -151,7 +153,7 @@ def _streamed(cache, layer: str) -> TrainData:
     rows = {split: feeds.CachedRows(cache.path, dataset_path(cache.meta, split, layer)) for split in ("train", "test")}
     views = feeds.CachedRows(cache.path, dataset_path(cache.meta, "train", layer, views=True)) if cache.meta.views > 1 else None
     return TrainData(rows["train"], y_train, rows["test"], y_test, cache.class_names, "features",
-                     source=_source(cache, layer), random_weights=cache.meta.random_weights, x_views=views)
+                     provenance=_provenance(cache, layer), random_weights=cache.meta.random_weights, x_views=views)
 
 
 def _open(cache):
@@ -192,8 +194,8 @@ def data_from_dataset(ds, input_size: int | None = None) -> TrainData:
     x_train = ds.train.all_pixels((input_size, input_size) if input_size else None)
     x_test = ds.test.all_pixels(x_train.shape[1:3])
     return TrainData(x_train, ds.train.labels, x_test, ds.test.labels, ds.class_names, "pixels",
-                     source={"dataset": ds.source, "dataset_name": ds.name, "dataset_fingerprint": ds.fingerprint,
-                             "limit": ds.limit or 0})
+                     provenance=Provenance(other={"dataset": ds.source, "dataset_name": ds.name,
+                                                  "dataset_fingerprint": ds.fingerprint, "limit": ds.limit or 0}))
 
 
 def stratified_subset(y: np.ndarray, per_class, seed: int, class_names=None) -> np.ndarray:
@@ -261,4 +263,4 @@ def subset(data: TrainData, per_class, seed: int) -> TrainData:
     pick = lambda x: None if x is None else x.take(rows) if feeds.is_streamed(x) else x[rows]   # noqa: E731
     recorded = per_class if np.ndim(per_class) == 0 else [int(n) for n in per_class]
     return replace(data, x_train=pick(data.x_train), y_train=data.y_train[rows], x_views=pick(data.x_views),
-                   source={**data.source, "per_class": recorded, "subset_seed": seed})
+                   provenance=replace(data.provenance, per_class=recorded, subset_seed=seed))

@@ -19,6 +19,7 @@ import numpy as np
 from featcache import backbones, system
 from featcache.errors import BadInputError, MissingInputError, first_line
 from featcache.sources import RESIZE
+from heads.provenance import CachedLayer, Provenance
 
 #: The record `heads.export` writes beside an exported model (a folder holding it is an exported run).
 EXPORT_FILE = "export.json"
@@ -36,24 +37,24 @@ class RunInfo:
     config: dict
 
     @property
-    def parts(self) -> list[dict]:
-        """The run's data records, one per cached layer it trained on, in the head's order (none for a baseline)."""
-        return _parts(self.config)
+    def provenance(self) -> Provenance:
+        """Where the run's rows came from (its config.json `data`)."""
+        return Provenance.of_record(self.config.get("data", {}))
+
+    @property
+    def parts(self) -> tuple[CachedLayer, ...]:
+        """The cached layers the run trained on, in the head's order (none for a baseline or an export)."""
+        return self.provenance.layers
 
     @property
     def cache_metas(self) -> list[dict]:
-        return [p["cache_meta"] for p in self.parts]
+        return [p.cache_meta for p in self.parts]
 
     @property
     def resize(self) -> str:
         """How images become the model's inputs, as its caches (or its export) recorded it."""
         metas = self.cache_metas if self.kind != "exported" else self.config.get("cache", [])
         return next((m["resize"] for m in metas if m.get("resize", RESIZE) != RESIZE), RESIZE)
-
-
-def _parts(config: dict) -> list[dict]:
-    data = config.get("data", {})
-    return data.get("caches", [data] if "cache_meta" in data else [])
 
 
 def load_run(run) -> RunInfo:
@@ -74,8 +75,8 @@ def load_run(run) -> RunInfo:
         if exported.is_file():
             return RunInfo(folder, model_path, names, tuple(int(v) for v in config["input_size"]), "exported", config)
         kind = "pixels" if config["model"] in ("ann", "cnn") else "features"
-        parts = _parts(config)
-        size = tuple(parts[0]["cache_meta"]["input_shape"][:2]) if parts else None
+        parts = Provenance.of_record(config.get("data", {})).layers
+        size = tuple(parts[0].cache_meta["input_shape"][:2]) if parts else None
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise BadInputError(f"{config_path} lacks what a run records ({type(e).__name__}: {first_line(e)}); fix: "
                             f"{fix}") from e
@@ -105,20 +106,20 @@ def end_to_end(info: RunInfo, *, weights: str | None = None):
                             f"{len(info.class_names)} class names; fix: restore the run's own records")
     if info.kind in ("pixels", "exported"):
         return head
-    data, parts = info.config["data"], info.parts   # several layers: pooled, concatenated in this order
-    meta = parts[0]["cache_meta"]
+    source, parts = info.provenance, info.parts   # several layers: pooled, concatenated in this order
+    meta = parts[0].cache_meta
     fields = ("backbone", "weights", "dtype", "precision", "input_shape")
-    if len({tuple(str(p["cache_meta"].get(k)) for k in fields) for p in parts}) > 1:
+    if len({tuple(str(p.cache_meta.get(k)) for k in fields) for p in parts}) > 1:
         raise BadInputError(f"{info.folder} joins layers of caches that differ in backbone, weights, dtype, precision "
                             "or input size; one model cannot hold them")
-    backbone = frozen_backbone(meta, [p["layer"] for p in parts], weights)
+    backbone = frozen_backbone(meta, [p.layer for p in parts], weights)
     images = keras.Input((*info.input_size, 3), dtype="uint8", name="images")
     x = affine_preprocessing(backbone.spec, name="preprocess")(keras.layers.Identity(dtype="float32")(images))
     outputs = backbone.model(x)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     stored = [keras.layers.Identity(dtype=meta["dtype"], name=f"stored_{i}")(o) for i, o in enumerate(outputs)]
-    if "caches" in data:   # pooled vectors of layers, concatenated
-        pool = {"gap": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}[data["pooling"]]
+    if source.joined:   # pooled vectors of layers, concatenated
+        pool = {"gap": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}[source.pooling]
         stored = [keras.layers.Concatenate(name="layers")([pool(dtype="float32")(s) for s in stored])]
     probs = head(stored[0])
     return keras.Model(images, probs, name=backbones.keras_name(f"{meta['backbone']}_{head.name}"))

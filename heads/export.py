@@ -118,7 +118,7 @@ def _export_record(info: RunInfo, model, format: str, target: Path) -> dict:
               **({"loading": "import heads.knn before keras.saving.load_model (the kNN vote is featcache's own "
                              "layer); the saved_model and onnx formats need nothing"}
                  if format == "keras" and info.config.get("model") == "knn" else {}),
-              "cache": [{"key": part.get("cache_key"), **{k: part["cache_meta"].get(k) for k in (
+              "cache": [{"key": part.cache_key, **{k: part.cache_meta.get(k) for k in (
                   "backbone", "layer", "weights", "weights_source", "input_shape", "resize", "preprocessing", "dtype",
                   "precision")}} for part in info.parts],
               "random_weights": any(m["weights"].startswith("random") for m in metas),

@@ -126,7 +126,7 @@ def built(data: TrainData, config: TrainConfig, tr: np.ndarray, pooled: dict | N
         options["bank_size"] = len(tr)
         _check_bank_fits(data, config, len(tr))
     if spec.tunes_backbone:
-        options["source"] = data.source
+        options["provenance"] = data.provenance
     model = spec.build(data.map_shape or data.x_train.shape[1:], len(data.class_names), **options)
     fit_model, inputs = fixed_pooling_split(model, spec, options, [data.x_train, data.x_views], pooled, data.pooled_by)
     if spec.tunes_backbone:

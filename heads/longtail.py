@@ -125,7 +125,7 @@ def _write(runs_dir: Path, rows: list[dict], data, configs: dict, *, n_max: int,
     from heads.reports import staged_run_dir, write_json
 
     summary = summarise(rows, list(configs))
-    source = {k: v for k, v in data.source.items() if k != "cache_meta"}
+    source = data.provenance.brief()
     with staged_run_dir(runs_dir, "longtail") as stage:
         write_json(stage.path / "longtail.json", {
             "heads": {label: {k: v for k, v in c.__dict__.items() if k in ("model", "class_weight")}

@@ -39,35 +39,37 @@ def inspect(run, *, n_images: int = 16, n_pairs: int = 10) -> dict:
     from heads.data import data_from_cache
     from heads.endtoend import load_run
     from heads.metrics import predict
+    from heads.provenance import Provenance
 
     info = load_run(run)   # records read in one line each, the model checked to be the run's own
     folder, config = info.folder, info.config
-    data = config.get("data", {})
-    if "cache" not in data:
+    source = Provenance.of_record(config.get("data", {}))
+    if source.joined or len(source.layers) != 1:
         raise BadInputError(f"{folder} is not a run of one cached layer (a baseline, or several layers); inspect "
                             "needs the cache's test features and images")
     metrics = system.read_json(folder / "metrics.json", fix="restore it, or train the run again")
     pairs = most_confused(metrics["confusion_matrix"], config["class_names"], n_pairs)
     (folder / "mistakes.md").write_text(f"Most confused class pairs on the held-out test split ({folder.name})\n\n"
                                         + confused_table(pairs))
-    cached = data_from_cache(data["cache"], data["layer"])
+    part = source.layers[0]
+    cached = data_from_cache(part.cache, part.layer)
     import heads.knn  # noqa: F401  (registers the kNN head's layer for loading)
 
     model = keras.saving.load_model(folder / "model.keras", compile=False)
     probs = predict(model, cached.x_test, 256)
     rows = top_losses(probs, cached.y_test, n_images)
-    _plot(folder / "top_losses.png", _images(data, rows), [
+    _plot(folder / "top_losses.png", _images(part.cache, rows), [
         (config["class_names"][cached.y_test[r]], config["class_names"][probs[r].argmax()], float(probs[r].max()))
         for r in rows])
     return {"pairs": pairs, "rows": rows.tolist(), "files": ["mistakes.md", "top_losses.png"]}
 
 
-def _images(data: dict, rows: np.ndarray) -> list[np.ndarray]:
+def _images(cache_path: str, rows: np.ndarray) -> list[np.ndarray]:
     """The test images of `rows`: files of an image folder, pixels of an in-memory source."""
     from featcache.cache import open_cache
     from featcache.sources import load_dataset, read_image
 
-    cache = open_cache(data["cache"])
+    cache = open_cache(cache_path)
     paths = cache.paths("test")
     if paths is not None:
         root = Path(cache.meta.dataset_source.removeprefix("folder:"))

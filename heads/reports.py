@@ -21,6 +21,7 @@ from pathlib import Path
 
 from featcache import system
 from heads.balance import IMBALANCE_RATIO
+from heads.provenance import Provenance
 
 log = logging.getLogger(__name__)
 RANDOM_FLAG = "RANDOM BACKBONE WEIGHTS (not ImageNet features)"
@@ -43,7 +44,7 @@ def _write_records(run_dir: Path, result, data, *, run_id: str) -> None:
     m = result.metrics
     result.model.save(run_dir / "model.keras")   # first: config.json records its hash, which binds the two
     config = {**asdict(result.config), "units": list(result.config.units), "learning_rate": result.config.learning_rate,
-              "data": {**data.source, **({"feed": data.feed.record()} if data.feed is not None else {})},
+              "data": {**data.provenance.record(), **({"feed": data.feed.record()} if data.feed is not None else {})},
               "random_weights": data.random_weights, "class_names": list(data.class_names),
               "model_sha256": system.file_sha256(run_dir / "model.keras")}
     write_json(run_dir / "config.json", config)
@@ -234,11 +235,11 @@ def _changed(config: dict) -> list[str]:
 
 def _data_label(config: dict) -> str:
     """What a run trained on, so that runs on different data never look comparable: dataset, limit, subset."""
-    d = config.get("data", {})
-    metas = [d["cache_meta"]] if "cache_meta" in d else [c["cache_meta"] for c in d.get("caches", []) if "cache_meta" in c]
-    name = metas[0]["dataset_name"] if metas else d.get("dataset_name", "?")
-    limit = metas[0].get("limit") if metas else d.get("limit")
-    keys = [c["cache_key"][:12] for c in ([d] if "cache_key" in d else d.get("caches", [])) if "cache_key" in c]
+    source = Provenance.of_record(config.get("data", {}))
+    metas = source.metas
+    name = metas[0].get("dataset_name", "?") if metas else source.other.get("dataset_name", "?")
+    limit = metas[0].get("limit") if metas else source.other.get("limit")
+    keys = [part.cache_key[:12] for part in source.layers if part.cache_key]
     per_class = config.get("per_class")
     return name + (f" limit={limit}" if limit else "") + \
         (f" {per_class}/class seed={config.get('subset_seed', 0)}" if per_class else "") + \

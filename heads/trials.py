@@ -249,7 +249,7 @@ def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchDa
               "best_trial": best.number, "winner": {"run": winner.run_dir.name, "params": best.params,
                                                     "test_accuracy": winner.metrics["test_accuracy"],
                                                     "val_loss": winner.metrics["val_loss"]},
-              "data": {k: v for k, v in train_data.source.items() if k != "cache_meta"}}
+              "data": train_data.provenance.brief()}
     write_json(folder / "search.json", record)
     (folder / "search.md").write_text(_markdown(rows, record, base.seed))
     _plots(study, folder)

@@ -8,6 +8,7 @@ import pytest
 
 from heads import balance, probe
 from heads import train as ht
+from heads.provenance import Provenance
 from heads.train import TrainConfig, TrainData
 
 
@@ -23,7 +24,7 @@ def overlapping(counts, n_test_per_class=200, dim=32, seed=0):
     y = np.repeat(np.arange(len(counts)), counts)
     yt = np.repeat(np.arange(len(counts)), n_test_per_class)
     return TrainData(make(y), y, make(yt), yt, tuple(f"c{i}" for i in range(len(counts))), "features",
-                     source={"synthetic": True})
+                     provenance=Provenance(other={"synthetic": True}))
 
 
 LONG_TAIL = (400, 200, 100, 50, 25, 12)

@@ -6,6 +6,7 @@ import pytest
 from featcache.errors import BadInputError
 from heads import train as ht
 from heads.builders import MODELS
+from heads.provenance import Provenance
 from heads.reports import collect_runs, format_table
 from heads.train import TrainConfig, TrainData, split_indices
 
@@ -70,7 +71,7 @@ def blob_data(n=300, n_test=90, noise=1.0, seed=0, random_labels=False):
         return x.astype(np.float16), (rng.integers(0, 3, m) if random_labels else y)
 
     (x, y), (xt, yt) = make(n), make(n_test)
-    return TrainData(x, y, xt, yt, ("a", "b", "c"), "features", source={"test": True})
+    return TrainData(x, y, xt, yt, ("a", "b", "c"), "features", provenance=Provenance(other={"test": True}))
 
 
 def test_heads_learn_and_test_is_predicted_exactly_once(monkeypatch, tmp_path):

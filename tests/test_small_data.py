@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from featcache.cli import main
 from featcache.errors import BadInputError
 from heads import train as ht
+from heads.provenance import Provenance
 from heads.train import TrainConfig, TrainData
 
 
@@ -26,7 +27,7 @@ def backbone_like(per_class=30, n_classes=10, n_test=300, seed=0):
     y = np.repeat(np.arange(n_classes), per_class)
     yt = rng.integers(0, n_classes, n_test)
     return TrainData(make(y), y, make(yt), yt, tuple(f"c{i}" for i in range(n_classes)), "features",
-                     source={"synthetic": True})
+                     provenance=Provenance(other={"synthetic": True}))
 
 
 def test_default_head_works_on_a_small_dataset_of_realistic_scale(tmp_path):

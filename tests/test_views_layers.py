@@ -135,7 +135,7 @@ def test_concatenated_layers(image_folder, cache_dir, tmp_path):
                    progress=False)
     data = ht.data_from_caches([path], "gap")
     assert data.x_train.shape == (12, 256 + 512) and data.x_test.shape == (6, 768)
-    assert [s["layer"] for s in data.source["caches"]] == ["block3_pool", "block4_pool"]
+    assert [part.layer for part in data.provenance.layers] == ["block3_pool", "block4_pool"]
     r = ht.train_head(path, units=(8,), epochs=2, runs_dir=None, progress=False)
     assert r.model.input_shape == (None, 768)
     r = ht.train_head(path, layer="block4_pool", units=(8,), epochs=1, runs_dir=None, progress=False)
