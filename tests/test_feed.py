@@ -159,6 +159,7 @@ def peak_rss(args, tmp_path) -> int:
     return int(report.read_text())
 
 
+@pytest.mark.slow
 def test_streaming_memory_does_not_grow_with_the_cache(tmp_path):
     """A cache 8x larger than the budget costs the streaming run no more memory than a tiny one."""
     big = write_synthetic_cache(tmp_path / "big.h5", n_train=6000, n_test=500, shape=(8, 8, 256))   # 213 MB

@@ -72,6 +72,7 @@ class CrashOnce:
             os._exit(1)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_shard_is_restarted_and_its_shard_resumes(folder, local, tmp_path, caplog):
     import ray.cloudpickle
 
@@ -126,6 +127,7 @@ def cli(*args, **kw):
             "--no-progress", "--engine", "ray", *map(str, args)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_run_and_every_ray_process(tmp_path):
     data = write_folder(tmp_path / "d", n_train=16, n_test=8)
     proc = subprocess.Popen(cli("--data", data, "--cache-dir", tmp_path / "c", "--workers", "2", "--shard-rows", "2"),
@@ -175,6 +177,7 @@ def test_workers_keep_the_decompression_bomb_limit_the_caller_set(folder, tmp_pa
     assert_all_gone(watch.seen)
 
 
+@pytest.mark.slow
 def test_a_second_driver_on_the_same_cache_waits_for_the_first(folder, local, tmp_path):
     import fcntl
 
@@ -200,6 +203,7 @@ def test_a_second_driver_on_the_same_cache_waits_for_the_first(folder, local, tm
     assert_same_cache(local, featcache.open_cache(out.strip()))
 
 
+@pytest.mark.slow
 def test_predict_on_ray_gives_the_local_rows_and_stops_its_processes(tmp_path):
     from heads import inference
     from heads.train import train_head

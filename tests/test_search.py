@@ -125,6 +125,7 @@ def test_a_search_leaves_the_callers_warning_filters_as_they_were(tiny_cache, tm
     assert warnings.filters == before
 
 
+@pytest.mark.slow
 def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path):
     import optuna
 
@@ -229,6 +230,7 @@ def test_the_layer_set_of_a_several_layer_cache_is_a_search_parameter(image_fold
     assert not (tmp_path / "search-search" / "tensorboard" / "trial-3").exists()   # refused before any trial
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study(tiny_cache, tmp_path):
     import optuna
 
