@@ -19,6 +19,8 @@ from featcache.errors import BadInputError, FeatcacheError, WorkerError
 
 log = logging.getLogger(__name__)
 
+#: Who runs a job (extraction shards, prediction shards, search trials): this process, or actors on a Ray cluster.
+ENGINES = ("local", "ray")
 PROCESSES_FILE = "ray-processes.json"
 #: Ray restarts a dead actor (and retries its task) this many times before the run fails.
 MAX_RESTARTS = 3

@@ -38,6 +38,16 @@ def declared(cls) -> list:
     return [f for f in fields(cls) if "kind" in f.metadata]
 
 
+def given_or_built(cls, config, fields: dict, **defaults):
+    """The option set `config` (an instance of `cls`) when given, else `cls` built from `fields` (over `defaults`):
+    how a function takes its options as one object or as keywords, never both at once."""
+    if config is None:
+        return cls(**{**defaults, **fields})
+    if fields:
+        raise TypeError(f"pass {', '.join(sorted(fields))} inside the {cls.__name__} given, not beside it")
+    return config
+
+
 def flag_name(f) -> str:
     """The option's flag, --field-name, as the command line spells it."""
     return "--" + f.name.replace("_", "-")

@@ -134,7 +134,8 @@ def file_lock(path: Path, *, waiting: str | None = None, reentrant: bool = False
             if waiting:
                 log.warning("%s", waiting)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        _HELD_LOCKS.add(key) if reentrant else None
+        if reentrant:
+            _HELD_LOCKS.add(key)
         try:
             yield
         finally:

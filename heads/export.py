@@ -9,7 +9,7 @@ from pathlib import Path
 
 from featcache import system
 from featcache.errors import BadInputError
-from featcache.options import declared, option, validate
+from featcache.options import declared, given_or_built, option, validate
 from heads.endtoend import EXPORT_FILE, RunInfo, end_to_end, load_run
 
 #: What `export` writes for each format, in its folder.
@@ -62,9 +62,7 @@ def export(run, path, *, config: ExportConfig | None = None, **options) -> Path:
     (class names, input size, the provenance of cache and weights, the model's sha256); returns the folder. It is
     written whole in a temporary folder beside `path`, then renamed into place: `path` must be new or empty, or
     (with `force`) hold an earlier export, which is replaced; a run folder never is."""
-    if config is not None and options:
-        raise TypeError(f"pass {', '.join(sorted(options))} inside the ExportConfig given, not beside it")
-    config = config if config is not None else ExportConfig(**options)
+    config = given_or_built(ExportConfig, config, options)
     info = load_run(run)
     out = _export_folder(Path(path), config.force)
     model = end_to_end(info, weights=config.weights)

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from featcache import system
+from featcache.cluster import ENGINES
 from featcache.errors import BadInputError, MissingInputError
-from featcache.options import declared, option, validate
+from featcache.options import declared, given_or_built, option, validate
 from featcache.sources.images import is_system_file, pillow_extensions
 from heads.endtoend import end_to_end, load_run
 from heads.imagebatch import predict_files
 
 log = logging.getLogger(__name__)
-ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,7 @@ def predict(run, images, *, config: PredictConfig | None = None, progress: bool 
     out and listed in `Predictions.bad`. Images are decoded and resized as the extraction does; memory is one
     batch. With `engine="ray"` shards of the files run on Ray actors (each builds the model once), on the cluster
     at `ray_address` or one of featcache's own, as `extract --engine ray` does; rows come back in the same order."""
-    if config is not None and options:
-        raise TypeError(f"pass {', '.join(sorted(options))} inside the PredictConfig given, not beside it")
-    config = config if config is not None else PredictConfig(**options)
+    config = given_or_built(PredictConfig, config, options)
     info = load_run(run)
     files = image_files(images if isinstance(images, (list, tuple)) else [images])
     if config.engine == "ray":

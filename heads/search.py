@@ -19,8 +19,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from featcache import system
+from featcache.cluster import ENGINES
 from featcache.errors import BadInputError, first_line
-from featcache.options import declared, option, validate
+from featcache.options import declared, given_or_built, option, validate
 from heads.config import HEAD, TrainConfig, options
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "asha", "none")
 OBJECTIVES = ("val_loss", "val_accuracy")
-ENGINES = ("local", "ray")
 #: Trials the local engine asks the sampler for at once and fits together (heads.together).
 TOGETHER = 8
 
@@ -81,11 +81,8 @@ def configs(search: SearchConfig | None, config: TrainConfig | None, options: di
     """(SearchConfig, TrainConfig) of a search: the objects given, or built from keyword `options`, each field to
     the option set that declares it (a name in neither is refused by TrainConfig)."""
     names = {f.name for f in search_options()}
-    if options and (search is not None and names & set(options) or config is not None and set(options) - names):
-        raise TypeError(f"pass the options {sorted(options)} inside the SearchConfig or TrainConfig given, not beside it")
-    search = search if search is not None else SearchConfig(**{k: v for k, v in options.items() if k in names})
-    config = config if config is not None else TrainConfig(**{k: v for k, v in options.items() if k not in names})
-    return search, config
+    return (given_or_built(SearchConfig, search, {k: v for k, v in options.items() if k in names}),
+            given_or_built(TrainConfig, config, {k: v for k, v in options.items() if k not in names}))
 #: Not searchable: they would change the rows every trial is compared on, or name the run.
 FIXED = ("seed", "val_fraction", "per_class", "subset_seed", "name")
 #: The one searched value that is not a training option: which cached layers (comma-separated) to train on.

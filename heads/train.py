@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import BadInputError
+from featcache.options import given_or_built
 from heads import balance, feed
 from heads.builders import MODELS
 from heads.config import AUTO, AUTO_CANDIDATES, RUNS_DIR, VIEWS_MODES, TrainConfig, pools_first
@@ -278,7 +279,7 @@ def train_head(cache, *, layer=None, config: TrainConfig | None = None, runs_dir
     within `memory_budget` (bytes or "2GB"; default half the available memory) and stream them from
     disk beyond it, or always with `stream=True`.
     """
-    config = _given(config, options, model=AUTO)
+    config = given_or_built(TrainConfig, config, options, model=AUTO)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     data = data_from_caches(caches, config.pooling, layer, prepooled=pools_first(config),
                             memory_budget=memory_budget, stream=stream)
@@ -292,18 +293,9 @@ def train_baseline(model: str, *, data="cifar10", limit=None, input_size=None, c
     from featcache.backbones import check_input_size
     from featcache.sources import load_dataset
 
-    config = _given(config, {**options, "model": model} if config is None else options)
+    config = given_or_built(TrainConfig, config, options, model=model)
     if config.model != model:
         raise TypeError(f"train_baseline({model!r}) was given a TrainConfig of model {config.model!r}")
     check_input_size(input_size)
     ds = load_dataset(data, limit=limit)
     return train(data_from_dataset(ds, input_size), config, runs_dir=runs_dir, progress=progress)
-
-
-def _given(config: TrainConfig | None, options: dict, **defaults) -> TrainConfig:
-    """The TrainConfig given, or one built from its fields in `options` (with `defaults`), never both."""
-    if config is None:
-        return TrainConfig(**{**defaults, **options})
-    if options:
-        raise TypeError(f"pass {', '.join(sorted(options))} inside the TrainConfig given, not beside it")
-    return config

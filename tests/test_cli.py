@@ -139,5 +139,6 @@ def test_train_head_hands_its_config_down_as_one_object(tiny_cache, tmp_path, mo
         run("train-head", "--cache", tiny_cache, "--units", "8", "--epochs", "1", "--runs-dir", tmp_path)
     assert seen[0].units == (8,) and seen[0].epochs == 1
     assert built == []   # heads.train built no TrainConfig of its own: the command's came down whole
+    monkeypatch.undo()
     with pytest.raises(TypeError, match="inside the TrainConfig"):
         ht.train_head(tiny_cache, config=seen[0], epochs=3)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 from featcache import augment as aug
 from featcache import backbones
+from featcache.cluster import ENGINES
 from featcache.errors import BadInputError
 from featcache.options import declared, option, validate
 from featcache.sources import FINGERPRINTS
 
 DTYPES = ("float16", "float32")
 DECODERS = ("auto", "threads", "processes")
-ENGINES = ("local", "ray")
 CACHE_DIR_ENV = "FEATCACHE_CACHE_DIR"
 #: The cache key, declared once: each option that decides which cache a spec leads to, with the CacheMeta fields
 #: it sets (what `CacheMeta.key` hashes, besides the format version that the layers decide). `planner.key_values`
