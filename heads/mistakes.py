@@ -3,12 +3,25 @@ and the test images it got most confidently wrong, from the run's cache and the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from featcache import system
 from featcache.errors import BadInputError
+from featcache.options import given_or_built, option, validate
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """What `inspect` shows, every option declared once (the command line's options are built from it)."""
+
+    images: int = option(16, "Test images shown, highest loss first.", kind="int", low=1)
+    pairs: int = option(10, "Most confused class pairs listed.", kind="int", low=1)
+
+    def __post_init__(self):
+        validate(self)
 
 
 def most_confused(matrix, class_names, n: int = 10) -> list[tuple[str, str, int]]:
@@ -31,9 +44,10 @@ def top_losses(probs: np.ndarray, y: np.ndarray, n: int) -> np.ndarray:
     return wrong[np.argsort(-loss[wrong], kind="stable")][:n]
 
 
-def inspect(run, *, n_images: int = 16, n_pairs: int = 10) -> dict:
+def inspect(run, *, config: InspectConfig | None = None, **fields) -> dict:
     """Write mistakes.md (the most confused pairs) and top_losses.png (the test images with the highest loss,
-    with their true and predicted class and its probability) into the run folder; returns what was written."""
+    with their true and predicted class and its probability) into the run folder; returns what was written.
+    Options: an InspectConfig, or its fields as keywords (`images=16, pairs=10`)."""
     import keras
 
     from heads.data import data_from_cache
@@ -41,14 +55,15 @@ def inspect(run, *, n_images: int = 16, n_pairs: int = 10) -> dict:
     from heads.metrics import predict
     from heads.provenance import Provenance
 
+    config = given_or_built(InspectConfig, config, fields)
     info = load_run(run)   # records read in one line each, the model checked to be the run's own
-    folder, config = info.folder, info.config
-    source = Provenance.of_record(config.get("data", {}))
+    folder, record = info.folder, info.config
+    source = Provenance.of_record(record.get("data", {}))
     if source.joined or len(source.layers) != 1:
         raise BadInputError(f"{folder} is not a run of one cached layer (a baseline, or several layers); inspect "
                             "needs the cache's test features and images")
     metrics = system.read_json(folder / "metrics.json", fix="restore it, or train the run again")
-    pairs = most_confused(metrics["confusion_matrix"], config["class_names"], n_pairs)
+    pairs = most_confused(metrics["confusion_matrix"], record["class_names"], config.pairs)
     (folder / "mistakes.md").write_text(f"Most confused class pairs on the held-out test split ({folder.name})\n\n"
                                         + confused_table(pairs))
     part = source.layers[0]
@@ -57,9 +72,9 @@ def inspect(run, *, n_images: int = 16, n_pairs: int = 10) -> dict:
 
     model = keras.saving.load_model(folder / "model.keras", compile=False)
     probs = predict(model, cached.x_test, 256)
-    rows = top_losses(probs, cached.y_test, n_images)
+    rows = top_losses(probs, cached.y_test, config.images)
     _plot(folder / "top_losses.png", _images(part.cache, rows), [
-        (config["class_names"][cached.y_test[r]], config["class_names"][probs[r].argmax()], float(probs[r].max()))
+        (record["class_names"][cached.y_test[r]], record["class_names"][probs[r].argmax()], float(probs[r].max()))
         for r in rows])
     return {"pairs": pairs, "rows": rows.tolist(), "files": ["mistakes.md", "top_losses.png"]}
 

@@ -16,11 +16,14 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from featcache import system
+from featcache.errors import BadInputError
+from featcache.options import given_or_built, option, validate
 from heads.balance import IMBALANCE_RATIO
+from heads.config import RUNS_DIR
 from heads.provenance import Provenance
 
 log = logging.getLogger(__name__)
@@ -161,6 +164,31 @@ def _plot_knn(history: dict, best: int, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class RunsTable:
+    """How `featcache runs` shows the runs, every option declared once (the command line's options are built
+    from it)."""
+
+    runs_dir: str = option(RUNS_DIR, "The folder of run folders to compare.", kind="path", path=True)
+    json: bool = option(False, "A JSON list on stdout.", kind="bool", flag=True)
+    markdown: bool = option(False, "A Markdown table.", kind="bool", flag=True)
+
+    def __post_init__(self):
+        validate(self)
+        if self.json and self.markdown:
+            raise BadInputError("--json and --markdown are two formats; fix: pass one of them")
+
+
+def runs_table(*, config: RunsTable | None = None, **fields) -> str:
+    """The runs under `runs_dir`, best validation accuracy first, as an aligned table, a Markdown table or a JSON
+    list; "" where there is none. Options: a RunsTable, or its fields as keywords."""
+    config = given_or_built(RunsTable, config, fields)
+    rows = collect_runs(config.runs_dir)
+    if config.json:
+        return json.dumps(rows, indent=2, allow_nan=False)
+    return format_table(rows, markdown=config.markdown) if rows else ""
 
 
 def collect_runs(runs_dir: str | Path) -> list[dict]:

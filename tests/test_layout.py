@@ -173,3 +173,46 @@ def test_train_config_fields_all_have_declarations():
     from heads.config import TrainConfig
 
     assert all("kind" in f.metadata for f in dataclasses.fields(TrainConfig))
+
+
+def _command_option_sets() -> list:
+    """(command, option set) of every command whose options are declared in one dataclass, shown whole."""
+    from heads.curve import CurveConfig
+    from heads.export import ExportConfig
+    from heads.mistakes import InspectConfig
+    from heads.predict import PredictConfig
+    from heads.reports import RunsTable
+    from heads.search import SearchConfig
+
+    return [("search", SearchConfig), ("curve", CurveConfig), ("predict", PredictConfig), ("export", ExportConfig),
+            ("inspect", InspectConfig), ("runs", RunsTable)]
+
+
+@pytest.mark.parametrize("command, cls", _command_option_sets(), ids=lambda x: getattr(x, "__name__", x))
+def test_each_commands_options_are_built_from_its_declaration(command, cls):
+    """The click option of each declared field carries the declaration's help and default (so neither is written
+    twice), and a value the declaration refuses is refused in one line naming the option."""
+    from featcache.cli import main
+    from featcache.errors import BadInputError
+    from featcache.options import declared, label
+
+    params = {p.name: p for p in main.commands[command].params}
+    for f in declared(cls):
+        assert f.name in params, (command, f.name)
+        assert params[f.name].help == f.metadata["help"], (command, f.name)
+        if not f.metadata.get("flag"):
+            default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            assert params[f.name].default == default, (command, f.name)
+        for value in _bad_values(f)[:1]:
+            with pytest.raises(BadInputError) as e:
+                cls(**{f.name: value})
+            assert label(f) in str(e.value) and "\n" not in str(e.value), (f.name, value, str(e.value))
+
+
+def test_runs_takes_one_format_and_says_so(tmp_path):
+    from featcache.cli import main
+    from heads.reports import runs_table
+
+    r = CliRunner().invoke(main, ["runs", "--runs-dir", str(tmp_path), "--json", "--markdown"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "--json" in r.output, r.output
+    assert runs_table(runs_dir=tmp_path) == "" and runs_table(runs_dir=tmp_path, json=True) == "[]"

@@ -29,6 +29,8 @@ API = (
     ("heads.predict", ("predict", "PredictConfig", "Predictions")),
     ("heads.export", ("export", "ExportConfig")),
     ("heads.endtoend", ("load_run", "end_to_end")),
+    ("heads.mistakes", ("inspect", "InspectConfig")),
+    ("heads.reports", ("runs_table", "RunsTable", "collect_runs")),
     ("featcache.errors", ("FeatcacheError", "BadInputError", "CacheError")),
 )
 

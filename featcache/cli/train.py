@@ -3,8 +3,6 @@ curve) and `runs` (the table of runs). Their training options come from `heads.c
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from featcache.cli.cache import selection, selection_options
@@ -12,10 +10,12 @@ from featcache.cli.group import main, needs_backend
 from featcache.cli.options import add_options
 from featcache.extract.spec import KEY_OPTIONS
 from featcache.extract.spec import options as spec_options
+from featcache.options import declared
 from heads.builders import BASELINES, HEADS
 from heads.config import AUTO, BASELINE, CURVE, HEAD, RUNS_DIR, TrainConfig
 from heads.config import options as config_options
 from heads.curve import curve_options
+from heads.reports import RunsTable
 from heads.search import search_options
 
 _MODEL = next(f for f in config_options() if f.name == "model")
@@ -174,19 +174,14 @@ def train_baseline(model, data, limit, input_size, runs_dir, no_progress, **kw):
 
 
 @main.command()
-@click.option("--runs-dir", type=click.Path(file_okay=False), default=RUNS_DIR, show_default=True,
-              help="The folder of run folders to compare.")
-@click.option("--json", "as_json", is_flag=True, help="A JSON list on stdout.")
-@click.option("--markdown", is_flag=True, help="A Markdown table.")
-def runs(runs_dir, as_json, markdown):
+@add_options(declared(RunsTable))
+def runs(**kw):
     """Compare runs, best validation accuracy first (never ordered by test accuracy)."""
-    from heads.reports import collect_runs, format_table
+    from heads.reports import runs_table
 
-    rows = collect_runs(runs_dir)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, allow_nan=False))
-    elif not rows:
-        click.echo(f"no runs in {runs_dir}", err=True)
+    config = RunsTable(**kw)
+    text = runs_table(config=config)
+    if text:
+        click.echo(text)
     else:
-        click.echo(format_table(rows, markdown=markdown))
-
+        click.echo(f"no runs in {config.runs_dir}", err=True)

@@ -15,7 +15,9 @@ from featcache import system
 from featcache.cli.group import main, needs_backend
 from featcache.cli.options import add_options
 from featcache.errors import BadInputError
+from featcache.options import declared
 from heads.export import export_options
+from heads.mistakes import InspectConfig
 from heads.predict import predict_options
 
 
@@ -131,15 +133,14 @@ def export(run, output, **kw):
 
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False, exists=True))
-@click.option("--images", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Test images shown, highest loss first.")
+@add_options(declared(InspectConfig))
 @needs_backend
-def inspect(run, images):
+def inspect(run, **kw):
     """Look at RUN's mistakes: write mistakes.md (the most confused class pairs on the test split) and
     top_losses.png (the test images it got most confidently wrong) into the run folder; print the table."""
     from heads.mistakes import confused_table
     from heads.mistakes import inspect as run_inspect
 
-    written = run_inspect(run, n_images=images)
+    written = run_inspect(run, config=InspectConfig(**kw))
     click.echo(confused_table(written["pairs"]).rstrip())
     click.echo(f"wrote {', '.join(written['files'])} in {run}", err=True)
