@@ -50,16 +50,15 @@ def write_epochs(folder: Path, history: dict) -> None:
 
 
 def write_trial(folder: Path, params: dict, metrics: dict) -> None:
-    """One trial's parameters and final validation figures, for the HParams plugin, into `folder`."""
+    """One trial's parameters (labelled as Optuna keeps them: heads.search.labelled) and final validation figures,
+    for the HParams plugin, into `folder`."""
     if not written():
         return
     import tensorflow as tf
     from tensorboard.plugins.hparams import api as hp
 
-    from heads.search import label
-
     with tf.summary.create_file_writer(str(folder)).as_default():
-        hp.hparams({name: label(v) for name, v in params.items()}, trial_id=folder.name)
+        hp.hparams(params, trial_id=folder.name)
         for name, value in metrics.items():
             if value is not None:
                 tf.summary.scalar(name, float(value), step=0)

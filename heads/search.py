@@ -110,6 +110,11 @@ def label(value):
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
 
 
+def labelled(values: dict) -> dict:
+    """A trial's values as Optuna and TensorBoard keep them (`label` of each)."""
+    return {name: label(value) for name, value in values.items()}
+
+
 def searchable() -> dict:
     """Field name -> field, for every training option of train-head (and the head) that a search may vary."""
     out = {f.name: f for f in options(HEAD) if f.name not in FIXED}

@@ -56,7 +56,7 @@ def evaluate(values: dict, base: TrainConfig, data: SearchData, logs: Path, call
                        callbacks=[*callbacks, *epochs_callback(logs)])
     history, best = v.chosen.history, v.chosen.best
     figures = {k: float(history[k][best]) for k in hs.OBJECTIVES}
-    write_trial(logs, values, figures)
+    write_trial(logs, hs.labelled(values), figures)
     return {**figures, "epochs_run": len(history["val_loss"]), "chosen": v.chosen.config.model,
             "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -85,7 +85,7 @@ def evaluate_together(batch: list[dict], base: TrainConfig, data: SearchData, lo
             history, best = v.chosen.history, v.chosen.best
             figures = {k: float(history[k][best]) for k in hs.OBJECTIVES}
             write_epochs(logs[i], history)
-            write_trial(logs[i], batch[i], figures)
+            write_trial(logs[i], hs.labelled(batch[i]), figures)
             out[i] = {**figures, "epochs_run": len(history["val_loss"]), "chosen": v.chosen.config.model,
                       "seconds": round(seconds, 3)}
     return out
