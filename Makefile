@@ -98,10 +98,10 @@ lint: install ## the import contracts (layers, function-local imports counted) a
 	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 
-test: lint ## the import contracts, ruff, then the test suite in two processes, less the slow tests (under 10 minutes on 2 cores)
+test: lint ## the import contracts, ruff, then the test suite in two processes, less the slow tests (about 2 minutes on 2 cores)
 	$(BIN)/pytest -q -n 2 --dist loadgroup -m "not slow"
 
-test-slow: install ## the slow tests alone: Ray clusters, JAX processes (about 4 minutes on 2 cores; CI runs them after make test)
+test-slow: install ## the slow tests alone: whole commands on real models, Ray clusters, JAX processes (CI runs them after make test)
 	$(BIN)/pytest -q -n 2 --dist loadgroup -m slow
 
 clean: ## remove caches, runs and build leftovers (keeps .venv)

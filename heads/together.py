@@ -7,7 +7,7 @@ optimizer's rate, which also follows a cosine schedule). Each head has its own e
 weights, the rule of Keras' EarlyStopping for one model. A head that stops (or that a search prunes) gets a
 learning rate of 0, so its weights stay as they were; its arithmetic is still done until every head has stopped
 (each head's history records how many heads shared each epoch). With the same seeds, heads trained together
-follow the trajectory each follows alone (tests/test_together.py); the one figure that differs is the training
+follow the trajectory each follows alone (tests/heads/test_together.py); the one figure that differs is the training
 loss of a head with weight decay, whose penalty is added at the epoch's end rather than averaged over its batches.
 
 Heads share a pass when they are Adam-trained heads on cached features (dense, conv) fitted on the same input

@@ -1,7 +1,7 @@
 """The reference pages, generated from the code that declares them: every command's options from the click tree
 (docs/reference/cli.md) and the Python entry points' signatures and docstrings (docs/reference/api.md).
 
-`make docs` (`python -m featcache.cli.reference docs/reference`) writes them; tests/test_docs.py checks that the
+`make docs` (`python -m featcache.cli.reference docs/reference`) writes them; tests/project/test_docs.py checks that the
 checked-in pages are what this module writes, so the reference cannot drift from the code.
 """
 

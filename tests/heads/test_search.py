@@ -1,0 +1,316 @@
+"""`featcache search`: trials on features read once, scored on validation only; the winner alone tested;
+an Optuna study in SQLite that a killed search continues."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from featcache.cli import main
+from tests.support import ROOT
+
+QUICK = ("--epochs", "3", "--patience", "1", "--units", "8", "--no-progress")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_grid_search_tests_only_its_winner_and_records_every_trial(tiny_cache, tmp_path, monkeypatch):
+    from featcache.cache import pooled
+    from heads import train as ht
+
+    tested, reads = [], []
+    real_predict, real_pooled = ht.predict, pooled.pooled
+    monkeypatch.setattr(ht, "predict", lambda model, x, b: tested.append(len(x)) or real_predict(model, x, b))
+    monkeypatch.setattr(pooled, "pooled", lambda cache, *a: reads.append(a) or real_pooled(cache, *a))
+    r = run("search", "--cache", tiny_cache, "--param", "head=dense|linear", "--param", "dropout=0.1|0.3",
+            "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    folder = Path(r.stdout.strip())
+    assert folder == tmp_path / "search-search"
+    record = json.loads((folder / "search.json").read_text())
+    assert record["sampler"] == "grid" and len(record["trials"]) == 4
+    assert {(t["params"]["model"], t["params"]["dropout"]) for t in record["trials"]} == {
+        ("dense", 0.1), ("dense", 0.3), ("linear", 0.1), ("linear", 0.3)}
+    done = [t for t in record["trials"] if t["state"] == "complete"]
+    assert record["best_trial"] == min(done, key=lambda t: t["value"])["trial"]
+    assert not any("test" in key for t in record["trials"] for key in t)   # trials: validation figures only
+    assert tested == [6]   # one look at the test split (3 classes x 2 images), for the winner
+    assert reads == [("block3_pool", "gap")]   # the cache's vectors read once for every trial and the winner
+    winner = folder / record["winner"]["run"]
+    metrics = json.loads((winner / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == record["winner"]["test_accuracy"] and (winner / "model.keras").exists()
+    md = (folder / "search.md").read_text()
+    assert "Only the winner was evaluated on the test split" in md and md.count("| complete |") == len(done)
+    assert (folder / "history.png").exists() and (folder / "slice.png").exists()
+    table = run("runs", "--runs-dir", tmp_path).stdout
+    assert "search-search" in table and record["winner"]["run"] in table
+
+
+def test_bad_search_options_are_one_line_errors(tiny_cache, tmp_path):
+    for args, says in ((("--param", "nonsense=1|2"), "--param must be NAME="),
+                       (("--param", "dropout=0.5:0.1"), "low < high"),
+                       (("--param", "lr=1e-4:1e-2", "--sampler", "grid"), "--sampler grid needs"),
+                       (("--param", "dropout=0.1|3"), "--dropout must be in [0, 1)"),
+                       (("--param", "units=abc"), "not a list of layer sizes"),
+                       (("--param", "dropout=0.1|0.2", "--storage", "nosuch://x"), "cannot open the study storage"),
+                       ((), "at least one --param")):
+        r = run("search", "--cache", tiny_cache, *args, "--runs-dir", tmp_path)
+        assert r.exit_code == 2 and says in r.stderr, (args, r.output)
+        assert len([line for line in r.stderr.splitlines() if not line.startswith("WARNING")]) == 1
+
+
+def test_search_options_are_refused_before_any_cache_is_built(image_folder, cache_dir, tmp_path):
+    """The search's own options are one declared set (SearchConfig), checked with the training options before any
+    work: a local search given --workers refuses at once, where it used to extract the cache first."""
+    r = run("search", "--data", image_folder, "--weights", "random", "--param", "dropout=0.1|0.3", "--workers", "2",
+            "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 2 and "--ray-address and --workers need --engine ray" in r.stderr, r.output
+    assert not cache_dir.exists() or not any(cache_dir.iterdir())
+
+
+def test_the_search_command_takes_its_options_from_their_declaration():
+    import click
+
+    from heads.search import search_options
+
+    params = {p.name: p for p in main.get_command(click.Context(main), "search").params}
+    for f in search_options():
+        assert params[f.name].help == f.metadata["help"], f.name
+        assert params[f.name].default == f.default, f.name
+
+
+@pytest.mark.slow
+def test_run_search_takes_its_config_objects_from_python(tiny_cache, tmp_path):
+    from heads.config import TrainConfig
+    from heads.search import SearchConfig, parse_param
+    from heads.trials import run_search
+
+    params = [parse_param("dropout=0.1|0.3")]
+    fixed = TrainConfig(model="dense", epochs=2, patience=1, units=(8,))
+    folder = run_search(tiny_cache, params, search=SearchConfig(name="py", pruner="none"), config=fixed,
+                        runs_dir=tmp_path, progress=False)
+    record = json.loads((folder / "search.json").read_text())
+    assert record["name"] == "py" and record["fixed"]["units"] == [8] and len(record["trials"]) == 2
+    with pytest.raises(TypeError, match="inside the SearchConfig"):
+        run_search(tiny_cache, params, search=SearchConfig(), trials=3, runs_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_space_file_and_ranges(tiny_cache, tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text('[params]\nunits = ["4", "8,4"]\nlr = {low = 1e-4, high = 1e-2, log = true}\n')
+    r = run("search", "--cache", tiny_cache, "--space", space, "--head", "dense", "--trials", "3",
+            "--pruner", "none", "--name", "ranges", "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "search-ranges" / "search.json").read_text())
+    assert record["sampler"] == "tpe" and len(record["trials"]) == 3
+    assert all(1e-4 <= t["params"]["lr"] <= 1e-2 and t["params"]["units"] in ("4", "8,4") for t in record["trials"])
+
+
+@pytest.mark.slow
+def test_a_search_leaves_the_callers_warning_filters_as_they_were(tiny_cache, tmp_path):
+    # a notebook that runs a search keeps seeing its own warnings (Optuna's were silenced process-wide)
+    import warnings
+
+    before = list(warnings.filters)
+    r = run("search", "--cache", tiny_cache, "--param", "dropout=0.1|0.3", "--head", "dense", "--pruner", "none",
+            "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    assert warnings.filters == before
+
+
+@pytest.mark.slow
+def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path):
+    import optuna
+
+    code = ("import sys; import heads.search as s; s.HEARTBEAT_S, s.GRACE_S = 1, 2\n"
+            "from featcache.cli import main; sys.exit(main())")
+    args = [sys.executable, "-c", code, "search", "--cache", tiny_cache, "--param", "dropout=0.1|0.2|0.3|0.4",
+            "--head", "dense", "--epochs", "100", "--patience", "100", "--units", "8", "--pruner", "none",
+            "--together", "2", "--runs-dir", str(tmp_path), "--no-progress"]   # two batches of two trials
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    db = f"sqlite:///{tmp_path / 'search-search' / 'study.db'}"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:   # until one batch is done (the next one starts at once)
+            time.sleep(0.2)
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]   # ended before it could be killed
+            try:   # read-only: Optuna's own loading would create the tables the search is creating
+                with sqlite3.connect(f"file:{tmp_path / 'search-search' / 'study.db'}?mode=ro", uri=True) as c:
+                    states = [row[0] for row in c.execute("SELECT state FROM trials")]
+            except sqlite3.Error:   # not created yet
+                continue
+            if states.count("COMPLETE") >= 1:
+                break
+        else:
+            pytest.fail("the search never finished its first trial")
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with pytest.raises(ProcessLookupError):
+        os.kill(proc.pid, 0)
+    left = [t.state.name for t in optuna.load_study(study_name="search", storage=db).trials]
+    assert left.count("RUNNING") == 2 and left.count("COMPLETE") == 2, left   # killed mid-batch
+    time.sleep(3)   # past the grace period: the killed trial's heartbeat is stale
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = optuna.load_study(study_name="search", storage=db).trials
+    complete = sorted(t.params["dropout"] for t in trials if t.state.name == "COMPLETE")
+    assert complete == [0.1, 0.2, 0.3, 0.4]   # every grid point, the interrupted one re-run
+    assert [t.state.name for t in trials].count("FAIL") == 2   # the killed batch, failed by its stale heartbeats
+    record = json.loads((tmp_path / "search-search" / "search.json").read_text())
+    assert record["winner"]["run"] and Path(again.stdout.strip()) == tmp_path / "search-search"
+
+
+def _tags(folder: Path) -> set:
+    """The summary tags and plugin names written under `folder` (TensorBoard event files, read back)."""
+    import tensorflow as tf
+
+    out = set()
+    for events in folder.rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                out |= {value.tag, value.metadata.plugin_data.plugin_name}
+    return out
+
+
+@pytest.mark.slow
+def test_runs_and_search_trials_write_tensorboard_logs_with_hparams(tiny_cache, tmp_path):
+    r = run("train-head", "--cache", tiny_cache, "--head", "dense", "--runs-dir", tmp_path / "runs", *QUICK)
+    assert r.exit_code == 0, r.output
+    run_dir = Path(r.stdout.strip())
+    assert {"epoch_loss", "epoch_accuracy"} <= _tags(run_dir / "tensorboard")   # Keras' per-epoch scalars
+    assert (run_dir / "tensorboard" / "validation").is_dir()
+    assert not list((tmp_path / "runs").glob(".tensorboard-*"))   # moved into the run, nothing left behind
+    r = run("search", "--cache", tiny_cache, "--head", "dense", "--param", "dropout=0.1|0.3", "--runs-dir",
+            tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    logs = Path(r.stdout.strip()) / "tensorboard"
+    assert "hparams" in _tags(logs) and sorted(p.name for p in logs.glob("trial-*")) == ["trial-0", "trial-1"]
+    trial = _tags(logs / "trial-0")
+    assert {"hparams", "val_loss", "val_accuracy", "epoch_loss"} <= trial
+
+
+def test_a_probe_run_has_no_empty_tensorboard_folder(tiny_cache, tmp_path):
+    r = run("train-head", "--cache", tiny_cache, "--head", "linear", "--runs-dir", tmp_path, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert not (Path(r.stdout.strip()) / "tensorboard").exists() and not list(tmp_path.glob(".tensorboard-*"))
+
+
+@pytest.mark.slow
+def test_the_layer_set_of_a_several_layer_cache_is_a_search_parameter(image_folder, cache_dir, tmp_path,
+                                                                       monkeypatch):
+    from heads import data as hd
+
+    r = run("extract", "--data", image_folder, "--weights", "random", "--layer", "block2_pool,block3_pool",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    cache = r.stdout.strip()
+    widths, real = {}, hd.data_from_caches
+    monkeypatch.setattr(hd, "data_from_caches", lambda caches, pooling, layers, **kw: widths.setdefault(
+        layers, real(caches, pooling, layers, **kw)))
+    r = run("search", "--cache", cache, "--param", "layers=block2_pool|block3_pool|block2_pool,block3_pool",
+            "--head", "dense", "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    record = json.loads(Path(r.stdout.strip(), "search.json").read_text())
+    assert sorted(t["params"]["layers"] for t in record["trials"]) == [
+        "block2_pool", "block2_pool,block3_pool", "block3_pool"]
+    # each layer set read once, pooled: VGG16's block2 has 128 channels, block3 256, both 384
+    assert {k: v.x_train.shape[-1] for k, v in widths.items()} == {
+        ("block2_pool",): 128, ("block3_pool",): 256, ("block2_pool", "block3_pool"): 384}
+    r = run("search", "--cache", cache, "--param", "layers=block3_pool|block9_pool", "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 2 and "no cache given holds block9_pool" in r.stderr
+    assert not (tmp_path / "search-search" / "tensorboard" / "trial-3").exists()   # refused before any trial
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study(tiny_cache, tmp_path):
+    import optuna
+
+    args = [sys.executable, "-m", "featcache.cli", "search", "--cache", tiny_cache, "--param", "dropout=0.0:0.5",
+            "--sampler", "random", "--trials", "8", "--head", "dense", "--epochs", "20", "--patience", "20",
+            "--units", "8", "--pruner", "none", "--together", "2", "--runs-dir", str(tmp_path), "--no-progress"]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'search-search' / 'study.db'}")
+    ended = sorted((t.datetime_start, t.datetime_complete) for t in study.trials if t.state.name == "COMPLETE")
+    assert len(ended) == 8   # --trials counts the study's trials in all (asked for under the study's lock)
+    assert any(b[0] < a[1] for a, b in zip(ended, ended[1:])), "no two trials ran at once: not two processes"
+    assert len({t.params["dropout"] for t in study.trials}) == len(study.trials)   # no trial sampled twice
+
+
+@pytest.mark.slow
+def test_a_grid_point_another_process_started_is_not_run_again(tiny_cache, tmp_path):
+    """Two searches sharing a grid: once every point had been started, Optuna's grid sampler ran a point that
+    another process was still running a second time (issue 32)."""
+    from heads import search as hs
+
+    grid = ("--param", "dropout=0.1|0.2", "--param", "lr=0.001|0.01")
+    params = [hs.parse_param(grid[1]), hs.parse_param(grid[3])]
+    folder = tmp_path / "search-search"
+    folder.mkdir()
+    other = hs.make_study(folder, "search", params, sampler="grid", pruner="none", objective="val_loss",
+                          storage=None, seed=0)
+    elsewhere = other.ask()   # another process's trial, still running on its grid point
+    running = {p.name: hs.suggest(elsewhere, p) for p in params}
+    r = run("search", "--cache", tiny_cache, *grid, "--head", "dense", "--pruner", "none", "--seed", "7",
+            "--runs-dir", tmp_path, *QUICK)   # another seed: the grid's order must not depend on it
+    assert r.exit_code == 0, r.output
+    record = json.loads(Path(r.stdout.strip(), "search.json").read_text())
+    done = [t["params"] for t in record["trials"] if t["state"] == "complete"]
+    assert len(done) == 3 and {str(v) for v in running.values()} != set() and all(
+        {k: float(v) for k, v in d.items()} != running for d in done), (done, running)
+    assert len(record["trials"]) == 4   # the three run here and the one running elsewhere; none skipped shows
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_ray_engine_gives_the_local_figures_of_a_grid_and_leaves_no_process(tiny_cache, tmp_path):
+    pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install 'featcache[ray]')")
+    from tests.support import Descendants, assert_all_gone
+
+    grid = ("search", "--cache", tiny_cache, "--param", "dropout=0.1|0.3", "--param", "lr=0.001|0.01", "--head",
+            "dense", "--pruner", "none", *QUICK)
+    r = run(*grid, "--runs-dir", tmp_path / "local")
+    assert r.exit_code == 0, r.output
+    local = json.loads(Path(r.stdout.strip(), "search.json").read_text())
+    with Descendants(os.getpid()) as seen:
+        r = run(*grid, "--runs-dir", tmp_path / "ray", "--engine", "ray")
+    assert r.exit_code == 0, r.output
+    assert_all_gone(seen.seen)
+    on_ray = json.loads(Path(r.stdout.strip(), "search.json").read_text())
+    assert on_ray["engine"] == "ray" and len(on_ray["trials"]) == 4 and seen.seen   # Ray processes did run
+
+    def figures(record):
+        return {tuple(sorted(t["params"].items())): (t["value"], t["val_accuracy"], t["epochs"], t["state"])
+                for t in record["trials"]}
+
+    for key, (value, accuracy, epochs, state) in figures(local).items():
+        ray_value, ray_accuracy, ray_epochs, ray_state = figures(on_ray)[key]
+        assert ray_value == pytest.approx(value, rel=1e-4) and (ray_accuracy, ray_epochs, ray_state) == (
+            accuracy, epochs, state)
+    assert on_ray["winner"]["params"] == local["winner"]["params"]
+    assert sorted(p.name for p in (Path(r.stdout.strip()) / "tensorboard").glob("trial-*")) == [
+        f"trial-{i}" for i in range(4)]
+    r = run(*grid, "--runs-dir", tmp_path / "bad", "--workers", "2")
+    assert r.exit_code == 2 and "--workers need --engine ray" in r.stderr

@@ -1,0 +1,216 @@
+"""Heads at every dataset size: the default head on a few hundred rows, --per-class subsets, the curve."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featcache.cli import main
+from featcache.errors import BadInputError
+from heads import train as ht
+from heads.provenance import Provenance
+from heads.train import TrainConfig, TrainData
+
+
+def backbone_like(per_class=30, n_classes=10, n_test=300, seed=0):
+    """Features shaped like frozen-backbone activations: non-negative, in the thousands, a third zeros,
+    classes separable but noisy, a (2, 2, 64) map per image."""
+    rng = np.random.default_rng(seed)
+    centres = rng.gamma(2.0, 1500.0, (n_classes, 2, 2, 64))
+
+    def make(y):
+        x = centres[y] * rng.lognormal(0, 0.5, (len(y), 2, 2, 64)) + rng.normal(0, 800, (len(y), 2, 2, 64))
+        x[rng.random(x.shape) < 0.33] = 0
+        return np.clip(x, 0, 6e4).astype(np.float16)   # within float16, as extraction guarantees
+
+    y = np.repeat(np.arange(n_classes), per_class)
+    yt = rng.integers(0, n_classes, n_test)
+    return TrainData(make(y), y, make(yt), yt, tuple(f"c{i}" for i in range(n_classes)), "features",
+                     provenance=Provenance(other={"synthetic": True}))
+
+
+@pytest.mark.slow
+def test_default_head_works_on_a_small_dataset_of_realistic_scale(tmp_path):
+    """300 rows (270 for training): BatchNormalization alone never learns statistics in the thousands in a
+    few steps; the default head must beat chance widely and come within a few points of the probe."""
+    import keras
+
+    data = backbone_like()
+    assert float(np.abs(data.x_train).max()) > 5000
+    dense = ht.train(data, TrainConfig(), runs_dir=tmp_path, progress=False)
+    probe = ht.train(data, TrainConfig(model="linear"), runs_dir=None, progress=False)
+    chance = 1 / 10
+    assert probe.metrics["test_accuracy"] > 0.7, probe.metrics["test_accuracy"]
+    assert dense.metrics["test_accuracy"] > chance + 0.5, dense.metrics
+    assert dense.metrics["test_accuracy"] >= probe.metrics["test_accuracy"] - 0.05
+    assert dense.metrics["best_epoch"] > 1 and dense.metrics["batch_size"] < 256
+    # the standardisation lives in the saved model: loading it reproduces the reported test accuracy
+    model = keras.models.load_model(dense.run_dir / "model.keras", safe_mode=True)
+    pred = ht.predict(model, data.x_test, 64).argmax(1)
+    assert np.mean(pred == data.y_test) == pytest.approx(dense.metrics["test_accuracy"])
+    norm = model.get_layer("standardise")
+    assert float(np.asarray(norm.adapt_mean).mean()) > 100   # statistics of the raw features, not (0, 1)
+
+
+@pytest.mark.slow
+def test_linear_probe_is_solved_with_l2_chosen_on_validation(tmp_path):
+    import keras
+
+    data = backbone_like(per_class=20)
+    result = ht.train(data, TrainConfig(model="linear"), runs_dir=tmp_path, progress=False)
+    h, m = result.history, result.metrics
+    assert len(h["C"]) == m["epochs_run"] > 5 and m["C"] == h["C"][int(np.argmin(h["val_loss"]))]
+    assert m["val_loss"] == min(h["val_loss"])
+    model = keras.models.load_model(result.run_dir / "model.keras", safe_mode=True)
+    pred = ht.predict(model, data.x_test, 64).argmax(1)
+    assert np.mean(pred == data.y_test) == pytest.approx(m["test_accuracy"])
+    assert "C=" in (result.run_dir / "classification_report.txt").read_text()
+
+
+@pytest.mark.slow
+def test_per_class_subset_is_exact_seeded_and_from_the_training_split_only(monkeypatch):
+    y = np.repeat(np.arange(4), [50, 30, 40, 20])
+    rows = ht.stratified_subset(y, 7, seed=1)
+    assert np.array_equal(np.bincount(y[rows]), [7, 7, 7, 7])
+    assert np.array_equal(rows, ht.stratified_subset(y, 7, seed=1))
+    assert not np.array_equal(rows, ht.stratified_subset(y, 7, seed=2))
+    with pytest.raises(BadInputError, match=r"--per-class 21 is more than the 20 training images of class 'd'"):
+        ht.stratified_subset(y, 21, seed=0, class_names=("a", "b", "c", "d"))
+
+    data = backbone_like(per_class=30, n_classes=4, n_test=50)
+    data.x_test[:] = np.nan   # training or validation on a test row would poison the run
+    seen = {}
+    real = ht.split_indices
+    monkeypatch.setattr(ht, "split_indices", lambda y, *a: seen.setdefault("y", y) is y and real(y, *a))
+    monkeypatch.setattr(ht, "predict", lambda model, x, bs: np.eye(4)[np.zeros(len(x), int)])
+    result = ht.train(data, TrainConfig(per_class=5, subset_seed=3, epochs=2), runs_dir=None, progress=False)
+    assert np.array_equal(np.bincount(seen["y"]), [5, 5, 5, 5])
+    assert result.metrics["n_train"] + result.metrics["n_val"] == 20 and result.metrics["n_val"] == 4
+    assert np.isfinite(result.history["loss"]).all() and np.isfinite(result.history["val_loss"]).all()
+
+
+def test_validation_split_of_a_tiny_training_split():
+    y = np.repeat(np.arange(10), 3)   # 10% of 30 rows is 3: fewer than the 10 classes
+    tr, va = ht.split_indices(y, 0.1, seed=0)
+    assert np.array_equal(np.bincount(y[va]), [1] * 10) and np.array_equal(np.bincount(y[tr]), [2] * 10)
+    tr, va = ht.split_indices(np.repeat(np.arange(3), 4), 0.9, seed=0)   # sklearn would raise here
+    assert len(tr) == 3 and len(va) == 9
+    with pytest.raises(BadInputError, match="class 'b' has 1 training image.*--per-class"):
+        ht.split_indices(np.array([0, 0, 1, 2, 2]), 0.1, seed=0, class_names=("a", "b", "c"))
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_cli_per_class_is_recorded_and_shown(tiny_cache, tmp_path):
+    r = run("train-head", "--cache", tiny_cache, "--per-class", "3", "--subset-seed", "2", "--epochs", "2",
+            "--runs-dir", tmp_path / "runs", "--no-progress")
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "runs" / r.stdout.strip().split("/")[-1] / "config.json").read_text())
+    assert config["per_class"] == 3 and config["subset_seed"] == 2 and config["data"]["per_class"] == 3
+    table = run("runs", "--runs-dir", tmp_path / "runs").stdout
+    assert "3/class seed=2" in table and "tiny" in table
+    too_many = run("train-head", "--cache", tiny_cache, "--per-class", "5", "--runs-dir", tmp_path / "runs")
+    errors = [line for line in too_many.stderr.splitlines() if not line.startswith("WARNING: these features")]
+    assert too_many.exit_code == 2 and len(errors) == 1
+    assert "--per-class 5 is more than the 4 training images of class 'ant'" in too_many.stderr
+    lone = run("train-head", "--cache", tiny_cache, "--per-class", "1", "--runs-dir", tmp_path / "runs")
+    last = lone.stderr.splitlines()[-1]   # lowering --val-fraction cannot help: every class needs a validation row
+    assert lone.exit_code == 2 and "--per-class to 2 or more" in last and "--val-fraction" not in last
+
+
+@pytest.mark.slow
+def test_curve_end_to_end_reads_the_cache_once(tiny_cache, tmp_path, monkeypatch):
+    from featcache.cache import pooled
+
+    reads = []
+    real = pooled.pooled
+    monkeypatch.setattr(pooled, "pooled", lambda cache, *a: reads.append(a) or real(cache, *a))
+    r = run("curve", "--cache", tiny_cache, "--sizes", "3,all", "--repeats", "2", "--epochs", "1",
+            "--runs-dir", tmp_path / "runs", "--no-progress")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "runs" / r.stdout.strip().split("/")[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["curve.json", "curve.md", "curve.png"]
+    assert reads == [("block3_pool", "gap")]   # every head pools first: one read of pooled vectors for 12 runs
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["sizes"] == [3, "all"] and len(curve["runs"]) == 2 * 2 * 3
+    for row in curve["summary"]:
+        for head in ("auto", "linear", "knn"):
+            accs = [x["test_accuracy"] for x in curve["runs"]
+                    if (x["per_class"] or "all") == row["per_class"] and x["head"] == head]
+            assert len(accs) == 2 and row[head]["mean"] == pytest.approx(np.mean(accs))
+            assert row[head]["std"] == pytest.approx(np.std(accs))
+    assert [x["n_train"] + x["n_val"] for x in curve["runs"] if x["per_class"] == 3][0] == 9
+    assert "| 3 |" in (out / "curve.md").read_text() and "auto chose" in (out / "curve.md").read_text()
+    assert all(x["chosen"] in ("dense", "linear") for x in curve["runs"] if x["head"] == "auto")
+    bad = run("curve", "--cache", tiny_cache, "--sizes", "1,x")
+    assert bad.exit_code == 2 and "--sizes" in bad.stderr
+
+
+@pytest.mark.slow
+def test_auto_head_keeps_the_lower_validation_loss_and_tests_only_it(monkeypatch, tmp_path):
+    """The default head fits the dense head and the probe on the same rows, keeps the one with the lower
+    validation loss, and predicts the test split once, with that one."""
+    import keras
+
+    seen = []
+    real = ht.predict
+    monkeypatch.setattr(ht, "predict", lambda model, x, bs: seen.append(model) or real(model, x, bs))
+    small = backbone_like(per_class=12)
+    result = ht.train(small, TrainConfig(model="auto"), runs_dir=tmp_path, progress=False)
+    m = result.metrics
+    assert len(seen) == 1 and seen[0] is result.model
+    losses = {name: c["val_loss"] for name, c in m["candidates"].items()}
+    assert set(losses) == {"dense", "linear"} and m["chosen"] == min(losses, key=losses.get)
+    assert m["val_loss"] == losses[m["chosen"]]
+    model = keras.models.load_model(result.run_dir / "model.keras", safe_mode=True)
+    pred = ht.predict(model, small.x_test, 64).argmax(1)
+    assert np.mean(pred == small.y_test) == pytest.approx(m["test_accuracy"])
+    from heads.reports import collect_runs
+
+    assert collect_runs(tmp_path)[0]["model"] == f"auto ({m['chosen']})"
+
+
+@pytest.mark.slow
+def test_long_tail_table_end_to_end(tiny_cache, tmp_path):
+    from heads.longtail import TAIL_HEADS, tail_counts
+
+    assert list(tail_counts(100, 5, 10, "exp", np.array([4, 3, 2, 1, 0]))) == [10, 17, 31, 56, 100]
+    assert list(tail_counts(100, 4, 10, "step", np.arange(4))) == [100, 100, 10, 10]
+    r = run("curve", "--cache", tiny_cache, "--long-tail", "2", "--tail-max", "4", "--repeats", "1", "--epochs", "1",
+            "--runs-dir", tmp_path / "runs", "--no-progress")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "runs" / r.stdout.strip().split("/")[-1]
+    table = json.loads((out / "longtail.json").read_text())
+    assert len(table["runs"]) == 2 * len(TAIL_HEADS) and [s["shape"] for s in table["summary"]] == ["exp", "step"]
+    assert {x["head"]: x["class_weight"] for x in table["runs"]}["probe, unweighted"] == "none"
+    assert {x["shape"]: sorted(x["counts"]) for x in table["runs"]} == {"exp": [2, 2, 4], "step": [2, 4, 4]}
+    assert "| exp | 4 / 2 |" in (out / "longtail.md").read_text()
+    for bad in (("--tail-max", "5"), ("--long-tail", "x"), ("--long-tail", "0.5")):
+        args = ("--long-tail", "2", *bad) if bad[0] == "--tail-max" else bad
+        r = run("curve", "--cache", tiny_cache, *args, "--runs-dir", tmp_path / "runs")
+        assert r.exit_code == 2 and bad[0] in r.stderr, r.output
+
+
+def test_curve_options_are_one_declared_set_checked_from_python_too(tiny_cache, tmp_path):
+    """CurveConfig checks the curve's own options wherever they come from: sizes given as a tuple from Python
+    reached the subset code unchecked (a TypeError there), and the command line refuses them before any work."""
+    from featcache.errors import BadInputError
+    from heads.curve import data_efficiency_curve
+    from heads.longtail import long_tail_table
+
+    runs = tmp_path / "runs"
+    with pytest.raises(BadInputError, match="--sizes must be images per class"):
+        data_efficiency_curve(tiny_cache, sizes=("ten",), runs_dir=runs, progress=False)
+    with pytest.raises(BadInputError, match="--long-tail must be ratios of at least 1"):
+        long_tail_table(tiny_cache, ratios=(0.5,), runs_dir=runs, progress=False)
+    assert not runs.exists()   # nothing written
+
+    from heads.curve import CurveConfig
+
+    with pytest.raises(BadInputError, match="--repeats must be at least 1"):
+        CurveConfig(repeats=0)
+    assert CurveConfig(sizes=(5, None)).sizes == (5, None) and CurveConfig(long_tail="10,50").long_tail == (10, 50)

@@ -1,0 +1,107 @@
+"""Heads fitted together (heads.together): the same trajectory as each alone, their own early stopping, learning
+rates and pruning, and passes grouped by what the heads share."""
+
+import keras
+import numpy as np
+import pytest
+
+from heads.config import TrainConfig
+from heads.data import split_indices
+from heads.fit import fit
+from heads.together import fit_together, groups
+from heads.train import fit_and_choose, fit_and_choose_all
+from tests.heads.test_train import blob_data
+
+#: Heads trained together against the same heads alone, same seeds and batches: the only differences are the order
+#: of float sums (the joint loss is one sum); measured at most 6e-7 on TensorFlow, 0 on JAX.
+ATOL = 1e-5
+
+
+def configs(**common):
+    """Three dense heads with different sizes, dropout, rates, weight decay and patience."""
+    return [TrainConfig(model="dense", units=(16, 8), lr=1e-3, patience=2, **common),
+            TrainConfig(model="dense", units=(16,), lr=3e-3, dropout=0.4, patience=0, **common),
+            TrainConfig(model="dense", units=(16,), lr=3e-2, l2=1e-3, patience=1, **common)]
+
+
+def alone(data, cs, tr, va):
+    out = []
+    for c in cs:
+        keras.utils.set_random_seed(c.seed)
+        out.append(fit(data, c, tr, va, False))
+    return out
+
+
+def assert_same_fit(a, b):
+    assert a.best == b.best
+    # a training loss with weight decay adds the penalty at the epoch's end, not each batch's as Keras does
+    for key in ("accuracy", "val_loss", "val_accuracy", *(("loss",) if not a.config.l2 else ())):
+        np.testing.assert_allclose(a.history[key], b.history[key], atol=ATOL, rtol=1e-5)
+    for x, y in zip(a.fit_model.get_weights(), b.fit_model.get_weights()):
+        np.testing.assert_allclose(x, y, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_heads_trained_together_follow_each_heads_trajectory_alone_and_stop_on_their_own():
+    data = blob_data(n=3000, noise=3.0)
+    cs = configs(epochs=12, batch_size=32)
+    tr, va = split_indices(data.y_train, 0.1, 0, data.class_names)
+    together = fit_together(data, cs, tr, va)
+    for a, b in zip(alone(data, cs, tr, va), together):
+        assert_same_fit(a, b)
+    runs = [len(f.history["val_loss"]) for f in together]
+    assert runs[0] == 12 and runs[1] < 12, runs   # the impatient head stopped while the others went on
+    # after it stopped, fewer heads shared each epoch
+    assert together[0].history["shared_by"][-1] < together[0].history["shared_by"][0]
+    for f in together:   # each restored its own best epoch's weights (the validation loss it reports)
+        assert f.history["val_loss"][f.best] == min(f.history["val_loss"][:len(f.history["val_loss"])])
+
+
+@pytest.mark.slow
+def test_a_pruned_head_stops_moving_while_the_others_train():
+    data = blob_data(n=600)
+    cs = configs(epochs=6, batch_size=32)
+    tr, va = split_indices(data.y_train, 0.1, 0, data.class_names)
+    seen = []
+
+    def prune(k, epoch, figures):
+        seen.append((k, epoch))
+        return k == 1 and epoch == 1
+
+    together = fit_together(data, cs, tr, va, on_epoch=prune)
+    assert [e for k, e in seen if k == 1] == [0, 1]   # not asked again once pruned
+    assert len(together[1].history["val_loss"]) == 2 and len(together[0].history["val_loss"]) == 6
+    x = data.x_train[va].astype(np.float32).mean(axis=(1, 2))
+    # the pruned head's weights are those its last epoch ended with: its predictions match a head fitted for 2 epochs
+    keras.utils.set_random_seed(0)
+    short = fit(data, TrainConfig(**{**cs[1].__dict__, "epochs": 2}), tr, va, False)
+    for a, b in zip(together[1].fit_model.get_weights(), short.fit_model.get_weights()):   # BatchNorm's too
+        np.testing.assert_allclose(a, b, atol=ATOL)
+    np.testing.assert_allclose(together[1].fit_model.predict_on_batch(x), short.fit_model.predict_on_batch(x),
+                               atol=ATOL)
+
+
+def test_passes_group_heads_on_the_same_input_and_batches():
+    data = blob_data(n=60)
+    cs = [TrainConfig(model="dense"), TrainConfig(model="dense", lr=1e-2, units=(8,)),
+          TrainConfig(model="dense", pooling="flatten"), TrainConfig(model="conv"),
+          TrainConfig(model="dense", batch_size=128), TrainConfig(model="linear"),
+          TrainConfig(model="dense", pooling="max")]
+    assert groups(cs, data) == [[0, 1], [2, 3], [4], [5], [6]]
+    with pytest.raises(ValueError, match="one pass"):
+        fit_together(data, [cs[0], cs[2]], np.arange(50), np.arange(50, 60))
+
+
+@pytest.mark.slow
+def test_auto_configurations_fitted_together_choose_as_each_alone():
+    data = blob_data(n=400)
+    cs = [TrainConfig(model="auto", dropout=d, epochs=5) for d in (0.1, 0.5)]
+    many = fit_and_choose_all(data, cs)
+    for config, v in zip(cs, many):
+        keras.utils.set_random_seed(config.seed)
+        one = fit_and_choose(data, config, progress=False)
+        assert v.chosen.config.model == one.chosen.config.model
+        np.testing.assert_allclose(v.chosen.val_loss, one.chosen.val_loss, atol=ATOL, rtol=1e-5)
+    # the probe is the same for both configurations: fitted once
+    probes = [f for v in many for f in v.fits if f.config.model == "linear"]
+    assert len(probes) == 2 and probes[0] is probes[1]

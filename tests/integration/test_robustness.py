@@ -1,0 +1,171 @@
+"""What happens when a run is killed, a cache is corrupt or stale, two writers race, or the disk fills."""
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featcache
+from featcache import backbones as bb
+from featcache.cli import main
+from featcache.extract import extract
+from tests.featcache.extract.test_extract import count_calls
+from tests.support import ROOT, write_folder
+
+
+def featcache_process(*args, cache_dir):
+    env = {**os.environ, "FEATCACHE_CACHE_DIR": str(cache_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen([sys.executable, "-m", "featcache.cli", "extract", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def wait_for_rows(cache_dir, rows, proc, timeout=120):
+    """Block until the partial file in `cache_dir` has at least `rows` train rows written."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        for p in cache_dir.glob("*.partial"):
+            try:
+                with h5py.File(p, "r", locking=False) as f:
+                    if f["progress"][0] >= rows:
+                        return int(f["progress"][0])
+            except (OSError, KeyError):
+                pass
+        time.sleep(0.05)
+    pytest.fail("extraction made no progress")
+
+
+@pytest.fixture
+def slow_folder(tmp_path):
+    """Big enough that batch size 1 gives a kill time to land mid-run."""
+    return write_folder(tmp_path / "slow", n_train=40, n_test=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_extraction_resumes_and_matches_an_uninterrupted_run(slow_folder, tmp_path, monkeypatch, sig):
+    args = ["--data", slow_folder, "--weights", "random", "--batch-size", "1", "--no-progress"]
+    proc = featcache_process(*args, cache_dir=tmp_path / "b")
+    wait_for_rows(tmp_path / "b", 10, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "interrupted; rerun the same command to resume" in err, err
+    partial = next((tmp_path / "b").glob("*.partial"))
+    done = featcache.open_cache(partial, require_complete=False).progress
+    assert 10 <= done[0] < 120 and not list((tmp_path / "b").glob("*.h5"))
+    with monkeypatch.context() as m:
+        calls = count_calls(m)
+        resumed = extract(data=slow_folder, weights="random", batch_size=1, cache_dir=tmp_path / "b", progress=False)
+    assert sum(calls) == 120 + 12 - done[0] - done[1], "finished batches must not be computed again"
+    reference = extract(data=slow_folder, weights="random", batch_size=1, cache_dir=tmp_path / "a", progress=False)
+    a, b = featcache.open_cache(reference), featcache.open_cache(resumed)
+    assert a.meta.key == b.meta.key and a.max_abs_activation == b.max_abs_activation
+    for split in ("train", "test"):
+        for x, y in zip(a.load(split), b.load(split)):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_concurrent_writers_of_one_key_make_one_correct_file(tmp_path):
+    data = write_folder(tmp_path / "d", n_train=20, n_test=4)
+    args = ["--data", data, "--weights", "random", "--batch-size", "2", "--no-progress"]
+    procs = [featcache_process(*args, cache_dir=tmp_path / "c") for _ in range(2)]
+    other = featcache_process(*args, "--limit", "5", cache_dir=tmp_path / "c")   # another key, side by side
+    outs = [p.communicate(timeout=300) for p in procs + [other]]
+    assert [p.returncode for p in procs + [other]] == [0, 0, 0], outs
+    assert outs[0][0] == outs[1][0] and outs[0][0] != outs[2][0]
+    assert any("waiting" in err for _, err in outs[:2]) or any("cache hit" in err for _, err in outs[:2])
+    assert sum("extracted 72 images" in err for _, err in outs[:2]) == 1, "exactly one process computes"
+    files = sorted(p.name for p in (tmp_path / "c").glob("*.h5"))
+    assert len(files) == 2 and not list((tmp_path / "c").glob("*.partial"))
+    cache = featcache.open_cache(outs[0][0].strip())
+    assert cache.complete and cache.progress == (60, 12)
+
+
+def test_disk_full_leaves_a_resumable_partial(image_folder, cache_dir, monkeypatch):
+    real_setitem = h5py.Dataset.__setitem__
+    writes = []
+
+    def failing(self, key, value):
+        if self.name.endswith("/features") and not self.name.startswith("/digests/"):
+            writes.append(key)
+            if len(writes) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_setitem(self, key, value)
+
+    with monkeypatch.context() as m:
+        m.setattr(h5py.Dataset, "__setitem__", failing)
+        with pytest.raises(OSError, match="No space left"):
+            extract(data=image_folder, weights="random", batch_size=4, cache_dir=cache_dir, progress=False)
+    partial = next(cache_dir.glob("*.partial"))
+    assert featcache.open_cache(partial, require_complete=False).progress == (8, 0)
+    with monkeypatch.context() as m:
+        calls = count_calls(m)
+        path = extract(data=image_folder, weights="random", batch_size=4, cache_dir=cache_dir, progress=False)
+    assert calls == [4, 4, 2] and featcache.open_cache(path).complete
+
+
+def test_disk_full_in_the_cli_says_the_run_resumes(image_folder, cache_dir, monkeypatch):
+    def full(**kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys.modules["featcache.extract"], "extract", full)
+    r = CliRunner().invoke(main, ["extract", "--data", str(image_folder)])
+    assert r.exit_code == 1 and "No space left on device" in r.stderr and "rerun the same command to resume the extraction" in r.stderr
+
+
+@pytest.mark.parametrize("content", [b"\x89HDF\r\n\x1a\n" + b"\0" * 100, os.urandom(2048)])
+def test_train_head_refuses_corrupt_caches(tmp_path, content):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(content)
+    r = CliRunner().invoke(main, ["train-head", "--cache", str(bad), "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and "bad.h5" in r.stderr and "--force" in r.stderr
+    assert r.stderr.count("\n") == 1 and bad.read_bytes() == content
+
+
+def test_another_weights_file_is_another_identity(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    a.write_bytes(b"weights" * 100)
+    b.write_bytes(b"weights" * 99 + b"weightz")
+    assert bb.weights_identity(str(a)) != bb.weights_identity(str(b))
+    assert bb.weights_identity(str(a)) == bb.weights_identity(str(tmp_path / "a.h5"))
+
+
+def test_no_unsafe_loading_in_the_code():
+    """No pickle of user files beyond the CIFAR allow-list, no allow_pickle=True, models loaded in safe mode."""
+    for path in list((ROOT / "featcache").glob("*.py")) + list((ROOT / "heads").glob("*.py")):
+        text = path.read_text()
+        assert "allow_pickle=True" not in text, path
+        assert "safe_mode=False" not in text, path
+        assert not re.search(r"pickle\.loads?\(", text), path
+
+
+def test_an_error_a_ctrl_c_caused_still_reads_as_interrupted():
+    """Ctrl-C landing in a clean-up (a file write, a pool's shutdown) that then fails: exit 130, not 1."""
+    import click
+    from click.testing import CliRunner
+
+    from featcache.cli.group import _Group
+
+    @click.group(cls=_Group)
+    def cli():
+        pass
+
+    @cli.command()
+    def extract():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise OSError("Can't write data (interrupted)")
+
+    r = CliRunner().invoke(cli, ["extract"])
+    assert r.exit_code == 130 and "interrupted; rerun the same command to resume" in r.output, r.output
