@@ -23,15 +23,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import numpy as np  # noqa: E402
-from gpu import decode_rate, measure, write_images  # noqa: E402
-from run import machine  # noqa: E402
+import numpy as np
+from common import ROOT, decode_rate, extraction_rates, machine, write_images
 
-from featcache import backbones  # noqa: E402
-from featcache.sources import RESIZE_DCT, Split, load_dataset  # noqa: E402
+from featcache import backbones
+from featcache.sources import RESIZE_DCT, Split, load_dataset
 
 
 def decode_side_by_side(data: Path, args) -> dict:
@@ -109,7 +106,7 @@ def main() -> None:
         loop = []
         for size in args.sizes:
             for precision in dict.fromkeys(("float32", auto)):
-                row = measure(data, size, precision, args, Path(tmp))
+                row = extraction_rates(data, size, precision, args, Path(tmp))
                 row["loop_vs_slower"] = row["loop_images_per_s"] / min(row["bare_images_per_s"],
                                                                         row["decode_threads_images_per_s"])
                 loop.append(row)

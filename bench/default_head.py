@@ -22,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from run import write_sections  # noqa: E402
+from common import ROOT, write_sections
 
 #: The CLI of the tree the process starts in (`python -c` puts the working folder first on sys.path).
 CLI = ("import os, sys, featcache; assert featcache.__file__.startswith(os.getcwd()), featcache.__file__\n"

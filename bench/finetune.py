@@ -16,23 +16,19 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import numpy as np  # noqa: E402
-from precision import fma_peak  # noqa: E402
-from run import conv_gflop, machine, write_sections  # noqa: E402
+import numpy as np
+from common import ROOT, conv_gflop, fma_peak, machine, write_sections
 
-import featcache  # noqa: E402
-from heads import inference  # noqa: E402
-from heads.builders import finetune_head, tuned_layers  # noqa: E402
-from heads.data import data_from_cache  # noqa: E402
+import featcache
+from heads import inference
+from heads.builders import finetune_head, tuned_layers
+from heads.data import data_from_cache
 
 
 def models(data, n_classes: int):

@@ -13,130 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-
-import numpy as np  # noqa: E402
-from run import LoopTimes, conv_gflop  # noqa: E402
-
-from featcache import backbones  # noqa: E402
-from featcache.extract import extract  # noqa: E402
-from featcache.sources import load_dataset  # noqa: E402
 
 
-def write_images(root: Path, n: int, size: int = 256, seed: int = 0) -> Path:
-    """ROOT/{train,test}/<class>/*.jpg: smooth random patterns (they compress like photographs, unlike noise)."""
-    from PIL import Image
+from common import ROOT, device_name, extraction_rates, write_images
 
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n), ("test", max(1, n // 8))):
-        for c in ("a", "b"):
-            (root / split / c).mkdir(parents=True)
-        for i in range(count):
-            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-            img = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
-            img.save(root / split / ("a", "b")[i % 2] / f"{i:06d}.jpg", quality=90)
-    return root
-
-
-def bare_forward(model, x: np.ndarray):
-    """The fastest plain way to run `model` on a batch already in device memory: a compiled function of
-    the backend (tf.function or jax.jit), its output copied back to the host as extraction does."""
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        state = [v.value for v in model.non_trainable_variables]
-        trainable = [v.value for v in model.trainable_variables]
-        compiled = jax.jit(lambda t: model.stateless_call(trainable, state, t, training=False)[0])
-        on_device = jax.device_put(x)
-        return lambda: np.asarray(compiled(on_device))
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        compiled = tf.function(lambda t: model(t, training=False))
-        on_device = tf.constant(x)
-        return lambda: compiled(on_device).numpy()
-    raise SystemExit(f"bench/gpu.py: no bare baseline for the {keras.backend.backend()} backend; "
-                     "use KERAS_BACKEND=tensorflow or jax")
-
-
-def device_name() -> str:
-    """The accelerators Keras' backend sees, or "CPU"."""
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return ", ".join(d.device_kind for d in jax.devices() if d.platform != "cpu") or "CPU"
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    return ", ".join(tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus) or "CPU"
-
-
-def decode_rate(data: Path, size: int, workers: int, batch_size: int, decoder: str, scale_jpegs: bool = True) -> float:
-    """Images/s of JPEG decoding and resizing alone (the training split, `workers` threads or processes), as an
-    extraction at that --input-size decodes (DCT-scaled; `scale_jpegs=False`: every pixel decoded, then resized)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from featcache import sources
-    from featcache.extract import local as engine
-
-    ds = load_dataset(data)
-    splits = {"train": ds.train, "test": ds.test}
-    resizing = sources.RESIZE_DCT if scale_jpegs else sources.RESIZE
-    decode = engine.Decoding(size=(size, size), require_native=None, resizing=resizing).rows
-    chunks = [("train", s, min(s + batch_size, len(ds.train))) for s in range(0, len(ds.train), batch_size)]
-    with engine.decode_processes(workers if decoder == "processes" else 0, splits) as processes:
-        if processes:   # started and warm before the clock, as in an extraction
-            list(processes.map(decode, [None] * workers, *zip(*chunks[:workers])))
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda c: processes.submit(decode, None, *c).result() if processes else decode(splits, *c),
-                          chunks))
-        return len(ds.train) / (time.perf_counter() - t0)
-
-
-def measure(data: Path, size: int, precision: str, args, tmp: Path) -> dict:
-    loops = LoopTimes()
-    logging.getLogger("featcache.extract.local").addHandler(loops)
-    logging.getLogger("featcache.extract.local").setLevel(logging.INFO)
-    for k in range(args.repeats):
-        extract(data=str(data), weights=args.weights, input_size=size, precision=precision, batch_size=args.batch_size,
-                cache_dir=tmp / f"{size}-{precision}-{k}", progress=False, decode_workers=args.decode_workers,
-                decoder=args.decoder)
-    logging.getLogger("featcache.extract.local").removeHandler(loops)
-    images, seconds = loops.runs[-1][0], statistics.median(s for _, s in loops.runs)
-    bb = backbones.build(weights=args.weights, input_size=(size, size), precision=precision)
-    ds = load_dataset(data)
-    x = bb.preprocess(ds.train.load(0, min(len(ds.train), args.batch_size), (size, size)))
-    forward = bare_forward(bb.model, np.resize(x, (args.batch_size, *x.shape[1:])))
-    forward()
-    steps = max(1, images // args.batch_size)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        forward()
-    bare = steps * args.batch_size / (time.perf_counter() - t0)
-    gflop = conv_gflop(bb.model)
-    return {"size": size, "precision": precision, "images": images, "loop_images_per_s": images / seconds,
-            "bare_images_per_s": bare, "loop_vs_bare": images / seconds / bare,
-            "decode_threads_images_per_s": decode_rate(data, size, args.decode_workers, args.batch_size, "threads"),
-            "decode_processes_images_per_s": decode_rate(data, size, args.decode_workers, args.batch_size,
-                                                         "processes"), "gflop_per_image": gflop,
-            "loop_tflop_per_s": gflop * images / seconds / 1e3}
+from featcache import backbones
 
 
 def main() -> None:
@@ -166,7 +54,7 @@ def main() -> None:
         data = write_images(tmp / "images", args.images)
         for size in args.sizes:
             for precision in dict.fromkeys(("float32", auto)):
-                rows.append(measure(data, size, precision, args, tmp))
+                rows.append(extraction_rates(data, size, precision, args, tmp))
                 print(json.dumps(rows[-1]), flush=True)
     result = {"device": device, "precision_auto": auto, "decode_workers": args.decode_workers, "decoder": args.decoder,
               "cpu_cores": os.cpu_count(), "backend": backend, "seconds": time.perf_counter() - t_start,

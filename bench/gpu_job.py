@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT
+
 GRID = ["--param", "units=256|400,256,256", "--param", "dropout=0.2|0.4", "--param", "lr=1e-3|3e-3"]
 #: The search's trials train at most this many epochs (early stopping and median pruning end most sooner), so that
 #: the whole job stays within 5 minutes of a lent GPU.

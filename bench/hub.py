@@ -23,13 +23,12 @@ from datetime import date
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from run import machine, write_sections  # noqa: E402
 
-import featcache  # noqa: E402
-from featcache.extract import extract  # noqa: E402
+from common import ROOT, machine, write_sections
+
+import featcache
+from featcache.extract import extract
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 #: (name, KerasHub class, converter class, configuration): the published sizes of each family's small preset

@@ -25,15 +25,13 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import numpy as np  # noqa: E402
-from run import LoopTimes, conv_gflop, machine, write_sections  # noqa: E402
+import numpy as np
+from common import ROOT, LoopTimes, conv_gflop, fma_peak, machine, write_sections
 
-from featcache import backbones  # noqa: E402
-from featcache.extract import extract  # noqa: E402
-from featcache.sources import load_dataset  # noqa: E402
+from featcache import backbones
+from featcache.extract import extract
+from featcache.sources import load_dataset
 
 
 def bare_and_loop(args, precision: str, tmp: Path) -> dict:
@@ -96,42 +94,6 @@ def matmul_peak(precision: str, size: int = 4096, repeats: int = 5) -> float:
         mm(a, b).numpy()
         times.append(time.perf_counter() - t0)
     return 2 * size ** 3 / min(times) / 1e9
-
-
-def fma_peak(precisions, tmp: Path, repeats: int = 5) -> dict:
-    """GFLOP/s of register-only multiply-add chains on every core (bench/peak_flops.c), best of `repeats`,
-    for each precision the CPU has a kernel for: the hardware's peak at the clock it runs at under load.
-    Empty where no C compiler, no OpenMP or no AVX2/AVX-512 is there."""
-    import shutil
-    import subprocess
-
-    flags = backbones.cpu_flags()
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if not cc or not flags & {"avx512f", "avx2"}:
-        return {}
-    isa = ["-mavx512f"] + (["-mavx512bf16"] if "avx512_bf16" in flags else []) if "avx512f" in flags \
-        else ["-mavx2", "-mfma"]
-    exe = tmp / "peak_flops"
-
-    def build(flags):
-        return subprocess.run([cc, "-O3", "-funroll-loops", "-fopenmp", *flags, str(ROOT / "bench" / "peak_flops.c"),
-                               "-o", str(exe)], capture_output=True, text=True)
-
-    built = build(isa)
-    if built.returncode and "-mavx512bf16" in isa:   # an older compiler: keep the float32 peak at least
-        built = build([f for f in isa if f != "-mavx512bf16"])
-    if built.returncode:
-        last = (built.stderr.strip().splitlines() or ["no message"])[-1]
-        print(f"bench/peak_flops.c did not build ({last}); FMA peak left out", file=sys.stderr)
-        return {}
-    env = dict(os.environ, OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))), OMP_PROC_BIND="spread")
-    out = {}
-    for precision in precisions:
-        runs = [subprocess.run([str(exe), precision], capture_output=True, text=True, env=env)
-                for _ in range(repeats)]
-        if all(r.returncode == 0 for r in runs):
-            out[precision] = max(float(r.stdout) for r in runs)
-    return out
 
 
 def decode_throughput(args, tmp: Path) -> dict:

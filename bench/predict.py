@@ -16,22 +16,17 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
+from common import ROOT, LoopTimes, write_sections
 
-from featcache.extract import extract  # noqa: E402
-from heads import inference  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from run import LoopTimes, write_sections  # noqa: E402
+from featcache.extract import extract
+from heads import inference
 
 
 def loop_rate(test: Path, meta: dict, weights: str, tmp: Path) -> float:

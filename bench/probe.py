@@ -15,17 +15,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import numpy as np  # noqa: E402
-from run import write_sections  # noqa: E402
+import numpy as np
+from common import ROOT, write_sections
 
 
 def vectors(cache: str):

@@ -13,9 +13,7 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,91 +21,17 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
+from common import ROOT, LoopTimes, alternate, conv_gflop, epoch_seconds, machine, peak_rss, timed, write_sections
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from featcache import backbones as bb  # noqa: E402
-from featcache import cache as store  # noqa: E402
-from featcache.cache import write as cache_write  # noqa: E402
-from featcache.extract import extract  # noqa: E402
-from featcache.sources import load_dataset  # noqa: E402
-from heads import fit as hf  # noqa: E402
-from heads import train as ht  # noqa: E402
-from heads.feed import in_ram_dataset  # noqa: E402
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def alternate(a, b, repeats: int) -> tuple[list[float], list[float]]:
-    """Time a and b alternately `repeats` times each; returns both lists of seconds."""
-    ta, tb = [], []
-    for _ in range(repeats):
-        ta.append(timed(a))
-        tb.append(timed(b))
-    return ta, tb
-
-
-def epoch_seconds(model, batches, epochs: int = 2) -> list[float]:
-    """Seconds of each epoch of one `fit` call but the first: what an epoch costs in a training run,
-    without what `fit` pays once a call (callbacks, the data adapter, the first trace of a step)."""
-    import keras
-
-    class EpochTimes(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.seconds = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t0 = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self.t0)
-
-    times = EpochTimes()
-    model.fit(batches, epochs=epochs, verbose=0, callbacks=[times])
-    return times.seconds[1:]
-
-
-def conv_gflop(model) -> float:
-    """Multiply-adds x 2 of every Conv2D up to the model's output, per image (pooling and ReLU not counted)."""
-    flops = 0
-    for layer in model.layers:
-        if type(layer).__name__ == "Conv2D":
-            kh, kw, cin, cout = layer.kernel.shape
-            _, h, w, _ = layer.output.shape
-            flops += 2 * h * w * cin * cout * kh * kw
-    return flops / 1e9
-
-
-def peak_rss(cli_args: list[str], tmp: Path) -> tuple[int, float]:
-    """Peak resident memory (bytes) and seconds of a `featcache` CLI run in its own process."""
-    report = tmp / "peak_rss"
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "peak_rss.py"), *cli_args], cwd=ROOT,
-                          env={**os.environ, "PEAK_RSS_FILE": str(report)}, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"featcache {cli_args} failed: {proc.stderr[-2000:]}")
-    return int(report.read_text()), seconds
-
-
-class LoopTimes(logging.Handler):
-    """Collects the images and seconds of each extraction loop (model built, files open) from featcache's log."""
-
-    def __init__(self):
-        super().__init__()
-        self.runs = []
-
-    def emit(self, record):
-        if hasattr(record, "images"):
-            self.runs.append((record.images, record.seconds))
-
+from featcache import backbones as bb
+from featcache import cache as store
+from featcache.cache import write as cache_write
+from featcache.extract import extract
+from featcache.sources import load_dataset
+from heads import fit as hf
+from heads import train as ht
+from heads.feed import in_ram_dataset
 
 # --------------------------------------------------------------------------- the five measurements
 
@@ -290,14 +214,6 @@ def bench_memory(args, cache_path: Path, tmp: Path) -> dict:
 
 # --------------------------------------------------------------------------- report
 
-def machine() -> dict:
-    import tensorflow as tf
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
-            "device": ", ".join(d.device_type for d in tf.config.list_physical_devices()) or "CPU"}
-
 
 def write_report(results: dict, out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -374,20 +290,6 @@ def write_report(results: dict, out: Path, command: str) -> None:
         *[f"| {x['what']} | {mb(x['peak_rss_bytes'])} | {x['seconds']:.0f} |" for x in r["rows"]], "",
     ]
     write_sections(out / "benchmarks.md", "\n".join(lines))
-
-
-def write_sections(path: Path, text: str) -> None:
-    """Write `text` (a head, or none, then `## ` sections) into the markdown file `path`: each of its sections
-    replaces the file's section of the same heading, or is appended; the file's other sections stay where they
-    are. So each bench script keeps its own part of docs/results/benchmarks.md up to date and leaves the others'."""
-    def split(md: str) -> tuple[str, dict]:
-        head, *parts = ("\n" + md).split("\n## ")
-        return head.strip("\n"), {part.split("\n", 1)[0]: "## " + part.strip("\n") for part in parts}
-
-    old_head, sections = split(path.read_text()) if path.exists() else ("# Benchmarks", {})
-    head, new = split(text)
-    sections.update(new)
-    path.write_text("\n\n".join([head or old_head, *sections.values()]) + "\n")
 
 
 def main() -> None:

@@ -24,18 +24,16 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import numpy as np  # noqa: E402
-from run import machine  # noqa: E402
+import numpy as np
+from common import ROOT, machine
 
-import featcache  # noqa: E402
-from featcache import cache as store  # noqa: E402
-from featcache.cache import shards as join  # noqa: E402
-from featcache.cache import write as cache_write  # noqa: E402
-from featcache.extract import extract  # noqa: E402
-from featcache.extract import plan as planning  # noqa: E402
+import featcache
+from featcache import cache as store
+from featcache.cache import shards as join
+from featcache.cache import write as cache_write
+from featcache.extract import extract
+from featcache.extract import plan as planning
 
 
 def engines(args, tmp: Path) -> dict:

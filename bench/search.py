@@ -25,9 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from run import machine, write_sections  # noqa: E402
+from common import ROOT, fma_peak, machine, write_sections
 
 DROPOUTS = ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6")
 CLI = [sys.executable, "-m", "featcache.cli"] if (ROOT / "featcache" / "cli" / "__main__.py").exists() else \
@@ -85,7 +83,7 @@ def grid_search(cache: str, runs: Path, pruner: str, together: int) -> tuple[flo
 
 def float32_peak() -> float:
     """The float32 FMA peak measured here (bench/peak_flops.c; GFLOP/s): the arithmetic floor's yardstick."""
-    from precision import fma_peak
+
 
     with tempfile.TemporaryDirectory() as tmp:
         return fma_peak(["float32"], Path(tmp))["float32"]

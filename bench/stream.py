@@ -24,11 +24,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from run import machine  # noqa: E402
-from synthetic import write_synthetic_cache  # noqa: E402
+from common import ROOT, machine, write_synthetic_cache
 
 BUDGET = "2GB"
 

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from featcache import open_cache  # noqa: E402
-from featcache.extract import extract  # noqa: E402
-from heads.train import train_head  # noqa: E402
+from common import ROOT
+
+from featcache import open_cache
+from featcache.extract import extract
+from heads.train import train_head
 
 HEAD_BUDGET_S = 60
 #: (input size, views, layers): each one forward pass into one cache file.

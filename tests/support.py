@@ -76,6 +76,22 @@ def write_cifar_py(root: Path, per_batch: int = 4, seed: int = 0) -> Path:
     return root
 
 
+def bench_script(name: str):
+    """bench/<name>.py imported as `python bench/<name>.py` runs it: with bench/ on the path (for bench/common.py)."""
+    import importlib.util
+    import sys
+
+    bench = str(ROOT / "bench")
+    sys.path.insert(0, bench)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(bench)
+    return module
+
+
 needs_shared = pytest.mark.skipif(not (REAL_DATA.is_dir() and REAL_WEIGHTS.is_file()),
                                   reason="../shared (real CIFAR-10 images and VGG16 weights) is absent")
 

@@ -16,10 +16,9 @@ from featcache.cli import main
 from heads import feed
 from heads.batches import plan_batches
 from heads.train import TrainConfig, data_from_cache, data_from_caches, train, train_head
-from tests.support import ROOT
+from tests.support import ROOT, bench_script
 
-sys.path.insert(0, str(ROOT / "bench"))
-from synthetic import write_synthetic_cache  # noqa: E402
+write_synthetic_cache = bench_script("common").write_synthetic_cache
 
 QUICK = dict(epochs=3, patience=1, units=(16,), seed=0)
 

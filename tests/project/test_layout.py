@@ -238,3 +238,19 @@ def test_unit_tests_mirror_the_packages():
                 stray.append(str(rel))
     assert stray == []
     assert not list((ROOT / "tests").glob("test_*.py")), "tests live in the folder of what they test"
+
+
+def test_bench_scripts_share_one_helper_module():
+    """Each bench script imports what it shares from bench/common.py alone (never from another benchmark) and
+    leaves sys.path to it."""
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")}
+    found = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        if path.name == "common.py":
+            continue
+        tree = ast.parse(path.read_text())
+        found += [f"{path.name} imports {n.module}" for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and n.module in scripts - {"common"}]
+        found += [f"{path.name} edits sys.path" for n in ast.walk(tree)
+                  if isinstance(n, ast.Attribute) and n.attr == "path" and getattr(n.value, "id", "") == "sys"]
+    assert found == []

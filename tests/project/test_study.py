@@ -1,18 +1,13 @@
 """The study's choice and its curve: chosen on validation within the head budget, never on test."""
 
-import importlib.util
-
 import pytest
 
-from tests.support import ROOT
+from tests.support import bench_script
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("study")
 
 
 def row(name, size=32, layers=("block3_pool",), views=1, model="dense", pooling="gap", val=0.7, test=0.7, s=10.0):
