@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from featcache.errors import BadInputError, FeatcacheError, WorkerError
@@ -28,6 +29,57 @@ MAX_RESTARTS = 3
 PLACE_SECONDS = 60
 #: What Ray's processes have in their command lines: workers (ray::...), raylet, gcs_server, its Python agents.
 _RAY_TOKENS = ("ray::", "/ray/", "raylet", "gcs_server")
+
+
+@contextlib.contextmanager
+def distribute(worker: type, args_for: Callable[[int], tuple], tasks: Sequence[tuple], *, engine: str = "local",
+               ordered: bool = True, address: str | None = None, workers: int | None = None,
+               record: Path | None = None, after_death: str = "rerun the same command") -> Iterator[Iterator]:
+    """`with distribute(Worker, args_for, tasks, engine=...) as done: for result in done:` the one way featcache
+    hands out work split into tasks (extraction shards, prediction shards), whoever runs it, as img2dataset's
+    distributors share one signature. A worker is a class built once per worker as `Worker(*args_for(threads))`
+    (threads: the CPU threads it may use) with `ready()` (None, or the error that stopped its start) and
+    `run(*task)`.
+
+    engine="local" is the twin: one worker in this process, the tasks in order, its errors raised as they are.
+    engine="ray": actors on the cluster at `address` (or a cluster of featcache's own, `owned_cluster`, whose
+    processes are recorded in the file `record`, a temporary one by default, and stopped on leaving), `workers` of them as `plan_workers` places them;
+    results in the tasks' order or, `ordered=False`, as they finish; a task's error as the one line the local
+    run gives; a worker dead MAX_RESTARTS + 1 times a WorkerError ending with `after_death`."""
+    if engine not in ENGINES:
+        raise BadInputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "local":
+        yield _on_this_process(worker, args_for, tasks)
+        return
+    ray = import_ray()
+    with contextlib.ExitStack() as stack:
+        if record is None:   # a record nobody reads after: in a folder of its own, gone with the run
+            import tempfile
+
+            record = Path(stack.enter_context(tempfile.TemporaryDirectory())) / PROCESSES_FILE
+        owned = stack.enter_context(owned_cluster(ray, address, record))
+        yield _on_ray(ray, owned, worker, args_for, tasks, workers=workers, ordered=ordered, after_death=after_death)
+
+
+def _on_this_process(worker: type, args_for, tasks) -> Iterator:
+    one = worker(*args_for(len(os.sched_getaffinity(0))))
+    error = one.ready()
+    if error is not None:
+        raise error
+    for task in tasks:
+        yield one.run(*task)
+
+
+def _on_ray(ray, owned: "owned_cluster", worker: type, args_for, tasks, *, workers, ordered, after_death) -> Iterator:
+    n, threads, gpus = plan_workers(ray, workers, len(tasks))
+    log.info("ray: %d worker%s x %d thread%s%s", n, "s" * (n > 1), threads, "s" * (threads > 1),
+             f", {gpus:g} GPU each" if gpus else "")
+    remote = ray.remote(worker).options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS,
+                                        max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": worker_env(threads)})
+    owned.actors = [remote.remote(*args_for(threads)) for _ in range(n)]
+    for result in results(ray, placed(ray, owned.actors), list(tasks), ordered=ordered, after_death=after_death):
+        owned.record()
+        yield result
 
 
 def results(ray, actors: list, tasks: list, *, ordered: bool, after_death: str):

@@ -35,32 +35,24 @@ class PredictWorker:
 
 def predict_on_ray(info: RunInfo, files: list[Path], *, weights, batch_size: int, skip: bool, address, workers,
                    progress: bool) -> tuple:
-    """predict_files over shards of `files` on Ray actors (ordered results); the cluster handled as extraction's."""
+    """predict_files over shards of `files` on Ray actors (ordered results), distributed as extraction's shards."""
     import contextlib
     import sys
-    import tempfile
 
     from featcache import cluster
 
-    ray = cluster.import_ray()
     shard = 8 * batch_size
-    shards = [[str(f.absolute()) for f in files[s:s + shard]] for s in range(0, len(files), shard)]
+    shards = [([str(f.absolute()) for f in files[s:s + shard]],) for s in range(0, len(files), shard)]
     probs, kept, bad = [], [], []
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr), \
-            cluster.owned_cluster(ray, address, Path(tmp) / cluster.PROCESSES_FILE) as owned, \
-            system.progress_bar(len(files), unit="img", desc="predict (ray)", enabled=progress) as bar:
-        n, threads, gpus = cluster.plan_workers(ray, workers, len(shards))
-        remote = ray.remote(PredictWorker).options(num_cpus=threads, num_gpus=gpus, max_restarts=cluster.MAX_RESTARTS,
-                                                    max_task_retries=cluster.MAX_RESTARTS,
-                                                    runtime_env={"env_vars": cluster.worker_env(threads)})
-        owned.actors = [remote.remote(str(info.folder.absolute()), weights, batch_size, skip) for _ in range(n)]
-        tasks = [(files,) for files in shards]
-        for p, k, b in cluster.results(ray, cluster.placed(ray, owned.actors), tasks, ordered=True,
-                                       after_death="nothing was written: rerun the same command"):
+    with contextlib.redirect_stdout(sys.stderr), \
+            system.progress_bar(len(files), unit="img", desc="predict (ray)", enabled=progress) as bar, \
+            cluster.distribute(PredictWorker, lambda threads: (str(info.folder.absolute()), weights, batch_size, skip),
+                               shards, engine="ray", address=address, workers=workers,
+                               after_death="nothing was written: rerun the same command") as done:
+        for p, k, b in done:
             probs.append(p)
             kept += [Path(f) for f in k]
             bad += [(Path(f), why) for f, why in b]
             bar.update(len(k) + len(b))
-            owned.record()
     out = np.concatenate(probs) if probs else np.zeros((0, len(info.class_names)), np.float32)
     return out, kept, bad

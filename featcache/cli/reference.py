@@ -31,6 +31,7 @@ API = (
     ("heads.endtoend", ("load_run", "end_to_end")),
     ("heads.mistakes", ("inspect", "InspectConfig")),
     ("heads.reports", ("runs_table", "RunsTable", "collect_runs")),
+    ("featcache.cluster", ("distribute",)),
     ("featcache.errors", ("FeatcacheError", "BadInputError", "CacheError")),
 )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import shutil
 import sys
@@ -65,7 +66,7 @@ def run(ds, meta: CacheMeta, partial: Path, *, spec, progress: bool, force: bool
         after_batch=None) -> None:
     """Compute the shards of the cache that `partial` becomes (those not on disk yet) on Ray, verify all
     of them and write the joined cache at `partial`."""
-    ray = cluster.import_ray()
+    cluster.import_ray()   # before any work: a one-line error where Ray is not installed
     final = partial.with_name(partial.name.removesuffix(".partial"))
     shards = join.folder(final).absolute()   # workers may run in another working folder
     if shards.exists():
@@ -89,7 +90,7 @@ def run(ds, meta: CacheMeta, partial: Path, *, spec, progress: bool, force: bool
             # Keras downloads into one file under ~/.keras: once here, not by every worker of this node at once
             local.build_model(meta, spec)
         with contextlib.redirect_stdout(sys.stderr):   # Ray prints workers' failures on stdout, the CLI's result
-            _run_units(ray, ds, meta, todo, shards, Job(spec, decoding, progress, len(all_units), after_batch))
+            _run_units(ds, meta, todo, shards, Job(spec, decoding, progress, len(all_units), after_batch))
     verified = join.verify(meta, all_units, shards)
     sweep(partial.parent, partial.name)   # a join a killed driver left half-written
     join.join(partial, meta, verified, labels={"train": ds.train.labels, "test": ds.test.labels},
@@ -136,46 +137,37 @@ def _joined(partial: Path, meta: CacheMeta) -> bool:
     return cache.kind == "virtual" and cache.meta.key == meta.key
 
 
-def _run_units(ray, ds, meta, todo: list[Unit], shards: Path, job: Job) -> None:
+def _run_units(ds, meta, todo: list[Unit], shards: Path, job: Job) -> None:
     """Run the shards `todo` on actors of the cluster (featcache's own unless a connection or address is given)."""
-    with cluster.owned_cluster(ray, job.spec.ray_address, shards / cluster.PROCESSES_FILE) as owned:
-        workers, threads, gpus = plan_workers(ray, job.spec, len(todo))
-        log.info("ray: %d worker%s x %d thread%s%s; %d of %d shards to compute in %s", workers,
-                 "s" * (workers > 1), threads, "s" * (threads > 1), f", {gpus:g} GPU each" if gpus else "",
-                 len(todo), job.total, shards)
-        actors = _start_actors(ray, ds, meta, job, owned, (workers, threads, gpus))
-        splits = {"train": ds.train, "test": ds.test}
-        tasks = [(_absolute(splits[u.split].rows(u.start, u.stop)), u, str(join.shard_path(shards, u)))
-                 for u in todo]
-        passes = sum((u.stop - u.start) * (meta.views if u.split == "train" else 1) for u in todo)
-        with system.progress_bar(passes, unit="img", desc="extract (ray)", enabled=job.progress) as bar:
-            for done in cluster.results(ray, actors, tasks, ordered=False, after_death=(
-                    f"the shards finished so far stay in {shards}: rerun the same command to compute the others")):
-                rows = done["stop"] - done["start"]
-                if done["computed"] < rows:
-                    log.info("shard %s %d-%d resumed at row %d after its worker died", done["split"], done["start"],
-                             done["stop"], done["start"] + rows - done["computed"])
-                bar.update(rows * (meta.views if done["split"] == "train" else 1))
-                owned.record()
+    log.info("ray: %d of %d shards to compute in %s", len(todo), job.total, shards)
+    splits = {"train": ds.train, "test": ds.test}
+    tasks = [(_absolute(splits[u.split].rows(u.start, u.stop)), u, str(join.shard_path(shards, u))) for u in todo]
+    passes = sum((u.stop - u.start) * (meta.views if u.split == "train" else 1) for u in todo)
+    with system.progress_bar(passes, unit="img", desc="extract (ray)", enabled=job.progress) as bar, \
+            cluster.distribute(ShardWorker, functools.partial(_worker_args, ds, meta, job), tasks, engine="ray",
+                               ordered=False, address=job.spec.ray_address, workers=job.spec.workers,
+                               record=shards / cluster.PROCESSES_FILE, after_death=(
+                                   f"the shards finished so far stay in {shards}: rerun the same command to compute "
+                                   "the others")) as done:
+        for result in done:
+            rows = result["stop"] - result["start"]
+            if result["computed"] < rows:
+                log.info("shard %s %d-%d resumed at row %d after its worker died", result["split"], result["start"],
+                         result["stop"], result["start"] + rows - result["computed"])
+            bar.update(rows * (meta.views if result["split"] == "train" else 1))
 
 
-def _start_actors(ray, ds, meta, job: Job, owned: "cluster.owned_cluster", plan: tuple[int, int, float]) -> list:
-    """`workers` ShardWorker actors of `plan` (workers, threads and GPUs each), each building the backbone once;
-    those that could not start are given up. The cluster kills them all when it closes."""
+def _worker_args(ds, meta, job: Job, threads: int) -> tuple:
+    """What a ShardWorker of `threads` threads is built from: the spec of a local extraction of one shard at a
+    time, decoding in its threads, weights by absolute path (a worker may run in another working folder)."""
     from PIL import Image
 
-    workers, threads, gpus = plan
-    env = cluster.worker_env(threads)
     weights = Path(job.spec.weights)
     worker_spec = dataclasses.replace(
         job.spec, data=meta.dataset_source, decode_workers=threads, decoder="threads", engine="local",
         ray_address=None, workers=None, shard_rows=None,
         weights=str(weights.absolute()) if weights.is_file() else job.spec.weights)
-    remote = ray.remote(ShardWorker).options(num_cpus=threads, num_gpus=gpus, max_restarts=cluster.MAX_RESTARTS,
-                                              max_task_retries=cluster.MAX_RESTARTS, runtime_env={"env_vars": env})
-    owned.actors = [remote.remote(worker_spec, meta, ds.class_names, job.decoding, Image.MAX_IMAGE_PIXELS,
-                                    job.after_batch) for _ in range(workers)]
-    return cluster.placed(ray, owned.actors)
+    return worker_spec, meta, ds.class_names, job.decoding, Image.MAX_IMAGE_PIXELS, job.after_batch
 
 
 def _absolute(split):
@@ -183,13 +175,3 @@ def _absolute(split):
     if split.files is None:
         return split
     return dataclasses.replace(split, files=tuple(p.absolute() for p in split.files))
-
-
-def plan_workers(ray, spec, shards: int) -> tuple[int, int, float]:
-    """(workers, threads each, GPUs each) for `shards` shards: see `featcache.cluster.plan_workers`."""
-    return cluster.plan_workers(ray, spec.workers, shards)
-
-
-# --------------------------------------------------------------------------- processes
-
-

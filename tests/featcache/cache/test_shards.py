@@ -153,7 +153,7 @@ def test_the_ray_engine_without_ray_says_how_to_install_it(image_folder, tmp_pat
 
 
 class FakeRay:
-    """What _plan_workers asks of Ray: the cluster's resources and its nodes."""
+    """What featcache.cluster.plan_workers asks of Ray: the cluster's resources and its nodes."""
 
     def __init__(self, *node_cpus, gpus=0):
         self.node_cpus, self.gpus = node_cpus, gpus
@@ -174,7 +174,6 @@ class FakeRay:
     (FakeRay(32, gpus=3), 4, 100, (4, 8, 0.5)),         # 2 per GPU fit 3 GPUs: 0.75 each would not
 ])
 def test_workers_are_planned_so_that_every_one_can_be_placed(cluster, workers, shards, expected):
-    from featcache.extract import ray as ray_engine
+    from featcache.cluster import plan_workers
 
-    spec = ExtractSpec(data="x", engine="ray", workers=workers)
-    assert ray_engine.plan_workers(cluster, spec, shards) == expected
+    assert plan_workers(cluster, workers, shards) == expected
