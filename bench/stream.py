@@ -73,7 +73,7 @@ def reader_peak_rss(path: Path, batches: int = 200) -> int:
                 if k == batches:
                     break
         peaks = []
-        for pid in stream._pool._processes:
+        for pid in stream.reader_pids():
             status = Path(f"/proc/{pid}/status").read_text()
             peaks.append(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024)
     del cache

@@ -365,6 +365,12 @@ def unspawnable_main() -> str | None:
     return f"the main script {path!r} is not a file that the processes can import again"
 
 
+def pool_pids(pool) -> list[int]:
+    """The process ids of a ProcessPoolExecutor's workers (concurrent.futures keeps them in a private dict, read in
+    this one place)."""
+    return sorted(getattr(pool, "_processes", None) or {})
+
+
 def spawn_pool(n: int, initializer, *initargs, what: str = "worker", fix: str = ""):
     """A ProcessPoolExecutor of `n` spawned workers (nothing of TensorFlow is copied into them), each running
     `initializer(*initargs)` after `start_worker`, all started and answering before it is returned: a pool that

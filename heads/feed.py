@@ -284,6 +284,10 @@ class Stream:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def reader_pids(self) -> list[int]:
+        """The process ids of the reader processes running now (none before the first batch, or with one worker)."""
+        return system.pool_pids(self._pool) if self._pool is not None else []
+
     def batches(self, plan):
         """Read the batches of `plan` (lists of pairs) in order."""
         if self.workers == 1:

@@ -66,6 +66,7 @@ def fit_linear_probe(model, x_train, y_train, x_val, y_val, *, n_classes: int, w
     best = min(order, key=lambda i: tried[i][0]["val_loss"])
     history["best"] = order.index(best)
     history["raced"] = raced
+    history["evaluations"] = solve.evaluations   # of the loss and its gradient, over every C tried
     if best in (0, len(C_GRID) - 1):
         log.warning("linear probe: the best L2 strength, C=%g, is at the end of the grid searched", C_GRID[best])
     coef, intercept = tried[best][1], tried[best][2]
@@ -156,6 +157,7 @@ class _Solver:
         self.w = np.ones(len(y)) if sample_w is None else sample_w
         self.total = float(self.w.sum())
         self.weighted, self.row_w = sample_w is not None, self.w.astype(np.float32)[:, None]
+        self.evaluations = 0
 
     def __call__(self, c: float, start: np.ndarray | None) -> np.ndarray:
         from scipy.optimize import minimize
@@ -172,6 +174,7 @@ class _Solver:
 
     def _loss_grad(self, params: np.ndarray, alpha: float):
         # float32 products and softmax (the rows are float32 already); sums of the loss in float64
+        self.evaluations += 1
         d = self.x.shape[1]
         weights = params.reshape(d + 1, self.k)
         z = self.x @ weights[:d].astype(np.float32) + weights[d].astype(np.float32)

@@ -87,9 +87,9 @@ def test_stream_reads_every_training_row_once_per_epoch_in_seeded_block_orders(s
             for features, labels in batches:   # each row's own features
                 np.testing.assert_array_equal(features, reference[labels])
             orders.append(seen)
-        pids = list(stream._pool._processes)
+        pids = stream.reader_pids()
         val = np.concatenate([l.numpy() for _, l in stream.dataset(rows, 32, shuffle=False)])
-    assert 1 <= len(pids) <= 2
+    assert 1 <= len(pids) <= 2 and stream.reader_pids() == []
     for pid in pids:   # the reading processes are stopped with the stream
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -220,7 +220,7 @@ if __name__ == "__main__":
     x = feed.CachedRows({str(synthetic)!r}, "train/features")
     stream = feed.Stream(x, None, np.zeros(len(x), np.int64), workers=2)
     next(iter(stream.batches(plan_batches(np.arange(len(x)), 16, shuffle=True))))
-    print(*stream._pool._processes, flush=True)
+    print(*stream.reader_pids(), flush=True)
     import time
     time.sleep(60)
 """)

@@ -241,8 +241,8 @@ def test_unit_tests_mirror_the_packages():
 
 
 def test_bench_scripts_share_one_helper_module():
-    """Each bench script imports what it shares from bench/common.py alone (never from another benchmark) and
-    leaves sys.path to it."""
+    """Each bench script imports what it shares from bench/common.py alone (never from another benchmark), leaves
+    sys.path to it, and uses featcache's public names only."""
     scripts = {p.stem for p in (ROOT / "bench").glob("*.py")}
     found = []
     for path in sorted((ROOT / "bench").glob("*.py")):
@@ -253,4 +253,10 @@ def test_bench_scripts_share_one_helper_module():
                   if isinstance(n, ast.ImportFrom) and n.module in scripts - {"common"}]
         found += [f"{path.name} edits sys.path" for n in ast.walk(tree)
                   if isinstance(n, ast.Attribute) and n.attr == "path" and getattr(n.value, "id", "") == "sys"]
+        found += [f"{path.name}:{n.lineno} reaches into {ast.unparse(n)}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+                  and getattr(n.value, "id", "") != "self"]
+        found += [f"{path.name} imports {a.name} from {n.module}" for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in PACKAGES
+                  for a in n.names if a.name.startswith("_")]
     assert found == []
