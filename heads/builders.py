@@ -11,6 +11,7 @@ from typing import Callable
 
 from featcache.cache.pooled import GLOBAL_POOLINGS
 from featcache.errors import BadInputError
+from heads.fitting import EPOCHS, Fitting, of_optimizer
 
 #: How a head turns maps into vectors: the global poolings (computed once, see featcache.cache.pooled) or flatten.
 POOLINGS = ("gap", "flatten", "max")
@@ -217,6 +218,11 @@ class ModelSpec:
     pools_first: bool = False   # the model starts with `_pool(inputs, options["pooling"])`
     tunes_backbone: bool = False   # built from the cache's backbone (needs the data's provenance), trained in two stages
 
+    @property
+    def fitting(self) -> Fitting:
+        """How this kind of head is fitted and what validation chooses for it (heads.fitting)."""
+        return of_optimizer(self.optimizer)
+
     def prepooled(self, options: dict) -> str | None:
         """The global pooling the built model starts with ("gap", "max"), or None: it can run once, before training."""
         pooling = options.get("pooling")
@@ -238,3 +244,10 @@ MODELS = {
 }
 HEADS = tuple(k for k, v in MODELS.items() if v.input == "features")
 BASELINES = tuple(k for k, v in MODELS.items() if v.input == "pixels")
+
+
+def fitting_of(config: dict, metrics: dict) -> Fitting:
+    """The Fitting of a run on disk, from its records: the head `auto` chose, or the model it names (a model this
+    version does not know was fitted by epochs: only the probe and kNN are not)."""
+    model = metrics.get("chosen", config.get("model"))
+    return MODELS[model].fitting if model in MODELS else EPOCHS

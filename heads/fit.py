@@ -22,6 +22,7 @@ from heads.batches import batches_per_epoch
 from heads.builders import MODELS, STANDARDISE, tuned_layers
 from heads.config import TrainConfig
 from heads.data import TrainData
+from heads.fitting import C_PATH, VOTE
 
 log = logging.getLogger(__name__)
 #: Training steps run per call into TensorFlow: a head step on cached features takes well under a
@@ -61,10 +62,10 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
     n_views = data.n_views if config.views_mode != "original" else 1
     weights = balance.split_weights(config.class_weight, data.y_train, tr, va, n_classes)
     t0 = time.perf_counter()
-    if spec.optimizer == "lbfgs":
+    if spec.fitting is C_PATH:
         history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, (tr, va),
                              n_classes, weights, rival)
-    elif spec.optimizer == "knn":
+    elif spec.fitting is VOTE:
         from heads.knn import fit_knn
 
         history = fit_knn(fit_model, x_fit, data.y_train, tr, va, n_classes=n_classes, weights=weights)
@@ -92,19 +93,19 @@ def refit(data: TrainData, fitted: Fitted, rows: tuple, progress: bool) -> Fitte
     import keras
 
     config, spec = fitted.config, MODELS[fitted.config.model]
-    chosen = {k: v[fitted.best] for k, v in fitted.history.items() if isinstance(v, list) and len(v) > fitted.best}
-    if spec.optimizer not in ("lbfgs", "knn"):
-        config = replace(config, epochs=fitted.best + 1, batch_size=fitted.history.get("batch_size", config.batch_size))
+    chosen = spec.fitting.chosen(fitted.history, fitted.best)
+    if spec.fitting.by_epochs:
+        config = replace(config, epochs=chosen["epochs"], batch_size=fitted.history.get("batch_size", config.batch_size))
     every = np.sort(np.concatenate(rows))
     keras.utils.set_random_seed(config.seed)
     spec, model, fit_model, (x_fit, views_fit) = built(data, config, every)
     n_classes, n_views = len(data.class_names), data.n_views if config.views_mode != "original" else 1
     weights = balance.split_weights(config.class_weight, data.y_train, every, rows[1], n_classes)
     t0 = time.perf_counter()
-    if spec.optimizer == "lbfgs":
+    if spec.fitting is C_PATH:
         history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, (every, None),
                              n_classes, weights, None, at=chosen["C"])
-    elif spec.optimizer == "knn":
+    elif spec.fitting is VOTE:
         from heads.knn import refit_knn
 
         history = refit_knn(fit_model, x_fit, data.y_train, every, n_classes=n_classes, weights=weights,
@@ -122,7 +123,7 @@ def built(data: TrainData, config: TrainConfig, tr: np.ndarray, pooled: dict | N
     weights Keras' global seed gives, standardised on rows `tr`: the one way a model is made ready to fit."""
     spec = MODELS[config.model]
     options = {k: getattr(config, k) for k in spec.options}
-    if spec.optimizer == "knn":
+    if spec.fitting is VOTE:   # the vote's bank holds the training rows
         options["bank_size"] = len(tr)
         _check_bank_fits(data, config, len(tr))
     if spec.tunes_backbone:

@@ -23,7 +23,9 @@ from featcache import system
 from featcache.errors import BadInputError
 from featcache.options import given_or_built, option, validate
 from heads.balance import IMBALANCE_RATIO
+from heads.builders import fitting_of
 from heads.config import RUNS_DIR
+from heads.fitting import C_PATH, VOTE, Fitting
 from heads.provenance import Provenance
 
 log = logging.getLogger(__name__)
@@ -52,11 +54,9 @@ def _write_records(run_dir: Path, result, data, *, run_id: str) -> None:
               "model_sha256": system.file_sha256(run_dir / "model.keras")}
     write_json(run_dir / "config.json", config)
     write_json(run_dir / "metrics.json", {k: v for k, v in m.items() if k != "classification_report"})
-    _write_history(run_dir / "history.csv", result.history)
-    chosen = (f"L2 strength C={m['C']:.3g} ({m['best_epoch']} of {m['epochs_run']} tried)" if "C" in m
-              else f"k={m['k']}, temperature {m['temperature']:g}, smoothing {m['smoothing']:g} "
-                   f"({m['best_epoch']} of {m['epochs_run']} settings tried)" if "k" in m
-              else f"epoch {m['best_epoch']} of {m['epochs_run']}")
+    fitting = fitting_of({"model": result.config.model}, m)
+    _write_history(run_dir / "history.csv", result.history, fitting)
+    chosen = fitting.described(m)
     if m.get("class_weight") == "balanced":
         chosen += (f", classes weighted (training classes {m['train_imbalance']:g}x apart); balanced accuracy "
                    f"{m['test_balanced_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
@@ -71,7 +71,7 @@ def _write_records(run_dir: Path, result, data, *, run_id: str) -> None:
     title = f"{run_id}: {model}, test accuracy {m['test_accuracy']:.4f}" + ("\n" + RANDOM_FLAG if data.random_weights
                                                                              else "")
     plot_confusion(m["confusion_matrix"], data.class_names, run_dir / "confusion_matrix.png", title)
-    plot_curves(result.history, m["best_epoch"], run_dir / "curves.png", title)
+    plot_curves(result.history, m["best_epoch"], run_dir / "curves.png", title, fitting)
 
 
 #: history.csv's columns, where a history has them: per epoch, per C tried (probe) or per setting (kNN).
@@ -79,12 +79,11 @@ _HISTORY_COLUMNS = ("C", "k", "temperature", "smoothing", "loss", "accuracy", "b
                     "val_accuracy", "val_balanced_accuracy", "learning_rate", "seconds")
 
 
-def _write_history(path: Path, history: dict) -> None:
+def _write_history(path: Path, history: dict, fitting: Fitting) -> None:
     keys = [k for k in _HISTORY_COLUMNS if k in history]
-    first = "C_tried" if "C" in history else "setting" if "k" in history else "epoch"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([first, *keys])
+        w.writerow([fitting.steps, *keys])
         for i in range(len(history["val_loss"])):
             w.writerow([i + 1, *(f"{history[k][i]:.6g}" for k in keys)])
 
@@ -119,11 +118,11 @@ def plot_confusion(matrix, class_names, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_curves(history: dict, best_epoch: int, path: Path, title: str) -> None:
+def plot_curves(history: dict, best_epoch: int, path: Path, title: str, fitting: Fitting) -> None:
     plt = pyplot()
-    if "k" in history:
+    if fitting is VOTE:
         return _plot_knn(history, best_epoch - 1, path, title)
-    by_c = "C" in history   # the linear probe: one point per L2 strength, not per epoch
+    by_c = fitting is C_PATH   # the linear probe: one point per L2 strength, not per epoch
     x = history["C"] if by_c else range(1, len(history["loss"]) + 1)
     best = x[best_epoch - 1]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
@@ -235,8 +234,9 @@ def _row(run: Path) -> dict:
         opts += f" views={m['n_views']} ({c.get('views_mode')})"
     opts = " ".join([opts, *_changed(c)]).strip()
     model = f"auto ({m['chosen']})" if c["model"] == "auto" else c["model"]
-    capped = "C" not in m and "k" not in m and m["epochs_run"] == c.get("epochs") and m["best_epoch"] == m["epochs_run"]
-    setting = f"C={m['C']:.3g}" if "C" in m else f"k={m['k']} T={m['temperature']:g}" if "k" in m else None
+    fitting = fitting_of(c, m)
+    capped = fitting.by_epochs and m["epochs_run"] == c.get("epochs") and m["best_epoch"] == m["epochs_run"]
+    setting = None if fitting.by_epochs else fitting.setting(m)
     imbalanced = max(m.get("train_imbalance", 1), m.get("test_imbalance", 1)) >= IMBALANCE_RATIO
     return {"run": run.parent.name, "model": model, "options": opts, "data": _data_label(c),
             "epochs": setting or f"{m['epochs_run']}/{m['best_epoch']}" + (" (cap: still improving)" if capped else ""),

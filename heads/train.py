@@ -33,6 +33,7 @@ from heads.data import (
     subset,
 )
 from heads.fit import Fitted, fit, fit_schedule, refit
+from heads.fitting import C_PATH, VOTE
 from heads.metrics import evaluate, predict
 
 #: What a notebook imports from here; the data side lives in heads.data and heads.config, re-exported.
@@ -96,7 +97,7 @@ def _train_and_test(data: TrainData, config: TrainConfig, runs_dir, logs: Path |
     log.info("%s: val accuracy %.4f (best %s of %d), test accuracy %.4f%s, %.1f s",
              (config.name or config.model) + (f" (chose {chosen.config.model})" if config.model == AUTO else "")
              + (f", refitted on {len(tr) + len(va)} rows" if config.refit else ""),
-             metrics["val_accuracy"], _setting(metrics), metrics["epochs_run"], metrics["test_accuracy"],
+             metrics["val_accuracy"], MODELS[chosen.config.model].fitting.setting(metrics), metrics["epochs_run"], metrics["test_accuracy"],
              f" (balanced {metrics['test_balanced_accuracy']:.4f})" if metrics["class_weight"] == "balanced" else "",
              metrics["seconds"])
     return result
@@ -181,7 +182,7 @@ def _fit_candidates(data: TrainData, candidates: list, owners: tuple, rows: tupl
         if n not in fits:
             spec = MODELS[c.model]   # a probe or kNN depends on these alone: auto's probes are one fit
             key = ((c.model, *(getattr(c, k) for k in spec.options), c.class_weight, c.views_mode, c.seed)
-                   if spec.optimizer in ("lbfgs", "knn") else repr(c))
+                   if not spec.fitting.by_epochs else repr(c))
             if key not in alone:
                 keras.utils.set_random_seed(c.seed)
                 stop = [] if on_epoch is None else [stopping_when(lambda e, f, i=owners[n]: on_epoch(i, e, f))]
@@ -202,7 +203,7 @@ def _candidates(config: TrainConfig, data: TrainData) -> list[TrainConfig]:
         if MODELS[c.model].input != data.kind:
             raise BadInputError(f"model {c.model!r} trains on {MODELS[c.model].input}, but the data holds {data.kind}")
     if feed.is_streamed(data.x_train):
-        probes = [c for c in candidates if MODELS[c.model].optimizer == "lbfgs"]
+        probes = [c for c in candidates if MODELS[c.model].fitting is C_PATH]
         if probes and config.model != AUTO:
             raise BadInputError(feed.NEEDS_RAM)
         if probes:
@@ -212,21 +213,11 @@ def _candidates(config: TrainConfig, data: TrainData) -> list[TrainConfig]:
     return candidates
 
 
-def _setting(metrics: dict) -> str:
-    """What validation chose: the probe's C, the kNN vote's k and temperature, or the epoch."""
-    if "C" in metrics:
-        return f"C={metrics['C']:.3g}"
-    if "k" in metrics:
-        return f"k={metrics['k']} T={metrics['temperature']:g}"
-    return f"epoch {metrics['best_epoch']}"
-
-
 def _refit_metrics(refitted, tr, va) -> dict:
     """What --refit trained on and what it kept from validation's choice (the run's `seconds` are the choosing fits')."""
-    history = refitted.history
-    kept = {key: history[key][0] for key in ("C", "k", "temperature", "smoothing") if key in history}
-    epochs = {} if kept else {"epochs": len(history["loss"])}
-    return {"refit": {"rows": len(tr) + len(va), **epochs, **kept, "seconds": round(refitted.seconds, 3)}}
+    fitting = MODELS[refitted.config.model].fitting
+    kept = fitting.chosen(refitted.history, refitted.best)   # the setting refitted, or the epochs it trained
+    return {"refit": {"rows": len(tr) + len(va), **kept, "seconds": round(refitted.seconds, 3)}}
 
 
 def _balance_metrics(config: TrainConfig, data: TrainData, tr) -> dict:
@@ -246,7 +237,7 @@ def _fit_metrics(chosen: Fitted, fits: list[Fitted], data: TrainData, config: Tr
         n_test=len(data.y_test), seconds=round(sum(f.seconds for f in fits), 3),
         seconds_per_epoch=round(float(np.mean(history["seconds"])), 4), random_weights=data.random_weights,
         params=int(chosen.model.count_params()),
-        n_views=data.n_views if config.views_mode != "original" and MODELS[chosen.config.model].optimizer != "knn"
+        n_views=data.n_views if config.views_mode != "original" and MODELS[chosen.config.model].fitting is not VOTE
         else 1)   # the kNN head's bank holds the original images only
     if "val_balanced_accuracy" in history:
         out["val_balanced_accuracy"] = float(history["val_balanced_accuracy"][best])
