@@ -25,7 +25,7 @@ from featcache.options import given_or_built, option, validate
 from heads.balance import IMBALANCE_RATIO
 from heads.builders import fitting_of
 from heads.config import RUNS_DIR
-from heads.fitting import C_PATH, VOTE, Fitting
+from heads.fitting import C_PATH, EPOCHS, VOTE, Fitting
 from heads.provenance import Provenance
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def plot_confusion(matrix, class_names, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_curves(history: dict, best_epoch: int, path: Path, title: str, fitting: Fitting) -> None:
+def plot_curves(history: dict, best_epoch: int, path: Path, title: str, fitting: Fitting = EPOCHS) -> None:
     plt = pyplot()
     if fitting is VOTE:
         return _plot_knn(history, best_epoch - 1, path, title)
