@@ -22,7 +22,7 @@ from heads.batches import batches_per_epoch
 from heads.builders import MODELS, STANDARDISE, tuned_layers
 from heads.config import TrainConfig
 from heads.data import TrainData
-from heads.fitting import C_PATH, VOTE
+from heads.fitting import C_PATH, EPOCHS, VOTE
 
 log = logging.getLogger(__name__)
 #: Training steps run per call into TensorFlow: a head step on cached features takes well under a
@@ -57,33 +57,17 @@ def fit(data: TrainData, config: TrainConfig, tr: np.ndarray, va: np.ndarray, pr
     per-row validation losses of the best model fitted before, lets the probe stop once it is clearly
     behind; `keep_rows` records this model's per-row validation losses, to be a rival; `callbacks` are
     more Keras callbacks for a model trained by epochs."""
-    spec, model, fit_model, (x_fit, views_fit) = built(data, config, tr, pooled)
-    n_classes = len(data.class_names)
-    n_views = data.n_views if config.views_mode != "original" else 1
-    weights = balance.split_weights(config.class_weight, data.y_train, tr, va, n_classes)
+    job = _job(data, config, (tr, va), pooled, progress, rival=rival, callbacks=callbacks)
     t0 = time.perf_counter()
-    if spec.fitting is C_PATH:
-        history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, (tr, va),
-                             n_classes, weights, rival)
-    elif spec.fitting is VOTE:
-        from heads.knn import fit_knn
-
-        history = fit_knn(fit_model, x_fit, data.y_train, tr, va, n_classes=n_classes, weights=weights)
-    else:
-        budget = data.feed.memory_budget_bytes if data.feed is not None else None
-
-        def train(c: TrainConfig) -> dict:
-            return _fit_keras(fit_model, spec, c, (x_fit, views_fit, data.y_train), (tr, va), n_views, progress,
-                              memory_budget=budget, weights=weights, callbacks=callbacks)
-
-        history = _fit_stages(fit_model, config, train) if spec.tunes_backbone else train(config)
+    history = _FITS[job.spec.fitting.name](job)
     best, seconds = history.pop("best"), time.perf_counter() - t0
     rows = None
     if keep_rows:
         from heads.metrics import predict, row_losses
 
-        rows = row_losses(predict(fit_model, x_fit[va], config.batch_size), data.y_train[va], weights[1])
-    return Fitted(config, model, fit_model, history, best, seconds, rows)
+        rows = row_losses(predict(job.fit_model, job.x_fit[va], config.batch_size), data.y_train[va],
+                          job.weights[1])
+    return Fitted(config, job.model, job.fit_model, history, best, seconds, rows)
 
 
 def refit(data: TrainData, fitted: Fitted, rows: tuple, progress: bool) -> Fitted:
@@ -96,26 +80,80 @@ def refit(data: TrainData, fitted: Fitted, rows: tuple, progress: bool) -> Fitte
     chosen = spec.fitting.chosen(fitted.history, fitted.best)
     if spec.fitting.by_epochs:
         config = replace(config, epochs=chosen["epochs"], batch_size=fitted.history.get("batch_size", config.batch_size))
-    every = np.sort(np.concatenate(rows))
     keras.utils.set_random_seed(config.seed)
-    spec, model, fit_model, (x_fit, views_fit) = built(data, config, every)
-    n_classes, n_views = len(data.class_names), data.n_views if config.views_mode != "original" else 1
-    weights = balance.split_weights(config.class_weight, data.y_train, every, rows[1], n_classes)
+    job = _job(data, config, (np.sort(np.concatenate(rows)), None), None, progress, chosen=chosen,
+               weighted_by=rows[1])
     t0 = time.perf_counter()
-    if spec.fitting is C_PATH:
-        history = _fit_probe(fit_model, x_fit, views_fit if n_views > 1 else None, data.y_train, (every, None),
-                             n_classes, weights, None, at=chosen["C"])
-    elif spec.fitting is VOTE:
-        from heads.knn import refit_knn
-
-        history = refit_knn(fit_model, x_fit, data.y_train, every, n_classes=n_classes, weights=weights,
-                            setting=chosen)
-    else:
-        history = _fit_keras(fit_model, spec, config, (x_fit, views_fit, data.y_train), (every, None), n_views,
-                             progress, memory_budget=data.feed.memory_budget_bytes if data.feed is not None else None,
-                             weights=weights)
+    history = _FITS[spec.fitting.name](job)
     best = history.pop("best")
-    return Fitted(config, model, fit_model, history, best, time.perf_counter() - t0)
+    return Fitted(config, job.model, job.fit_model, history, best, time.perf_counter() - t0)
+
+
+@dataclass
+class _Job:
+    """One fit of a built head: what each way of fitting (_FITS) reads. rows = (fitted, validation); validation
+    None for a refit, which fits `chosen`, the setting validation chose before."""
+
+    data: TrainData
+    config: TrainConfig
+    spec: object
+    model: object
+    fit_model: object
+    x_fit: np.ndarray
+    views_fit: np.ndarray | None
+    rows: tuple
+    weights: tuple
+    n_views: int
+    progress: bool
+    chosen: dict | None = None
+    rival: np.ndarray | None = None
+    callbacks: tuple = ()
+
+
+def _job(data, config, rows: tuple, pooled, progress, *, chosen=None, rival=None, callbacks=(), weighted_by=None):
+    """The head of `config` built on rows[0] (heads.fit.built) with the class weights of those rows and of the
+    validation rows (`weighted_by`, a refit's former validation rows, where rows[1] is None)."""
+    spec, model, fit_model, (x_fit, views_fit) = built(data, config, rows[0], pooled)
+    n_classes = len(data.class_names)
+    weights = balance.split_weights(config.class_weight, data.y_train, rows[0],
+                                    rows[1] if rows[1] is not None else weighted_by, n_classes)
+    n_views = data.n_views if config.views_mode != "original" else 1
+    return _Job(data, config, spec, model, fit_model, x_fit, views_fit, rows, weights, n_views, progress, chosen,
+                rival, tuple(callbacks))
+
+
+def _by_epochs(job: _Job) -> dict:
+    """Keras' optimiser, epoch after epoch, early stopping on validation (a finetune head in two stages)."""
+    budget = job.data.feed.memory_budget_bytes if job.data.feed is not None else None
+
+    def train(c: TrainConfig) -> dict:
+        return _fit_keras(job.fit_model, job.spec, c, (job.x_fit, job.views_fit, job.data.y_train), job.rows,
+                          job.n_views, job.progress, memory_budget=budget, weights=job.weights,
+                          callbacks=job.callbacks)
+
+    return _fit_stages(job.fit_model, job.config, train) if job.spec.tunes_backbone else train(job.config)
+
+
+def _along_c(job: _Job) -> dict:
+    """The probe's L-BFGS along its path of C (or at the C chosen, for a refit)."""
+    return _fit_probe(job.fit_model, job.x_fit, job.views_fit if job.n_views > 1 else None, job.data.y_train,
+                      job.rows, len(job.data.class_names), job.weights, job.rival,
+                      at=None if job.chosen is None else job.chosen["C"])
+
+
+def _by_vote(job: _Job) -> dict:
+    """The kNN vote's bank filled, its setting chosen on validation (or the chosen one, for a refit)."""
+    from heads.knn import fit_knn, refit_knn
+
+    n_classes = len(job.data.class_names)
+    if job.chosen is not None:
+        return refit_knn(job.fit_model, job.x_fit, job.data.y_train, job.rows[0], n_classes=n_classes,
+                         weights=job.weights, setting=job.chosen)
+    return fit_knn(job.fit_model, job.x_fit, job.data.y_train, *job.rows, n_classes=n_classes, weights=job.weights)
+
+
+#: How each Fitting (heads.fitting) is carried out: the one place a head's way of fitting picks its code.
+_FITS = {EPOCHS.name: _by_epochs, C_PATH.name: _along_c, VOTE.name: _by_vote}
 
 
 def built(data: TrainData, config: TrainConfig, tr: np.ndarray, pooled: dict | None = None) -> tuple:
