@@ -14,6 +14,7 @@ from tests.support import CLASSES, random_images, write_cifar_py, write_folder
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_folder(tmp_path / "tiny")
