@@ -12,12 +12,14 @@ from featcache.options import declared, option, validate
 from heads.balance import CLASS_WEIGHTS, IMBALANCE_RATIO
 from heads.builders import MODELS, POOLINGS
 
-#: The default head: the reference dense head or the linear probe, whichever has the lower validation loss.
+#: The default head: the best by validation loss of a small grid (heads.train.auto_grid): the conv head (on maps
+#: held in RAM) or the reference dense head (on pooled vectors), and the linear probe.
 AUTO = "auto"
 #: Where runs (and searches, curves, studies) write their folders unless told otherwise.
 RUNS_DIR = "runs"
 #: The widest Dense layer a head may have.
 MAX_UNITS = 65536
+#: auto's candidates on pooled vectors; on one layer's maps held in RAM, the conv head replaces the dense head.
 AUTO_CANDIDATES = ("dense", "linear")
 VIEWS_MODES = ("sample", "all", "original")
 LR_SCHEDULES = ("constant", "cosine")
@@ -28,7 +30,8 @@ HEAD, BASELINE, CURVE = "train-head", "train-baseline", "curve"
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = option(
-        "dense", "auto: the dense head or the linear probe, whichever has the lower validation loss (the probe "
+        "dense", "auto: the conv head (where one layer's maps fit --memory-budget; its filters set by the map "
+        "size) or else the dense head, and the linear probe: whichever has the lower validation loss (the probe "
         "wins on small splits); dense: pooling -> standardise -> BatchNorm -> Dense(units) -> Dropout -> softmax; "
         "linear: a linear probe (logistic regression solved by L-BFGS, L2 strength chosen on validation); conv: "
         "BatchNorm -> 1x1 Conv(filters) -> Flatten -> Dense(units) -> softmax; knn: cosine k-nearest-neighbour "
@@ -117,7 +120,13 @@ def options(command: str | None = None) -> list:
     return [f for f in declared(TrainConfig) if command is None or command in f.metadata.get("cli", ())]
 
 
+def reads_maps_if_they_fit(config: TrainConfig) -> bool:
+    """Whether `config` trains on one layer's maps where they fit the memory budget, and on pooled vectors
+    where they do not (auto: its conv head needs the maps, its other candidates do not)."""
+    return config.model == AUTO
+
+
 def pools_first(config: TrainConfig) -> bool:
-    """Whether every model `config` fits starts with a global pooling (then it trains on pooled vectors)."""
+    """Whether every model `config` fits starts with a global pooling (then it can train on pooled vectors)."""
     models = AUTO_CANDIDATES if config.model == AUTO else (config.model,)
     return all(MODELS[m].prepooled({k: getattr(config, k) for k in MODELS[m].options}) is not None for m in models)

@@ -18,7 +18,7 @@ import numpy as np
 from featcache import system
 from featcache.errors import BadInputError
 from featcache.options import declared, option, validate
-from heads.config import RUNS_DIR, TrainConfig, pools_first
+from heads.config import RUNS_DIR, TrainConfig, pools_first, reads_maps_if_they_fit
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ def data_efficiency_curve(cache, *, layer=None, sizes=DEFAULT_SIZES, repeats: in
     check_runs_dir(runs_dir)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     data = data_from_caches(caches, configs[heads[0]].pooling, layer,   # the only read of the cache
-                            prepooled=all(pools_first(c) for c in configs.values()))
+                            prepooled=all(pools_first(c) for c in configs.values()),
+                            maps_if_they_fit=any(reads_maps_if_they_fit(c) for c in configs.values()))
     kept = _sizes_that_fit(sizes, data)
     rows = _runs(data, configs, kept, repeats, progress)
     return _write_curve(Path(runs_dir), rows, data, heads=heads, kept=kept, repeats=repeats, options=options)

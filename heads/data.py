@@ -70,16 +70,20 @@ def data_from_cache(cache, layer: str | None = None) -> TrainData:
 
 
 def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bool = False,
-                     memory_budget: int | None = None, stream: bool = False) -> TrainData:
+                     memory_budget: int | None = None, stream: bool = False, maps_if_they_fit: bool = False
+                     ) -> TrainData:
     """Features of `layers` (default: every layer) found in `caches`, the same images in each.
 
     Several layers are each pooled (gap or max), then concatenated per row. One layer: its pooled
     vectors when the model pools first (`prepooled`); else its maps, in RAM when they fit
     `memory_budget` bytes (default: half the available memory), streamed from disk otherwise or with
-    `stream`. Pooled vectors come from derived caches that pool each layer once (featcache.cache.pooled).
+    `stream`. With `prepooled` and `maps_if_they_fit`, one layer's maps all the same where they fit in RAM
+    (--head auto). Pooled vectors come from derived caches that pool each layer once (featcache.cache.pooled).
     How the data is fed is `TrainData.feed`."""
     sources = layer_sources(open_caches(caches), layers)
     budget = feeds.default_budget() if memory_budget is None else feeds.parse_bytes(memory_budget)
+    if len(sources) == 1 and maps_if_they_fit and _maps_fit(*sources[0], budget, stream):
+        prepooled = False
     if len(sources) == 1 and not (prepooled and pooling in GLOBAL_POOLINGS):
         return _maps(*sources[0], budget, stream)
     if pooling not in GLOBAL_POOLINGS:
@@ -111,6 +115,12 @@ def _maps(cache, layer: str, budget: int, stream: bool) -> TrainData:
         log.info("streaming %s from %s: %s of maps, memory budget %s", layer, cache.path, _gb(maps), _gb(budget))
     data = _streamed(cache, layer) if mode == "stream" else data_from_cache(cache, layer)
     return replace(data, feed=FeedPlan(mode, budget, maps, stream_forced=stream))
+
+
+def _maps_fit(cache, layer: str, budget: int, stream: bool) -> bool:
+    """Whether a layer's cached maps (h, w, c) would be held in RAM (feed.keeps_in_ram)."""
+    return (len(cache.meta.shapes[layer]) == 3
+            and feeds.keeps_in_ram(expected_bytes(cache.meta, [layer]), budget, stream=stream))
 
 
 def in_ram_if_it_fits(data: TrainData) -> TrainData:

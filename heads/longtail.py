@@ -17,7 +17,7 @@ import numpy as np
 
 from featcache import system
 from featcache.errors import BadInputError
-from heads.config import RUNS_DIR, TrainConfig, pools_first
+from heads.config import RUNS_DIR, TrainConfig, pools_first, reads_maps_if_they_fit
 from heads.curve import CurveConfig
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def long_tail_table(cache, *, layer=None, ratios=DEFAULT_RATIOS, shapes=SHAPES, 
     check_runs_dir(runs_dir)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     data = data_from_caches(caches, next(iter(configs.values())).pooling, layer,
-                            prepooled=all(pools_first(c) for c in configs.values()))
+                            prepooled=all(pools_first(c) for c in configs.values()),
+                            maps_if_they_fit=any(reads_maps_if_they_fit(c) for c in configs.values()))
     smallest = int(np.bincount(data.y_train, minlength=len(data.class_names)).min())
     if n_max > smallest:
         raise BadInputError(f"--tail-max {n_max} is more than the {smallest} training images of the smallest class")

@@ -21,7 +21,7 @@ from featcache.errors import BadInputError
 from featcache.options import given_or_built
 from heads import balance, feed
 from heads.builders import MODELS
-from heads.config import AUTO, AUTO_CANDIDATES, RUNS_DIR, VIEWS_MODES, TrainConfig, pools_first
+from heads.config import AUTO, AUTO_CANDIDATES, RUNS_DIR, VIEWS_MODES, TrainConfig, pools_first, reads_maps_if_they_fit
 from heads.data import (
     TrainData,
     data_from_cache,
@@ -198,7 +198,7 @@ def _best(fits: list):
 
 def _candidates(config: TrainConfig, data: TrainData) -> list[TrainConfig]:
     """The configurations to fit: one, or auto's candidates (less the probe where the maps are streamed)."""
-    candidates = [replace(config, model=m) for m in AUTO_CANDIDATES] if config.model == AUTO else [config]
+    candidates = auto_grid(config, data) if config.model == AUTO else [config]
     for c in candidates:
         if MODELS[c.model].input != data.kind:
             raise BadInputError(f"model {c.model!r} trains on {MODELS[c.model].input}, but the data holds {data.kind}")
@@ -211,6 +211,27 @@ def _candidates(config: TrainConfig, data: TrainData) -> list[TrainConfig]:
                      "head alone")
             candidates = [c for c in candidates if c not in probes]
     return candidates
+
+
+#: The conv head in auto's grid flattens about this many values a row: its 1x1 convolution's filters are this
+#: over the map's cells (32 for a 4x4 VGG16 block3_pool map of CIFAR-10), within CONV_FILTERS_RANGE.
+CONV_FLAT_VALUES = 512
+CONV_FILTERS_RANGE = (8, 128)
+
+
+def auto_grid(config: TrainConfig, data: TrainData) -> list[TrainConfig]:
+    """auto's candidates, fitted in this order (the probe last, racing the other): on one layer's maps held in RAM,
+    the conv head, which keeps where in the image a feature fired (the dense head's global pooling throws that
+    away); else the dense head; and the linear probe, which wins on small splits. docs/guides/heads.md says why
+    the grid is not larger."""
+    shape = tuple(data.x_train.shape[1:])
+    on_maps = (data.pooled_by is None and not feed.is_streamed(data.x_train) and len(shape) == 3
+               and shape[0] * shape[1] > 1)
+    if not on_maps:
+        return [replace(config, model=m) for m in AUTO_CANDIDATES]
+    low, high = CONV_FILTERS_RANGE
+    filters = min(high, max(low, CONV_FLAT_VALUES // (shape[0] * shape[1])))
+    return [replace(config, model="conv", filters=filters), replace(config, model="linear")]
 
 
 def _refit_metrics(refitted, tr, va) -> dict:
@@ -253,9 +274,17 @@ def _fit_metrics(chosen: Fitted, fits: list[Fitted], data: TrainData, config: Tr
         out["chosen"] = chosen.config.model
         out["candidates"] = {f.config.model: {"val_loss": f.val_loss, "seconds": round(f.seconds, 3),
                                               "val_accuracy": float(f.history["val_accuracy"][f.best]),
-                                              **({"stopped_early": True} if f.history.get("raced") else {})}
+                                              **({"stopped_early": True} if f.history.get("raced") else {}),
+                                              **_set_by_auto(f.config, config)}
                              for f in fits}
     return out
+
+
+def _set_by_auto(candidate: TrainConfig, config: TrainConfig) -> dict:
+    """{"options": the candidate's options that auto set, not the run's config (the conv head's filters)}."""
+    options = {k: getattr(candidate, k) for k in MODELS[candidate.model].options
+               if getattr(candidate, k) != getattr(config, k)}
+    return {"options": options} if options else {}
 
 
 def train_head(cache, *, layer=None, config: TrainConfig | None = None, runs_dir=RUNS_DIR, progress=True,
@@ -273,7 +302,7 @@ def train_head(cache, *, layer=None, config: TrainConfig | None = None, runs_dir
     config = given_or_built(TrainConfig, config, options, model=AUTO)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     data = data_from_caches(caches, config.pooling, layer, prepooled=pools_first(config),
-                            memory_budget=memory_budget, stream=stream)
+                            maps_if_they_fit=reads_maps_if_they_fit(config), memory_budget=memory_budget, stream=stream)
     return train(data, config, runs_dir=runs_dir, progress=progress)
 
 

@@ -1,6 +1,7 @@
 """Heads at every dataset size: the default head on a few hundred rows, --per-class subsets, the curve."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -134,7 +135,7 @@ def test_curve_end_to_end_reads_the_cache_once(tiny_cache, tmp_path, monkeypatch
     assert r.exit_code == 0, r.output
     out = tmp_path / "runs" / r.stdout.strip().split("/")[-1]
     assert sorted(p.name for p in out.iterdir()) == ["curve.json", "curve.md", "curve.png"]
-    assert reads == [("block3_pool", "gap")]   # every head pools first: one read of pooled vectors for 12 runs
+    assert reads == []   # the maps fit in RAM: read once (auto's conv head trains on them), pooled in memory
     curve = json.loads((out / "curve.json").read_text())
     assert curve["sizes"] == [3, "all"] and len(curve["runs"]) == 2 * 2 * 3
     for row in curve["summary"]:
@@ -145,14 +146,14 @@ def test_curve_end_to_end_reads_the_cache_once(tiny_cache, tmp_path, monkeypatch
             assert row[head]["std"] == pytest.approx(np.std(accs))
     assert [x["n_train"] + x["n_val"] for x in curve["runs"] if x["per_class"] == 3][0] == 9
     assert "| 3 |" in (out / "curve.md").read_text() and "auto chose" in (out / "curve.md").read_text()
-    assert all(x["chosen"] in ("dense", "linear") for x in curve["runs"] if x["head"] == "auto")
+    assert all(x["chosen"] in ("conv", "linear") for x in curve["runs"] if x["head"] == "auto")
     bad = run("curve", "--cache", tiny_cache, "--sizes", "1,x")
     assert bad.exit_code == 2 and "--sizes" in bad.stderr
 
 
 @pytest.mark.slow
 def test_auto_head_keeps_the_lower_validation_loss_and_tests_only_it(monkeypatch, tmp_path):
-    """The default head fits the dense head and the probe on the same rows, keeps the one with the lower
+    """The default head fits the conv head (maps in RAM) and the probe on the same rows, keeps the one with the lower
     validation loss, and predicts the test split once, with that one."""
     import keras
 
@@ -164,7 +165,7 @@ def test_auto_head_keeps_the_lower_validation_loss_and_tests_only_it(monkeypatch
     m = result.metrics
     assert len(seen) == 1 and seen[0] is result.model
     losses = {name: c["val_loss"] for name, c in m["candidates"].items()}
-    assert set(losses) == {"dense", "linear"} and m["chosen"] == min(losses, key=losses.get)
+    assert set(losses) == {"conv", "linear"} and m["chosen"] == min(losses, key=losses.get)
     assert m["val_loss"] == losses[m["chosen"]]
     model = keras.models.load_model(result.run_dir / "model.keras", safe_mode=True)
     pred = ht.predict(model, small.x_test, 64).argmax(1)
@@ -214,3 +215,85 @@ def test_curve_options_are_one_declared_set_checked_from_python_too(tiny_cache, 
     with pytest.raises(BadInputError, match="--repeats must be at least 1"):
         CurveConfig(repeats=0)
     assert CurveConfig(sizes=(5, None)).sizes == (5, None) and CurveConfig(long_tail="10,50").long_tail == (10, 50)
+
+
+def where_maps(counts, n_test_per_class=20, seed=0):
+    """(4, 4, 8) maps whose class is where a feature fires, not how strongly: class c lights cell c with the same
+    values for every class, so globally pooled features look alike across classes and only a head that keeps the
+    map's cells can tell them apart. `counts`: training images of each class."""
+    rng = np.random.default_rng(seed)
+
+    def make(y):
+        x = rng.gamma(2.0, 50.0, (len(y), 16, 8))
+        x[np.arange(len(y)), y] += 2000 + rng.normal(0, 200, (len(y), 8))
+        return x.reshape(len(y), 4, 4, 8).astype(np.float16)
+
+    y = np.repeat(np.arange(len(counts)), counts)
+    yt = np.repeat(np.arange(len(counts)), n_test_per_class)
+    return TrainData(make(y), y, make(yt), yt, tuple(f"c{i}" for i in range(len(counts))), "features",
+                     provenance=Provenance(other={"synthetic": True}))
+
+
+def pooled_like_today(data: TrainData) -> TrainData:
+    """The same images as globally average-pooled vectors (what auto trained on before the conv head)."""
+    gap = lambda x: x.astype(np.float32).mean(axis=(1, 2))   # noqa: E731
+    return replace(data, x_train=gap(data.x_train), x_test=gap(data.x_test), map_shape=data.x_train.shape[1:],
+                   pooled_by="gap")
+
+
+@pytest.mark.slow
+def test_auto_on_maps_in_ram_tries_the_conv_head_which_sees_where_a_feature_fired():
+    data = where_maps([40] * 4)
+    m = ht.train(data, TrainConfig(model="auto"), runs_dir=None, progress=False).metrics
+    assert set(m["candidates"]) == {"conv", "linear"} and m["chosen"] == "conv", m["candidates"]
+    assert m["candidates"]["conv"]["options"] == {"filters": 512 // 16}
+    assert m["test_accuracy"] > 0.9, m
+    today = ht.train(pooled_like_today(data), TrainConfig(model="auto"), runs_dir=None, progress=False).metrics
+    assert set(today["candidates"]) == {"dense", "linear"} and today["test_accuracy"] < 0.6   # pooled: near chance
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("counts", [[5] * 10, [40, 30, 20, 12, 8, 6, 5, 4, 4, 3]], ids=["5-per-class", "long-tail"])
+def test_auto_on_maps_chooses_as_well_as_on_pooled_vectors_on_small_and_long_tailed_splits(counts):
+    """Where the maps hold nothing GAP misses, the larger grid costs no accuracy: on 5 images a class and on a
+    long tail (13x), auto on the maps tests within a few points of auto on pooled vectors (its grid before)."""
+    rng = np.random.default_rng(1)
+    full = backbone_like(per_class=max(counts), n_test=400, seed=2)
+    keep = np.concatenate([rng.choice(np.flatnonzero(full.y_train == c), n, replace=False)
+                           for c, n in enumerate(counts)])
+    data = replace(full, x_train=full.x_train[keep], y_train=full.y_train[keep])
+    new = ht.train(data, TrainConfig(model="auto"), runs_dir=None, progress=False).metrics
+    old = ht.train(pooled_like_today(data), TrainConfig(model="auto"), runs_dir=None, progress=False).metrics
+    assert set(new["candidates"]) == {"conv", "linear"}
+    assert new["test_accuracy"] >= old["test_accuracy"] - 0.05, (new, old)
+
+
+def test_auto_grid_follows_what_the_rows_are():
+    """The conv head joins auto's grid only on one layer's maps held in RAM, with filters that keep its flattened
+    output near 512 values; pooled vectors, concatenated layers and 1x1 maps keep the dense head."""
+    base = where_maps([2] * 4)
+
+    def grid(data):
+        return [(c.model, c.filters if c.model == "conv" else None) for c in ht.auto_grid(TrainConfig(model="auto"),
+                                                                                          data)]
+
+    maps = lambda shape: replace(base, x_train=np.zeros((8, *shape), np.float16))   # noqa: E731
+    assert grid(base) == [("conv", 32), ("linear", None)]
+    assert grid(maps((8, 8, 4)))[0] == ("conv", 8) and grid(maps((2, 2, 4)))[0] == ("conv", 128)
+    assert grid(maps((1, 1, 4)))[0] == ("dense", None)
+    assert grid(pooled_like_today(base))[0] == ("dense", None)
+    assert grid(replace(base, x_train=np.zeros((8, 64), np.float32)))[0] == ("dense", None)
+
+
+def test_auto_reads_maps_only_where_they_fit_in_memory(tiny_cache):
+    """`train_head`'s auto loads one layer's maps when they fit the memory budget (and not --stream); else the
+    pooled vectors, never streamed maps (the probe needs its rows in RAM, the dense head pools first)."""
+    from heads.data import data_from_caches
+
+    def loaded(**kw):
+        d = data_from_caches([tiny_cache], "gap", None, prepooled=True, maps_if_they_fit=True, **kw)
+        return d.feed.mode, d.x_train.ndim
+
+    assert loaded() == ("ram", 4)
+    assert loaded(memory_budget="1KB") == ("pooled", 2)
+    assert loaded(stream=True) == ("pooled", 2)
