@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, write_sections
+from common import ROOT, machine, write_sections
 
 #: The CLI of the tree the process starts in (`python -c` puts the working folder first on sys.path).
 CLI = ("import os, sys, featcache; assert featcache.__file__.startswith(os.getcwd()), featcache.__file__\n"
@@ -62,8 +61,7 @@ def section(results: dict, before: str, after: str) -> str:
     lines = ["## 9. The default head: training time, before and after", "",
              f"`python bench/default_head.py --cache <the block3_pool cache> --before {before}` (before: {before}, "
              f"after: {after}): `featcache train-head` with every default, each side in a fresh process, alternated; "
-             "medians. Host: "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs.", "",
+             f"medians. Host: {machine()['cpu']}, {os.cpu_count()} logical CPUs.", "",
              "| training split | side | training s (median) | process s | candidates s | chosen | val loss | test acc |",
              "|---|---|---|---|---|---|---|---|"]
     for split, sides in results.items():

@@ -2,8 +2,9 @@
 
 The validation split is carved from the training split (stratified, seeded, at least one row per
 class); early stopping watches validation loss and restores the best epoch's weights (the linear
-probe is solved by L-BFGS instead, heads.probe); the default head, "auto", keeps whichever of the
-dense head and the probe has the lower validation loss. The test split is predicted exactly once,
+probe is solved by L-BFGS instead, heads.probe); the default head, "auto", keeps whichever of its
+candidates (`auto_grid`: the conv head on maps in RAM or else the dense head, and the probe) has the lower
+validation loss. The test split is predicted exactly once,
 after training, and nothing is chosen by it.
 """
 
@@ -58,9 +59,9 @@ def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str |
           progress: bool = True) -> RunResult:
     """Train `config.model` on `data`, evaluate once on the test split, and record the run.
 
-    With `config.model == "auto"` the reference dense head and the linear probe are both fitted on
-    the same training rows and the one with the lower validation loss is kept (and alone sees the
-    test split). With `config.per_class`, training and validation use that many training images per
+    With `config.model == "auto"` the candidates of `auto_grid` (the conv head or the dense head, and the
+    linear probe) are fitted on the same training rows and the one with the lower validation loss is kept
+    (and alone sees the test split). With `config.per_class`, training and validation use that many training images per
     class only. With `runs_dir=None` nothing is written (the result still carries metrics and model).
     """
     config = TrainConfig() if config is None else config
@@ -109,7 +110,7 @@ class Validated:
 
     data: TrainData             # the data trained on (a --per-class subset, maps read into RAM)
     chosen: Fitted
-    fits: list[Fitted]          # every candidate fitted (auto: the dense head and the probe)
+    fits: list[Fitted]          # every candidate fitted (auto: those of auto_grid)
     rows: tuple                 # (training rows, validation rows) of data's training split
 
 
@@ -289,8 +290,9 @@ def _set_by_auto(candidate: TrainConfig, config: TrainConfig) -> dict:
 
 def train_head(cache, *, layer=None, config: TrainConfig | None = None, runs_dir=RUNS_DIR, progress=True,
                memory_budget=None, stream: bool = False, **options) -> RunResult:
-    """Train a head on a cache path or FeatureCache: `model="auto"` (default: the dense head or the linear
-    probe, whichever has the lower validation loss), `"dense"`, `"linear"` or `"conv"`. The training options
+    """Train a head on a cache path or FeatureCache: `model="auto"` (default: the conv head on one layer's maps
+    that fit the memory budget, else the dense head, or the linear probe: whichever has the lower validation
+    loss), `"dense"`, `"linear"` or `"conv"`. The training options
     come as a TrainConfig (`config`) or as its fields (`units=(256,)`), validated once.
 
     `layer` picks the cached layers to train on (default: all). Several layers, from one cache or
