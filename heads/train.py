@@ -38,7 +38,7 @@ from heads.fitting import C_PATH, VOTE
 from heads.metrics import evaluate, predict
 
 #: What a notebook imports from here; the data side lives in heads.data and heads.config, re-exported.
-__all__ = ["AUTO", "VIEWS_MODES", "RunResult", "TrainConfig", "TrainData", "Validated", "data_from_cache",
+__all__ = ["AUTO", "VIEWS_MODES", "RunResult", "TrainConfig", "TrainData", "Validated", "choose", "data_from_cache",
            "data_from_caches", "data_from_dataset", "fit_and_choose", "fit_and_choose_all", "fit_schedule",
            "pools_first", "predict", "split_indices", "stratified_subset", "subset", "train", "train_baseline",
            "train_head"]
@@ -126,12 +126,12 @@ def fit_and_choose(data: TrainData, config: TrainConfig, *, progress: bool = Tru
     candidates = _candidates(config, data)   # checked before any training, not after the first candidate
     tr, va = split_indices(data.y_train, config.val_fraction, config.seed, data.class_names)
     fits = []
-    for i, c in enumerate(candidates):   # auto: the dense head first, so that the probe can stop once it cannot win
+    for c in candidates:   # auto: the conv or dense head first, so that the probe can stop once it cannot win
         keras.utils.set_random_seed(c.seed)
         rival = _best(fits).val_rows if fits else None
-        fits.append(fit(data, c, tr, va, progress, pooled, rival=rival, keep_rows=i < len(candidates) - 1,
+        fits.append(fit(data, c, tr, va, progress, pooled, rival=rival, keep_rows=len(candidates) > 1,
                         callbacks=callbacks))
-    chosen = _best(fits)   # validation only: the test split plays no part
+    chosen = choose(fits)   # validation only: the test split plays no part
     if not np.isfinite(chosen.val_loss):
         raise BadInputError(f"training diverged: the validation loss of {', '.join(f.config.model for f in fits)} is "
                             f"not finite (learning rate {chosen.config.learning_rate}); fix: a lower --lr")
@@ -161,7 +161,7 @@ def fit_and_choose_all(data: TrainData, configs: list[TrainConfig], *, progress:
     out = []
     for i in range(len(configs)):
         mine = [fits[n] for n in range(len(candidates)) if owners[n] == i]
-        out.append(Validated(data, _best(mine), mine, rows))
+        out.append(Validated(data, choose(mine), mine, rows))
     return out
 
 
@@ -190,6 +190,27 @@ def _fit_candidates(data: TrainData, candidates: list, owners: tuple, rows: tupl
                 alone[key] = fit(data, c, *rows, progress, pooled, callbacks=stop)
             fits[n] = alone[key]
     return fits
+
+
+#: A candidate is kept over the linear probe only when its validation loss is lower by more than this many
+#: standard errors of their row-by-row difference.
+STANDARD_ERRORS = 1.0
+
+
+def choose(fits: list):
+    """The fit of least validation loss, but the linear probe, the simplest candidate, stays unless another's loss
+    is lower by more than STANDARD_ERRORS standard errors of their row-by-row difference: the one-standard-error
+    rule (Breiman et al.'s CART, Hastie et al.'s ESL 7.10). On a few dozen validation images a lower loss by less
+    than that is noise, and the larger head then tested worse (docs/guides/heads.md, "Small datasets")."""
+    best = _best(fits)
+    probe = next((f for f in fits if MODELS[f.config.model].fitting is C_PATH), None)
+    if probe is None or best is probe or best.val_rows is None or probe.val_rows is None:
+        return best
+    ahead = probe.val_rows - best.val_rows   # per row, what the other head gains over the probe
+    if len(ahead) < 2:
+        return best
+    standard_error = float(np.std(ahead, ddof=1)) / np.sqrt(len(ahead))
+    return best if float(np.mean(ahead)) > STANDARD_ERRORS * standard_error else probe
 
 
 def _best(fits: list):
@@ -273,6 +294,8 @@ def _fit_metrics(chosen: Fitted, fits: list[Fitted], data: TrainData, config: Tr
         out["batch_size"] = history["batch_size"]
     if config.model == AUTO:
         out["chosen"] = chosen.config.model
+        if chosen.val_loss > _best(fits).val_loss:   # choose's rule kept the probe
+            out["probe_kept_within_standard_errors"] = STANDARD_ERRORS
         out["candidates"] = {f.config.model: {"val_loss": f.val_loss, "seconds": round(f.seconds, 3),
                                               "val_accuracy": float(f.history["val_accuracy"][f.best]),
                                               **({"stopped_early": True} if f.history.get("raced") else {}),

@@ -58,7 +58,7 @@ def test_refit_of_auto_refits_the_head_it_chose(tmp_path):
     result = ht.train(data, TrainConfig(model="auto", units=(16,), epochs=10, batch_size=32, refit=True), runs_dir=tmp_path,
                       progress=False)
     m = result.metrics
-    assert m["chosen"] in ("dense", "linear") and ("C" in m["refit"]) == (m["chosen"] == "linear")
+    assert m["chosen"] in ("conv", "linear") and ("C" in m["refit"]) == (m["chosen"] == "linear")
     assert "refitted with that setting on training + validation (300 rows)" in \
         (result.run_dir / "classification_report.txt").read_text()
 
