@@ -204,7 +204,8 @@ def choose(fits: list):
     than that is noise, and the larger head then tested worse (docs/guides/heads.md, "Small datasets")."""
     best = _best(fits)
     probe = next((f for f in fits if MODELS[f.config.model].fitting is C_PATH), None)
-    if probe is None or best is probe or best.val_rows is None or probe.val_rows is None:
+    if (probe is None or best is probe or not np.isfinite(probe.val_loss) or best.val_rows is None
+            or probe.val_rows is None):
         return best
     ahead = probe.val_rows - best.val_rows   # per row, what the other head gains over the probe
     if len(ahead) < 2:

@@ -322,3 +322,5 @@ def test_auto_keeps_the_probe_unless_another_head_is_ahead_by_more_than_noise():
     assert ht.choose([noisy, probe]) is probe and ht.choose([clear, probe]) is clear
     assert ht.choose([noisy, fitted("dense", probe_rows + 1)]) is noisy   # no probe: the lowest loss
     assert ht.choose([replace(noisy, val_rows=None), probe]).config.model == "conv"   # no rows to compare
+    diverged = fitted("linear", np.full(30, np.nan))
+    assert ht.choose([noisy, diverged]) is noisy   # a probe whose loss is not finite never stays
