@@ -114,7 +114,7 @@ def _refine(attempt, tried: dict, rival: np.ndarray | None) -> None:
         # were validation loss convex in log C, a half-decade step could gain at most half the larger rise to
         # the decades either side (f(-1) >= f(0) - (f(2) - f(0)) / 2): not enough if clearly behind by more
         gain = 0.5 * (max(loss(best - 2), loss(best + 2)) - loss(best))
-        if _clearly_behind(tried[best][4] - rival, gain):
+        if clearly_behind(tried[best][4] - rival, gain):
             return
     for i in (best - 1, best + 1):
         if 0 <= i < len(C_GRID) and i not in tried:
@@ -137,15 +137,16 @@ def _cannot_catch_up(losses: list[float], behind: np.ndarray) -> bool:
     if not 0 < last < previous:
         return False
     ratio = last / previous
-    return _clearly_behind(behind, 2 * last * ratio / (1 - ratio))
+    return clearly_behind(behind, 2 * last * ratio / (1 - ratio))
 
 
-def _clearly_behind(behind: np.ndarray, still_to_gain: float) -> bool:
-    """Mean of `behind` above `still_to_gain` by more than two standard errors (a paired comparison)."""
+def clearly_behind(behind: np.ndarray, still_to_gain: float = 0.0, errors: float = 2.0) -> bool:
+    """Mean of `behind` (a model's per-row losses minus another's) above `still_to_gain` by more than `errors`
+    standard errors: a paired comparison, False on fewer than two rows."""
     if len(behind) < 2:
         return False
     standard_error = float(np.std(behind, ddof=1)) / np.sqrt(len(behind))
-    return float(np.mean(behind)) - still_to_gain > 2 * standard_error
+    return float(np.mean(behind)) - still_to_gain > errors * standard_error
 
 
 class _Solver:

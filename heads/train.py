@@ -36,6 +36,7 @@ from heads.data import (
 from heads.fit import Fitted, fit, fit_schedule, refit
 from heads.fitting import C_PATH, VOTE
 from heads.metrics import evaluate, predict
+from heads.probe import clearly_behind
 
 #: What a notebook imports from here; the data side lives in heads.data and heads.config, re-exported.
 __all__ = ["AUTO", "VIEWS_MODES", "RunResult", "TrainConfig", "TrainData", "Validated", "choose", "data_from_cache",
@@ -207,11 +208,9 @@ def choose(fits: list):
     if (probe is None or best is probe or not np.isfinite(probe.val_loss) or best.val_rows is None
             or probe.val_rows is None):
         return best
-    ahead = probe.val_rows - best.val_rows   # per row, what the other head gains over the probe
-    if len(ahead) < 2:
+    if len(best.val_rows) < 2:
         return best
-    standard_error = float(np.std(ahead, ddof=1)) / np.sqrt(len(ahead))
-    return best if float(np.mean(ahead)) > STANDARD_ERRORS * standard_error else probe
+    return best if clearly_behind(probe.val_rows - best.val_rows, errors=STANDARD_ERRORS) else probe
 
 
 def _best(fits: list):
