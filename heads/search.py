@@ -51,15 +51,15 @@ class SearchConfig:
     name: str = option("search", "The search: runs-dir/search-NAME/; the same name continues it.", kind="str")
     storage: str | None = option(None, "An Optuna storage URL (e.g. postgresql://...) to share the study between "
                                  "machines [default: SQLite in the search folder].", kind="str")
-    engine: str = option("local", "Who runs the trials: this process (local), or Ray Tune on the cluster at "
-                         "--ray-address or on a local one featcache starts and stops (ray; pip install "
-                         "'featcache[ray]'); the same trials either way.", kind="str", choices=ENGINES)
+    engine: str = option("local", "Who runs the trials: this process (local), or searchers on Ray actors sharing the "
+                         "study, on the cluster at --ray-address or on a local one featcache starts and stops (ray; "
+                         "pip install 'featcache[ray]'); the same trials either way.", kind="str", choices=ENGINES)
     ray_address: str | None = option(None, "--engine ray: the cluster (e.g. ray://head:10001 or auto) [default: "
                                      "$RAY_ADDRESS, else a local cluster of this machine's CPUs].", kind="str")
-    workers: int | None = option(None, "--engine ray: trials at once [default: one per CPU of the cluster].",
-                                 kind="int", low=1)
-    together: int = option(TOGETHER, "--engine local: trials asked for at once and fitted together, their dense and "
-                           "conv heads on the same input in one pass (1: one trial at a time).", kind="int", low=1)
+    workers: int | None = option(None, "--engine ray: searchers at once, each fitting --together trials at a time "
+                                 "[default: one per CPU of the cluster].", kind="int", low=1)
+    together: int = option(TOGETHER, "Trials asked for at once and fitted together, their dense and conv heads on the "
+                           "same input in one pass (1: one trial at a time).", kind="int", low=1)
 
     def __post_init__(self):
         validate(self)
@@ -203,8 +203,9 @@ def grid_of(space: list[Param]) -> dict:
 
 
 def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pruner: str, objective: str,
-               storage: str | None, seed: int):
-    """The Optuna study of this search, created or continued (same name, same storage)."""
+               storage: str | None, seed: int, samples: bool = True):
+    """The Optuna study of this search, created or continued (same name, same storage); `samples=False` for a
+    process that only reads it (the driver of searchers), which then leaves the processes' count alone."""
     import optuna
 
     pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
@@ -223,7 +224,8 @@ def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pru
         # the k-th process to open the study samples with seed + k: processes sharing it draw different trials,
         # and a search run once from scratch draws the same trials for the same seed
         opened = study.user_attrs.get(OPENED, 0)
-        study.set_user_attr(OPENED, opened + 1)
+        if samples:
+            study.set_user_attr(OPENED, opened + 1)
     study.sampler = make_sampler(sampler, space, seed + opened, folder)
     return study
 

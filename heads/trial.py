@@ -14,11 +14,15 @@ class SearchData:
     """The training data of a search, read once per (layer set, pooling) and pooled once, for every trial.
 
     `caches` are paths (or opened caches); `layer` is the fixed layer set (None: every layer) that a
-    searched `layers` parameter replaces. The arrays are only read: Ray trials share them through its
-    object store."""
+    searched `layers` parameter replaces. Pickled (to a Ray actor), it travels as the caches' absolute paths
+    and reads them again there."""
 
     def __init__(self, caches: list, layer=None):
         self.caches, self.layer, self.data, self.pooled = caches, layer, {}, {}
+
+    def __getstate__(self) -> dict:
+        paths = [Path(getattr(c, "path", c)).absolute() for c in self.caches]
+        return {"caches": paths, "layer": self.layer, "data": {}, "pooled": {}}
 
     def get(self, config: TrainConfig, layers=None):
         """(TrainData, pooled-vectors memo) of `config` on `layers` (default: the search's fixed layer set)."""

@@ -1,5 +1,6 @@
-"""Running a search (heads.search): the trials in one process on features read once, the winner's one look
-at the test split, and the search folder's records (search.json, search.md, Optuna's plots)."""
+"""Running a search (heads.search): searchers sharing the study (this process, or Ray actors, handed batches of
+trials by the one distributor), each on features it reads once; the winner's one look at the test split; and the
+search folder's records (search.json, search.md, Optuna's plots)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 import warnings
@@ -40,7 +42,8 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     The local engine asks the sampler for `together` trials at a time and fits them together: their heads that
     can share a pass (heads.together) train in one (1: one trial at a time, in Optuna's own loop).
 
-    `engine="ray"` runs the trials on Ray Tune (heads.tune), on the cluster at `ray_address` or one of its own."""
+    `engine="ray"` hands the same batches to searchers on Ray actors (featcache.cluster.distribute), on the cluster
+    at `ray_address` or one of its own: each is what the local engine is, a process sharing the study."""
     search, base = hs.configs(search, config, options)
     sampler = search.chosen_sampler(params)
     hs.check(params, sampler=sampler)
@@ -48,30 +51,95 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     data = SearchData(list(cache) if isinstance(cache, (list, tuple)) else [cache], layer)
     data.check_layers(params)
     folder = system.writable_folder(Path(runs_dir) / f"search-{search.name}", what="search folder",
-                                    fix="pass a writable --runs-dir")
+                                    fix="pass a writable --runs-dir").absolute()
     study = hs.make_study(folder, search.name, params, sampler=sampler, pruner=search.pruner,
-                          objective=search.objective, storage=search.storage, seed=base.seed)
+                          objective=search.objective, storage=search.storage, seed=base.seed, samples=False)
     from heads.logs import write_search
 
     write_search(folder / "tensorboard", params, hs.OBJECTIVES)
     left = _left(study, params, sampler, search.trials)
-    reports = {}
-    if left and search.engine == "ray":
-        from heads import tune
-
-        reports = tune.optimize(study, params, base, data, pruner=search.pruner, objective=search.objective,
-                                trials=left, timeout=search.timeout, folder=folder, storage=search.storage,
-                                address=search.ray_address, workers=search.workers, progress=progress)
-    elif left:
-        with system.progress_bar(left, unit="trial", desc="search", enabled=progress) as bar:
-            run = _in_batches if search.together > 1 else _one_at_a_time
-            run(study, Batch(params, base, data, search.objective, folder / "tensorboard"), left=left,
-                together=search.together, timeout=search.timeout, trials=search.trials, bar=bar)
-    return _finish(folder, study, params, base, data, reports,
+    if left is None or left > 0:
+        _distributed(SearchJob(data, params, base, search, sampler, folder), left, progress=progress)
+    return _finish(folder, study, params, base, data,
                    dict(sampler=sampler, pruner=search.pruner, objective=search.objective, name=search.name,
                         engine=search.engine, storage=search.storage or "sqlite (study.db)"))
 
 
+@dataclass(frozen=True)
+class SearchJob:
+    """What every searcher of a search works from; it travels to Ray actors (SearchData without its arrays)."""
+
+    data: SearchData
+    params: list
+    base: TrainConfig
+    search: hs.SearchConfig
+    sampler: str
+    folder: Path
+
+
+def _distributed(job: SearchJob, left: int | None, *, progress: bool) -> None:
+    """The trials still to run, handed out by the one distributor: tasks of `together` trials (each one batch,
+    fitted together) to searchers in this process (local) or on Ray actors; with no trial count, one task per
+    searcher that runs batches until the timeout."""
+    import contextlib
+    import sys
+
+    from featcache import cluster
+
+    search = job.search
+    deadline = None if search.timeout is None else time.time() + search.timeout   # wall clock: Ray actors share it
+    if left is None:
+        tasks = [(deadline, None)] * (1 if search.engine == "local" else search.workers or os.cpu_count() or 1)
+    else:
+        tasks = [(deadline, search.together)] * -(-left // search.together)
+    with contextlib.redirect_stdout(sys.stderr), \
+            system.progress_bar(left, unit="trial", desc=f"search ({search.engine})", enabled=progress) as bar, \
+            cluster.distribute(Searcher, lambda threads: (job,), tasks, engine=search.engine, ordered=False,
+                               address=search.ray_address, workers=search.workers,
+                               record=job.folder / cluster.PROCESSES_FILE,
+                               after_death="the trials it ran are failed and run again: rerun the same command") \
+            as done:
+        for ran in done:
+            bar.update(ran)
+
+
+class Searcher:
+    """One process's part of a search: it opens the study (its sampler seeded seed + k, k counting the processes
+    that opened it), then each task asks for a batch of trials, fits it and tells the results, as every process
+    sharing the study does. The distributor's worker: this process with the local engine, a Ray actor with ray."""
+
+    def __init__(self, job: SearchJob):
+        self.error, self.job = None, job
+        try:
+            self.study = hs.make_study(job.folder, job.search.name, job.params, sampler=job.sampler,
+                                       pruner=job.search.pruner, objective=job.search.objective,
+                                       storage=job.search.storage, seed=job.base.seed)
+        except Exception as e:  # noqa: BLE001  (handed to the driver by ready(), which raises it there, once)
+            self.error = e
+        self.batch = Batch(job.params, job.base, job.data, job.search.objective, job.folder / "tensorboard")
+
+    def ready(self):
+        return self.error
+
+    def run(self, deadline: float | None, share: int | None) -> int:
+        """Run `share` trials (None: until `deadline`), fewer where the study has its count; how many ran."""
+        timeout = None if deadline is None else deadline - time.time()
+        if timeout is not None and timeout <= 0:
+            return 0
+        ran = _Count()
+        run = _in_batches if self.job.search.together > 1 else _one_at_a_time
+        run(self.study, self.batch, left=share, together=self.job.search.together, timeout=timeout,
+            trials=self.job.search.trials, bar=ran)
+        return ran.n
+
+
+class _Count:
+    """The progress bar a searcher's loop updates: a count of the trials it ran."""
+
+    n = 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += int(n)
 
 
 @dataclass
@@ -228,10 +296,8 @@ def _trial(trial, params: list, base: TrainConfig, data: SearchData, objective: 
     return figures[objective]
 
 
-def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchData, reports: dict, settings: dict) -> Path:
-    """Train the winner once more and test it, then write the records; the search folder is returned.
-
-    `reports`: the Ray engine's last report of each trial, by Optuna trial number (empty for the local engine)."""
+def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchData, settings: dict) -> Path:
+    """Train the winner once more and test it, then write the records; the search folder is returned."""
     from heads.reports import write_json
     from heads.train import train
 
@@ -244,7 +310,7 @@ def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchDa
     train_data, _ = data.get(config, values.get(hs.LAYERS))
     winner = train(train_data, dataclasses.replace(config, name=f"{settings['name']}-winner"),
                    runs_dir=folder, progress=False)
-    rows = [_row(t, reports.get(t.number)) for t in study.trials if not _surplus(t)]
+    rows = [_row(t) for t in study.trials if not _surplus(t)]
     record = {**settings, "space": [p.__dict__ for p in params], "fixed": _jsonable(base.__dict__), "trials": rows,
               "best_trial": best.number, "winner": {"run": winner.run_dir.name, "params": best.params,
                                                     "test_accuracy": winner.metrics["test_accuracy"],
@@ -256,13 +322,10 @@ def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchDa
     return folder
 
 
-def _row(t, report: dict | None = None) -> dict:
-    """One trial's record; a Ray trial's figures come from its last report (a trial its scheduler stopped
-    counts as pruned, with the best value it had reached)."""
-    attrs = t.user_attrs if report is None else {"epochs_run": report["epochs_run"]} if report["final"] else {}
-    if report is not None:
-        attrs.update({k: report.get(k) for k in ("val_loss", "val_accuracy", "chosen", "seconds")})
-    pruned = t.state.name == "PRUNED" or (report is not None and not report["final"])
+def _row(t) -> dict:
+    """One trial's record, from what its searcher stored with it."""
+    attrs = t.user_attrs
+    pruned = t.state.name == "PRUNED"
     return {"trial": t.number, "state": "pruned" if pruned else t.state.name.lower(), "params": t.params,
             "value": t.value, "pruned": pruned,
             "epochs": attrs.get("epochs_run", len(t.intermediate_values) or None),

@@ -106,6 +106,19 @@ def test_run_search_takes_its_config_objects_from_python(tiny_cache, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_search_without_a_trial_count_runs_until_its_timeout(tiny_cache, tmp_path):
+    from heads.search import parse_param
+    from heads.trials import run_search
+
+    started = time.monotonic()
+    folder = run_search(tiny_cache, [parse_param("dropout=0.1:0.5")], trials=None, timeout=2, model="dense",
+                        epochs=2, patience=1, units=(8,), pruner="none", together=2, runs_dir=tmp_path, progress=False)
+    record = json.loads((folder / "search.json").read_text())
+    assert len(record["trials"]) >= 2 and all(t["state"] == "complete" for t in record["trials"])
+    assert time.monotonic() - started < 120   # batches stop being started at the timeout
+
+
+@pytest.mark.slow
 def test_space_file_and_ranges(tiny_cache, tmp_path):
     space = tmp_path / "space.toml"
     space.write_text('[params]\nunits = ["4", "8,4"]\nlr = {low = 1e-4, high = 1e-2, log = true}\n')
@@ -285,9 +298,11 @@ def test_a_grid_point_another_process_started_is_not_run_again(tiny_cache, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")
-def test_ray_engine_gives_the_local_figures_of_a_grid_and_leaves_no_process(tiny_cache, tmp_path):
-    pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install 'featcache[ray]')")
+def test_ray_engine_gives_the_local_figures_of_a_grid_and_leaves_no_process(tiny_cache, tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'featcache[ray]')")
     from tests.support import Descendants, assert_all_gone
+
+    monkeypatch.setitem(sys.modules, "ray.tune", None)   # searchers on the distributor's actors: no Ray Tune
 
     grid = ("search", "--cache", tiny_cache, "--param", "dropout=0.1|0.3", "--param", "lr=0.001|0.01", "--head",
             "dense", "--pruner", "none", *QUICK)
@@ -295,7 +310,7 @@ def test_ray_engine_gives_the_local_figures_of_a_grid_and_leaves_no_process(tiny
     assert r.exit_code == 0, r.output
     local = json.loads(Path(r.stdout.strip(), "search.json").read_text())
     with Descendants(os.getpid()) as seen:
-        r = run(*grid, "--runs-dir", tmp_path / "ray", "--engine", "ray")
+        r = run(*grid, "--runs-dir", tmp_path / "ray", "--engine", "ray", "--together", "2")   # 2 searchers, 2 each
     assert r.exit_code == 0, r.output
     assert_all_gone(seen.seen)
     on_ray = json.loads(Path(r.stdout.strip(), "search.json").read_text())
