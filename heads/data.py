@@ -70,8 +70,8 @@ def data_from_cache(cache, layer: str | None = None) -> TrainData:
 
 
 def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bool = False,
-                     memory_budget: int | None = None, stream: bool = False, maps_if_they_fit: bool = False
-                     ) -> TrainData:
+                     memory_budget: int | None = None, stream: bool = False, maps_if_they_fit: bool = False,
+                     lazy: bool = False) -> TrainData:
     """Features of `layers` (default: every layer) found in `caches`, the same images in each.
 
     Several layers are each pooled (gap or max), then concatenated per row. One layer: its pooled
@@ -79,13 +79,15 @@ def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bo
     `memory_budget` bytes (default: half the available memory), streamed from disk otherwise or with
     `stream`. With `prepooled` and `maps_if_they_fit`, one layer's maps all the same where they fit in RAM
     (--head auto). Pooled vectors come from derived caches that pool each layer once (featcache.cache.pooled).
+    `lazy`: maps are left on disk until the rows in use are known, then read into RAM if those fit
+    (`in_ram_if_it_fits`, after a --per-class subset), so a subset never reads the whole split.
     How the data is fed is `TrainData.feed`."""
     sources = layer_sources(open_caches(caches), layers)
     budget = feeds.default_budget() if memory_budget is None else feeds.parse_bytes(memory_budget)
     if len(sources) == 1 and maps_if_they_fit and _maps_fit(*sources[0], budget, stream):
         prepooled = False
     if len(sources) == 1 and not (prepooled and pooling in GLOBAL_POOLINGS):
-        return _maps(*sources[0], budget, stream)
+        return _maps(*sources[0], budget, stream, lazy)
     if pooling not in GLOBAL_POOLINGS:
         raise BadInputError(f"concatenating layers needs --pooling gap or max, got {pooling!r}")
     parts = [_pooled(c, layer, pooling) for c, layer in sources]
@@ -107,11 +109,12 @@ def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bo
         random_weights=any(p.random_weights for p in parts), x_views=cat([p.x_views for p in parts]), feed=plan)
 
 
-def _maps(cache, layer: str, budget: int, stream: bool) -> TrainData:
-    """One layer's maps: in RAM when they fit `budget`, else (or with `stream`) read from disk as training needs."""
+def _maps(cache, layer: str, budget: int, stream: bool, lazy: bool = False) -> TrainData:
+    """One layer's maps: in RAM when they fit `budget` (and not `lazy`), else (or with `stream`) read from disk as
+    training needs."""
     maps = expected_bytes(cache.meta, [layer])
-    mode = "ram" if feeds.keeps_in_ram(maps, budget, stream=stream) else "stream"
-    if mode == "stream":
+    mode = "ram" if feeds.keeps_in_ram(maps, budget, stream=stream) and not lazy else "stream"
+    if mode == "stream" and not lazy:
         log.info("streaming %s from %s: %s of maps, memory budget %s", layer, cache.path, _gb(maps), _gb(budget))
     data = _streamed(cache, layer) if mode == "stream" else data_from_cache(cache, layer)
     return replace(data, feed=FeedPlan(mode, budget, maps, stream_forced=stream))

@@ -327,7 +327,8 @@ def train_head(cache, *, layer=None, config: TrainConfig | None = None, runs_dir
     config = given_or_built(TrainConfig, config, options, model=AUTO)
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     data = data_from_caches(caches, config.pooling, layer, prepooled=pools_first(config),
-                            maps_if_they_fit=reads_maps_if_they_fit(config), memory_budget=memory_budget, stream=stream)
+                            maps_if_they_fit=reads_maps_if_they_fit(config), memory_budget=memory_budget, stream=stream,
+                            lazy=config.per_class is not None)   # a subset reads its own rows only
     return train(data, config, runs_dir=runs_dir, progress=progress)
 
 
