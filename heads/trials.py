@@ -87,6 +87,8 @@ def _distributed(job: SearchJob, left: int | None, *, progress: bool) -> None:
     from featcache import cluster
 
     search = job.search
+    if search.engine == "ray":   # a driver killed outright left its cluster's processes, recorded in the folder
+        cluster.stop_leftovers(job.folder)
     deadline = None if search.timeout is None else time.time() + search.timeout   # wall clock: Ray actors share it
     if left is None:
         tasks = [(deadline, None)] * (1 if search.engine == "local" else search.workers or os.cpu_count() or 1)

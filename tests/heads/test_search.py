@@ -158,12 +158,7 @@ def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path
         while time.time() < deadline:   # until one batch is done (the next one starts at once)
             time.sleep(0.2)
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]   # ended before it could be killed
-            try:   # read-only: Optuna's own loading would create the tables the search is creating
-                with sqlite3.connect(f"file:{tmp_path / 'search-search' / 'study.db'}?mode=ro", uri=True) as c:
-                    states = [row[0] for row in c.execute("SELECT state FROM trials")]
-            except sqlite3.Error:   # not created yet
-                continue
-            if states.count("COMPLETE") >= 1:
+            if _states(tmp_path / "search-search" / "study.db").count("COMPLETE") >= 1:
                 break
         else:
             pytest.fail("the search never finished its first trial")
@@ -329,3 +324,47 @@ def test_ray_engine_gives_the_local_figures_of_a_grid_and_leaves_no_process(tiny
         f"trial-{i}" for i in range(4)]
     r = run(*grid, "--runs-dir", tmp_path / "bad", "--workers", "2")
     assert r.exit_code == 2 and "--workers need --engine ray" in r.stderr
+
+
+def _states(db: Path) -> list:
+    """The study's trial states, read-only (Optuna's own loading would create the tables a search is creating)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+            return [row[0] for row in c.execute("SELECT state FROM trials")]
+    except sqlite3.Error:   # not created yet
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_a_ray_search_whose_driver_was_killed_runs_to_its_end_again_and_leaves_no_process(tiny_cache, tmp_path):
+    """The driver killed mid-batch: its Ray processes are stopped by the next run (recorded in the search folder),
+    the killed batch's trials are failed by their stale heartbeats and run again, and every grid point ends."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'featcache[ray]')")
+    import psutil
+
+    from heads.search import GRACE_S
+    from tests.support import Descendants, assert_all_gone
+
+    args = [sys.executable, "-m", "featcache.cli", "search", "--cache", tiny_cache, "--param",
+            "dropout=0.1|0.2|0.3|0.4", "--head", "dense", "--epochs", "100", "--patience", "100", "--units", "8",
+            "--pruner", "none", "--together", "2", "--engine", "ray", "--workers", "1", "--runs-dir", str(tmp_path),
+            "--no-progress"]   # one searcher, two batches of two trials
+    db = tmp_path / "search-search" / "study.db"
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with Descendants(first.pid) as watch:
+        deadline = time.monotonic() + 300
+        while _states(db).count("COMPLETE") < 2 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)   # into the second batch
+        watch.poll()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert _states(db).count("COMPLETE") == 2 and _states(db).count("RUNNING") == 2, _states(db)
+    time.sleep(GRACE_S + 2)   # past the grace period: the killed batch's heartbeats are stale
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with Descendants(os.getpid(), exclude=before) as rerun:
+        again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(_states(db)) == ["COMPLETE"] * 4 + ["FAIL"] * 2, _states(db)
+    assert_all_gone({**watch.seen, **rerun.seen})   # the killed driver's cluster too, stopped by the rerun
