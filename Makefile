@@ -83,6 +83,8 @@ bench: extract ## measure speed, size, memory, precision, decoding, streaming an
 	$(BIN)/python bench/finetune.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(FT_SELECT) --no-progress)"
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/head_epoch.py
+	KERAS_BACKEND=jax $(BIN)/python bench/head_epoch.py
 
 bench-gpu: install ## extraction img/s on the accelerator: 32/224 px, float32 and auto precision (< 5 min); docs/results/benchmarks-gpu.*
 	$(BIN)/python bench/gpu.py

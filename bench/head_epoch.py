@@ -1,0 +1,131 @@
+"""Where a dense head's epoch goes: the reference head (400,256,256) compiled as featcache compiles it, against the
+same model without its metrics, without BatchNorm and Dropout, and with plain SGD too, and (TensorFlow) its matrix
+products alone inside one graph; each against the arithmetic floor at this CPU's FMA peak. Synthetic rows of the
+CIFAR-10 block3_pool pooled width (256), batch 256, on the Keras backend KERAS_BACKEND names.
+
+    python bench/head_epoch.py [--rows 45000] [--epochs 8]          # writes its section of benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import ROOT, fma_peak, machine, write_sections
+
+UNITS, WIDTH, CLASSES, BATCH = (400, 256, 256), 256, 10, 256
+#: (name, Adam, BatchNorm and Dropout, accuracy metric)
+VARIANTS = (("the reference head", True, True, True), ("without the accuracy metric", True, True, False),
+            ("without BatchNorm and Dropout", True, False, True), ("plain SGD, nothing else", False, False, False))
+
+
+def head(bn_and_dropout: bool):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((WIDTH,))
+    x = keras.layers.BatchNormalization()(inputs) if bn_and_dropout else inputs
+    for n in UNITS:
+        x = keras.layers.Dense(n, activation="relu")(x)
+    if bn_and_dropout:
+        x = keras.layers.Dropout(0.2)(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax")(x))
+
+
+def epoch_seconds(x, y, epochs: int, adam: bool, bn_and_dropout: bool, metric: bool) -> float:
+    """Median seconds of an epoch after the first (which traces and compiles the step)."""
+    import keras
+
+    from heads.fit import step_options
+
+    model = head(bn_and_dropout)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3) if adam else keras.optimizers.SGD(1e-3),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"] if metric else None, **step_options())
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def products_seconds(rows: int) -> float | None:
+    """Seconds of one epoch's matrix products (3 per Dense layer and batch, each of the forward product's shape
+    and arithmetic) in one TensorFlow graph loop; None on another backend."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    sizes = [WIDTH, *UNITS, CLASSES]
+    a = [tf.random.normal((BATCH, n)) for n in sizes[:-1]]
+    w = [tf.random.normal((n, m)) / 30 for n, m in zip(sizes, sizes[1:])]
+    steps = -(-rows // BATCH)
+
+    @tf.function
+    def epoch():
+        total = tf.constant(0.0)
+        for i in tf.range(steps):
+            eps = tf.cast(i, tf.float32) * 1e-9   # a new input each step: nothing is hoisted out of the loop
+            for x, k in zip(a, w):   # the forward product, and two of its shape for the backward ones
+                for j in range(3):   # three inputs: identical products would be computed once
+                    total += tf.reduce_sum(tf.matmul(x + eps * (j + 1), k))
+        return total
+
+    epoch()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        epoch().numpy()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def section(rows: int, floor: float, peak: float, epochs: dict, products: float | None, backend: str) -> str:
+    m = machine()
+    lines = [f"## 14. Where a dense head's epoch goes (Keras on {backend})", "",
+             f"`KERAS_BACKEND={backend} python bench/head_epoch.py --rows {rows}`: the reference dense head "
+             f"({','.join(map(str, UNITS))}) on {rows} synthetic rows of 256 features, batch {BATCH}, compiled as "
+             "featcache compiles it (`heads.fit.step_options`), the median of its epochs after the first, against "
+             "the same model stripped of its parts. The floor: the Dense layers' forward and backward (6 x "
+             f"multiply-adds x rows) at the float32 FMA peak measured here ({peak:.0f} GFLOP/s, bench/peak_flops.c): "
+             f"{floor:.2f} s. Host: {m['cpu']}, {m['cores']} logical CPUs.", "",
+             "| model | epoch (s) | / floor |", "|---|---|---|"]
+    lines += [f"| {name} | {seconds:.2f} | {seconds / floor:.1f}x |" for name, seconds in epochs.items()]
+    if products is not None:
+        lines.append(f"| its matrix products alone, in one TensorFlow graph loop | {products:.2f} | "
+                     f"{products / floor:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import keras
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=45000)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.rows, WIDTH)).astype(np.float32)
+    y = rng.integers(0, CLASSES, args.rows)
+    epochs = {name: epoch_seconds(x, y, args.epochs, adam, bn, metric) for name, adam, bn, metric in VARIANTS}
+    for name, seconds in epochs.items():
+        print(f"{name}: {seconds:.2f} s", flush=True)
+    products = products_seconds(args.rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = fma_peak(["float32"], Path(tmp))["float32"]
+    sizes = [WIDTH, *UNITS, CLASSES]
+    floor = 6 * sum(a * b for a, b in zip(sizes, sizes[1:])) * args.rows / (peak * 1e9)
+    text = section(args.rows, floor, peak, epochs, products, keras.backend.backend())
+    print(text)
+    write_sections(args.out / "benchmarks.md", text)
+
+
+if __name__ == "__main__":
+    main()
