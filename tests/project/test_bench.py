@@ -31,3 +31,13 @@ def test_decode_bench_quick_runs(tmp_path):
     result, page = run_bench("decode", "--quick", tmp_path)
     assert all(v["dct_images_per_s"] > 0 and v["full_images_per_s"] > 0 for v in result["decode"]["threads"].values())
     assert "loop ÷ min(decode, bare)" in page
+
+
+@pytest.mark.slow
+def test_head_epoch_bench_runs_small(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "head_epoch.py"), "--rows", "2048", "--epochs", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "## 14. Where a dense head's epoch goes (Keras on tensorflow)" in page
+    assert page.count("x |") == 5   # four models and the products alone, each against the floor
