@@ -113,8 +113,9 @@ def _maps(cache, layer: str, budget: int, stream: bool, lazy: bool = False) -> T
     """One layer's maps: in RAM when they fit `budget` (and not `lazy`), else (or with `stream`) read from disk as
     training needs."""
     maps = expected_bytes(cache.meta, [layer])
-    mode = "ram" if feeds.keeps_in_ram(maps, budget, stream=stream) and not lazy else "stream"
-    if mode == "stream" and not lazy:
+    fits = feeds.keeps_in_ram(maps, budget, stream=stream)
+    mode = "ram" if fits and not lazy else "stream"
+    if not fits:
         log.info("streaming %s from %s: %s of maps, memory budget %s", layer, cache.path, _gb(maps), _gb(budget))
     data = _streamed(cache, layer) if mode == "stream" else data_from_cache(cache, layer)
     return replace(data, feed=FeedPlan(mode, budget, maps, stream_forced=stream))
