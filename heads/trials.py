@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import warnings
@@ -18,7 +19,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from featcache import system
+from featcache import cluster, system
 from featcache.errors import BadInputError
 from heads import search as hs
 from heads.config import RUNS_DIR, TrainConfig
@@ -81,11 +82,6 @@ def _distributed(job: SearchJob, left: int | None, *, progress: bool) -> None:
     """The trials still to run, handed out by the one distributor: tasks of `together` trials (each one batch,
     fitted together) to searchers in this process (local) or on Ray actors; with no trial count, one task per
     searcher that runs batches until the timeout."""
-    import contextlib
-    import sys
-
-    from featcache import cluster
-
     search = job.search
     if search.engine == "ray":   # a driver killed outright left its cluster's processes, recorded in the folder
         cluster.stop_leftovers(job.folder)
