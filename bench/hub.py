@@ -96,7 +96,7 @@ def report(results: dict, out: Path, smoke: bool) -> None:
     rows = results["backbones"]
     vgg = next(iter(rows.values()))["images_per_s"]
     m = results["machine"]
-    lines = ["## 13. KerasHub presets: extraction speed and feature shapes", "",
+    lines = ["## 15. KerasHub presets: extraction speed and feature shapes", "",
              f"Measured by `{results['command']}` on {results['date']}, {m['cpu']}, {m['cores']} cores"
              + (" (SMOKE RUN: tiny models, not figures)" if smoke else "") + ". Each preset is its published "
              "architecture with random weights (none can be downloaded here): speed and shapes only, no accuracy. "
