@@ -17,7 +17,7 @@ import numpy as np
 from featcache import system
 from featcache.cache.pooled import global_pool
 from featcache.errors import BadInputError
-from heads import balance, feed
+from heads import balance, feed, optimizers
 from heads.batches import batches_per_epoch
 from heads.builders import MODELS, STANDARDISE, tuned_layers
 from heads.config import TrainConfig
@@ -209,7 +209,7 @@ def compile_for_training(fit_model, spec, learning_rate: float, *, weighted: boo
 
     if decay_steps:
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
-    optimizer = (keras.optimizers.Adam(learning_rate) if spec.optimizer == "adam"
+    optimizer = (optimizers.adam(learning_rate) if spec.optimizer == "adam"
                  else keras.optimizers.SGD(learning_rate, momentum=0.9))
     weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="balanced_accuracy")] if weighted else None
     fit_model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from featcache import system
-from heads import balance, feed
+from heads import balance, feed, optimizers
 from heads.builders import MODELS
 from heads.config import TrainConfig
 from heads.data import TrainData
@@ -124,7 +124,7 @@ def _compile(joint, named: list, configs: list, n_train: int, batch_size: int, d
                                                  n_views=data.n_views if first.views_mode != "original" else 1,
                                                  all_views=first.views_mode == "all")
         rate = keras.optimizers.schedules.CosineDecay(1.0, steps)
-    optimizer = _rated_adam(named, rate)
+    optimizer = optimizers.adam(rate, {id(v): k for k, m in enumerate(named) for v in m.trainable_variables})
     figures = [_HeadLoss(k, name=f"h{k}_loss") for k in range(len(named))]
     accuracies = [keras.metrics.MeanMetricWrapper(_accuracy_of(k), name=f"h{k}_accuracy") for k in range(len(named))]
     balanced = [keras.metrics.MeanMetricWrapper(_accuracy_of(k), name=f"h{k}_balanced_accuracy")
@@ -154,25 +154,6 @@ def _accuracy_of(k: int):
         return keras.metrics.sparse_categorical_accuracy(y_true, y_pred[:, k])
 
     return accuracy
-
-
-def _rated_adam(named: list, learning_rate):
-    """Adam whose step for a weight of head k is scaled by `head_rates[k]` (a rate of 0 freezes the head)."""
-    import keras
-
-    owner = {id(v): k for k, m in enumerate(named) for v in m.trainable_variables}
-
-    class RatedAdam(keras.optimizers.Adam):
-        def build(self, variables):
-            super().build(variables)
-            self._owners = tuple(owner[id(v)] for v in variables)
-            self.head_rates = self.add_variable((len(named),), initializer="ones", name="head_rates")
-
-        def update_step(self, gradient, variable, learning_rate):
-            k = self._owners[self._get_variable_index(variable)]
-            super().update_step(gradient, variable, learning_rate * self.head_rates[k])
-
-    return RatedAdam(learning_rate)
 
 
 def _sum_of_heads_class():
