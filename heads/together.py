@@ -86,9 +86,11 @@ def fit_together(data: TrainData, configs: list[TrainConfig], tr: np.ndarray, va
 
 
 def _segments(watch, named: list, configs: list, batches: tuple, shape: tuple) -> None:
-    """Train the live heads as one model until half of them have stopped, then the rest as a smaller one (the
-    same batches, epochs and Adam state going on): a stopped head costs arithmetic for a bounded while, and
-    the pass at most twice the arithmetic of its live heads. The last head trains alone until it stops."""
+    """Train the live heads as one model until the stopped ones hold half its weights, then the rest as a smaller
+    one (the same batches, epochs and Adam state going on): a stopped head costs arithmetic for a bounded while,
+    and, a dense head's arithmetic per row being its weights, the pass at most twice the arithmetic of its live
+    heads (by weights, not by count: a grid's large heads stop first, and waiting for half the heads kept them
+    computing several epochs). The last head trains alone until it stops."""
     optimizer, epoch = None, 0
     while watch.live and epoch < configs[0].epochs:
         active = list(watch.live)
@@ -214,7 +216,7 @@ def _penalty(model) -> float:
 def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool):
     """A Keras callback over the pass's segments: each head's history, early stopping (Keras' rule, best weights
     kept and, by `finish`, restored), the search's `on_epoch`, a stopped head's rate set to 0, and the end of a
-    segment once half its heads have stopped."""
+    segment once its stopped heads hold half its weights."""
     import keras
 
     class Watch(keras.callbacks.Callback):
@@ -225,6 +227,7 @@ def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool
             self.patience = [_Patience(m, c.patience, start_from) for m, c in zip(named, configs)]
             self.bar = system.progress_bar(configs[0].epochs, unit="epoch", desc=f"train {n} heads", enabled=progress)
             self.active, self.epochs_done = [], 0   # position j of a segment's model is head active[j]
+            self.size = [m.count_params() for m in named]
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
@@ -237,7 +240,8 @@ def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool
             self.model.optimizer.head_rates.assign(
                 np.array([configs[k].learning_rate if k in self.live else 0.0 for k in self.active], np.float32))
             self.epochs_done = epoch + 1
-            self.model.stop_training = 2 * len(self.live) <= len(self.active)
+            self.model.stop_training = 2 * sum(self.size[k] for k in self.live) <= sum(self.size[k]
+                                                                                     for k in self.active)
             self.bar.set_postfix(heads=len(self.live), refresh=False)
             self.bar.update(1)
 

@@ -105,3 +105,15 @@ def test_auto_configurations_fitted_together_choose_as_each_alone():
     # the probe is the same for both configurations: fitted once
     probes = [f for v in many for f in v.fits if f.config.model == "linear"]
     assert len(probes) == 2 and probes[0] is probes[1]
+
+
+def test_a_large_head_that_stops_ends_the_segment_though_most_heads_go_on():
+    # the pass goes on without it once the stopped heads hold half the model's weights (a dense head's arithmetic
+    # per row), not once half the heads have stopped: in a grid the large heads stop first
+    data = blob_data(n=300)
+    cs = [TrainConfig(model="dense", units=(64, 64), epochs=4, batch_size=32),
+          *[TrainConfig(model="dense", units=(4,), lr=lr, epochs=4, batch_size=32) for lr in (1e-3, 3e-3)]]
+    tr, va = split_indices(data.y_train, 0.1, 0, data.class_names)
+    together = fit_together(data, cs, tr, va, on_epoch=lambda k, epoch, figures: k == 0 and epoch == 0)
+    assert together[0].history["shared_by"] == [3]
+    assert [f.history["shared_by"] for f in together[1:]] == [[3, 2, 2, 2]] * 2
