@@ -40,4 +40,4 @@ def test_head_epoch_bench_runs_small(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     page = (tmp_path / "benchmarks.md").read_text()
     assert "## 14. Where a dense head's epoch goes (Keras on tensorflow)" in page
-    assert page.count("x |") == 5   # four models and the products alone, each against the floor
+    assert page.count("x |") == 6   # five models (Keras' own Adam among them) and the products alone, each against the floor
