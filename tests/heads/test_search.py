@@ -2,6 +2,7 @@
 an Optuna study in SQLite that a killed search continues."""
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -368,3 +369,17 @@ def test_a_ray_search_whose_driver_was_killed_runs_to_its_end_again_and_leaves_n
     assert again.returncode == 0, again.stderr[-2000:]
     assert sorted(_states(db)) == ["COMPLETE"] * 4 + ["FAIL"] * 2, _states(db)
     assert_all_gone({**watch.seen, **rerun.seen})   # the killed driver's cluster too, stopped by the rerun
+
+
+def test_a_median_pruner_that_can_prune_nothing_says_so(caplog):
+    # all trials fitted together finish together: the median pruner never has a finished trial to compare with
+    from heads.search import SearchConfig
+
+    with caplog.at_level(logging.WARNING, logger="heads.search"):
+        SearchConfig(trials=4, together=4)
+    assert "nothing will be pruned" in caplog.text and "--together" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="heads.search"):
+        SearchConfig(trials=24, together=8)
+        SearchConfig(trials=4, together=4, pruner="asha")
+    assert caplog.text == ""
