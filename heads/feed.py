@@ -31,6 +31,7 @@ import numpy as np
 
 from featcache import system
 from featcache.cache import digests
+from featcache.cache.read import steady
 from featcache.errors import BadInputError, CacheError, WorkerError
 from heads.batches import BLOCK_ROWS, batches_per_epoch, epochs_of_plans, plan_batches
 
@@ -344,9 +345,7 @@ class Stream:
             signature += (tf.TensorSpec((None,), tf.float32),)
         ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
         ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))   # Keras knows the epoch
-        options = tf.data.Options()
-        options.autotune.enabled = False   # AUTOTUNE may buffer up to half the machine's memory
-        return ds.prefetch(1).with_options(options)
+        return steady(ds, prefetch=1)
 
 
 def on_tensorflow() -> bool:
@@ -394,7 +393,7 @@ def in_ram_dataset(x, y, positions, batch_size: int, *, shuffle: bool, seed: int
 
     ds = tf.data.Dataset.from_generator(plans, output_signature=tf.TensorSpec((None, 2), tf.int64))
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
-    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return steady(ds.map(gather, num_parallel_calls=2))
 
 
 def epoch_batches(batches_of, n_batches: int):

@@ -258,3 +258,15 @@ def test_knn_bank_beyond_the_memory_budget_is_refused_up_front(synthetic):
 
     with pytest.raises(BadInputError, match="kNN head keeps its .* training rows of 512 features"):
         train_head(synthetic, model="knn", pooling="flatten", memory_budget=100_000, runs_dir=None, progress=False)
+
+
+def test_batches_in_ram_start_each_epoch_without_the_autotuners_stall():
+    """tf.data's autotuner stalled the start of an epoch for seconds, the CPUs idle (featcache.cache.read.steady):
+    the training and validation batches fed to Keras run with it off, and still hold every row once."""
+    if not feed.on_tensorflow():
+        pytest.skip("tf.data pipelines are TensorFlow's; other backends get a PyDataset")
+    x, y = np.arange(100, dtype=np.float32).reshape(50, 2), np.arange(50) % 5
+    with feed.keras_batches(x, None, y, (np.arange(40), np.arange(40, 50)), 8, seed=0) as (train, val):
+        assert train.options().autotune.enabled is False and val.options().autotune.enabled is False
+        rows = np.concatenate([xb.numpy()[:, 0] for xb, _ in train])
+    assert sorted(rows // 2) == list(range(40))

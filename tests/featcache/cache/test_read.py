@@ -44,3 +44,8 @@ def test_as_tf_dataset_streams_every_row_once_per_epoch(cache):
     np.testing.assert_array_equal(ordered, cache.load("test")[0].astype(np.float32))
     pooled = next(iter(cache.as_tf_dataset("test", batch_size=6, pooling="gap")))[0].numpy()
     np.testing.assert_allclose(pooled, cache.load("test")[0].astype(np.float32).mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_as_tf_dataset_runs_without_the_autotuners_stall(cache):
+    """tf.data's autotuner stalled the start of an epoch for seconds with the CPUs idle (steady)."""
+    assert cache.as_tf_dataset("train", batch_size=5).options().autotune.enabled is False
