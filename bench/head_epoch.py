@@ -2,7 +2,7 @@
 same model with Keras' own Adam (featcache's fuses each weight's step on TensorFlow), without its metrics, without
 BatchNorm and Dropout, and with plain SGD too, and (TensorFlow) its matrix products alone inside one graph; each
 against the arithmetic floor at this CPU's FMA peak. Synthetic rows of the CIFAR-10 block3_pool pooled width (256),
-batch 256, on the Keras backend KERAS_BACKEND names.
+batch 256, fed as featcache feeds a head (heads.feed.keras_batches), on the Keras backend KERAS_BACKEND names.
 
     python bench/head_epoch.py [--rows 45000] [--epochs 8]          # writes its section of benchmarks.md
 """
@@ -54,13 +54,16 @@ def compiled(optimizer: str, bn_and_dropout: bool, metric: bool):
 def epoch_seconds(x, y, epochs: int) -> dict:
     """Each variant's median seconds of an epoch after its first (which traces and compiles the step); the variants
     take their epochs in turn, so that this host's swings (30% between minutes) fall on all of them alike."""
+    from heads import feed
+
     models = {name: compiled(*options) for name, *options in VARIANTS}
     times: dict = {name: [] for name in models}
-    for _ in range(epochs):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)
-            times[name].append(time.perf_counter() - t0)
+    with feed.keras_batches(x, None, y, (np.arange(len(y)), None), BATCH, seed=0) as (batches, _):
+        for _ in range(epochs):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model.fit(batches, epochs=1, shuffle=False, verbose=0)   # the feed shuffles
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t[1:]) for name, t in times.items()}
 
 
@@ -101,8 +104,8 @@ def section(rows: int, floor: float, peak: float, epochs: dict, products: float 
     m = machine()
     lines = [f"## 14. Where a dense head's epoch goes (Keras on {backend})", "",
              f"`KERAS_BACKEND={backend} python bench/head_epoch.py --rows {rows}`: the reference dense head "
-             f"({','.join(map(str, UNITS))}) on {rows} synthetic rows of 256 features, batch {BATCH}, compiled as "
-             "featcache compiles it (`heads.fit.step_options`), the median of its epochs after the first, against "
+             f"({','.join(map(str, UNITS))}) on {rows} synthetic rows of 256 features, batch {BATCH}, compiled and fed as "
+             "featcache compiles and feeds it (`heads.fit.step_options`, `heads.feed.keras_batches`), the median of its epochs after the first, against "
              "the same model stripped of its parts (the variants take their epochs in turn). The floor: the Dense "
              "layers' forward and backward (6 x multiply-adds x rows) at the float32 FMA peak measured here "
              f"({peak:.0f} GFLOP/s, bench/peak_flops.c): "

@@ -41,3 +41,17 @@ def test_head_epoch_bench_runs_small(tmp_path):
     page = (tmp_path / "benchmarks.md").read_text()
     assert "## 14. Where a dense head's epoch goes (Keras on tensorflow)" in page
     assert page.count("x |") == 6   # five models (Keras' own Adam among them) and the products alone, each against the floor
+
+
+@pytest.mark.slow
+def test_epoch_start_bench_runs_small(tmp_path):
+    from tests.support import bench_script
+
+    cache = bench_script("common").write_synthetic_cache(tmp_path / "synthetic.h5", n_train=600, n_test=50,
+                                                         shape=(2, 2, 16))
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "epoch_start.py"), "--cache", str(cache), "--epochs",
+                           "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "## 16. The start of an epoch: tf.data's autotuner off and on" in page
+    assert "| autotuner off (featcache) |" in page and "| autotuner on, AUTOTUNE parallelism and read-ahead |" in page
