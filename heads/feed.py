@@ -393,7 +393,7 @@ def in_ram_dataset(x, y, positions, batch_size: int, *, shuffle: bool, seed: int
 
     ds = tf.data.Dataset.from_generator(plans, output_signature=tf.TensorSpec((None, 2), tf.int64))
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
-    return steady(ds.map(gather, num_parallel_calls=2))
+    return steady(ds.map(gather, num_parallel_calls=2))   # a gather takes milliseconds: two at once keep up
 
 
 def epoch_batches(batches_of, n_batches: int):

@@ -420,10 +420,10 @@ def as_tf_dataset(cache, split: str, *, layer: str | None = None, batch_size: in
 
 def steady(ds, prefetch: int = 2):
     """`ds` with `prefetch` batches read ahead and tf.data's autotuner off, what every pipeline featcache feeds to
-    Keras ends with. With the autotuner on, starting an epoch's iterator stalled, the CPUs idle, for 3-4 s in about
-    half the 6-7 s epochs of 12 heads trained together on 2 cores (the stall grows with the epoch); and AUTOTUNE
-    may buffer up to half the machine's memory. Reading ahead a batch or two keeps a training step fed: a batch is
-    gathered in a few milliseconds, a step takes tens."""
+    Keras ends with. With the autotuner on, Keras starting an epoch's iterator stalled about 4 s, the CPUs idle, in
+    about half the epochs of 12 heads trained together on 2 cores (bench/epoch_start.py: a median epoch of 8.1 s
+    against 5.8 s); and AUTOTUNE may buffer up to half the machine's memory. Reading ahead a batch or two keeps a
+    training step fed: a batch is gathered in a few milliseconds, a step takes tens."""
     import tensorflow as tf
 
     options = tf.data.Options()
