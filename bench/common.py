@@ -6,6 +6,7 @@ path, so the scripts run from a checkout featcache is not installed from (as on 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import platform
@@ -101,6 +102,19 @@ def machine() -> dict:
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
             "device": ", ".join(d.device_type for d in tf.config.list_physical_devices()) or "CPU"}
+
+
+def out_folder(value: str) -> Path:
+    """The argparse type of every script's --out: the folder, made before the run (a run that only found out at its
+    end that it could not write its figures would be lost)."""
+    path = Path(value)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot make the folder {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {path}: pass a writable --out")
+    return path
 
 
 def write_sections(path: Path, text: str) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-from common import ROOT, decode_rate, extraction_rates, machine, write_images
+from common import ROOT, decode_rate, extraction_rates, machine, out_folder, write_images
 
 from featcache import backbones
 from featcache.sources import RESIZE_DCT, Split, load_dataset
@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
     args = p.parse_args()
     args.decoder = "threads"
@@ -113,7 +113,6 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     r = {"command": "bench/decode.py " + " ".join(sys.argv[1:]), "seconds": time.perf_counter() - t0,
          "images": args.images, "precision_auto": auto, "machine": machine(), "decode": decode, "loop": loop}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks-decode.json").write_text(json.dumps(r, indent=2) + "\n")
     (args.out / "benchmarks-decode.md").write_text(report(r))
     print(report(r))

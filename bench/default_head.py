@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, write_sections
+from common import ROOT, machine, out_folder, write_sections
 
 #: The CLI of the tree the process starts in (`python -c` puts the working folder first on sys.path).
 CLI = ("import os, sys, featcache; assert featcache.__file__.startswith(os.getcwd()), featcache.__file__\n"
@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--before", default="ef3fa2c", help="the commit to compare with (default: before issue 25)")
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     args = p.parse_args()
     after = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                            text=True, check=True).stdout.strip()

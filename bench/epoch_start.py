@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-from pathlib import Path
 
 import numpy as np
-from common import ROOT, machine, write_sections
+from common import ROOT, machine, out_folder, write_sections
 
 GRID = {"units": ((256,), (400, 256, 256)), "dropout": (0.1, 0.3, 0.5), "lr": (0.001, 0.003)}
 
@@ -74,7 +73,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True)
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     args = p.parse_args()
     times = {"autotuner off (featcache)": pass_epochs(args.cache, args.epochs)}
     steady_batches, feed.in_ram_dataset = feed.in_ram_dataset, autotuned

@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-from common import ROOT, conv_gflop, fma_peak, machine, write_sections
+from common import ROOT, conv_gflop, fma_peak, machine, out_folder, write_sections
 
 import featcache
 from heads import inference
@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--cache", required=True)
     p.add_argument("--rows", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     args = p.parse_args()
     cache = featcache.open_cache(args.cache)
     data = data_from_cache(cache)

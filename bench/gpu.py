@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-from common import ROOT, device_name, extraction_rates, write_images
+from common import ROOT, device_name, extraction_rates, out_folder, write_images
 
 from featcache import backbones
 
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--decoder", default="auto", choices=("auto", "threads", "processes"))
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CI)")
     args = p.parse_args()
     if args.smoke:
@@ -59,7 +59,6 @@ def main() -> None:
     result = {"device": device, "precision_auto": auto, "decode_workers": args.decode_workers, "decoder": args.decoder,
               "cpu_cores": os.cpu_count(), "backend": backend, "seconds": time.perf_counter() - t_start,
               "command": " ".join(sys.argv), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Extraction on {device} ({time.strftime('%Y-%m-%d')})", "",
              f"`python {result['command']}` ({result['seconds']:.0f} s; {backend}, "

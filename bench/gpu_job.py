@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, out_folder
 
 GRID = ["--param", "units=256|400,256,256", "--param", "dropout=0.2|0.4", "--param", "lr=1e-3|3e-3"]
 #: The search's trials train at most this many epochs (early stopping and median pruning end most sooner), so that
@@ -111,10 +111,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--weights", default="random")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=out_folder, required=True)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "gpu-job.log"
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, fma_peak, machine, write_sections
+from common import ROOT, fma_peak, machine, out_folder, write_sections
 
 UNITS, WIDTH, CLASSES, BATCH = (400, 256, 256), 256, 10, 256
 #: (name, optimizer: featcache's Adam, Keras' own or SGD, BatchNorm and Dropout, accuracy metric)
@@ -124,7 +124,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=45000)
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, WIDTH)).astype(np.float32)

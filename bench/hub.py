@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-from common import ROOT, machine, write_sections
+from common import ROOT, machine, out_folder, write_sections
 
 import featcache
 from featcache.extract import extract
@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="an image folder ROOT/{train,test}/<class>/")
     p.add_argument("--limit", type=int, default=64, help="images per split")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     p.add_argument("--smoke", action="store_true", help="tiny models and 4 images per split: the path, not figures")
     args = p.parse_args()
     limit = 4 if args.smoke else args.limit

@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-from common import ROOT, LoopTimes, conv_gflop, fma_peak, machine, write_sections
+from common import ROOT, LoopTimes, conv_gflop, fma_peak, machine, out_folder, write_sections
 
 from featcache import backbones
 from featcache.extract import extract
@@ -155,7 +155,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--weights", required=True)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     p.add_argument("--images", type=int, default=4096, help="images of the loop-vs-bare comparison")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="bare/loop pairs of the comparison")

@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-from common import ROOT, LoopTimes, write_sections
+from common import ROOT, LoopTimes, out_folder, write_sections
 
 from featcache.extract import extract
 from heads import inference
@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--weights", default=None, help="default: the file the run's cache recorded")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     info = inference.load_run(args.run)
@@ -86,7 +86,6 @@ def main() -> None:
               "extract_loop_images_per_s": loops, "predict_images_per_s": preds,
               "predict_vs_extract_loop": statistics.median(preds) / statistics.median(loops),
               "predict_accuracy": accs[0], "run_test_accuracy": run_metrics["test_accuracy"]}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks-predict.json").write_text(json.dumps(result, indent=2) + "\n")
     write_sections(args.out / "benchmarks.md", report(result, args))
     print(json.dumps(result, indent=2))

@@ -17,10 +17,9 @@ import os
 import platform
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
-from common import ROOT, write_sections
+from common import ROOT, out_folder, write_sections
 
 
 def vectors(cache: str):
@@ -75,7 +74,7 @@ def ours(xt, yt, xv, yv, k, threads: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     args = p.parse_args()
     data = vectors(args.cache)
     results = {}

@@ -22,7 +22,18 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-from common import ROOT, LoopTimes, alternate, conv_gflop, epoch_seconds, machine, peak_rss, timed, write_sections
+from common import (
+    ROOT,
+    LoopTimes,
+    alternate,
+    conv_gflop,
+    epoch_seconds,
+    machine,
+    out_folder,
+    peak_rss,
+    timed,
+    write_sections,
+)
 
 from featcache import backbones as bb
 from featcache import cache as store
@@ -297,7 +308,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--weights", required=True)
     p.add_argument("--cache", required=True, type=Path, help="the full cache made by `make extract`")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--extract-images", type=int, default=4096)

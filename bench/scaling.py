@@ -26,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-from common import ROOT, machine
+from common import ROOT, machine, out_folder
 
 import featcache
 from featcache import cache as store
@@ -105,14 +105,13 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--weights", required=True)
     p.add_argument("--limit", type=int, default=None, help="first N rows of each split (default: all)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:
         tmp = Path(tmp)
         results = {"ray_vs_local": engines(args, tmp), "join_1281_shards": join_cost(tmp),
                    "machine_scaling": machine()}
         print(json.dumps(results, indent=2), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     bench_json = args.out / "benchmarks.json"
     merged = json.loads(bench_json.read_text()) if bench_json.exists() else {}
     merged.update(results)

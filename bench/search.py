@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, fma_peak, machine, write_sections
+from common import ROOT, fma_peak, machine, out_folder, write_sections
 
 DROPOUTS = ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6")
 CLI = [sys.executable, "-m", "featcache.cli"] if (ROOT / "featcache" / "cli" / "__main__.py").exists() else \
@@ -162,7 +162,7 @@ def main() -> None:
     p.add_argument("--cache", required=True)
     p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     p.add_argument("--part", choices=("small", "grid", "both"), default="both")
     args = p.parse_args()
     if args.part in ("grid", "both"):

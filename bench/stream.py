@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from common import ROOT, machine, write_synthetic_cache
+from common import ROOT, machine, out_folder, write_synthetic_cache
 
 BUDGET = "2GB"
 
@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--synthetic-gb", type=float, default=12.0)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = p.parse_args()
     if args.quick:
@@ -114,7 +114,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="featcache-stream-", dir=ROOT / "cache") as tmp:
         results.update(big_cache(args.synthetic_gb, Path(tmp)))
     results.update(stream_machine=machine(), stream_command=" ".join(sys.argv), stream_seconds=time.perf_counter() - t0)
-    args.out.mkdir(parents=True, exist_ok=True)
     bench_json = args.out / "benchmarks.json"
     merged = json.loads(bench_json.read_text()) if bench_json.exists() else {}
     merged.update(results)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from common import ROOT
+from common import ROOT, out_folder
 
 from featcache import open_cache
 from featcache.extract import extract
@@ -187,7 +187,7 @@ def main() -> None:
     p.add_argument("--weights", required=True)
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--runs-dir", default="runs/study")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
     study = run(args)

@@ -18,6 +18,15 @@ def run_bench(script: str, mode: str, out) -> tuple[dict, str]:
     return json.loads((out / f"{name}.json").read_text()), (out / f"{name}.md").read_text()
 
 
+def test_a_bench_refuses_an_out_folder_it_cannot_make_before_it_runs(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "head_epoch.py"), "--rows", "512", "--epochs", "2",
+                           "--out", str(tmp_path / "a-file" / "results")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "cannot make the folder" in done.stderr and "a-file" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.slow
 def test_gpu_bench_smoke_runs_on_cpu(tmp_path):
     result, page = run_bench("gpu", "--smoke", tmp_path)
@@ -35,10 +44,11 @@ def test_decode_bench_quick_runs(tmp_path):
 
 @pytest.mark.slow
 def test_head_epoch_bench_runs_small(tmp_path):
+    out = tmp_path / "results" / "new"   # made by the script, before its run
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "head_epoch.py"), "--rows", "2048", "--epochs", "2",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    page = (tmp_path / "benchmarks.md").read_text()
+    page = (out / "benchmarks.md").read_text()
     assert "## 14. Where a dense head's epoch goes (Keras on tensorflow)" in page
     assert page.count("x |") == 6   # five models (Keras' own Adam among them) and the products alone, each against the floor
 
