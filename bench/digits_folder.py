@@ -6,7 +6,7 @@ defaults on.
     featcache train-head --data /tmp/digits --weights vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -29,4 +29,6 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="the folder to write (made if missing)")
+    main(parser.parse_args().root)
