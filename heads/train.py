@@ -57,13 +57,15 @@ class RunResult:
 
 
 def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str | Path | None = RUNS_DIR,
-          progress: bool = True) -> RunResult:
+          progress: bool = True, validated: Validated | None = None) -> RunResult:
     """Train `config.model` on `data`, evaluate once on the test split, and record the run.
 
     With `config.model == "auto"` the candidates of `auto_grid` (the conv head or the dense head, and the
     linear probe) are fitted on the same training rows and the one with the lower validation loss is kept
     (and alone sees the test split). With `config.per_class`, training and validation use that many training images per
     class only. With `runs_dir=None` nothing is written (the result still carries metrics and model).
+    `validated`: what `fit_and_choose` (or `fit_and_choose_all`) already chose for `config` on `data` (a search's
+    winning trial): it is tested and recorded as it is, not trained again.
     """
     config = TrainConfig() if config is None else config
     if data.random_weights:
@@ -74,17 +76,21 @@ def train(data: TrainData, config: TrainConfig | None = None, *, runs_dir: str |
 
         logs = Path(tempfile.mkdtemp(prefix=".tensorboard-", dir=check_runs_dir(runs_dir)))   # before training
     try:
-        return _train_and_test(data, config, runs_dir, logs, progress)
+        return _train_and_test(data, config, runs_dir, logs, progress, validated)
     finally:
         if logs is not None:
             shutil.rmtree(logs, ignore_errors=True)   # moved into the run folder, unless training failed
 
 
-def _train_and_test(data: TrainData, config: TrainConfig, runs_dir, logs: Path | None, progress: bool) -> RunResult:
-    from heads.logs import epochs_callback
+def _train_and_test(data: TrainData, config: TrainConfig, runs_dir, logs: Path | None, progress: bool,
+                    validated: Validated | None) -> RunResult:
+    from heads.logs import epochs_callback, write_epochs
 
-    validated = fit_and_choose(data, config, progress=progress,
-                               callbacks=epochs_callback(logs) if logs is not None else ())
+    if validated is None:
+        validated = fit_and_choose(data, config, progress=progress,
+                                   callbacks=epochs_callback(logs) if logs is not None else ())
+    elif logs is not None:   # its epochs, as the TensorBoard callback would have written them
+        write_epochs(logs, validated.chosen.history)
     data, chosen, fits, (tr, va) = validated.data, validated.chosen, validated.fits, validated.rows
     tested = refit(data, chosen, (tr, va), progress) if config.refit else chosen
     # the one and only look at the test split (pooled vectors go to the model past its pooling layer)

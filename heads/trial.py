@@ -46,10 +46,11 @@ class SearchData:
                     layer_sources(opened, choice)
 
 
-def evaluate(values: dict, base: TrainConfig, data: SearchData, logs: Path, callbacks=()) -> dict:
-    """Fit one trial's `values` (over the fixed options `base`) and return its validation figures, epochs run,
-    the model chosen and seconds; Keras `callbacks` see every epoch (pruning, reporting). The test split is not
-    touched. TensorBoard logs, with the trial's HParams, go to `logs`."""
+def evaluate(values: dict, base: TrainConfig, data: SearchData, logs: Path, callbacks=()) -> tuple[dict, object]:
+    """Fit one trial's `values` (over the fixed options `base`); return its validation figures, epochs run, the
+    model chosen and seconds, and what it chose (heads.train.Validated, its fitted head: a winner is tested as it
+    is). Keras `callbacks` see every epoch (pruning, reporting). The test split is not touched. TensorBoard logs,
+    with the trial's HParams, go to `logs`."""
     from heads.logs import epochs_callback, write_trial
     from heads.train import fit_and_choose
 
@@ -62,10 +63,11 @@ def evaluate(values: dict, base: TrainConfig, data: SearchData, logs: Path, call
     figures = {k: float(history[k][best]) for k in hs.OBJECTIVES}
     write_trial(logs, hs.labelled(values), figures)
     return {**figures, "epochs_run": len(history["val_loss"]), "chosen": v.chosen.config.model,
-            "seconds": round(time.perf_counter() - t0, 3)}
+            "seconds": round(time.perf_counter() - t0, 3)}, v
 
 
-def evaluate_together(batch: list[dict], base: TrainConfig, data: SearchData, logs: list[Path], on_epoch) -> list[dict]:
+def evaluate_together(batch: list[dict], base: TrainConfig, data: SearchData, logs: list[Path],
+                      on_epoch) -> list[tuple[dict, object]]:
     """`evaluate` for several trials' `batch` of values: the trials on the same data are fitted together
     (heads.train.fit_and_choose_all: their heads that can share a pass in one). `on_epoch(i, epoch, figures)`
     sees each epoch of trial i and returns True to stop it (pruned). A trial's seconds: its share of the batch."""
@@ -91,5 +93,5 @@ def evaluate_together(batch: list[dict], base: TrainConfig, data: SearchData, lo
             write_epochs(logs[i], history)
             write_trial(logs[i], hs.labelled(batch[i]), figures)
             out[i] = {**figures, "epochs_run": len(history["val_loss"]), "chosen": v.chosen.config.model,
-                      "seconds": round(seconds, 3)}
+                      "seconds": round(seconds, 3)}, v
     return out

@@ -58,10 +58,10 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     from heads.logs import write_search
 
     write_search(folder / "tensorboard", params, hs.OBJECTIVES)
-    left = _left(study, params, sampler, search.trials)
+    left, job = _left(study, params, sampler, search.trials), SearchJob(data, params, base, search, sampler, folder)
     if left is None or left > 0:
-        _distributed(SearchJob(data, params, base, search, sampler, folder), left, progress=progress)
-    return _finish(folder, study, params, base, data,
+        _distributed(job, left, progress=progress)
+    return _finish(folder, study, params, base, data, job.kept,
                    dict(sampler=sampler, pruner=search.pruner, objective=search.objective, name=search.name,
                         engine=search.engine, storage=search.storage or "sqlite (study.db)"))
 
@@ -76,6 +76,33 @@ class SearchJob:
     search: hs.SearchConfig
     sampler: str
     folder: Path
+    kept: Kept = dataclasses.field(default_factory=lambda: Kept())
+
+
+class Kept:
+    """The best trial this process fitted, with what it chose (heads.train.Validated), so that a search tests its
+    winner as the trial trained it rather than training it again. A copy in another process (a Ray actor's job)
+    starts empty: a winner fitted there, or before a search was resumed, is trained again."""
+
+    def __init__(self):
+        self.lock, self.trial, self.value, self.validated = threading.Lock(), None, None, None
+
+    def offer(self, trial: int, value: float, validated, objective: str) -> None:
+        """Keep trial number `trial` (value `value` of `objective`) if it beats the one kept."""
+        sign = 1 if hs.DIRECTIONS[objective] == "minimize" else -1
+        with self.lock:
+            if not math.isfinite(value):   # Optuna fails such a trial
+                return
+            if self.trial is None or sign * value < sign * self.value:
+                self.trial, self.value, self.validated = trial, value, validated
+
+    def of(self, trial: int):
+        """The Validated of trial number `trial`, or None where it is not the one kept."""
+        with self.lock:
+            return self.validated if self.trial == trial else None
+
+    def __reduce__(self):   # what is kept stays in this process
+        return Kept, ()
 
 
 def _distributed(job: SearchJob, left: int | None, *, progress: bool) -> None:
@@ -114,7 +141,7 @@ class Searcher:
                                        storage=job.search.storage, seed=job.base.seed)
         except Exception as e:  # noqa: BLE001  (handed to the driver by ready(), which raises it there, once)
             self.error = e
-        self.batch = Batch(job.params, job.base, job.data, job.search.objective, job.folder / "tensorboard")
+        self.batch = Batch(job.params, job.base, job.data, job.search.objective, job.folder / "tensorboard", job.kept)
 
     def ready(self):
         return self.error
@@ -149,6 +176,7 @@ class Batch:
     data: SearchData
     objective: str
     logs: Path
+    kept: Kept
 
 
 def _one_at_a_time(study, batch: Batch, *, left: int | None, together: int, timeout: float | None,
@@ -156,7 +184,7 @@ def _one_at_a_time(study, batch: Batch, *, left: int | None, together: int, time
     """Optuna's own loop, one trial at a time."""
     # every process on the study stops once the study holds `trials` ended trials in all
     in_all = [] if trials is None else [optuna.study.MaxTrialsCallback(trials, states=ENDED)]
-    study.optimize(lambda t: _trial(t, batch.params, batch.base, batch.data, batch.objective, batch.logs),
+    study.optimize(lambda t: _trial(t, batch),
                    n_trials=left, timeout=timeout, callbacks=[lambda s, t: bar.update(not _surplus(t)), *in_all],
                    catch=(FloatingPointError,))
 
@@ -217,20 +245,21 @@ def _fit_batch(study, asked: list, batch: Batch) -> None:
         return i in pruned
 
     try:
-        figures = evaluate_together(values, batch.base, batch.data,
-                                    [batch.logs / f"trial-{t.number}" for t in asked], report)
+        fitted = evaluate_together(values, batch.base, batch.data,
+                                   [batch.logs / f"trial-{t.number}" for t in asked], report)
     except FloatingPointError as e:
         log.warning("trials %s failed: %s", [t.number for t in asked], e)
         for t in asked:
             study.tell(t, state=TrialState.FAIL)
         return
-    for i, (t, f) in enumerate(zip(asked, figures)):
+    for i, (t, (f, validated)) in enumerate(zip(asked, fitted)):
         for key, value in f.items():
             t.set_user_attr(key, value)
         if i in pruned:
             study.tell(t, state=TrialState.PRUNED)
         else:
             study.tell(t, f[batch.objective])
+            batch.kept.offer(t.number, f[batch.objective], validated, batch.objective)
 
 
 @contextlib.contextmanager
@@ -283,19 +312,23 @@ def _left(study, params: list, sampler: str, trials: int | None) -> int | None:
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def _trial(trial, params: list, base: TrainConfig, data: SearchData, objective: str, logs: Path) -> float:
+def _trial(trial, batch: Batch) -> float:
     if _surplus_asked(trial):   # another process sharing the study started the grid's last point
         trial.study.stop()
         raise optuna.TrialPruned()
-    values = {p.name: hs.suggest(trial, p) for p in params}
-    figures = evaluate(values, base, data, logs / f"trial-{trial.number}", [hs.pruning_callback(trial, objective)])
+    values = {p.name: hs.suggest(trial, p) for p in batch.params}
+    figures, validated = evaluate(values, batch.base, batch.data, batch.logs / f"trial-{trial.number}",
+                                  [hs.pruning_callback(trial, batch.objective)])
     for key, value in figures.items():
         trial.set_user_attr(key, value)
-    return figures[objective]
+    batch.kept.offer(trial.number, figures[batch.objective], validated, batch.objective)   # returned: complete
+    return figures[batch.objective]
 
 
-def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchData, settings: dict) -> Path:
-    """Train the winner once more and test it, then write the records; the search folder is returned."""
+def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchData, kept: Kept,
+            settings: dict) -> Path:
+    """Test the winner, as its trial trained it where this process fitted it (else trained once more), then write
+    the records; the search folder is returned."""
     from heads.reports import write_json
     from heads.train import train
 
@@ -306,13 +339,15 @@ def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchDa
     values = {p.name: hs.value_of(p, best.params[p.name]) for p in params}
     config = hs.trial_config(base, values)
     train_data, _ = data.get(config, values.get(hs.LAYERS))
+    validated = kept.of(best.number)
     winner = train(train_data, dataclasses.replace(config, name=f"{settings['name']}-winner"),
-                   runs_dir=folder, progress=False)
+                   runs_dir=folder, progress=False, validated=validated)
     rows = [_row(t) for t in study.trials if not _surplus(t)]
     record = {**settings, "space": [p.__dict__ for p in params], "fixed": _jsonable(base.__dict__), "trials": rows,
               "best_trial": best.number, "winner": {"run": winner.run_dir.name, "params": best.params,
                                                     "test_accuracy": winner.metrics["test_accuracy"],
-                                                    "val_loss": winner.metrics["val_loss"]},
+                                                    "val_loss": winner.metrics["val_loss"],
+                                                    "trained_again": validated is None},
               "data": train_data.provenance.brief()}
     write_json(folder / "search.json", record)
     (folder / "search.md").write_text(_markdown(rows, record, base.seed))
@@ -347,7 +382,8 @@ def _markdown(rows: list[dict], record: dict, seed: int) -> str:
              r["state"], "" if r["seconds"] is None else f"{r['seconds']:.1f}"] for r in ordered]
     w = record["winner"]
     return (f"# search {record['name']}: {record['sampler']} sampler, {record['pruner']} pruner\n\n" +
-            markdown_table(head, body) + f"\n\nWinner: trial {record['best_trial']} ({w['params']}), run {w['run']}: "
+            markdown_table(head, body) + f"\n\nWinner: trial {record['best_trial']} ({w['params']}), run {w['run']} "
+            f"({'trained again' if w['trained_again'] else 'the head its trial trained'}): "
             f"test accuracy **{w['test_accuracy']:.4f}**.\n\n" + TEST_LINE.format(seed=seed) + "\n")
 
 

@@ -57,6 +57,44 @@ def test_grid_search_tests_only_its_winner_and_records_every_trial(tiny_cache, t
     assert "search-search" in table and record["winner"]["run"] in table
 
 
+@pytest.mark.parametrize("together, trial_fits", [(1, 2), (2, 0)])   # 2 trials: one by one, or in one pass
+def test_a_search_tests_its_winning_trials_head_without_training_it_again(tiny_cache, tmp_path, monkeypatch,
+                                                                          together, trial_fits):
+    from heads import train as ht
+
+    fits, real = [], ht.fit_and_choose
+    monkeypatch.setattr(ht, "fit_and_choose", lambda *a, **k: fits.append(1) or real(*a, **k))
+    r = run("search", "--cache", tiny_cache, "--head", "dense", "--param", "dropout=0.1|0.3", "--together", together,
+            "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    folder = Path(r.stdout.strip())
+    record = json.loads((folder / "search.json").read_text())
+    assert len(fits) == trial_fits   # the trials' fits only: the winner is not fitted once more
+    best = next(t for t in record["trials"] if t["trial"] == record["best_trial"])
+    assert record["winner"]["val_loss"] == best["val_loss"] and record["winner"]["trained_again"] is False
+    metrics = json.loads((folder / record["winner"]["run"] / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == record["winner"]["test_accuracy"] and metrics["val_loss"] == best["val_loss"]
+    assert "(the head its trial trained)" in (folder / "search.md").read_text()
+
+
+def test_a_winner_kept_in_one_process_is_not_carried_to_another():
+    import pickle
+
+    from heads.trials import Kept
+
+    kept = Kept()
+    kept.offer(0, 0.9, "trial 0", "val_loss")
+    kept.offer(1, float("nan"), "trial 1", "val_loss")   # a failed trial is never the winner
+    kept.offer(2, 0.5, "trial 2", "val_loss")
+    kept.offer(3, 0.7, "trial 3", "val_loss")
+    assert kept.of(2) == "trial 2" and kept.of(3) is None
+    assert pickle.loads(pickle.dumps(kept)).of(2) is None   # a Ray actor's copy: its winner is trained again
+    by_accuracy = Kept()
+    for n, value in enumerate((0.6, 0.8, 0.7)):
+        by_accuracy.offer(n, value, f"trial {n}", "val_accuracy")
+    assert by_accuracy.of(1) == "trial 1"
+
+
 def test_bad_search_options_are_one_line_errors(tiny_cache, tmp_path):
     for args, says in ((("--param", "nonsense=1|2"), "--param must be NAME="),
                        (("--param", "dropout=0.5:0.1"), "low < high"),
