@@ -3,11 +3,11 @@
 Every trial trains on features read once (pooled once per pooling) in this process, on the same
 validation split (carved from train with the fixed --seed), and is scored on validation only: the
 objective is validation loss (or accuracy). Bad trials are pruned from their per-epoch validation
-loss (Optuna's median or successive-halving pruner). The study lives in an SQLite file in the search
+loss (Optuna's median pruner, or successive halving: heads.halving). The study lives in an SQLite file in the search
 folder: a search killed and started again with the same --name continues from its finished trials (a
 trial left running by a killed process is failed once its heartbeat is stale, and run again), and two
-processes on one study share its trials. When the trials are done, the best configuration is trained
-once more and only it is evaluated on the test split, as a normal run folder inside the search folder.
+processes on one study share its trials. When the trials are done, only the best trial's head is evaluated on
+the test split, as a normal run folder inside the search folder.
 """
 
 from __future__ import annotations
@@ -213,8 +213,10 @@ def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pru
     process that only reads it (the driver of searchers), which then leaves the processes' count alone."""
     import optuna
 
+    from heads.halving import Halving
+
     pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
-               "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2),
+               "asha": lambda: Halving(min_resource=2),   # Optuna's depends on the order a pass reports in
                "none": lambda: optuna.pruners.NopPruner()}
     from heads.grid import locked
 

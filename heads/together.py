@@ -53,9 +53,10 @@ def fit_together(data: TrainData, configs: list[TrainConfig], tr: np.ndarray, va
                  progress: bool = False, pooled: dict | None = None, on_epoch=None) -> list[Fitted]:
     """Fit `configs` (one group of `groups`) in one pass on rows `tr`, each choosing its epoch by rows `va`.
 
-    `on_epoch(k, epoch, figures)`, called after each epoch of each head still training with its validation
-    figures, returns True to stop head k there (a search's pruning). The Fitted of head k is what `fit` would
-    give (its `seconds`: its share of the pass)."""
+    `on_epoch(epoch, figures)`, called after each epoch with the figures of every head still training ({k: its
+    validation figures}), returns the heads to stop there (a search's pruning): the heads of a pass report
+    together, so that a pruner compares them at the same epoch whatever their order. The Fitted of head k is
+    what `fit` would give (its `seconds`: its share of the pass)."""
     import keras
 
     if len({pass_key(c, data) for c in configs}) != 1 or pass_key(configs[0], data) is None:
@@ -234,9 +235,18 @@ def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool
 
         def on_epoch_end(self, epoch, logs=None):
             seconds, rate = time.perf_counter() - self.t0, _rate_now(self.model.optimizer)
+            going_on = {}   # the heads early stopping kept, with their figures, for the search's pruning
             for j, k in enumerate(self.active):
                 if k in self.live:
-                    self._epoch_of(k, epoch, _figures(logs, j, _penalty(named[k])), seconds, rate)
+                    figures = _figures(logs, j, _penalty(named[k]))
+                    self._epoch_of(k, figures, seconds, rate)
+                    if self.patience[k].stops(epoch, figures["val_loss"]):
+                        self._stop(k)
+                    else:
+                        going_on[k] = figures
+            if on_epoch is not None and going_on:
+                for k in sorted(set(on_epoch(epoch, going_on)) & going_on.keys()):
+                    self._stop(k)
             self.model.optimizer.head_rates.assign(
                 np.array([configs[k].learning_rate if k in self.live else 0.0 for k in self.active], np.float32))
             self.epochs_done = epoch + 1
@@ -245,15 +255,15 @@ def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool
             self.bar.set_postfix(heads=len(self.live), refresh=False)
             self.bar.update(1)
 
-        def _epoch_of(self, k, epoch, figures, seconds, rate):
+        def _epoch_of(self, k, figures, seconds, rate):
             values = {**figures, "seconds": seconds / len(self.active), "shared_by": len(self.active),
                       "learning_rate": rate * configs[k].learning_rate}
             for key, value in values.items():
                 self.histories[k].setdefault(key, []).append(value)
-            if self.patience[k].stops(epoch, figures["val_loss"]) or (on_epoch is not None and
-                                                                         on_epoch(k, epoch, figures)):
-                self.live.remove(k)   # its weights as they are now: later steps would move its BatchNorm
-                self.left_with[k] = named[k].get_weights()
+
+        def _stop(self, k):
+            self.live.remove(k)   # its weights as they are now: later steps would move its BatchNorm
+            self.left_with[k] = named[k].get_weights()
 
         def finish(self):
             self.bar.close()

@@ -69,8 +69,9 @@ def evaluate(values: dict, base: TrainConfig, data: SearchData, logs: Path, call
 def evaluate_together(batch: list[dict], base: TrainConfig, data: SearchData, logs: list[Path],
                       on_epoch) -> list[tuple[dict, object]]:
     """`evaluate` for several trials' `batch` of values: the trials on the same data are fitted together
-    (heads.train.fit_and_choose_all: their heads that can share a pass in one). `on_epoch(i, epoch, figures)`
-    sees each epoch of trial i and returns True to stop it (pruned). A trial's seconds: its share of the batch."""
+    (heads.train.fit_and_choose_all: their heads that can share a pass in one). `on_epoch(epoch, figures)` sees
+    each epoch's figures of the trials still training ({i: figures}) and returns those to stop (pruned). A
+    trial's seconds: its share of the batch."""
     from heads.logs import write_epochs, write_trial
     from heads.train import fit_and_choose_all
 
@@ -85,7 +86,7 @@ def evaluate_together(batch: list[dict], base: TrainConfig, data: SearchData, lo
         train_data, pooled = data.get(configs[trials[0]], batch[trials[0]].get(hs.LAYERS))
         t0 = time.perf_counter()
         chosen = fit_and_choose_all(train_data, [configs[i] for i in trials], pooled=pooled,
-                                    on_epoch=lambda j, epoch, figures, t=trials: on_epoch(t[j], epoch, figures))
+                                    on_epoch=lambda epoch, figures, t=trials: _stopped(on_epoch, epoch, figures, t))
         seconds = (time.perf_counter() - t0) / len(trials)
         for i, v in zip(trials, chosen):
             history, best = v.chosen.history, v.chosen.best
@@ -95,3 +96,9 @@ def evaluate_together(batch: list[dict], base: TrainConfig, data: SearchData, lo
             out[i] = {**figures, "epochs_run": len(history["val_loss"]), "chosen": v.chosen.config.model,
                       "seconds": round(seconds, 3)}, v
     return out
+
+
+def _stopped(on_epoch, epoch: int, figures: dict, trials: list) -> set:
+    """`on_epoch` for the trials of one data group, numbered j there and trials[j] in the batch."""
+    stopped = set(on_epoch(epoch, {trials[j]: f for j, f in figures.items()}))
+    return {j for j in figures if trials[j] in stopped}

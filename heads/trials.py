@@ -235,14 +235,18 @@ def _fit_batch(study, asked: list, batch: Batch) -> None:
     values = [{p.name: hs.suggest(t, p) for p in batch.params} for t in asked]
     pruned, reported = set(), set()
 
-    def report(i: int, epoch: int, figures: dict) -> bool:
-        value = figures.get(batch.objective)
-        if value is not None and math.isfinite(value) and (i, epoch) not in reported:   # a stage's epochs restart
-            reported.add((i, epoch))
-            asked[i].report(value, epoch)
-            if asked[i].should_prune():
-                pruned.add(i)
-        return i in pruned
+    def report(epoch: int, figures: dict) -> set:
+        """Report every trial's figure of `epoch` first, then ask the pruner about each: trials that reach an
+        epoch together are judged together, in no order."""
+        now = []
+        for i, f in figures.items():
+            value = f.get(batch.objective)
+            if value is not None and math.isfinite(value) and (i, epoch) not in reported:   # a stage restarts
+                reported.add((i, epoch))
+                asked[i].report(value, epoch)
+                now.append(i)
+        pruned.update(i for i in now if asked[i].should_prune())
+        return pruned & figures.keys()
 
     try:
         fitted = evaluate_together(values, batch.base, batch.data,

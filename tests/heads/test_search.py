@@ -409,6 +409,44 @@ def test_a_ray_search_whose_driver_was_killed_runs_to_its_end_again_and_leaves_n
     assert_all_gone({**watch.seen, **rerun.seen})   # the killed driver's cluster too, stopped by the rerun
 
 
+@pytest.mark.parametrize("order", ["best first", "worst first"])
+def test_asha_judges_trials_that_reach_a_rung_together_by_value_not_by_order(tmp_path, order):
+    # the heads of a pass report one epoch together: Optuna's SuccessiveHalvingPruner kept every head when they
+    # reported worst first and one when best first
+
+    from heads import search as hs
+
+    study = hs.make_study(tmp_path, "s", [hs.parse_param("dropout=0.1:0.5")], sampler="random", pruner="asha",
+                          objective="val_loss", storage=None, seed=0)
+    trials = [study.ask() for _ in range(8)]
+    reporting = range(8) if order == "best first" else range(7, -1, -1)
+    live, pruned = set(range(8)), {}
+    for epoch in range(9):
+        now = [i for i in reporting if i in live]
+        for i in now:
+            trials[i].report(1.0 + 0.01 * i - 0.001 * epoch, epoch)   # trial 0 best at every epoch
+        for i in now:
+            if trials[i].should_prune():
+                live.discard(i)
+                pruned[i] = epoch
+    assert pruned == {**{i: 2 for i in range(2, 8)}, 1: 8}   # the best 8 // 4 at epoch 2, then 2 // 4 (one) at 8
+
+
+def test_asha_in_one_pass_keeps_the_trials_best_at_its_rung(tiny_cache, tmp_path):
+    import optuna
+
+    r = run("search", "--cache", tiny_cache, "--head", "dense", "--param", "dropout=0.1|0.2|0.3|0.4", "--pruner",
+            "asha", "--together", "4", "--runs-dir", tmp_path, "--epochs", "4", "--patience", "5", "--units", "8",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    folder = Path(r.stdout.strip())
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{folder / 'study.db'}")
+    at_rung = {t.number: t.intermediate_values[2] for t in study.trials}   # epoch 3 (counted from 0: 2)
+    assert [t.number for t in study.trials if t.state.name == "COMPLETE"] == [min(at_rung, key=at_rung.get)]
+    record = json.loads((folder / "search.json").read_text())
+    assert sum(t["pruned"] for t in record["trials"]) == 3
+
+
 def test_a_median_pruner_that_can_prune_nothing_says_so(caplog):
     # all trials fitted together finish together: the median pruner never has a finished trial to compare with
     from heads.search import SearchConfig

@@ -64,12 +64,13 @@ def test_a_pruned_head_stops_moving_while_the_others_train():
     tr, va = split_indices(data.y_train, 0.1, 0, data.class_names)
     seen = []
 
-    def prune(k, epoch, figures):
-        seen.append((k, epoch))
-        return k == 1 and epoch == 1
+    def prune(epoch, figures):
+        seen.append((epoch, sorted(figures)))
+        return {1} if epoch == 1 else set()
 
     together = fit_together(data, cs, tr, va, on_epoch=prune)
-    assert [e for k, e in seen if k == 1] == [0, 1]   # not asked again once pruned
+    # every head still training is asked about at once, each epoch; the pruned head not again
+    assert seen[:3] == [(0, [0, 1, 2]), (1, [0, 1, 2]), (2, [0, 2])]
     assert len(together[1].history["val_loss"]) == 2 and len(together[0].history["val_loss"]) == 6
     x = data.x_train[va].astype(np.float32).mean(axis=(1, 2))
     # the pruned head's weights are those its last epoch ended with: its predictions match a head fitted for 2 epochs
@@ -114,6 +115,6 @@ def test_a_large_head_that_stops_ends_the_segment_though_most_heads_go_on():
     cs = [TrainConfig(model="dense", units=(64, 64), epochs=4, batch_size=32),
           *[TrainConfig(model="dense", units=(4,), lr=lr, epochs=4, batch_size=32) for lr in (1e-3, 3e-3)]]
     tr, va = split_indices(data.y_train, 0.1, 0, data.class_names)
-    together = fit_together(data, cs, tr, va, on_epoch=lambda k, epoch, figures: k == 0 and epoch == 0)
+    together = fit_together(data, cs, tr, va, on_epoch=lambda epoch, figures: {0} if epoch == 0 else set())
     assert together[0].history["shared_by"] == [3]
     assert [f.history["shared_by"] for f in together[1:]] == [[3, 2, 2, 2]] * 2
