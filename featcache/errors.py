@@ -17,6 +17,10 @@ class UnreadableImageError(BadInputError):
     """An image file that Pillow cannot decode (or a decompression bomb)."""
 
 
+class DivergedError(BadInputError):
+    """Training diverged: a validation loss that is not finite (a search records that trial as failed)."""
+
+
 class MissingInputError(FeatcacheError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 

@@ -337,4 +337,15 @@ class staged_run_dir:
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    """`obj` as strict JSON: a figure that is not finite (a diverged trial's loss) is written null, not NaN."""
+    path.write_text(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

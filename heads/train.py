@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import BadInputError
+from featcache.errors import BadInputError, DivergedError
 from featcache.options import given_or_built
 from heads import balance, feed
 from heads.builders import MODELS
@@ -140,7 +140,7 @@ def fit_and_choose(data: TrainData, config: TrainConfig, *, progress: bool = Tru
                         callbacks=callbacks))
     chosen = choose(fits)   # validation only: the test split plays no part
     if not np.isfinite(chosen.val_loss):
-        raise BadInputError(f"training diverged: the validation loss of {', '.join(f.config.model for f in fits)} is "
+        raise DivergedError(f"training diverged: the validation loss of {', '.join(f.config.model for f in fits)} is "
                             f"not finite (learning rate {chosen.config.learning_rate}); fix: a lower --lr")
     return Validated(data, chosen, fits, (tr, va))
 

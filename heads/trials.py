@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from featcache import cluster, system
-from featcache.errors import BadInputError
+from featcache.errors import BadInputError, DivergedError
 from heads import search as hs
 from heads.config import RUNS_DIR, TrainConfig
 from heads.grid import SURPLUS, locked
@@ -261,6 +261,10 @@ def _fit_batch(study, asked: list, batch: Batch) -> None:
             t.set_user_attr(key, value)
         if i in pruned:
             study.tell(t, state=TrialState.PRUNED)
+        elif not math.isfinite(f[batch.objective]):
+            log.warning("trial %d failed: training diverged (%s %s); fix: a lower --lr", t.number, batch.objective,
+                        f[batch.objective])
+            study.tell(t, state=TrialState.FAIL)
         else:
             study.tell(t, f[batch.objective])
             batch.kept.offer(t.number, f[batch.objective], validated, batch.objective)
@@ -321,8 +325,12 @@ def _trial(trial, batch: Batch) -> float:
         trial.study.stop()
         raise optuna.TrialPruned()
     values = {p.name: hs.suggest(trial, p) for p in batch.params}
-    figures, validated = evaluate(values, batch.base, batch.data, batch.logs / f"trial-{trial.number}",
-                                  [hs.pruning_callback(trial, batch.objective)])
+    try:
+        figures, validated = evaluate(values, batch.base, batch.data, batch.logs / f"trial-{trial.number}",
+                                      [hs.pruning_callback(trial, batch.objective)])
+    except DivergedError as e:   # this trial's failure, not the search's: Optuna records it failed and goes on
+        log.warning("trial %d failed: %s", trial.number, e)
+        return math.nan
     for key, value in figures.items():
         trial.set_user_attr(key, value)
     batch.kept.offer(trial.number, figures[batch.objective], validated, batch.objective)   # returned: complete
@@ -377,7 +385,8 @@ def _markdown(rows: list[dict], record: dict, seed: int) -> str:
     from heads.reports import markdown_table
 
     sign = 1 if record["objective"] == "val_loss" else -1
-    ordered = sorted(rows, key=lambda r: (r["value"] is None, sign * (r["value"] or 0)))
+    # finished trials by value, then pruned ones (their value is that of the epoch they were stopped at)
+    ordered = sorted(rows, key=lambda r: (r["state"] != "complete", r["value"] is None, sign * (r["value"] or 0)))
     names = list(dict.fromkeys(k for r in rows for k in r["params"]))
     head = ["trial", *names, record["objective"], "val acc", "epochs (C, kNN settings)", "state", "seconds"]
     body = [[str(r["trial"]), *(_shown(r["params"].get(n, "")) for n in names),

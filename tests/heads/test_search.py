@@ -77,6 +77,31 @@ def test_a_search_tests_its_winning_trials_head_without_training_it_again(tiny_c
     assert "(the head its trial trained)" in (folder / "search.md").read_text()
 
 
+@pytest.mark.parametrize("together", [1, 2])
+def test_a_diverging_trial_fails_alone_and_the_search_goes_on(tiny_cache, tmp_path, together):
+    r = run("search", "--cache", tiny_cache, "--head", "dense", "--param", "lr=0.001|1e30", "--together", together,
+            "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    folder = Path(r.stdout.strip())
+    record = json.loads((folder / "search.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"{c} in search.json: not strict JSON"))
+    states = {t["params"]["lr"]: t["state"] for t in record["trials"]}
+    assert states == {0.001: "complete", 1e30: "fail"} and record["winner"]["params"]["lr"] == 0.001
+
+
+def test_search_md_lists_finished_trials_before_pruned_ones():
+    from heads.trials import _markdown
+
+    rows = [{"trial": 0, "params": {"lr": 0.1}, "value": 0.5, "val_accuracy": 0.8, "epochs": 2, "state": "pruned",
+             "seconds": 1.0},
+            {"trial": 1, "params": {"lr": 0.01}, "value": 0.6, "val_accuracy": 0.7, "epochs": 9, "state": "complete",
+             "seconds": 3.0}]
+    record = {"name": "s", "objective": "val_loss", "sampler": "grid", "pruner": "median", "best_trial": 1,
+              "winner": {"params": {"lr": 0.01}, "run": "r", "trained_again": False, "test_accuracy": 0.7}}
+    table = [line for line in _markdown(rows, record, 0).splitlines() if line.startswith("| ") and "|" in line[2:]]
+    assert "| complete |" in table[1] and "| pruned |" in table[2]   # a pruned trial's value is a partial one
+
+
 def test_a_winner_kept_in_one_process_is_not_carried_to_another():
     import pickle
 
