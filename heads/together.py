@@ -1,6 +1,9 @@
 """Many heads in one pass: K heads fitted on the same batches, each batch read once and fed to all of them.
 
-One Keras model holds the K heads side by side (their outputs stacked); its loss is the sum of theirs. The heads
+One Keras model holds the K heads side by side (their logits stacked, then one softmax); its loss is the sum of
+theirs, each head's cross-entropy computed as Keras computes it for the head alone (from its logits on
+TensorFlow, from its clipped probabilities on JAX), so that a head whose probabilities underflow scores the same
+loss and gets the same gradient as alone. The heads
 share no weights, so the gradient each head's weights get is that of its own loss, and Adam, which works weight by
 weight, moves each head as it would move it alone, at the head's own learning rate (a per-head factor of the
 optimizer's rate, which also follows a cosine schedule). Each head has its own early stopping with its own best
@@ -105,11 +108,38 @@ def _segments(watch, named: list, configs: list, batches: tuple, shape: tuple) -
 
 
 def _joint(named: list):
-    """One model whose output stacks the heads' class probabilities: (batch, heads, classes)."""
+    """One model whose output is the heads' class probabilities, (batch, heads, classes): one softmax over their
+    stacked logits, which Keras' cross-entropy then takes its logits from, as from a head's own softmax."""
     import keras
 
     inputs = keras.Input(tuple(named[0].inputs[0].shape[1:]), name="features")
-    return keras.Model(inputs, keras.ops.stack([m(inputs) for m in named], axis=1), name="heads_together")
+    logits = []
+    for m in named:
+        # the head's last layer as called in this head's graph (a head fitted on pooled vectors calls its layers
+        # on its own input too): every head of a pass ends in Dense(classes, softmax) (heads.builders)
+        last, node, _ = m.outputs[0]._keras_history
+        if not isinstance(last, keras.layers.Dense) or last.activation is not keras.activations.softmax:
+            raise ValueError(f"heads trained together end in a softmax Dense layer, not {last.name}")
+        body = keras.Model(m.inputs, last._inbound_nodes[node].input_tensors[0], name=f"{m.name}_body")
+        logits.append(_logits_class()(last, name=f"{m.name}_logits")(body(inputs)))
+    return keras.Model(inputs, keras.layers.Activation("softmax")(keras.ops.stack(logits, axis=1)),
+                       name="heads_together")
+
+
+def _logits_class():
+    import keras
+
+    class Logits(keras.layers.Layer):
+        """A softmax Dense layer's logits, from that layer's own weights (their owner, its head, keeps them)."""
+
+        def __init__(self, dense, name: str):
+            super().__init__(dtype=dense.dtype_policy, name=name)
+            self.dense = dense
+
+        def call(self, x):
+            return keras.ops.add(keras.ops.matmul(x, self.dense.kernel), self.dense.bias)
+
+    return Logits
 
 
 def _compile(joint, named: list, configs: list, n_train: int, batch_size: int, data: TrainData, weighted: bool,
@@ -128,7 +158,7 @@ def _compile(joint, named: list, configs: list, n_train: int, batch_size: int, d
                                                  all_views=first.views_mode == "all")
         rate = keras.optimizers.schedules.CosineDecay(1.0, steps)
     optimizer = optimizers.adam(rate, {id(v): k for k, m in enumerate(named) for v in m.trainable_variables})
-    figures = [_HeadLoss(k, name=f"h{k}_loss") for k in range(len(named))]
+    figures = [_HeadLosses(len(named))]
     accuracies = [keras.metrics.MeanMetricWrapper(_accuracy_of(k), name=f"h{k}_accuracy") for k in range(len(named))]
     balanced = [keras.metrics.MeanMetricWrapper(_accuracy_of(k), name=f"h{k}_balanced_accuracy")
                 for k in range(len(named))] if weighted else []
@@ -170,8 +200,7 @@ def _sum_of_heads_class():
             self.n_heads = n_heads
 
         def call(self, y_true, y_pred):
-            return sum(keras.losses.sparse_categorical_crossentropy(y_true, y_pred[:, k])
-                       for k in range(self.n_heads))
+            return keras.ops.sum(_head_losses(y_true, y_pred), axis=1)
 
     return SumOfHeads
 
@@ -180,31 +209,42 @@ def _SumOfHeads(n_heads: int):   # noqa: N802 - builds a class defined with Kera
     return _sum_of_heads_class()(n_heads)
 
 
-def _HeadLoss(k: int, name: str):   # noqa: N802
-    """Head k's cross-entropy as Keras reports a model's loss: sum of (weighted) row losses / rows."""
+def _head_losses(y_true, y_pred):
+    """Each row's cross-entropy under each head, (batch, heads), from the joint model's (batch, heads, classes)
+    softmax: all heads in one op, and on TensorFlow from their logits, as Keras scores a softmax model."""
     import keras
 
-    class HeadLoss(keras.metrics.Metric):
+    labels = keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1, 1))
+    return keras.losses.sparse_categorical_crossentropy(keras.ops.repeat(labels, y_pred.shape[1], axis=1), y_pred)
+
+
+def _HeadLosses(n_heads: int):   # noqa: N802
+    """Every head's cross-entropy as Keras reports a model's loss (sum of (weighted) row losses / rows), logged as
+    h{k}_loss."""
+    import keras
+
+    class HeadLosses(keras.metrics.Metric):
         def __init__(self):
-            super().__init__(name=name)
-            self.total = self.add_variable((), initializer="zeros", name="total")
+            super().__init__(name="head_losses")
+            self.total = self.add_variable((n_heads,), initializer="zeros", name="total")
             self.rows = self.add_variable((), initializer="zeros", name="rows")
 
         def update_state(self, y_true, y_pred, sample_weight=None):
-            losses = keras.losses.sparse_categorical_crossentropy(y_true, y_pred[:, k])
+            losses = _head_losses(y_true, y_pred)
             if sample_weight is not None:
-                losses = losses * keras.ops.cast(keras.ops.reshape(sample_weight, (-1,)), losses.dtype)
-            self.total.assign_add(keras.ops.sum(losses))
+                losses = losses * keras.ops.cast(keras.ops.reshape(sample_weight, (-1, 1)), losses.dtype)
+            self.total.assign_add(keras.ops.sum(losses, axis=0))
             self.rows.assign_add(keras.ops.cast(keras.ops.shape(losses)[0], self.rows.dtype))
 
         def result(self):
-            return self.total / keras.ops.maximum(self.rows, 1.0)
+            mean = self.total / keras.ops.maximum(self.rows, 1.0)
+            return {f"h{k}_loss": mean[k] for k in range(n_heads)}
 
         def reset_state(self):
-            self.total.assign(0.0)
+            self.total.assign(keras.ops.zeros((n_heads,)))
             self.rows.assign(0.0)
 
-    return HeadLoss()
+    return HeadLosses()
 
 
 def _penalty(model) -> float:

@@ -57,6 +57,20 @@ def test_heads_trained_together_follow_each_heads_trajectory_alone_and_stop_on_t
         assert f.history["val_loss"][f.best] == min(f.history["val_loss"][:len(f.history["val_loss"])])
 
 
+def test_heads_that_grow_overconfident_score_validation_loss_as_each_alone():
+    # a rate far too high: validation rows get probabilities below 1e-7 for their class. A head alone scores its
+    # loss from its logits on TensorFlow (from clipped probabilities on JAX); the joint model clipped the heads'
+    # probabilities on TensorFlow, and reported 10.2 where the head alone reported 6.65e9
+    data = blob_data(n=200, noise=4.0)
+    cs = [TrainConfig(model="dense", units=(16,), lr=lr, epochs=3, patience=10, batch_size=16) for lr in (3.0, 10.0)]
+    tr, va = split_indices(data.y_train, 0.2, 0, data.class_names)
+    for a, b in zip(alone(data, cs, tr, va), fit_together(data, cs, tr, va)):
+        if keras.backend.backend() == "tensorflow":   # JAX clips alone too
+            assert max(a.history["val_loss"]) > 20   # beyond -log(1e-7) = 16.1: the case that differed
+        np.testing.assert_allclose(a.history["val_loss"], b.history["val_loss"], rtol=1e-4)
+        np.testing.assert_allclose(a.history["loss"], b.history["loss"], rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_a_pruned_head_stops_moving_while_the_others_train():
     data = blob_data(n=600)
