@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -351,20 +352,35 @@ def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchDa
     values = {p.name: hs.value_of(p, best.params[p.name]) for p in params}
     config = hs.trial_config(base, values)
     train_data, _ = data.get(config, values.get(hs.LAYERS))
-    validated = kept.of(best.number)
-    winner = train(train_data, dataclasses.replace(config, name=f"{settings['name']}-winner"),
-                   runs_dir=folder, progress=False, validated=validated)
+    tested = _tested_before(folder, best.number)
+    if tested is None:
+        validated = kept.of(best.number)
+        winner = train(train_data, dataclasses.replace(config, name=f"{settings['name']}-winner"),
+                       runs_dir=folder, progress=False, validated=validated)
+        tested = {"run": winner.run_dir.name, "params": best.params, "test_accuracy": winner.metrics["test_accuracy"],
+                  "val_loss": winner.metrics["val_loss"], "trained_again": validated is None}
+    else:
+        log.info("the winner, trial %d, was tested by an earlier run of this search (%s): not tested again",
+                 best.number, tested["run"])
     rows = [_row(t) for t in study.trials if not _surplus(t)]
     record = {**settings, "space": [p.__dict__ for p in params], "fixed": _jsonable(base.__dict__), "trials": rows,
-              "best_trial": best.number, "winner": {"run": winner.run_dir.name, "params": best.params,
-                                                    "test_accuracy": winner.metrics["test_accuracy"],
-                                                    "val_loss": winner.metrics["val_loss"],
-                                                    "trained_again": validated is None},
-              "data": train_data.provenance.brief()}
+              "best_trial": best.number, "winner": tested, "data": train_data.provenance.brief()}
     write_json(folder / "search.json", record)
     (folder / "search.md").write_text(_markdown(rows, record, base.seed))
     _plots(study, folder)
     return folder
+
+
+def _tested_before(folder: Path, best: int) -> dict | None:
+    """The winner an earlier run of this search tested, if it is still trial `best` and its run folder is there:
+    the test split is looked at once per winner, not once per run of the command."""
+    try:
+        earlier = json.loads((folder / "search.json").read_text())
+    except (OSError, ValueError):
+        return None
+    winner = earlier.get("winner") or {}
+    run = winner.get("run")
+    return winner if earlier.get("best_trial") == best and run and (folder / run / "metrics.json").is_file() else None
 
 
 def _row(t) -> dict:
@@ -396,7 +412,7 @@ def _markdown(rows: list[dict], record: dict, seed: int) -> str:
     w = record["winner"]
     return (f"# search {record['name']}: {record['sampler']} sampler, {record['pruner']} pruner\n\n" +
             markdown_table(head, body) + f"\n\nWinner: trial {record['best_trial']} ({w['params']}), run {w['run']} "
-            f"({'trained again' if w['trained_again'] else 'the head its trial trained'}): "
+            f"({'trained again' if w.get('trained_again', True) else 'the head its trial trained'}): "
             f"test accuracy **{w['test_accuracy']:.4f}**.\n\n" + TEST_LINE.format(seed=seed) + "\n")
 
 

@@ -102,6 +102,24 @@ def test_search_md_lists_finished_trials_before_pruned_ones():
     assert "| complete |" in table[1] and "| pruned |" in table[2]   # a pruned trial's value is a partial one
 
 
+def test_a_search_run_again_does_not_test_its_winner_again(tiny_cache, tmp_path, monkeypatch):
+    from heads import train as ht
+
+    tested, real_predict = [], ht.predict
+    monkeypatch.setattr(ht, "predict", lambda model, x, b: tested.append(len(x)) or real_predict(model, x, b))
+    search = ("search", "--cache", tiny_cache, "--head", "dense", "--param", "dropout=0.1|0.3", "--runs-dir", tmp_path,
+              *QUICK)
+    first = run(*search)
+    assert first.exit_code == 0, first.output
+    folder = Path(first.stdout.strip())
+    record = json.loads((folder / "search.json").read_text())
+    again = run(*search)   # every trial done: nothing to run, the same winner
+    assert again.exit_code == 0, again.output
+    assert tested == [6]   # one look at the test split in all
+    assert [p.name for p in folder.glob("*-winner*")] == [record["winner"]["run"]]
+    assert json.loads((folder / "search.json").read_text())["winner"] == record["winner"]
+
+
 def test_a_winner_kept_in_one_process_is_not_carried_to_another():
     import pickle
 
