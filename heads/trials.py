@@ -203,32 +203,67 @@ def _in_batches(study, batch: Batch, *, left: int | None, together: int, timeout
 def _batch_after_batch(study, batch: Batch, *, left: int | None, together: int, timeout: float | None,
                        trials: int | None, bar) -> None:
     end = None if timeout is None else time.monotonic() + timeout
+    idle_since = None
     while (left is None or left > 0) and (end is None or time.monotonic() < end):
         optuna.storages.fail_stale_trials(study)
-        with locked(batch.logs.parent):   # processes sharing the study take --trials between them
-            taken = len([t for t in study.get_trials(deepcopy=False, states=(*ENDED, TrialState.RUNNING))
-                         if not _surplus(t)])
-            wanted = min([together, *(n for n in (left, None if trials is None else trials - taken) if n is not None)])
-            asked = _ask(study, wanted) if wanted > 0 else []
+        asked: list = []
+        with _failed_if_interrupted(study, asked):
+            with locked(batch.logs.parent):   # processes sharing the study take --trials between them
+                taken = len([t for t in study.get_trials(deepcopy=False, states=(*ENDED, TrialState.RUNNING))
+                             if not _surplus(t)])
+                wanted = min([together, *(n for n in (left, None if trials is None else trials - taken)
+                                          if n is not None)])
+                _ask(study, wanted, asked)
+            if asked:
+                with _heartbeats(study, asked):
+                    _fit_batch(study, asked, batch)
         if asked:
-            with _heartbeats(study, asked):
-                _fit_batch(study, asked, batch)
+            idle_since = None
             bar.update(len(asked))
             left = None if left is None else left - len(asked)
         if len(asked) < wanted or wanted <= 0:   # the rest is other processes' (or a grid has every point started)
-            return
+            # trials still running may be those of a process killed moments ago: they are failed once their
+            # heartbeat is stale, then run here (a rerun at once stopped short of --trials); a live one's end
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > hs.GRACE_S + hs.HEARTBEAT_S or not _running(study):
+                return
+            time.sleep(1)
 
 
-def _ask(study, n: int) -> list:
-    """Up to `n` new trials (fewer once a grid has every point started: its surplus trial ends unrecorded)."""
-    asked = []
+def _running(study) -> bool:
+    """Whether the study has trials running (with heartbeats: a dead process's are failed once stale)."""
+    storage = study._storage
+    if not hasattr(storage, "get_heartbeat_interval") or storage.get_heartbeat_interval() is None:
+        return False
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+@contextlib.contextmanager
+def _failed_if_interrupted(study, asked: list):
+    """Ctrl-C: the batch's trials (`asked`, as it is then) not yet told are failed, so that the same command run
+    again runs them at once (left running, they waited for their heartbeat to go stale)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        storage = study._storage   # its retry of a stale trial (the same parameters, asked again) for these too
+        retry = storage.get_failed_trial_callback() if hasattr(storage, "get_failed_trial_callback") else None
+        for t in asked:
+            if study.get_trials(deepcopy=False)[t.number].state == TrialState.RUNNING:
+                study.tell(t, state=TrialState.FAIL)
+                if retry is not None:
+                    retry(study, study.get_trials(deepcopy=False)[t.number])
+        raise
+
+
+def _ask(study, n: int, asked: list) -> None:
+    """Up to `n` new trials into `asked` (fewer once a grid has every point started: its surplus trial ends
+    unrecorded), each as soon as it is asked (an interrupted batch fails every trial it asked)."""
     for _ in range(n):
         trial = study.ask()
         if _surplus_asked(trial):
             study.tell(trial, state=TrialState.PRUNED)
             break
         asked.append(trial)
-    return asked
 
 
 def _fit_batch(study, asked: list, batch: Batch) -> None:

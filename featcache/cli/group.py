@@ -91,7 +91,9 @@ def _after_interrupt(error: BaseException) -> bool:
 
 def _exit_interrupted(ctx) -> None:
     """Ctrl-C: exit 130 with what a rerun does."""
-    if ctx.invoked_subcommand != "extract":
+    if ctx.invoked_subcommand == "search":
+        hint = "; rerun the same command to continue the search from its finished trials"
+    elif ctx.invoked_subcommand != "extract":
         hint = "; no run folder was written"
     elif ctx.meta.get(FORCED):
         hint = "; a rerun with --force starts again from the first batch"

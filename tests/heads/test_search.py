@@ -225,10 +225,15 @@ def test_a_search_leaves_the_callers_warning_filters_as_they_were(tiny_cache, tm
 
 
 @pytest.mark.slow
-def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path):
+@pytest.mark.parametrize("stop, rerun_at_once", [(signal.SIGKILL, False), (signal.SIGKILL, True),
+                                                  (signal.SIGINT, True)])
+def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path, stop, rerun_at_once):
+    # run again at once, before the killed trials' heartbeats were stale, a search left them running and stopped
+    # short of its trials; Ctrl-C left them running too
     import optuna
 
-    code = ("import sys; import heads.search as s; s.HEARTBEAT_S, s.GRACE_S = 1, 2\n"
+    grace = 15 if rerun_at_once else 2   # a rerun at once starts (imports) well within it
+    code = (f"import sys; import heads.search as s; s.HEARTBEAT_S, s.GRACE_S = 1, {grace}\n"
             "from featcache.cli import main; sys.exit(main())")
     args = [sys.executable, "-c", code, "search", "--cache", tiny_cache, "--param", "dropout=0.1|0.2|0.3|0.4",
             "--head", "dense", "--epochs", "100", "--patience", "100", "--units", "8", "--pruner", "none",
@@ -245,7 +250,7 @@ def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path
         else:
             pytest.fail("the search never finished its first trial")
         time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, stop)
         proc.wait(30)
     finally:
         if proc.poll() is None:
@@ -253,8 +258,12 @@ def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path
     with pytest.raises(ProcessLookupError):
         os.kill(proc.pid, 0)
     left = [t.state.name for t in optuna.load_study(study_name="search", storage=db).trials]
-    assert left.count("RUNNING") == 2 and left.count("COMPLETE") == 2, left   # killed mid-batch
-    time.sleep(3)   # past the grace period: the killed trial's heartbeat is stale
+    # killed mid-batch; interrupted, its batch is failed at once and the command says how to go on
+    assert left.count("RUNNING" if stop == signal.SIGKILL else "FAIL") == 2 and left.count("COMPLETE") == 2, left
+    if stop == signal.SIGINT:
+        assert proc.returncode == 130 and "rerun the same command" in proc.stderr.read().decode()
+    if not rerun_at_once:
+        time.sleep(3)   # past the grace period: the killed trial's heartbeat is stale
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     trials = optuna.load_study(study_name="search", storage=db).trials
@@ -350,10 +359,13 @@ def test_two_processes_share_one_study(tiny_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_grid_point_another_process_started_is_not_run_again(tiny_cache, tmp_path):
+def test_a_grid_point_another_process_started_is_not_run_again(tiny_cache, tmp_path, monkeypatch):
     """Two searches sharing a grid: once every point had been started, Optuna's grid sampler ran a point that
     another process was still running a second time (issue 32)."""
     from heads import search as hs
+
+    monkeypatch.setattr(hs, "HEARTBEAT_S", 1)   # it waits for the other's trial as long as a dead one's takes
+    monkeypatch.setattr(hs, "GRACE_S", 2)      # to be failed, then leaves it to its live process
 
     grid = ("--param", "dropout=0.1|0.2", "--param", "lr=0.001|0.01")
     params = [hs.parse_param(grid[1]), hs.parse_param(grid[3])]
