@@ -239,6 +239,29 @@ def make_study(folder: Path, name: str, space: list[Param], *, sampler: str, pru
 
 #: The study's count of the processes that have opened it.
 OPENED = "processes_opened"
+#: The study's searched space, as the run that started it described it (`described`).
+SPACE = "space"
+
+
+def described(p: Param) -> str:
+    """A searched parameter as --param spells it: name=a|b, or name=low:high[:log]."""
+    if p.choices is not None:
+        return f"{p.name}={'|'.join(str(c) for c in p.labels())}"
+    return f"{p.name}={p.low:g}:{p.high:g}" + (":log" if p.log else "")
+
+
+def check_same_space(study, space: list[Param], name: str) -> None:
+    """Refuse to go on with a study started with another space (an earlier run of search `name`): its trials and
+    the new ones would not compare, and Optuna failed mid-search on a parameter of another kind."""
+    wanted = sorted(described(p) for p in space)
+    earlier = study.user_attrs.get(SPACE)
+    if earlier is None:   # a study from before the space was recorded: its trials' parameter names at least
+        names = {k for t in study.get_trials(deepcopy=False) for k in t.params}
+        earlier = wanted if not names or names == {p.name for p in space} else sorted(names)
+        study.set_user_attr(SPACE, earlier)
+    if earlier != wanted:
+        raise BadInputError(f"search {name!r} was started with the space {', '.join(earlier)}, not "
+                            f"{', '.join(wanted)}; fix: the same --param (or --space) as before, or another --name")
 
 
 #: Optuna's direction of each objective.

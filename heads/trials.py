@@ -56,6 +56,7 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
                                     fix="pass a writable --runs-dir").absolute()
     study = hs.make_study(folder, search.name, params, sampler=sampler, pruner=search.pruner,
                           objective=search.objective, storage=search.storage, seed=base.seed, samples=False)
+    hs.check_same_space(study, params, search.name)
     from heads.logs import write_search
 
     write_search(folder / "tensorboard", params, hs.OBJECTIVES)

@@ -120,6 +120,20 @@ def test_a_search_run_again_does_not_test_its_winner_again(tiny_cache, tmp_path,
     assert json.loads((folder / "search.json").read_text())["winner"] == record["winner"]
 
 
+def test_a_search_continued_with_another_space_is_refused_in_one_line(tiny_cache, tmp_path):
+    import optuna
+
+    first = run("search", "--cache", tiny_cache, "--head", "dense", "--param", "dropout=0.1|0.3", "--runs-dir",
+                tmp_path, *QUICK)
+    assert first.exit_code == 0, first.output
+    db = f"sqlite:///{tmp_path / 'search-search' / 'study.db'}"
+    before = len(optuna.load_study(study_name="search", storage=db).trials)
+    for other in (("--param", "units=8|16"), ("--param", "dropout=0.1:0.3")):   # another name; another kind
+        r = run("search", "--cache", tiny_cache, "--head", "dense", *other, "--runs-dir", tmp_path, *QUICK)
+        assert r.exit_code == 2 and "was started with the space dropout=0.1|0.3" in r.stderr, r.output
+        assert "Traceback" not in r.stderr and len(optuna.load_study(study_name="search", storage=db).trials) == before
+
+
 def test_a_winner_kept_in_one_process_is_not_carried_to_another():
     import pickle
 
