@@ -221,12 +221,16 @@ def stratified_subset(y: np.ndarray, per_class, seed: int, class_names=None) -> 
     if wanted.ndim and wanted.shape != (n_classes,):
         raise BadInputError(f"per-class counts must give one count for each of the {n_classes} classes, got "
                             f"{len(wanted)}")
-    fix = f"pass --per-class {counts.min()} or less" if wanted.ndim == 0 else "ask for fewer images of it"
     wanted = np.broadcast_to(wanted, (n_classes,))
     short = np.flatnonzero(counts < wanted)
     if len(short):
         c = int(short[0])
         name = class_names[c] if class_names is not None else str(c)
+        fewest = class_names[int(counts.argmin())] if class_names is not None else str(int(counts.argmin()))
+        fix = ("ask for fewer images of it" if np.ndim(per_class) else
+               f"pass --per-class {counts.min()} or less" if counts.min() >= 2 else   # below 2: no validation row
+               f"give class {fewest!r} at least 2 training images (a validation split needs 2 of each class), or "
+               "leave it out")
         raise BadInputError(f"--per-class {wanted[c]} is more than the {counts[c]} training images of class "
                             f"{name!r}; fix: {fix}")
     rng = np.random.default_rng(seed)
@@ -254,7 +258,8 @@ def split_indices(y: np.ndarray, val_fraction: float, seed: int, class_names=Non
         lone = int(np.flatnonzero(counts == 1)[0])
         name = class_names[lone] if class_names is not None else str(lone)
         raise BadInputError(f"class {name!r} has 1 training image; a validation split needs at least 2 per class; "
-                            "fix: raise --per-class to 2 or more, or give that class more images")
+                            "fix: give that class at least 2 training images, or leave it out (with --per-class: "
+                            "2 or more)")
     present = counts[counts > 0]
     n_val = round(val_fraction * len(y))
     idx = np.arange(len(y))

@@ -208,7 +208,7 @@ def _batch_after_batch(study, batch: Batch, *, left: int | None, together: int, 
     while (left is None or left > 0) and (end is None or time.monotonic() < end):
         optuna.storages.fail_stale_trials(study)
         asked: list = []
-        with _failed_if_interrupted(study, asked):
+        with _failed_if_raised(study, asked):
             with locked(batch.logs.parent):   # processes sharing the study take --trials between them
                 taken = len([t for t in study.get_trials(deepcopy=False, states=(*ENDED, TrialState.RUNNING))
                              if not _surplus(t)])
@@ -240,18 +240,19 @@ def _running(study) -> bool:
 
 
 @contextlib.contextmanager
-def _failed_if_interrupted(study, asked: list):
-    """Ctrl-C: the batch's trials (`asked`, as it is then) not yet told are failed, so that the same command run
-    again runs them at once (left running, they waited for their heartbeat to go stale)."""
+def _failed_if_raised(study, asked: list):
+    """A batch that raises (bad input, Ctrl-C): its trials (`asked`, as it is then) not yet told are failed rather
+    than left running (where a rerun waited for their heartbeat to go stale); interrupted ones are retried with
+    the same parameters, as stale ones are."""
     try:
         yield
-    except KeyboardInterrupt:
-        storage = study._storage   # its retry of a stale trial (the same parameters, asked again) for these too
+    except BaseException as e:
+        storage = study._storage
         retry = storage.get_failed_trial_callback() if hasattr(storage, "get_failed_trial_callback") else None
         for t in asked:
             if study.get_trials(deepcopy=False)[t.number].state == TrialState.RUNNING:
                 study.tell(t, state=TrialState.FAIL)
-                if retry is not None:
+                if retry is not None and isinstance(e, KeyboardInterrupt):
                     retry(study, study.get_trials(deepcopy=False)[t.number])
         raise
 

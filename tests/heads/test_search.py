@@ -134,6 +134,17 @@ def test_a_search_continued_with_another_space_is_refused_in_one_line(tiny_cache
         assert "Traceback" not in r.stderr and len(optuna.load_study(study_name="search", storage=db).trials) == before
 
 
+def test_a_batch_refused_for_its_data_leaves_no_trial_running(tiny_cache, tmp_path):
+    import optuna
+
+    r = run("search", "--cache", tiny_cache, "--head", "dense", "--param", "dropout=0.1|0.3", "--per-class", "1",
+            "--runs-dir", tmp_path, *QUICK)   # one image per class: no validation split
+    assert r.exit_code == 2 and "1 training image" in r.stderr, r.output
+    db = f"sqlite:///{tmp_path / 'search-search' / 'study.db'}"
+    states = [t.state.name for t in optuna.load_study(study_name="search", storage=db).trials]
+    assert states and "RUNNING" not in states, states   # failed, not left for a rerun to wait on
+
+
 def test_a_winner_kept_in_one_process_is_not_carried_to_another():
     import pickle
 

@@ -101,6 +101,18 @@ def test_validation_split_of_a_tiny_training_split():
         ht.split_indices(np.array([0, 0, 1, 2, 2]), 0.1, seed=0, class_names=("a", "b", "c"))
 
 
+def test_a_class_of_one_image_gets_a_fix_that_can_work():
+    # the fixes went round in a circle: "raise --per-class to 2", then "pass --per-class 1 or less"
+    y, names = np.array([0] * 5 + [1] * 5 + [2]), ("a", "b", "c")
+    with pytest.raises(BadInputError, match="give class 'c' at least 2 training images") as raised:
+        ht.stratified_subset(y, 2, seed=0, class_names=names)
+    assert "or less" not in str(raised.value)
+    with pytest.raises(BadInputError, match="give that class at least 2 training images"):
+        ht.split_indices(y, 0.1, seed=0, class_names=names)
+    with pytest.raises(BadInputError, match="pass --per-class 5 or less"):
+        ht.stratified_subset(y[:10], 6, seed=0, class_names=names[:2])
+
+
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
@@ -120,7 +132,7 @@ def test_cli_per_class_is_recorded_and_shown(tiny_cache, tmp_path):
     assert "--per-class 5 is more than the 4 training images of class 'ant'" in too_many.stderr
     lone = run("train-head", "--cache", tiny_cache, "--per-class", "1", "--runs-dir", tmp_path / "runs")
     last = lone.stderr.splitlines()[-1]   # lowering --val-fraction cannot help: every class needs a validation row
-    assert lone.exit_code == 2 and "--per-class to 2 or more" in last and "--val-fraction" not in last
+    assert lone.exit_code == 2 and "--per-class: 2 or more" in last and "--val-fraction" not in last
 
 
 @pytest.mark.slow
