@@ -66,11 +66,16 @@ class SearchConfig:
         system.check_name(self.name)   # one folder inside --runs-dir, never a path out of it
         if self.engine == "local" and (self.ray_address or self.workers):
             raise BadInputError("--ray-address and --workers need --engine ray")
-        if self.pruner == "median" and self.trials is not None and self.together >= self.trials:
-            # the median pruner compares a trial with finished ones; trials fitted together finish together
-            log.warning("--pruner median prunes against finished trials, and with --together %d of --trials %d "
+        if self.trials is not None:
+            self.warn_unprunable(self.trials)
+
+    def warn_unprunable(self, trials: int) -> None:
+        """Say so where the median pruner can prune nothing: it compares a trial with finished ones, and trials
+        fitted together finish together (`trials`: --trials, or a grid's points)."""
+        if self.pruner == "median" and self.together >= trials:
+            log.warning("--pruner median prunes against finished trials, and with --together %d of %d trials "
                         "none finishes while the others train: nothing will be pruned; fix: a smaller --together "
-                        "or --pruner asha", self.together, self.trials)
+                        "or --pruner asha", self.together, trials)
 
     def chosen_sampler(self, params: list) -> str:
         """The sampler asked for, else grid when every parameter is a list of choices, else TPE."""

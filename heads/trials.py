@@ -50,6 +50,8 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     sampler = search.chosen_sampler(params)
     hs.check(params, sampler=sampler)
     hs.check_values(params, base)
+    if sampler == "grid" and (search.trials is None or search.trials > hs.grid_size(params)):
+        search.warn_unprunable(hs.grid_size(params))   # a grid's points are its trials
     data = SearchData(list(cache) if isinstance(cache, (list, tuple)) else [cache], layer)
     data.check_layers(params)
     folder = system.writable_folder(Path(runs_dir) / f"search-{search.name}", what="search folder",

@@ -145,6 +145,14 @@ def test_a_batch_refused_for_its_data_leaves_no_trial_running(tiny_cache, tmp_pa
     assert states and "RUNNING" not in states, states   # failed, not left for a rerun to wait on
 
 
+def test_a_grid_no_larger_than_together_says_the_median_pruner_prunes_nothing(tiny_cache, tmp_path):
+    grid = ("search", "--cache", tiny_cache, "--head", "dense", "--param", "dropout=0.1|0.2|0.3|0.4", *QUICK)
+    r = run(*grid, "--runs-dir", tmp_path / "a")   # four points, --together 8 by default
+    assert r.exit_code == 0 and "nothing will be pruned" in r.stderr, r.output
+    r = run(*grid, "--together", "2", "--runs-dir", tmp_path / "b")
+    assert r.exit_code == 0 and "nothing will be pruned" not in r.stderr, r.output
+
+
 def test_a_winner_kept_in_one_process_is_not_carried_to_another():
     import pickle
 
