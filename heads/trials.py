@@ -273,7 +273,7 @@ def _ask(study, n: int, asked: list) -> None:
 def _fit_batch(study, asked: list, batch: Batch) -> None:
     """Fit the asked trials together; tell Optuna each one's value, or that it was pruned or failed."""
     values = [{p.name: hs.suggest(t, p) for p in batch.params} for t in asked]
-    pruned, reported = set(), set()
+    pruned, reported, last = set(), set(), {}
 
     def report(epoch: int, figures: dict) -> set:
         """Report every trial's figure of `epoch` first, then ask the pruner about each: trials that reach an
@@ -285,6 +285,7 @@ def _fit_batch(study, asked: list, batch: Batch) -> None:
                 reported.add((i, epoch))
                 asked[i].report(value, epoch)
                 now.append(i)
+                last[i] = {"epochs_run": epoch + 1, **{k: float(f[k]) for k in hs.OBJECTIVES if k in f}}
         pruned.update(i for i in now if asked[i].should_prune())
         return pruned & figures.keys()
 
@@ -297,6 +298,8 @@ def _fit_batch(study, asked: list, batch: Batch) -> None:
             study.tell(t, state=TrialState.FAIL)
         return
     for i, (t, (f, validated)) in enumerate(zip(asked, fitted)):
+        if i in pruned:   # its figures of the epoch it was pruned at, whose value Optuna records for it
+            f = {**f, **last[i]}
         for key, value in f.items():
             t.set_user_attr(key, value)
         if i in pruned:

@@ -532,7 +532,11 @@ def test_asha_in_one_pass_keeps_the_trials_best_at_its_rung(tiny_cache, tmp_path
     at_rung = {t.number: t.intermediate_values[2] for t in study.trials}   # epoch 3 (counted from 0: 2)
     assert [t.number for t in study.trials if t.state.name == "COMPLETE"] == [min(at_rung, key=at_rung.get)]
     record = json.loads((folder / "search.json").read_text())
-    assert sum(t["pruned"] for t in record["trials"]) == 3
+    pruned = [t for t in record["trials"] if t["pruned"]]
+    assert len(pruned) == 3
+    # a pruned trial's figures are those of the epoch it was pruned at, whose loss is its value (they came from
+    # the best epoch, before early stopping's first counted epoch the first one)
+    assert all(t["value"] == t["val_loss"] and t["epochs"] == 3 for t in pruned), pruned
 
 
 def test_a_median_pruner_that_can_prune_nothing_says_so(caplog):
