@@ -7,7 +7,13 @@ import time
 from pathlib import Path
 
 from heads import search as hs
-from heads.config import TrainConfig, pools_first
+from heads.config import TrainConfig, pools_first, reads_maps_if_they_fit
+
+
+def data_key(config: TrainConfig, layers) -> tuple:
+    """What the data a trial trains on depends on: its layers, pooling, and whether it reads pooled vectors and
+    (auto) maps where they fit."""
+    return layers, config.pooling, pools_first(config), reads_maps_if_they_fit(config)
 
 
 class SearchData:
@@ -29,9 +35,10 @@ class SearchData:
         from heads.data import data_from_caches
 
         layers = self.layer if layers is None else layers
-        key = (layers, config.pooling, pools_first(config))
-        if key not in self.data:
-            self.data[key] = data_from_caches(self.caches, config.pooling, layers, prepooled=key[2])
+        key = data_key(config, layers)
+        if key not in self.data:   # auto, as on train-head: one layer's maps where they fit (its conv head)
+            self.data[key] = data_from_caches(self.caches, config.pooling, layers, prepooled=key[2],
+                                              maps_if_they_fit=key[3])
             self.pooled[key] = {}
         return self.data[key], self.pooled[key]
 
@@ -78,8 +85,8 @@ def evaluate_together(batch: list[dict], base: TrainConfig, data: SearchData, lo
     configs = [hs.trial_config(base, values) for values in batch]
     by_data: dict = {}
     for i, (values, config) in enumerate(zip(batch, configs)):
-        key = (values.get(hs.LAYERS), config.pooling, pools_first(config), config.per_class, config.subset_seed,
-               config.val_fraction, config.seed)   # trials on the same rows (heads.train.fit_and_choose_all)
+        key = (data_key(config, values.get(hs.LAYERS)), config.per_class, config.subset_seed, config.val_fraction,
+               config.seed)   # trials on the same data and rows (heads.train.fit_and_choose_all)
         by_data.setdefault(key, []).append(i)
     out: list = [None] * len(batch)
     for trials in by_data.values():

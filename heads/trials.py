@@ -50,8 +50,6 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     sampler = search.chosen_sampler(params)
     hs.check(params, sampler=sampler)
     hs.check_values(params, base)
-    if sampler == "grid" and (search.trials is None or search.trials > hs.grid_size(params)):
-        search.warn_unprunable(hs.grid_size(params))   # a grid's points are its trials
     data = SearchData(list(cache) if isinstance(cache, (list, tuple)) else [cache], layer)
     data.check_layers(params)
     folder = system.writable_folder(Path(runs_dir) / f"search-{search.name}", what="search folder",
@@ -59,6 +57,8 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     study = hs.make_study(folder, search.name, params, sampler=sampler, pruner=search.pruner,
                           objective=search.objective, storage=search.storage, seed=base.seed, samples=False)
     hs.check_same_space(study, params, search.name)
+    if sampler == "grid" and (search.trials is None or search.trials > hs.grid_size(params)):
+        search.warn_unprunable(hs.grid_size(params))   # a grid's points are its trials (said once all is checked)
     from heads.logs import write_search
 
     write_search(folder / "tensorboard", params, hs.OBJECTIVES)

@@ -153,6 +153,19 @@ def test_a_grid_no_larger_than_together_says_the_median_pruner_prunes_nothing(ti
     assert r.exit_code == 0 and "nothing will be pruned" not in r.stderr, r.output
 
 
+@pytest.mark.parametrize("together", [1, 2])
+def test_auto_trials_try_the_conv_head_as_train_head_auto_does(tiny_cache, tmp_path, monkeypatch, together):
+    # the search read pooled vectors for auto trials, so their conv candidate never saw the maps
+    from heads import train as ht
+
+    grids, real = [], ht.auto_grid
+    monkeypatch.setattr(ht, "auto_grid", lambda *a, **k: grids.append([c.model for c in real(*a, **k)]) or real(*a, **k))
+    r = run("search", "--cache", tiny_cache, "--param", "dropout=0.1|0.3", "--together", together, "--runs-dir",
+            tmp_path, *QUICK)   # --head auto, the default
+    assert r.exit_code == 0, r.output
+    assert grids and all("conv" in g for g in grids), grids
+
+
 def test_a_winner_kept_in_one_process_is_not_carried_to_another():
     import pickle
 
