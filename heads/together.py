@@ -276,14 +276,14 @@ def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool
         def on_epoch_end(self, epoch, logs=None):
             seconds, rate = time.perf_counter() - self.t0, _rate_now(self.model.optimizer)
             going_on = {}   # the heads early stopping kept, with their figures, for the search's pruning
-            for j, k in enumerate(self.active):
-                if k in self.live:
-                    figures = _figures(logs, j, _penalty(named[k]))
-                    self._epoch_of(k, figures, seconds, rate)
-                    if self.patience[k].stops(epoch, figures["val_loss"]):
-                        self._stop(k)
-                    else:
-                        going_on[k] = figures
+            for k, figures in {k: _figures(logs, j, _penalty(named[k])) for j, k in enumerate(self.active)
+                               if k in self.live}.items():
+                _append(self.histories[k], {**figures, "seconds": seconds / len(self.active), "shared_by":
+                                            len(self.active), "learning_rate": rate * configs[k].learning_rate})
+                if self.patience[k].stops(epoch, figures["val_loss"]):
+                    self._stop(k)
+                else:
+                    going_on[k] = figures
             if on_epoch is not None and going_on:
                 for k in sorted(set(on_epoch(epoch, going_on)) & going_on.keys()):
                     self._stop(k)
@@ -295,24 +295,28 @@ def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool
             self.bar.set_postfix(heads=len(self.live), refresh=False)
             self.bar.update(1)
 
-        def _epoch_of(self, k, figures, seconds, rate):
-            values = {**figures, "seconds": seconds / len(self.active), "shared_by": len(self.active),
-                      "learning_rate": rate * configs[k].learning_rate}
-            for key, value in values.items():
-                self.histories[k].setdefault(key, []).append(value)
-
         def _stop(self, k):
             self.live.remove(k)   # its weights as they are now: later steps would move its BatchNorm
             self.left_with[k] = named[k].get_weights()
 
         def finish(self):
             self.bar.close()
-            for k, (patience, last) in enumerate(zip(self.patience, self.left_with)):
-                best = patience.best_weights   # as Keras restores it; else the weights where it stopped
-                if best is not None or last is not None:
-                    named[k].set_weights(best if best is not None else last)
+            _restore(named, self.patience, self.left_with)
 
     return Watch()
+
+
+def _restore(named: list, patience: list, left_with: list) -> None:
+    """Each head's best weights, as Keras' EarlyStopping restores them; else the weights where it stopped."""
+    for head, watched, last in zip(named, patience, left_with):
+        if watched.best_weights is not None or last is not None:
+            head.set_weights(watched.best_weights if watched.best_weights is not None else last)
+
+
+def _append(history: dict, values: dict) -> None:
+    """One epoch's `values` onto a head's `history` (Keras' History layout: a list per figure)."""
+    for key, value in values.items():
+        history.setdefault(key, []).append(value)
 
 
 class _Patience:
