@@ -243,18 +243,18 @@ def _running(study) -> bool:
 
 @contextlib.contextmanager
 def _failed_if_raised(study, asked: list):
-    """A batch that raises (bad input, Ctrl-C): its trials (`asked`, as it is then) not yet told are failed rather
-    than left running (where a rerun waited for their heartbeat to go stale); interrupted ones are retried with
-    the same parameters, as stale ones are."""
+    """A batch that raises (bad input, Ctrl-C, a Ray actor stopped): its trials (`asked`, as it is then) not yet
+    told are failed rather than left running (where a rerun waited for their heartbeat to go stale), and retried
+    with the same parameters as stale ones are (a grid point failed without its retry was never run again)."""
     try:
         yield
-    except BaseException as e:
+    except BaseException:
         storage = study._storage
         retry = storage.get_failed_trial_callback() if hasattr(storage, "get_failed_trial_callback") else None
         for t in asked:
             if study.get_trials(deepcopy=False)[t.number].state == TrialState.RUNNING:
                 study.tell(t, state=TrialState.FAIL)
-                if retry is not None and isinstance(e, KeyboardInterrupt):
+                if retry is not None:
                     retry(study, study.get_trials(deepcopy=False)[t.number])
         raise
 
