@@ -113,7 +113,7 @@ def _joint(named: list):
     import keras
 
     inputs = keras.Input(tuple(named[0].inputs[0].shape[1:]), name="features")
-    logits = []
+    logits, to_logits = [], _logits_class()
     for m in named:
         # the head's last layer as called in this head's graph (a head fitted on pooled vectors calls its layers
         # on its own input too): every head of a pass ends in Dense(classes, softmax) (heads.builders)
@@ -121,7 +121,7 @@ def _joint(named: list):
         if not isinstance(last, keras.layers.Dense) or last.activation is not keras.activations.softmax:
             raise ValueError(f"heads trained together end in a softmax Dense layer, not {last.name}")
         body = keras.Model(m.inputs, last._inbound_nodes[node].input_tensors[0], name=f"{m.name}_body")
-        logits.append(_logits_class()(last, name=f"{m.name}_logits")(body(inputs)))
+        logits.append(to_logits(last, name=f"{m.name}_logits")(body(inputs)))
     return keras.Model(inputs, keras.layers.Activation("softmax")(keras.ops.stack(logits, axis=1)),
                        name="heads_together")
 
