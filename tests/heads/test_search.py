@@ -190,11 +190,13 @@ def test_bad_search_options_are_one_line_errors(tiny_cache, tmp_path):
                        (("--param", "lr=1e-4:1e-2", "--sampler", "grid"), "--sampler grid needs"),
                        (("--param", "dropout=0.1|3"), "--dropout must be in [0, 1)"),
                        (("--param", "units=abc"), "not a list of layer sizes"),
+                       (("--param", "refit=true|false"), "pass --refit to refit the winner"),
+                       (("--param", "dropout=0.1|0.2", "--pruner", "none", "--timeout", "0.001"), "fix: a longer --timeout"),
                        (("--param", "dropout=0.1|0.2", "--storage", "nosuch://x"), "cannot open the study storage"),
                        ((), "at least one --param")):
         r = run("search", "--cache", tiny_cache, *args, "--runs-dir", tmp_path)
         assert r.exit_code == 2 and says in r.stderr, (args, r.output)
-        assert len([line for line in r.stderr.splitlines() if not line.startswith("WARNING")]) == 1
+        assert len([line for line in r.stderr.splitlines() if not line.startswith("WARNING")]) == 1, (args, r.stderr)
 
 
 def test_search_options_are_refused_before_any_cache_is_built(image_folder, cache_dir, tmp_path):
