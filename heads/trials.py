@@ -389,7 +389,8 @@ def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchDa
 
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not complete:
-        raise BadInputError(f"no trial of search {settings['name']!r} finished (see the log); nothing to test")
+        raise BadInputError(f"no trial of search {settings['name']!r} finished ({_states(study)}); nothing to test; "
+                            "fix: a longer --timeout, or the cause the log gives for failed trials")
     best = study.best_trial
     values = {p.name: hs.value_of(p, best.params[p.name]) for p in params}
     config = hs.trial_config(base, values)
@@ -411,6 +412,14 @@ def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchDa
     (folder / "search.md").write_text(_markdown(rows, record, base.seed))
     _plots(study, folder)
     return folder
+
+
+def _states(study) -> str:
+    """How many trials are in each state: '2 pruned, 1 failed'."""
+    counts: dict = {}
+    for t in study.trials:
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    return ", ".join(f"{n} {state}" for state, n in counts.items()) or "none started"
 
 
 def _tested_before(folder: Path, best: int) -> dict | None:
