@@ -159,7 +159,9 @@ def fit_and_choose_all(data: TrainData, configs: list[TrainConfig], *, progress:
     pass are trained together (heads.together), the others after them, each distinct one once (the probe of
     every auto configuration with the same pooling is one fit). `on_epoch(epoch, figures)` sees each epoch's
     figures of the configurations still training ({i: figures}; those of a pass together) and returns the
-    configurations to stop there (a search's pruning). The test split is not touched."""
+    configurations to stop there (a search's pruning); a configuration of several candidates (auto) is not shown,
+    since no one candidate's epochs are its score (its probe, fitted after the passes, may win). The test split is
+    not touched."""
     if len({(c.per_class, c.subset_seed, c.val_fraction, c.seed) for c in configs}) != 1:
         raise ValueError("fit_and_choose_all trains configurations on the same rows (per_class, seeds, val_fraction)")
     data, pooled = _rows_of(data, configs[0], pooled)
@@ -181,10 +183,12 @@ def _fit_candidates(data: TrainData, candidates: list, owners: tuple, rows: tupl
     from heads.together import fit_together, groups, pass_key, stopping_when
 
     fits, alone = {}, {}
+    judged = {o for o in owners if owners.count(o) == 1}   # auto's score is no one candidate's epochs
     for group in groups(candidates, data):
         if pass_key(candidates[group[0]], data) is None:
             continue
-        stop = None if on_epoch is None else (lambda e, f, g=group: _by_owner(on_epoch, e, f, [owners[n] for n in g]))
+        stop = None if on_epoch is None else (
+            lambda e, f, g=group: _by_owner(on_epoch, e, f, [owners[n] for n in g], judged))
         fits.update(zip(group, fit_together(data, [candidates[g] for g in group], *rows, progress=progress,
                                             pooled=pooled, on_epoch=stop)))
     for n, c in enumerate(candidates):
@@ -194,19 +198,18 @@ def _fit_candidates(data: TrainData, candidates: list, owners: tuple, rows: tupl
                    if not spec.fitting.by_epochs else repr(c))
             if key not in alone:
                 keras.utils.set_random_seed(c.seed)
-                stop = [] if on_epoch is None else [stopping_when(lambda e, f, i=owners[n]: i in on_epoch(e, {i: f}))]
+                stop = [] if on_epoch is None or owners[n] not in judged else [
+                    stopping_when(lambda e, f, i=owners[n]: i in on_epoch(e, {i: f}))]
                 alone[key] = fit(data, c, *rows, progress, pooled, callbacks=stop)
             fits[n] = alone[key]
     return fits
 
 
-def _by_owner(on_epoch, epoch: int, figures: dict, owner_of: list) -> set:
-    """The heads of a pass that `on_epoch` stops, asked with the figures of the configurations owning them (the
-    first head's, where a configuration has several in the pass: auto's candidates)."""
-    by_owner: dict = {}
-    for k, f in figures.items():
-        by_owner.setdefault(owner_of[k], f)
-    stopped = set(on_epoch(epoch, by_owner))
+def _by_owner(on_epoch, epoch: int, figures: dict, owner_of: list, judged: set) -> set:
+    """The heads of a pass that `on_epoch` stops, asked with the figures of the `judged` configurations owning
+    them (those of one candidate)."""
+    by_owner = {owner_of[k]: f for k, f in figures.items() if owner_of[k] in judged}
+    stopped = set(on_epoch(epoch, by_owner)) if by_owner else set()
     return {k for k in figures if owner_of[k] in stopped}
 
 

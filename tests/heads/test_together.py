@@ -132,3 +132,20 @@ def test_a_large_head_that_stops_ends_the_segment_though_most_heads_go_on():
     together = fit_together(data, cs, tr, va, on_epoch=lambda epoch, figures: {0} if epoch == 0 else set())
     assert together[0].history["shared_by"] == [3]
     assert [f.history["shared_by"] for f in together[1:]] == [[3, 2, 2, 2]] * 2
+
+
+def test_a_pruner_never_judges_auto_by_one_of_its_candidates_epochs():
+    # auto's score is the best of its candidates, the probe among them, fitted after the pass: its dense
+    # candidate's epochs are not its figures, so a search's pruner is not shown them and cannot stop it
+    data = blob_data(n=300)
+    cs = [TrainConfig(model="auto", epochs=4, batch_size=32), TrainConfig(model="dense", epochs=4, batch_size=32)]
+    shown = []
+
+    def prune_everything(epoch, figures):
+        shown.append(set(figures))
+        return set(figures)
+
+    auto, dense = fit_and_choose_all(data, cs, on_epoch=prune_everything)
+    assert shown and all(s == {1} for s in shown), shown
+    assert len(dense.chosen.history["val_loss"]) == 1   # the other trial was pruned after its first epoch
+    assert all(len(f.history["val_loss"]) == 4 for f in auto.fits if f.config.model != "linear")
