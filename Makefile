@@ -86,6 +86,8 @@ bench: extract ## measure speed, size, memory, precision, decoding, streaming an
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/head_epoch.py
 	KERAS_BACKEND=jax $(BIN)/python bench/head_epoch.py
+	$(BIN)/python bench/stacked_heads.py
+	KERAS_BACKEND=jax $(BIN)/python bench/stacked_heads.py
 
 bench-gpu: install ## extraction img/s on the accelerator: 32/224 px, float32 and auto precision (< 5 min); docs/results/benchmarks-gpu.*
 	$(BIN)/python bench/gpu.py

@@ -54,6 +54,16 @@ def test_head_epoch_bench_runs_small(tmp_path):
 
 
 @pytest.mark.slow
+def test_stacked_heads_bench_runs_small(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "stacked_heads.py"), "--rows", "1024", "--epochs", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "## 17. Stacking a pass's heads of one architecture (Keras on tensorflow)" in page
+    assert page.count("x |") == 3   # each set of heads, side by side against its floor
+
+
+@pytest.mark.slow
 def test_epoch_start_bench_runs_small(tmp_path):
     from tests.support import bench_script
 
