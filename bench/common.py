@@ -117,6 +117,18 @@ def out_folder(value: str) -> Path:
     return path
 
 
+def vector_bench(doc: str, epochs: int, width: int, classes: int) -> tuple:
+    """The command line of a bench on synthetic pooled vectors (--rows, --epochs, --out), parsed, and its rows:
+    (args, x, y), the same rows for every such bench."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=45000)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    return args, rng.standard_normal((args.rows, width)).astype(np.float32), rng.integers(0, classes, args.rows)
+
+
 def write_sections(path: Path, text: str) -> None:
     """Write `text` (a head, or none, then `## ` sections) into the markdown file `path`: each of its sections
     replaces the file's section of the same heading, or is appended; the file's other sections stay where they

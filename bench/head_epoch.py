@@ -9,14 +9,13 @@ batch 256, fed as featcache feeds a head (heads.feed.keras_batches), on the Kera
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, fma_peak, machine, out_folder, write_sections
+from common import fma_peak, machine, vector_bench, write_sections
 
 UNITS, WIDTH, CLASSES, BATCH = (400, 256, 256), 256, 10, 256
 #: (name, optimizer: featcache's Adam, Keras' own or SGD, BatchNorm and Dropout, accuracy metric)
@@ -121,14 +120,7 @@ def section(rows: int, floor: float, peak: float, epochs: dict, products: float 
 def main() -> None:
     import keras
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=45000)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
-    args = p.parse_args()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.rows, WIDTH)).astype(np.float32)
-    y = rng.integers(0, CLASSES, args.rows)
+    args, x, y = vector_bench(__doc__, 8, WIDTH, CLASSES)
     epochs = epoch_seconds(x, y, args.epochs)
     for name, seconds in epochs.items():
         print(f"{name}: {seconds:.2f} s", flush=True)

@@ -11,14 +11,13 @@ six of units 256, six of 400,256,256, and all twelve (dropout 0.1, 0.3, 0.5 twic
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, fma_peak, machine, out_folder, write_sections
+from common import fma_peak, machine, vector_bench, write_sections
 
 WIDTH, CLASSES, BATCH, DROPOUTS = 256, 10, 256, (0.1, 0.3, 0.5, 0.1, 0.3, 0.5)
 SETS = {"six heads of units 256": ((256,),), "six heads of 400,256,256": ((400, 256, 256),),
@@ -165,14 +164,7 @@ def section(rows: int, peak: float, seconds: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=45000)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--out", type=out_folder, default=ROOT / "docs" / "results")
-    args = p.parse_args()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.rows, WIDTH)).astype(np.float32)
-    y = rng.integers(0, CLASSES, args.rows)
+    args, x, y = vector_bench(__doc__, 6, WIDTH, CLASSES)
     seconds = epoch_seconds(x, y, args.epochs)
     for key, s in seconds.items():
         print(*key, f"{s:.2f} s", flush=True)
