@@ -93,9 +93,12 @@ def configs(search: SearchConfig | None, config: TrainConfig | None, options: di
     names = {f.name for f in search_options()}
     return (given_or_built(SearchConfig, search, {k: v for k, v in options.items() if k in names}),
             given_or_built(TrainConfig, config, {k: v for k, v in options.items() if k not in names}))
-#: Not searchable: they would change the rows every trial is compared on, or name the run, or (refit) change only
-#: what happens after validation has scored the trial, so that every value of it scores the same.
-FIXED = ("seed", "val_fraction", "per_class", "subset_seed", "name", "refit")
+_SAME_ROWS = "it changes the rows every trial is compared on; fix: pass --{option} once, for every trial"
+#: Not searchable, and why (with the fix).
+FIXED = {"seed": _SAME_ROWS, "val_fraction": _SAME_ROWS, "per_class": _SAME_ROWS, "subset_seed": _SAME_ROWS,
+         "name": "it names the run; fix: --name names the search",
+         "refit": "a trial is scored on validation before any refit, so every value scores the same; fix: leave it "
+                  "out and pass --refit to refit the winner"}
 #: The one searched value that is not a training option: which cached layers (comma-separated) to train on.
 LAYERS = "layers"
 #: Seconds between a running trial's heartbeats, and without one before it counts as dead.
@@ -139,9 +142,9 @@ def parse_param(text: str) -> Param:
     name = name.strip().replace("-", "_")
     name = {"head": "model", "layer": LAYERS}.get(name, name)
     fields_ = searchable()
-    if name == "refit":
-        raise BadInputError("--param refit: a trial is scored on validation before any refit, so every value scores "
-                            "the same; fix: leave it out and pass --refit to refit the winner")
+    if name in FIXED:
+        raise BadInputError(f"--param {name} cannot be searched: "
+                            + FIXED[name].format(option=name.replace("_", "-")))
     if not sep or name not in (*fields_, LAYERS):
         raise BadInputError(f"--param must be NAME=a|b|c or NAME=low:high[:log] for one of {', '.join(sorted(fields_))} "
                             f"(head for the model) or {LAYERS}, got {text!r}")

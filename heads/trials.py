@@ -4,6 +4,7 @@ search folder's records (search.json, search.md, Optuna's plots)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -416,9 +417,7 @@ def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchDa
 
 def _states(study) -> str:
     """How many trials are in each state: '2 pruned, 1 failed'."""
-    counts: dict = {}
-    for t in study.trials:
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    counts = collections.Counter(t.state.name.lower() for t in study.trials)
     return ", ".join(f"{n} {state}" for state, n in counts.items()) or "none started"
 
 

@@ -191,6 +191,7 @@ def test_bad_search_options_are_one_line_errors(tiny_cache, tmp_path):
                        (("--param", "dropout=0.1|3"), "--dropout must be in [0, 1)"),
                        (("--param", "units=abc"), "not a list of layer sizes"),
                        (("--param", "refit=true|false"), "pass --refit to refit the winner"),
+                       (("--param", "per-class=5|10"), "fix: pass --per-class once, for every trial"),
                        (("--param", "dropout=0.1|0.2", "--pruner", "none", "--timeout", "0.001"), "fix: a longer --timeout"),
                        (("--param", "dropout=0.1|0.2", "--storage", "nosuch://x"), "cannot open the study storage"),
                        ((), "at least one --param")):
