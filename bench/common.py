@@ -256,6 +256,15 @@ def extraction_rates(data: Path, size: int, precision: str, args, tmp: Path) -> 
             "loop_tflop_per_s": gflop * images / seconds / 1e3}
 
 
+def float32_peak() -> float | None:
+    """The float32 FMA peak measured here (bench/peak_flops.c; GFLOP/s), the arithmetic floors' yardstick: `fma_peak`
+    for float32 alone, built in a folder of its own (None where it cannot be built)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return fma_peak(["float32"], Path(tmp)).get("float32")
+
+
 def fma_peak(precisions, tmp: Path, repeats: int = 5) -> dict:
     """GFLOP/s of register-only multiply-add chains on every core (bench/peak_flops.c), best of `repeats`,
     for each precision the CPU has a kernel for: the hardware's peak at the clock it runs at under load.

@@ -16,14 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-from common import ROOT, conv_gflop, fma_peak, machine, out_folder, write_sections
+from common import ROOT, conv_gflop, float32_peak, machine, out_folder, write_sections
 
 import featcache
 from heads import inference
@@ -80,8 +79,7 @@ def main() -> None:
         times["end_to_end"].append(epoch(end_to_end, pixels, y) + times["decode"][-1])
         print({k: round(v[-1], 1) for k, v in times.items()}, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        peak = fma_peak(["float32"], Path(tmp)).get("float32")
+    peak = float32_peak()
     tuned = conv_gflop(tuned_layers(cached))
     flop = {"cached": 3 * tuned, "end_to_end": 3 * tuned + conv_gflop(frozen)}
     floors = {k: v * args.rows / peak if peak else None for k, v in flop.items()}

@@ -10,12 +10,10 @@ batch 256, fed as featcache feeds a head (heads.feed.keras_batches), on the Kera
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-from common import fma_peak, machine, vector_bench, write_sections
+from common import float32_peak, machine, vector_bench, write_sections
 
 UNITS, WIDTH, CLASSES, BATCH = (400, 256, 256), 256, 10, 256
 #: (name, optimizer: featcache's Adam, Keras' own or SGD, BatchNorm and Dropout, accuracy metric)
@@ -125,8 +123,7 @@ def main() -> None:
     for name, seconds in epochs.items():
         print(f"{name}: {seconds:.2f} s", flush=True)
     products = products_seconds(args.rows)
-    with tempfile.TemporaryDirectory() as tmp:
-        peak = fma_peak(["float32"], Path(tmp))["float32"]
+    peak = float32_peak()
     sizes = [WIDTH, *UNITS, CLASSES]
     floor = 6 * sum(a * b for a, b in zip(sizes, sizes[1:])) * args.rows / (peak * 1e9)
     text = section(args.rows, floor, peak, epochs, products, keras.backend.backend())

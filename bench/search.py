@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, fma_peak, machine, out_folder, write_sections
+from common import ROOT, float32_peak, machine, out_folder, write_sections
 
 DROPOUTS = ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6")
 CLI = [sys.executable, "-m", "featcache.cli"] if (ROOT / "featcache" / "cli" / "__main__.py").exists() else \
@@ -79,14 +79,6 @@ def grid_search(cache: str, runs: Path, pruner: str, together: int) -> tuple[flo
                            *[a for k, v in GRID.items() for a in ("--param", f"{k}={'|'.join(v)}")]],
                           check=True, capture_output=True, text=True)
     return time.perf_counter() - t0, json.loads((Path(done.stdout.strip()) / "search.json").read_text())
-
-
-def float32_peak() -> float:
-    """The float32 FMA peak measured here (bench/peak_flops.c; GFLOP/s): the arithmetic floor's yardstick."""
-
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return fma_peak(["float32"], Path(tmp))["float32"]
 
 
 def head_flops_per_row(units: str, n_in: int = 256, n_classes: int = 10) -> int:

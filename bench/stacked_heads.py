@@ -15,12 +15,10 @@ speed only).
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-from common import fma_peak, machine, vector_bench, write_sections
+from common import float32_peak, machine, vector_bench, write_sections
 
 WIDTH, CLASSES, BATCH, DROPOUTS = 256, 10, 256, (0.1, 0.3, 0.5, 0.1, 0.3, 0.5)
 SETS = {"six heads of units 256": ((256,),), "six heads of 400,256,256": ((400, 256, 256),),
@@ -86,12 +84,15 @@ def _stacked_layers() -> dict:
             self.mean = self.add_weight((shape[-1],), initializer="zeros", trainable=False)
             self.var = self.add_weight((shape[-1],), initializer="ones", trainable=False)
 
-        def call(self, x, training=False):
+        def normalised(self, x, training):
             mean, var = keras.ops.moments(x, axes=[0]) if training else (self.mean, self.var)
             if training:
                 self.mean.assign(0.99 * self.mean + 0.01 * mean)
                 self.var.assign(0.99 * self.var + 0.01 * var)
-            return ((x - mean) * keras.ops.rsqrt(var + 1e-3))[None] * self.gamma + self.beta
+            return (x - mean) * keras.ops.rsqrt(var + 1e-3)
+
+        def call(self, x, training=False):
+            return self.normalised(x, training)[None] * self.gamma + self.beta
 
     class Dense(keras.layers.Layer):
         def __init__(self, heads, units, relu):
@@ -130,13 +131,9 @@ def _stacked_layers() -> dict:
             self.bias = self.add_weight((len(self.owner),), initializer="zeros")
 
         def call(self, x, training=False):
-            mean, var = keras.ops.moments(x, axes=[0]) if training else (self.mean, self.var)
-            if training:
-                self.mean.assign(0.99 * self.mean + 0.01 * mean)
-                self.var.assign(0.99 * self.var + 0.01 * var)
             scale = keras.ops.transpose(keras.ops.take(self.gamma[:, 0], self.owner, axis=0))   # (in, columns)
             shift = keras.ops.transpose(keras.ops.take(self.beta[:, 0], self.owner, axis=0))
-            y = keras.ops.matmul((x - mean) * keras.ops.rsqrt(var + 1e-3), self.kernel * scale)
+            y = keras.ops.matmul(self.normalised(x, training), self.kernel * scale)
             y = keras.ops.relu(y + keras.ops.sum(shift * self.kernel, axis=0) + self.bias)
             out, start = [], 0
             for w in self.widths:   # each width's heads: (K, batch, width)
@@ -218,8 +215,7 @@ def main() -> None:
     seconds = epoch_seconds(x, y, args.epochs)
     for key, s in seconds.items():
         print(*key, f"{s:.2f} s", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        peak = fma_peak(["float32"], Path(tmp))["float32"]
+    peak = float32_peak()
     text = section(args.rows, peak, seconds)
     write_sections(args.out / "benchmarks.md", text)
     print(text)
