@@ -332,6 +332,50 @@ class LogProgress:
         self.close()
 
 
+# --------------------------------------------------------------------------- Ctrl-C
+
+_interrupted = threading.Event()
+
+
+def _remember_and_raise(signum, frame):
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_kept():
+    """Within the block, a Ctrl-C is remembered as well as raised, and raised again by `stop_if_interrupted()`.
+
+    Python runs a signal handler at the next bytecode of the main thread, which may be a weakref callback or a
+    `__del__` (TensorFlow runs many): an exception raised there is printed as "Exception ignored in ..." and
+    dropped, and the command carried on as if never interrupted. Long loops call `stop_if_interrupted()` (each
+    training step, each extracted batch), which raises the dropped interrupt; the dropped one is not printed.
+    Outside the main thread (where signals cannot be handled) the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous, previous_hook = signal.signal(signal.SIGINT, _remember_and_raise), sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+
+    _interrupted.clear()
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        sys.unraisablehook = previous_hook
+        _interrupted.clear()
+
+
+def stop_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C came within `interrupts_kept()` (its own raise may have been dropped)."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
 # --------------------------------------------------------------------------- worker processes
 
 def start_worker(parent: int, poll_seconds: float = 1.0) -> None:

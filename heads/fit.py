@@ -248,7 +248,8 @@ def _fit_keras(fit_model, spec, config, arrays: tuple, rows: tuple, n_views: int
     with feed.keras_batches(x_fit, views_fit, y, (tr, va), batch_size, seed=config.seed, n_views=n_views,
                             all_views=config.views_mode == "all", weights=weights, budget=memory_budget) as batches:
         history = fit_model.fit(batches[0], validation_data=batches[1], epochs=config.epochs,
-                                callbacks=[*([stopper] if va is not None else []), timer, *callbacks],
+                                callbacks=[*([stopper] if va is not None else []), timer, interruptible(),
+                                           *callbacks],
                                 shuffle=False, verbose=0).history   # shuffled by the batch planner
     # the epoch whose weights were restored (monitored epochs only), or a refit's last
     history["best"] = stopper.best_epoch if va is not None else config.epochs - 1
@@ -390,6 +391,21 @@ def fixed_pooling_split(model, spec, options: dict, arrays: list, pooled: dict |
             pooled[pooling] = [global_pool(x, pooling) for x in arrays]
         arrays = pooled[pooling]
     return keras.Model(layer.output, model.output), arrays
+
+
+def interruptible():
+    """A Keras callback raising, before each step, a Ctrl-C Python dropped (`system.interrupts_kept`): steps
+    begin in the main thread, where batch ends may be dispatched to another (JAX)."""
+    import keras
+
+    class Interruptible(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            system.stop_if_interrupted()
+
+        def on_test_batch_begin(self, batch, logs=None):
+            system.stop_if_interrupted()
+
+    return Interruptible()
 
 
 def epoch_log(epochs: int, progress: bool):

@@ -30,7 +30,7 @@ from heads import balance, feed, optimizers
 from heads.builders import MODELS
 from heads.config import TrainConfig
 from heads.data import TrainData
-from heads.fit import Fitted, built, fit, fit_schedule, step_options
+from heads.fit import Fitted, built, fit, fit_schedule, interruptible, step_options
 
 
 def pass_key(config: TrainConfig, data: TrainData) -> tuple | None:
@@ -103,7 +103,7 @@ def _segments(watch, named: list, configs: list, batches: tuple, shape: tuple) -
                              carried=optimizer)
         watch.active = active
         joint.fit(batches[0], validation_data=batches[1], initial_epoch=epoch, epochs=configs[0].epochs,
-                  callbacks=[watch], shuffle=False, verbose=0)
+                  callbacks=[watch, interruptible()], shuffle=False, verbose=0)
         epoch = watch.epochs_done
 
 

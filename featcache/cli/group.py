@@ -20,6 +20,7 @@ import sys
 
 import click
 
+from featcache import system
 from featcache.errors import FeatcacheError, WorkerError, first_line
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's start-up chatter off stderr
@@ -63,7 +64,8 @@ def needs_backend(command):
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with system.interrupts_kept():
+                return super().invoke(ctx)
         except FeatcacheError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)

@@ -210,6 +210,7 @@ def _loop(job: Job, batches: list, decoded, writer: BatchWriter, peak: float, st
     """The forward pass over `batches` as they come decoded, each written behind the model; each stage timed."""
     ready = iter(decoded)
     for name, s, e in batches:
+        system.stop_if_interrupted()
         t0 = time.perf_counter()
         images, views = next(ready)
         t1 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import signal
 
 import pytest
 
@@ -120,3 +121,18 @@ def test_the_one_file_lock_waits_says_so_reenters_and_dies_with_its_holder(tmp_p
         holder.kill()
         holder.wait(timeout=10)
     assert holder.poll() is not None   # no process left
+
+
+def test_a_ctrl_c_dropped_where_python_ignores_exceptions_is_raised_at_the_next_check(capsys):
+    class Dropped:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)   # the handler raises here, where Python prints and drops it
+
+    before = signal.getsignal(signal.SIGINT)
+    with system.interrupts_kept():
+        Dropped()
+        with pytest.raises(KeyboardInterrupt):
+            system.stop_if_interrupted()
+    system.stop_if_interrupted()   # forgotten once the block ends
+    assert signal.getsignal(signal.SIGINT) is before
+    assert "KeyboardInterrupt" not in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -307,6 +308,34 @@ def test_interrupted_training_does_not_promise_a_resume(image_folder, cache_dir,
     r = run("train-head", "--cache", path, "--runs-dir", tmp_path / "runs", "--no-progress")
     assert r.exit_code == 130 and "resume" not in r.stderr and "no run folder was written" in r.stderr
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+class _DroppedInterrupt:
+    """Ctrl-C landing in a `__del__`: the handler's KeyboardInterrupt is raised there, and Python drops it."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_a_ctrl_c_python_dropped_still_stops_training(tiny_cache, tmp_path, monkeypatch):
+    # TensorFlow runs weakref callbacks and __del__s all the time; a Ctrl-C landing in one was lost, and the
+    # command trained on as if never interrupted
+    import heads.fit as hf
+
+    logged = hf.epoch_log
+
+    def dropping(epochs, progress):
+        callback = logged(epochs, progress)
+        ends = callback.on_epoch_end
+        callback.on_epoch_end = lambda epoch, logs=None: (ends(epoch, logs), _DroppedInterrupt())
+        return callback
+
+    monkeypatch.setattr(hf, "epoch_log", dropping)
+    r = run("train-head", "--cache", tiny_cache, "--head", "dense", "--units", "8", "--epochs", "50", "--patience",
+            "50", "--runs-dir", tmp_path / "runs", "--no-progress")
+    assert r.exit_code == 130 and "no run folder was written" in r.stderr, r.output
+    assert "Exception ignored" not in r.stderr   # the dropped interrupt is raised, not printed
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
 
 
 def test_make_clean_copes_with_a_missing_cache_folder_and_honours_runs_dir(tmp_path):
