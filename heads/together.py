@@ -158,12 +158,10 @@ def _compile(joint, named: list, configs: list, n_train: int, batch_size: int, d
                                                  all_views=first.views_mode == "all")
         rate = keras.optimizers.schedules.CosineDecay(1.0, steps)
     optimizer = optimizers.adam(rate, {id(v): k for k, m in enumerate(named) for v in m.trainable_variables})
-    figures = [_HeadLosses(len(named))]
-    accuracies = [keras.metrics.MeanMetricWrapper(_accuracy_of(k), name=f"h{k}_accuracy") for k in range(len(named))]
-    balanced = [keras.metrics.MeanMetricWrapper(_accuracy_of(k), name=f"h{k}_balanced_accuracy")
-                for k in range(len(named))] if weighted else []
-    joint.compile(optimizer=optimizer, loss=_SumOfHeads(len(named)), metrics=accuracies,
-                  weighted_metrics=figures + balanced, **step_options())
+    n = len(named)
+    balanced = [_PerHead(n, "balanced_accuracy", _head_hits, by_weight=True)] if weighted else []
+    joint.compile(optimizer=optimizer, loss=_SumOfHeads(n), metrics=[_PerHead(n, "accuracy", _head_hits)],
+                  weighted_metrics=[_PerHead(n, "loss", _head_losses), *balanced], **step_options())
     optimizer.build(joint.trainable_variables)
     optimizer.head_rates.assign(np.array([c.learning_rate for c in configs], np.float32))
     if carried is not None:
@@ -178,15 +176,6 @@ def _carry(old, new, variables: list) -> None:
         i, j = old._get_variable_index(v), new._get_variable_index(v)   # Keras' Adam keeps them by weight
         new._momentums[j].assign(old._momentums[i])
         new._velocities[j].assign(old._velocities[i])
-
-
-def _accuracy_of(k: int):
-    import keras
-
-    def accuracy(y_true, y_pred):
-        return keras.metrics.sparse_categorical_accuracy(y_true, y_pred[:, k])
-
-    return accuracy
 
 
 def _sum_of_heads_class():
@@ -218,33 +207,47 @@ def _head_losses(y_true, y_pred):
     return keras.losses.sparse_categorical_crossentropy(keras.ops.repeat(labels, y_pred.shape[1], axis=1), y_pred)
 
 
-def _HeadLosses(n_heads: int):   # noqa: N802
-    """Every head's cross-entropy as Keras reports a model's loss (sum of (weighted) row losses / rows), logged as
-    h{k}_loss."""
+def _head_hits(y_true, y_pred):
+    """Whether each row's class is each head's most probable one, (batch, heads) of 0 and 1."""
     import keras
 
-    class HeadLosses(keras.metrics.Metric):
+    labels = keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1, 1))
+    return keras.ops.cast(keras.ops.equal(keras.ops.cast(keras.ops.argmax(y_pred, axis=-1), "int32"), labels),
+                          "float32")
+
+
+def _PerHead(n_heads: int, name: str, per_row, *, by_weight: bool = False):   # noqa: N802 - builds a Keras class
+    """One metric for every head of a pass, logged as h{k}_{name}: each head's mean over the epoch of `per_row`
+    ((batch, heads) values), each row weighted by its sample weight if any, divided by the rows (as Keras reports a
+    model's loss) or, `by_weight`, by the weights (as a weighted metric: the balanced accuracy). One metric's few ops
+    a step rather than a metric per head."""
+    import keras
+
+    class PerHead(keras.metrics.Metric):
         def __init__(self):
-            super().__init__(name="head_losses")
+            super().__init__(name=f"heads_{name}")
             self.total = self.add_variable((n_heads,), initializer="zeros", name="total")
-            self.rows = self.add_variable((), initializer="zeros", name="rows")
+            self.count = self.add_variable((), initializer="zeros", name="count")
 
         def update_state(self, y_true, y_pred, sample_weight=None):
-            losses = _head_losses(y_true, y_pred)
+            values = per_row(y_true, y_pred)
+            count = keras.ops.cast(keras.ops.shape(values)[0], self.count.dtype)
             if sample_weight is not None:
-                losses = losses * keras.ops.cast(keras.ops.reshape(sample_weight, (-1, 1)), losses.dtype)
-            self.total.assign_add(keras.ops.sum(losses, axis=0))
-            self.rows.assign_add(keras.ops.cast(keras.ops.shape(losses)[0], self.rows.dtype))
+                weights = keras.ops.cast(keras.ops.reshape(sample_weight, (-1, 1)), values.dtype)
+                values = values * weights
+                count = keras.ops.sum(weights) if by_weight else count
+            self.total.assign_add(keras.ops.sum(values, axis=0))
+            self.count.assign_add(count)
 
         def result(self):
-            mean = self.total / keras.ops.maximum(self.rows, 1.0)
-            return {f"h{k}_loss": mean[k] for k in range(n_heads)}
+            mean = keras.ops.divide_no_nan(self.total, self.count)
+            return {f"h{k}_{name}": mean[k] for k in range(n_heads)}
 
         def reset_state(self):
             self.total.assign(keras.ops.zeros((n_heads,)))
-            self.rows.assign(0.0)
+            self.count.assign(0.0)
 
-    return HeadLosses()
+    return PerHead()
 
 
 def _penalty(model) -> float:

@@ -71,6 +71,22 @@ def test_heads_that_grow_overconfident_score_validation_loss_as_each_alone():
         np.testing.assert_allclose(a.history["loss"], b.history["loss"], rtol=1e-4)
 
 
+def test_class_weighted_heads_report_their_figures_together_as_each_alone():
+    # a pass logs every head's loss and (balanced) accuracy with one metric each: the weighted figures divide by
+    # the rows (a loss, as Keras reports it) or by the weights (the balanced accuracy, a weighted metric)
+    data = blob_data(n=300, noise=3.0)
+    keep = np.flatnonzero((data.y_train != 2) | (np.arange(len(data.y_train)) % 5 == 0))   # class c rare
+    data = type(data)(data.x_train[keep], data.y_train[keep], data.x_test, data.y_test, data.class_names,
+                      data.kind, provenance=data.provenance)
+    cs = [TrainConfig(model="dense", units=(16,), lr=lr, epochs=4, patience=10, batch_size=16,
+                      class_weight="balanced") for lr in (1e-3, 1e-2)]
+    tr, va = split_indices(data.y_train, 0.2, 0, data.class_names)
+    for a, b in zip(alone(data, cs, tr, va), fit_together(data, cs, tr, va)):
+        for key in ("loss", "accuracy", "balanced_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy"):
+            np.testing.assert_allclose(a.history[key], b.history[key], atol=ATOL, rtol=1e-5, err_msg=key)
+        assert a.history["balanced_accuracy"] != a.history["accuracy"]
+
+
 @pytest.mark.slow
 def test_a_pruned_head_stops_moving_while_the_others_train():
     data = blob_data(n=600)
