@@ -97,7 +97,7 @@ def grid_part(args) -> None:
         t_proc, procs = grid_processes(args.cache, Path(tmp) / "p")
         searches = {"search": grid_search(args.cache, Path(tmp), "none", 24),
                     "search_pruned": grid_search(args.cache, Path(tmp), "median", 24)}
-    rate, n_train = float32_peak(), procs[0]["n_train"]
+    rate, n_train, backend = float32_peak(), procs[0]["n_train"], keras_backend()
     floor = {c["units"]: head_flops_per_row(c["units"]) * n_train / (rate * 1e9) for c in procs}
     summary = {"processes": {"seconds": t_proc, "epochs": sum(p["epochs"] for p in procs),
                              "best_val_loss": min(p["val_loss"] for p in procs),
@@ -105,10 +105,18 @@ def grid_part(args) -> None:
                              "epoch_vs_floor": statistics.median(p["seconds_per_epoch"] / floor[p["units"]]
                                                                  for p in procs)},
                **{k: search_summary(t, rec, floor) for k, (t, rec) in searches.items()},
-               "fma_peak_gflops": rate, "n_train": n_train, "machine": machine()}
-    (args.out / "benchmarks-search-grid.json").write_text(json.dumps({"summary": summary, "processes": procs},
+               "fma_peak_gflops": rate, "n_train": n_train, "machine": machine(), "backend": backend}
+    suffix = "" if backend == "tensorflow" else f"-{backend}"
+    (args.out / f"benchmarks-search-grid{suffix}.json").write_text(json.dumps({"summary": summary, "processes": procs},
                                                                      indent=2) + "\n")
     write_sections(args.out / "benchmarks.md", grid_section(summary))
+
+
+def keras_backend() -> str:
+    """The backend the processes and searches run on: Keras' own answer (KERAS_BACKEND, else keras.json)."""
+    import keras
+
+    return keras.backend.backend()
 
 
 def search_summary(seconds: float, rec: dict, floor: dict) -> dict:
@@ -129,8 +137,10 @@ def grid_section(s: dict) -> str:
                             f"{s[k]['best_val_accuracy']:.4f} | {s[k]['epoch_vs_floor']:.1f}x |")
     m = s["machine"]
     return "\n".join([
-        "## 12. A 24-configuration grid: one search training its trials together vs 24 processes", "",
-        "`python bench/search.py --cache <the block3_pool cache> --part grid`: dense heads, units x dropout x lr x "
+        "## 12. A 24-configuration grid: one search training its trials together vs 24 processes (Keras on "
+        f"{s['backend']})", "",
+        f"`KERAS_BACKEND={s['backend']} python bench/search.py --cache <the block3_pool cache> --part grid`: dense "
+        "heads, units x dropout x lr x "
         f"batch size ({' x '.join(str(len(v)) for v in GRID.values())}), 50 epochs at most, patience 5, on the whole "
         f"training split ({s['n_train']} rows), one after another in one run. Host: {m['cpu']}, {m['cores']} logical "
         "CPUs. A head epoch's floor: the dense layers' forward and backward (6 x multiply-adds x rows) at the float32 "
