@@ -291,13 +291,14 @@ def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path
     db = f"sqlite:///{tmp_path / 'search-search' / 'study.db'}"
     deadline = time.time() + 240
     try:
-        while time.time() < deadline:   # until one batch is done (the next one starts at once)
+        while time.time() < deadline:   # until one batch is done and the next one asked
             time.sleep(0.2)
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]   # ended before it could be killed
-            if _states(tmp_path / "search-search" / "study.db").count("COMPLETE") >= 1:
+            states = _states(tmp_path / "search-search" / "study.db")
+            if states.count("COMPLETE") == 2 and states.count("RUNNING") == 2:
                 break
         else:
-            pytest.fail("the search never finished its first trial")
+            pytest.fail("the search never started its second batch")
         time.sleep(0.5)
         os.killpg(proc.pid, stop)
         proc.wait(30)
