@@ -2,13 +2,16 @@
 same model with Keras' own Adam (featcache's fuses each weight's step on TensorFlow), without its metrics, without
 BatchNorm and Dropout, and with plain SGD too, and (TensorFlow) its matrix products alone inside one graph; each
 against the arithmetic floor at this CPU's FMA peak. Synthetic rows of the CIFAR-10 block3_pool pooled width (256),
-batch 256, fed as featcache feeds a head (heads.feed.keras_batches), on the Keras backend KERAS_BACKEND names.
+batch 256, fed as featcache feeds a head (heads.feed.keras_batches), on the Keras backend KERAS_BACKEND names. Then
+the reference head at batch sizes 64 to 512, split by least squares into a fixed cost per step and a cost per row:
+what heads trained together can share (a step's fixed cost) and what they cannot (each head's rows).
 
     python bench/head_epoch.py [--rows 45000] [--epochs 8]          # writes its section of benchmarks.md
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -16,6 +19,8 @@ import numpy as np
 from common import float32_peak, machine, vector_bench, write_sections
 
 UNITS, WIDTH, CLASSES, BATCH = (400, 256, 256), 256, 10, 256
+#: Around the batch sizes heads train at: larger batches spill the caches and cost more per row (on JAX, 4096).
+BATCHES = (64, 128, 256, 512)
 #: (name, optimizer: featcache's Adam, Keras' own or SGD, BatchNorm and Dropout, accuracy metric)
 VARIANTS = (("the reference head", "adam", True, True), ("the same with Keras' own Adam", "keras-adam", True, True),
             ("without the accuracy metric", "adam", True, False),
@@ -48,20 +53,32 @@ def compiled(optimizer: str, bn_and_dropout: bool, metric: bool):
     return model
 
 
-def epoch_seconds(x, y, epochs: int) -> dict:
-    """Each variant's median seconds of an epoch after its first (which traces and compiles the step); the variants
-    take their epochs in turn, so that this host's swings (30% between minutes) fall on all of them alike."""
+def interleaved(runs: dict, x, y, epochs: int) -> dict:
+    """{name: (model, batch size)} -> each model's median seconds of an epoch after its first (which traces and
+    compiles the step); the models take their epochs in turn, so that this host's swings (30% between minutes) fall
+    on all of them alike."""
     from heads import feed
 
-    models = {name: compiled(*options) for name, *options in VARIANTS}
-    times: dict = {name: [] for name in models}
-    with feed.keras_batches(x, None, y, (np.arange(len(y)), None), BATCH, seed=0) as (batches, _):
+    times: dict = {name: [] for name in runs}
+    with contextlib.ExitStack() as stack:
+        fed = {b: stack.enter_context(feed.keras_batches(x, None, y, (np.arange(len(y)), None), b, seed=0))[0]
+               for b in {b for _, b in runs.values()}}
         for _ in range(epochs):
-            for name, model in models.items():
+            for name, (model, b) in runs.items():
                 t0 = time.perf_counter()
-                model.fit(batches, epochs=1, shuffle=False, verbose=0)   # the feed shuffles
+                model.fit(fed[b], epochs=1, shuffle=False, verbose=0)   # the feed shuffles
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
+def epoch_seconds(x, y, epochs: int) -> dict:
+    """Each variant's median epoch at batch BATCH."""
+    return interleaved({name: (compiled(*options), BATCH) for name, *options in VARIANTS}, x, y, epochs)
+
+
+def batch_seconds(x, y, epochs: int) -> dict:
+    """The reference head's median epoch at each of BATCHES."""
+    return interleaved({b: (compiled("adam", True, True), b) for b in BATCHES}, x, y, epochs)
 
 
 def products_seconds(rows: int) -> float | None:
@@ -115,6 +132,24 @@ def section(rows: int, floor: float, peak: float, epochs: dict, products: float 
     return "\n".join(lines) + "\n"
 
 
+def batch_table(rows: int, floor: float, by_batch: dict) -> str:
+    """The reference head's epoch by batch size, and its least-squares split into a fixed cost per step and a cost
+    per row."""
+    steps = {b: -(-rows // b) for b in by_batch}
+    per_row, fixed = np.polyfit([rows / steps[b] for b in by_batch], [by_batch[b] / steps[b] for b in by_batch], 1)
+    shared = fixed / (fixed + per_row * BATCH)
+    split = (f"A step costs about {1000 * fixed:.2f} ms plus {1e6 * per_row:.1f} us per row (least squares over the "
+             f"sizes); a row's arithmetic at the floor is {1e6 * floor / rows:.1f} us, so the rows cost "
+             f"{per_row * rows / floor:.1f}x their arithmetic. At batch {BATCH} the fixed cost is {shared:.2f} of a "
+             f"step: heads trained together that shared all of it would still cost {1 - shared:.2f} of each trained "
+             "alone.") if fixed > 0 and per_row > 0 else "These sizes do not split into a fixed and a per-row cost."
+    lines = ["", "The reference head by batch size (the same feed and compile, the sizes taking their epochs in turn):",
+             "", "| batch size | epoch (s) | ms per step |", "|---|---|---|",
+             *(f"| {b} | {seconds:.2f} | {1000 * seconds / steps[b]:.2f} |" for b, seconds in by_batch.items()), "",
+             split]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     import keras
 
@@ -126,7 +161,9 @@ def main() -> None:
     peak = float32_peak()
     sizes = [WIDTH, *UNITS, CLASSES]
     floor = 6 * sum(a * b for a, b in zip(sizes, sizes[1:])) * args.rows / (peak * 1e9)
-    text = section(args.rows, floor, peak, epochs, products, keras.backend.backend())
+    by_batch = batch_seconds(x, y, args.epochs)
+    text = section(args.rows, floor, peak, epochs, products, keras.backend.backend()) + batch_table(args.rows, floor,
+                                                                                                   by_batch)
     print(text)
     write_sections(args.out / "benchmarks.md", text)
 
