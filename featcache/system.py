@@ -349,7 +349,8 @@ def interrupts_kept():
     Python runs a signal handler at the next bytecode of the main thread, which may be a weakref callback or a
     `__del__` (TensorFlow runs many): an exception raised there is printed as "Exception ignored in ..." and
     dropped, and the command carried on as if never interrupted. Long loops call `stop_if_interrupted()` (each
-    training step, each extracted batch), which raises the dropped interrupt; the dropped one is not printed.
+    call into a model's training steps, each extracted batch), which raises the dropped interrupt; the dropped one
+    is not printed.
     Outside the main thread (where signals cannot be handled) the block changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield

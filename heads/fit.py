@@ -394,8 +394,9 @@ def fixed_pooling_split(model, spec, options: dict, arrays: list, pooled: dict |
 
 
 def interruptible():
-    """A Keras callback raising, before each step, a Ctrl-C Python dropped (`system.interrupts_kept`): steps
-    begin in the main thread, where batch ends may be dispatched to another (JAX)."""
+    """A Keras callback raising, before each call into the training or validation steps (STEPS_PER_EXECUTION at a
+    time), a Ctrl-C Python dropped (`system.interrupts_kept`): calls begin in the main thread, where batch ends may
+    be dispatched to another (JAX)."""
     import keras
 
     class Interruptible(keras.callbacks.Callback):
