@@ -8,8 +8,9 @@ share no weights, so the gradient each head's weights get is that of its own los
 weight, moves each head as it would move it alone, at the head's own learning rate (a per-head factor of the
 optimizer's rate, which also follows a cosine schedule). Each head has its own early stopping with its own best
 weights, the rule of Keras' EarlyStopping for one model. A head that stops (or that a search prunes) gets a
-learning rate of 0, so its weights stay as they were; its arithmetic is still done until every head has stopped
-(each head's history records how many heads shared each epoch). With the same seeds, heads trained together
+learning rate of 0, so its weights stay as they were; its arithmetic is still done until the live heads go on as a
+smaller model, once that pays for its start (`Restarts`; each head's history records how many heads shared each
+epoch). With the same seeds, heads trained together
 follow the trajectory each follows alone (tests/heads/test_together.py); the one figure that differs is the training
 loss of a head with weight decay, whose penalty is added at the epoch's end rather than averaged over its batches.
 
@@ -90,11 +91,8 @@ def fit_together(data: TrainData, configs: list[TrainConfig], tr: np.ndarray, va
 
 
 def _segments(watch, named: list, configs: list, batches: tuple, shape: tuple) -> None:
-    """Train the live heads as one model until the stopped ones hold half its weights, then the rest as a smaller
-    one (the same batches, epochs and Adam state going on): a stopped head costs arithmetic for a bounded while,
-    and, a dense head's arithmetic per row being its weights, the pass at most twice the arithmetic of its live
-    heads (by weights, not by count: a grid's large heads stop first, and waiting for half the heads kept them
-    computing several epochs). The last head trains alone until it stops."""
+    """Train the live heads as one model until `Restarts` says that a smaller model pays for its start, then the
+    live ones as that smaller model (the same batches, epochs and Adam state going on), until no head is live."""
     optimizer, epoch = None, 0
     while watch.live and epoch < configs[0].epochs:
         active = list(watch.live)
@@ -102,6 +100,7 @@ def _segments(watch, named: list, configs: list, batches: tuple, shape: tuple) -
         optimizer = _compile(joint, [named[k] for k in active], [configs[k] for k in active], *shape,
                              carried=optimizer)
         watch.active = active
+        watch.restarts.begin()
         joint.fit(batches[0], validation_data=batches[1], initial_epoch=epoch, epochs=configs[0].epochs,
                   callbacks=[watch, interruptible()], shuffle=False, verbose=0)
         epoch = watch.epochs_done
@@ -259,8 +258,7 @@ def _penalty(model) -> float:
 
 def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool):
     """A Keras callback over the pass's segments: each head's history, early stopping (Keras' rule, best weights
-    kept and, by `finish`, restored), the search's `on_epoch`, a stopped head's rate set to 0, and the end of a
-    segment once its stopped heads hold half its weights."""
+    kept and, by `finish`, restored), the search's `on_epoch`, stopped heads' rates 0, the ends of segments."""
     import keras
 
     class Watch(keras.callbacks.Callback):
@@ -271,7 +269,7 @@ def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool
             self.patience = [_Patience(m, c.patience, start_from) for m, c in zip(named, configs)]
             self.bar = system.progress_bar(configs[0].epochs, unit="epoch", desc=f"train {n} heads", enabled=progress)
             self.active, self.epochs_done = [], 0   # position j of a segment's model is head active[j]
-            self.size = [m.count_params() for m in named]
+            self.restarts = Restarts([m.count_params() for m in named])
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
@@ -293,8 +291,9 @@ def _watch(named: list, configs: list, start_from: int, on_epoch, progress: bool
             self.model.optimizer.head_rates.assign(
                 np.array([configs[k].learning_rate if k in self.live else 0.0 for k in self.active], np.float32))
             self.epochs_done = epoch + 1
-            self.model.stop_training = 2 * sum(self.size[k] for k in self.live) <= sum(self.size[k]
-                                                                                     for k in self.active)
+            ahead = min(configs[0].epochs - epoch - 1,
+                        max((self.patience[k].ahead(epoch) for k in self.live), default=0))
+            self.model.stop_training = self.restarts.after(seconds, self.active, self.live, ahead)
             self.bar.set_postfix(heads=len(self.live), refresh=False)
             self.bar.update(1)
 
@@ -322,12 +321,55 @@ def _append(history: dict, values: dict) -> None:
         history.setdefault(key, []).append(value)
 
 
+class Restarts:
+    """When a pass should go on without its stopped heads. A stopped head still costs its share of each epoch's
+    arithmetic; leaving it out costs a new model's start (tracing and compiling its steps: 1-7 s here for 1-12 dense
+    heads, more than an epoch of small heads on a few hundred images). The pass restarts once the stopped heads hold
+    half the model's weights (each model then has at most half the arithmetic of the one before: few starts), and
+    only if the epochs it is sure to run yet (those the live heads' early stopping cannot end sooner) would waste
+    more on them than a start costs: on a large split as soon as half the weights stop, on a small one seldom or
+    never. (A search's pruner can end a head sooner than its early stopping: then a restart may not pay back.)
+
+    A start's cost is measured on each model: its first epoch (which traces and compiles) less its quickest (the
+    first model's first epoch stands for it until its second is timed); an epoch's waste is its time without the
+    start times the stopped heads' share of the weights."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes, self.start_cost = sizes, None   # each head's weights
+        self.begin()
+
+    def begin(self) -> None:
+        """A new model: its epochs timed afresh."""
+        self.epochs = []
+
+    def after(self, seconds: float, active: list, live: list, ahead: int) -> bool:
+        """Whether the model of heads `active` ends after an epoch of `seconds`: none of them `live`, or a restart
+        due (`ahead`: the epochs the pass will surely run yet)."""
+        # a dense head's arithmetic per row is its weights: by weights, not by count (a grid's large heads stop first)
+        stopped = 1 - sum(self.sizes[k] for k in live) / sum(self.sizes[k] for k in active)
+        return not live or self.now(seconds, stopped, ahead)
+
+    def now(self, seconds: float, stopped: float, ahead: int) -> bool:
+        """Whether to restart after an epoch of `seconds`, `stopped` (0-1) being the share of the model's weights
+        whose heads have stopped, and `ahead` the epochs the pass will surely run yet."""
+        self.epochs.append(seconds)
+        if len(self.epochs) > 1:
+            self.start_cost = max(self.epochs[0] - min(self.epochs[1:]), 0.0)
+        cost = self.epochs[0] if self.start_cost is None else self.start_cost
+        epoch = min(self.epochs[1:]) if len(self.epochs) > 1 else max(self.epochs[0] - cost, 0.0)
+        return stopped >= 0.5 and stopped * epoch * ahead >= cost
+
+
 class _Patience:
     """keras.callbacks.EarlyStopping's rule (on val_loss, best weights kept) for one head of a pass."""
 
     def __init__(self, head, patience: int, start_from: int):
         self.head, self.patience, self.start_from = head, patience, start_from
         self.best, self.best_epoch, self.wait, self.best_weights = math.inf, 0, 0, None
+
+    def ahead(self, epoch: int) -> int:
+        """The epochs after `epoch` that the head will surely train (its early stopping cannot end it sooner)."""
+        return self.start_from + self.patience - epoch if epoch < self.start_from else max(self.patience - self.wait, 1)
 
     def stops(self, epoch: int, current: float) -> bool:
         """Whether the head stops after `epoch`, whose validation loss is `current`."""

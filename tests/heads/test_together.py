@@ -8,7 +8,7 @@ import pytest
 from heads.config import TrainConfig
 from heads.data import split_indices
 from heads.fit import fit
-from heads.together import fit_together, groups
+from heads.together import Restarts, _Patience, fit_together, groups
 from heads.train import fit_and_choose, fit_and_choose_all
 from tests.heads.test_train import blob_data
 
@@ -41,8 +41,15 @@ def assert_same_fit(a, b):
         np.testing.assert_allclose(x, y, atol=ATOL)
 
 
+def free_restarts(monkeypatch):
+    """A pass that goes on without its stopped heads as soon as they hold half its weights, as it does where a start
+    costs less than the epochs ahead would spend on them (large heads, many rows)."""
+    monkeypatch.setattr(Restarts, "now", lambda self, seconds, stopped, ahead: stopped >= 0.5)
+
+
 @pytest.mark.slow
-def test_heads_trained_together_follow_each_heads_trajectory_alone_and_stop_on_their_own():
+def test_heads_trained_together_follow_each_heads_trajectory_alone_and_stop_on_their_own(monkeypatch):
+    free_restarts(monkeypatch)   # the live heads go on as smaller models, their Adam state carried
     data = blob_data(n=3000, noise=3.0)
     cs = configs(epochs=12, batch_size=32)
     tr, va = split_indices(data.y_train, 0.1, 0, data.class_names)
@@ -138,9 +145,10 @@ def test_auto_configurations_fitted_together_choose_as_each_alone():
     assert len(probes) == 2 and probes[0] is probes[1]
 
 
-def test_a_large_head_that_stops_ends_the_segment_though_most_heads_go_on():
-    # the pass goes on without it once the stopped heads hold half the model's weights (a dense head's arithmetic
-    # per row), not once half the heads have stopped: in a grid the large heads stop first
+def test_a_large_head_that_stops_ends_the_segment_though_most_heads_go_on(monkeypatch):
+    # where starts are cheap, the pass goes on without it at once: the stopped share is counted by weights (a dense
+    # head's arithmetic per row), not by heads (in a grid the large heads stop first)
+    free_restarts(monkeypatch)
     data = blob_data(n=300)
     cs = [TrainConfig(model="dense", units=(64, 64), epochs=4, batch_size=32),
           *[TrainConfig(model="dense", units=(4,), lr=lr, epochs=4, batch_size=32) for lr in (1e-3, 3e-3)]]
@@ -148,6 +156,41 @@ def test_a_large_head_that_stops_ends_the_segment_though_most_heads_go_on():
     together = fit_together(data, cs, tr, va, on_epoch=lambda epoch, figures: {0} if epoch == 0 else set())
     assert together[0].history["shared_by"] == [3]
     assert [f.history["shared_by"] for f in together[1:]] == [[3, 2, 2, 2]] * 2
+
+
+def test_stopped_heads_are_kept_while_a_new_model_would_cost_more_than_they_do():
+    # 270 rows: an epoch costs milliseconds, starting a smaller model (tracing, compiling) about a second
+    data = blob_data(n=300)
+    cs = [TrainConfig(model="dense", units=(64, 64), epochs=4, batch_size=32),
+          *[TrainConfig(model="dense", units=(4,), lr=lr, epochs=4, batch_size=32) for lr in (1e-3, 3e-3)]]
+    tr, va = split_indices(data.y_train, 0.1, 0, data.class_names)
+    together = fit_together(data, cs, tr, va, on_epoch=lambda epoch, figures: {0} if epoch == 0 else set())
+    assert [f.history["shared_by"] for f in together] == [[3], [3, 3, 3, 3], [3, 3, 3, 3]]
+    keras.utils.set_random_seed(0)   # the stopped head kept the weights it stopped with (BatchNorm's too)
+    short = fit(data, TrainConfig(**{**cs[0].__dict__, "epochs": 1}), tr, va, False)
+    for a, b in zip(together[0].fit_model.get_weights(), short.fit_model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=ATOL)
+
+
+def test_a_restart_comes_once_half_the_weights_stopped_if_the_epochs_surely_ahead_pay_for_it():
+    restarts = Restarts([])
+    assert not restarts.now(5.0, 0.0, 10)   # nothing stopped: no restart, whatever a start costs
+    assert not restarts.now(1.0, 0.0, 10) and restarts.start_cost == 4.0   # the first epoch traced: a start is 4 s
+    assert not restarts.now(1.0, 0.4, 100)   # less than half the weights stopped: no restart, though it would pay
+    # half the weights stopped: 0.5 s an epoch; a restart once 8 epochs are sure to come, not 7
+    assert not restarts.now(1.0, 0.5, 7) and restarts.now(1.0, 0.5, 8)
+    restarts.begin()   # the next model: its start measured again, the last one's cost used until then
+    assert not restarts.now(3.0, 0.9, 10) and restarts.start_cost == 4.0   # its first epoch: 0.9 x 0 s to gain
+    assert restarts.now(1.1, 0.9, 2) and restarts.start_cost == 1.9   # 0.99 s an epoch, for 2 epochs
+
+
+def test_the_epochs_a_pass_surely_runs_are_those_its_heads_early_stopping_cannot_end():
+    watched = _Patience(None, patience=3, start_from=2)
+    assert watched.ahead(0) == 5   # epochs 1-5: nothing counts before epoch 2, then 3 epochs without a better loss
+    watched.wait = 1
+    assert watched.ahead(4) == 2
+    watched.patience, watched.wait = 0, 0
+    assert watched.ahead(4) == 1   # a live head trains its next epoch
 
 
 def test_a_pruner_never_judges_auto_by_one_of_its_candidates_epochs():
