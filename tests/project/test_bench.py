@@ -76,3 +76,18 @@ def test_epoch_start_bench_runs_small(tmp_path):
     page = (tmp_path / "benchmarks.md").read_text()
     assert "## 16. The start of an epoch: tf.data's autotuner off and on" in page
     assert "| autotuner off (featcache) |" in page and "| autotuner on, AUTOTUNE parallelism and read-ahead |" in page
+
+
+@pytest.mark.slow
+def test_restarts_bench_runs_small(tmp_path):
+    from tests.support import bench_script
+
+    cache = bench_script("common").write_synthetic_cache(tmp_path / "synthetic.h5", n_train=600, n_test=50,
+                                                         shape=(2, 2, 16))
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "restarts.py"), "--cache", str(cache), "--per-class",
+                           "20", "--repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "## 18. When a pass goes on without its stopped heads: three rules (Keras on tensorflow)" in page
+    rows = [line for line in page.splitlines() if line.startswith("| 20 per class |")]
+    assert len(rows) == 3 and len({row.split(" | ")[-1] for row in rows}) == 1   # the same best val loss each rule
