@@ -326,9 +326,11 @@ class Restarts:
     arithmetic; leaving it out costs a new model's start (tracing and compiling its steps: 1-7 s here for 1-12 dense
     heads, more than an epoch of small heads on a few hundred images). The pass restarts once the stopped heads hold
     half the model's weights (each model then has at most half the arithmetic of the one before: few starts), and
-    only if the epochs it is sure to run yet (those the live heads' early stopping cannot end sooner) would waste
-    more on them than a start costs: on a large split as soon as half the weights stop, on a small one seldom or
-    never. (A search's pruner can end a head sooner than its early stopping: then a restart may not pay back.)
+    only once what they have wasted since, with what the epochs the pass is sure to run yet (those the live heads'
+    early stopping cannot end sooner) would waste, reaches what a start costs: on a large split as soon as half the
+    weights stop, on a small one seldom or never. Counting the waste already paid bounds what waiting can lose (at
+    most a start's worth, the rule of renting skis) where the heads train on for longer than they must. (A
+    search's pruner can end a head sooner than its early stopping: then a restart may not pay back.)
 
     A start's cost is measured on each model: its first epoch (which traces and compiles) less its quickest (the
     first model's first epoch stands for it until its second is timed); an epoch's waste is its time without the
@@ -339,8 +341,8 @@ class Restarts:
         self.begin()
 
     def begin(self) -> None:
-        """A new model: its epochs timed afresh."""
-        self.epochs = []
+        """A new model: its epochs timed afresh, nothing wasted yet."""
+        self.epochs, self.wasted = [], 0.0
 
     def after(self, seconds: float, active: list, live: list, ahead: int) -> bool:
         """Whether the model of heads `active` ends after an epoch of `seconds`: none of them `live`, or a restart
@@ -356,8 +358,11 @@ class Restarts:
         if len(self.epochs) > 1:
             self.start_cost = max(self.epochs[0] - min(self.epochs[1:]), 0.0)
         cost = self.epochs[0] if self.start_cost is None else self.start_cost
-        epoch = min(self.epochs[1:]) if len(self.epochs) > 1 else max(self.epochs[0] - cost, 0.0)
-        return stopped >= 0.5 and stopped * epoch * ahead >= cost
+        waste = stopped * (min(self.epochs[1:]) if len(self.epochs) > 1 else max(self.epochs[0] - cost, 0.0))
+        if stopped < 0.5 or self.wasted + waste * ahead >= cost:
+            return stopped >= 0.5
+        self.wasted += waste   # the next epoch's, paid by going on
+        return False
 
 
 class _Patience:

@@ -184,6 +184,14 @@ def test_a_restart_comes_once_half_the_weights_stopped_if_the_epochs_surely_ahea
     assert restarts.now(1.1, 0.9, 2) and restarts.start_cost == 1.9   # 0.99 s an epoch, for 2 epochs
 
 
+def test_stopped_heads_kept_for_longer_than_they_had_to_bring_a_restart_once_they_have_cost_a_start():
+    # one epoch at a time is all the live heads' early stopping promises; they train on, and what the stopped
+    # heads waste adds up: 0.5 s an epoch against a 4 s start, so the restart comes after 7 epochs wasted
+    restarts = Restarts([])
+    restarts.now(5.0, 0.0, 10)
+    assert [restarts.now(1.0, 0.5, 1) for _ in range(8)] == [False] * 7 + [True]
+
+
 def test_the_epochs_a_pass_surely_runs_are_those_its_heads_early_stopping_cannot_end():
     watched = _Patience(None, patience=3, start_from=2)
     assert watched.ahead(0) == 5   # epochs 1-5: nothing counts before epoch 2, then 3 epochs without a better loss
