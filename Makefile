@@ -82,6 +82,7 @@ bench: extract ## measure speed, size, memory, precision, decoding, streaming an
 	$(BIN)/python bench/search.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 	$(BIN)/python bench/epoch_start.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 	$(BIN)/python bench/restarts.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
+	KERAS_BACKEND=jax $(BIN)/python bench/restarts.py --cache "$$($(BIN)/featcache -q extract $(SELECT) --no-progress)"
 	$(BIN)/python bench/finetune.py --data "$(DATA)" --weights "$(WEIGHTS)" \
 		--cache "$$($(BIN)/featcache -q extract $(FT_SELECT) --no-progress)"
 	$(BIN)/python bench/decode.py
