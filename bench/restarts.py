@@ -4,9 +4,10 @@ pass, the batch-256 half of section 12's grid (twelve dense heads: units 256 or 
 Restarting drops the stopped heads' arithmetic but traces and compiles a smaller model; the rules:
 - at once: a new model as soon as a head stops;
 - half the weights: once the stopped heads hold half the model's weights (featcache's rule until 2026-12-07);
-- half the weights, if paid back (featcache, heads.together.Restarts): as the rule before, but only where the
-  epochs the pass surely runs yet would spend more on the stopped heads than a start costs.
-The rules change when the arithmetic is done, not what it computes: each head's figures are the same under all three.
+- half the weights, if paid back (featcache, heads.together.Restarts): as the rule before, but only once what the
+  stopped heads have wasted since, with what the epochs the pass surely runs yet would waste, reaches a start's cost.
+The rules change when the arithmetic is done, not what it computes: each head's figures are the same under all three
+on TensorFlow; on JAX a model of other heads sums in another order (0.0013 of best validation loss here).
 
     python bench/restarts.py --cache cache/<the block3_pool cache> [--per-class 200,all] [--repeats 2]
 """
@@ -59,8 +60,9 @@ def section(cache: str, results: dict, repeats: int) -> str:
              f"alternated, medians of {repeats}; the pass's seconds from its first batch (validation included). "
              "A model started: the first, and each restart. At once: a smaller model as soon as a head stops; half "
              "the weights: once the stopped heads hold half the weights (the rule until 2026-12-07); featcache's: the "
-             "same, but only where the epochs the pass surely runs yet (the live heads' early stopping cannot end "
-             "them sooner) would spend more on the stopped heads than a start costs (measured on each model). Host: "
+             "same, but only once what the stopped heads have wasted since, with what the epochs the pass surely runs "
+             "yet (the live heads' early stopping cannot end them sooner) would waste, reaches a start's cost "
+             "(measured on each model). Host: "
              f"{m['cpu']}, {m['cores']} logical CPUs.", "",
              "| training split | rule | pass (s) | / featcache's | models started | head epochs | best val loss |",
              "|---|---|---|---|---|---|---|"]
