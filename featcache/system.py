@@ -351,9 +351,12 @@ def interrupts_kept():
     dropped, and the command carried on as if never interrupted. Long loops call `stop_if_interrupted()` (each
     call into a model's training steps, each extracted batch), which raises the dropped interrupt; the dropped one
     is not printed.
+    Yields an event set, once the block has ended, if a Ctrl-C came within it: a library may turn the interrupt into
+    an error of its own (SQLAlchemy's session closed mid-commit) or swallow it, and the caller still knows.
     Outside the main thread (where signals cannot be handled) the block changes nothing."""
+    came = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield came
         return
     previous, previous_hook = signal.signal(signal.SIGINT, _remember_and_raise), sys.unraisablehook
 
@@ -364,10 +367,12 @@ def interrupts_kept():
     _interrupted.clear()
     sys.unraisablehook = hook
     try:
-        yield
+        yield came
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
         sys.unraisablehook = previous_hook
+        if _interrupted.is_set():
+            came.set()
         _interrupted.clear()
 
 

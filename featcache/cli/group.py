@@ -63,17 +63,24 @@ def needs_backend(command):
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        interrupted = None
         try:
-            with system.interrupts_kept():
+            with system.interrupts_kept() as interrupted:
                 return super().invoke(ctx)
-        except FeatcacheError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except KeyboardInterrupt:
             _exit_interrupted(ctx)
-        except (OSError, WorkerError) as e:
-            if _after_interrupt(e):   # a clean-up the interrupt broke (a file write, a pool's shutdown)
+        except Exception as e:
+            # an error after a Ctrl-C is the interrupt's: a clean-up it broke (a file write, a pool's shutdown, an
+            # Optuna session closed mid-commit) or a library that turned it into an error of its own
+            if _after_interrupt(e) or (interrupted is not None and interrupted.is_set()):
                 _exit_interrupted(ctx)
+            if isinstance(e, FeatcacheError):
+                click.echo(f"error: {e}", err=True)
+                ctx.exit(2)
+            if not isinstance(e, (OSError, WorkerError)):
+                raise
             resumes = ctx.invoked_subcommand == "extract" and not ctx.meta.get(FORCED)
             click.echo(f"error: {e}" + ("; rerun the same command to resume the extraction" if resumes else ""),
                        err=True)

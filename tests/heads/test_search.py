@@ -311,7 +311,8 @@ def test_a_killed_search_continues_from_its_finished_trials(tiny_cache, tmp_path
     # killed mid-batch; interrupted, its batch is failed at once and the command says how to go on
     assert left.count("RUNNING" if stop == signal.SIGKILL else "FAIL") == 2 and left.count("COMPLETE") == 2, left
     if stop == signal.SIGINT:
-        assert proc.returncode == 130 and "rerun the same command" in proc.stderr.read().decode()
+        stderr = proc.stderr.read().decode()
+        assert proc.returncode == 130 and "rerun the same command" in stderr, stderr[-3000:]
     if not rerun_at_once:
         time.sleep(3)   # past the grace period: the killed trial's heartbeat is stale
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)

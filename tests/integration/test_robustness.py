@@ -169,3 +169,34 @@ def test_an_error_a_ctrl_c_caused_still_reads_as_interrupted():
 
     r = CliRunner().invoke(cli, ["extract"])
     assert r.exit_code == 130 and "interrupted; rerun the same command to resume" in r.output, r.output
+
+
+def test_any_error_after_a_ctrl_c_reads_as_interrupted():
+    """Ctrl-C inside a library that swallows it and fails later in its own way (SQLAlchemy's session closed in the
+    middle of an Optuna commit, the interrupt nowhere in the error's chain): exit 130 with the rerun hint, not a
+    traceback and exit 1 (a killed search's trials were failed, and its command said nothing of how to go on)."""
+    import click
+    from click.testing import CliRunner
+
+    from featcache.cli.group import _Group
+
+    @click.group(cls=_Group)
+    def cli():
+        pass
+
+    @cli.command()
+    def search():
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        raise RuntimeError("Method 'close()' can't be called here")
+
+    @cli.command()
+    def broken():
+        raise RuntimeError("a bug")
+
+    r = CliRunner().invoke(cli, ["search"])
+    assert r.exit_code == 130 and "rerun the same command to continue the search" in r.output, r.output
+    r = CliRunner().invoke(cli, ["broken"])   # without a Ctrl-C a bug stays a bug
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
