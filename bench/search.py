@@ -8,13 +8,15 @@ small (section 11): the dense head at six dropout rates, on --per-class images p
 sides train the same six models; the search then trains its winner once more and tests it), alternated.
 grid (section 12): the issue's 24-configuration grid of dense heads (units x dropout x lr x batch size, 50 epochs
 at most, patience 5) on the whole training split, as 24 processes, and as one search training its trials together
-(`--together 24`: the 12 trials of each batch size share a pass) without pruning and with the median pruner;
-epochs run, best validation figures, and a head's epoch against its arithmetic floor.
+(`--together 24`: the 12 trials of each batch size share a pass) without pruning and with the median pruner, and
+(where Ray is installed) as one search on Ray with 2 workers fitting 12 trials each, two passes at once; epochs run,
+best validation figures, and a head's epoch against its arithmetic floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -71,11 +73,11 @@ def grid_processes(cache: str, runs: Path) -> tuple[float, list[dict]]:
     return time.perf_counter() - t0, out
 
 
-def grid_search(cache: str, runs: Path, pruner: str, together: int) -> tuple[float, dict]:
+def grid_search(cache: str, runs: Path, pruner: str, together: int, *engine: str) -> tuple[float, dict]:
     t0 = time.perf_counter()
     done = subprocess.run([*CLI, "-q", "search", "--cache", cache, "--head", "dense", "--pruner", pruner,
                            "--name", f"grid-{pruner}-{together}", "--runs-dir", str(runs), "--no-progress",
-                           "--trials", "24", "--together", str(together),
+                           "--trials", "24", "--together", str(together), *engine,
                            *[a for k, v in GRID.items() for a in ("--param", f"{k}={'|'.join(v)}")]],
                           check=True, capture_output=True, text=True)
     return time.perf_counter() - t0, json.loads((Path(done.stdout.strip()) / "search.json").read_text())
@@ -89,7 +91,8 @@ def head_flops_per_row(units: str, n_in: int = 256, n_classes: int = 10) -> int:
 
 SIDES = (("processes", "24 `featcache train-head` processes"),
          ("search", "one search, `--together 24`, no pruning"),
-         ("search_pruned", "one search, `--together 24`, median pruner"))
+         ("search_pruned", "one search, `--together 24`, median pruner"),
+         ("search_ray", "one search, `--engine ray --workers 2 --together 12`, no pruning"))
 
 
 def grid_part(args) -> None:
@@ -97,6 +100,8 @@ def grid_part(args) -> None:
         t_proc, procs = grid_processes(args.cache, Path(tmp) / "p")
         searches = {"search": grid_search(args.cache, Path(tmp), "none", 24),
                     "search_pruned": grid_search(args.cache, Path(tmp), "median", 24)}
+        if importlib.util.find_spec("ray") is not None:   # two passes at once: the cores a lone pass leaves idle
+            searches["search_ray"] = grid_search(args.cache, Path(tmp), "none", 12, "--engine", "ray", "--workers", "2")
     rate, n_train, backend = float32_peak(), procs[0]["n_train"], keras_backend()
     floor = {c["units"]: head_flops_per_row(c["units"]) * n_train / (rate * 1e9) for c in procs}
     summary = {"processes": {"seconds": t_proc, "epochs": sum(p["epochs"] for p in procs),
@@ -147,7 +152,7 @@ def grid_section(s: dict) -> str:
         f"FMA peak measured here ({s['fma_peak_gflops']:.0f} GFLOP/s, bench/peak_flops.c); for the searches, the "
         "trials' training time (each its share of its pass) over the floor of the epochs they ran.", "",
         "| side | seconds | epochs in all | best val loss | best val accuracy | head epoch / floor |",
-        "|---|---|---|---|---|---|", *(row(k, label) for k, label in SIDES), "",
+        "|---|---|---|---|---|---|", *(row(k, label) for k, label in SIDES if k in s), "",
         f"Search / processes: **{s['search']['seconds'] / s['processes']['seconds']:.2f}** of the time (target 1/3), "
         f"best validation loss {s['search']['best_val_loss'] - s['processes']['best_val_loss']:+.4f} from the "
         f"processes'; with the median pruner **{s['search_pruned']['seconds'] / s['processes']['seconds']:.2f}** "
@@ -156,7 +161,19 @@ def grid_section(s: dict) -> str:
         f"{100 * (s['search_pruned']['best_val_accuracy'] - s['search']['best_val_accuracy']):+.2f} points from the "
         "unpruned search's). The searches' winners were tested once each: "
         f"{s['search']['winner_test_accuracy']:.4f} (no pruning), {s['search_pruned']['winner_test_accuracy']:.4f} "
-        "(pruned).", ""])
+        "(pruned).", "", *_ray_line(s)])
+
+
+def _ray_line(s: dict) -> list[str]:
+    if "search_ray" not in s:
+        return []
+    r = s["search_ray"]
+    return [f"On Ray, two passes at once: **{r['seconds'] / s['processes']['seconds']:.2f}** of the processes' time, "
+            f"**{r['seconds'] / s['search']['seconds']:.2f}** of the one-process search's (its Ray start and, its "
+            "winner fitted in an actor, the winner trained once more included), best validation loss "
+            f"{r['best_val_loss'] - s['processes']['best_val_loss']:+.4f} from the processes'; winner tested once: "
+            f"{r['winner_test_accuracy']:.4f}. Its head epoch / floor counts each pass's own time, while two ran at "
+            "once.", ""]
 
 
 def main() -> None:
