@@ -150,7 +150,8 @@ def grid_section(s: dict) -> str:
         f"training split ({s['n_train']} rows), one after another in one run. Host: {m['cpu']}, {m['cores']} logical "
         "CPUs. A head epoch's floor: the dense layers' forward and backward (6 x multiply-adds x rows) at the float32 "
         f"FMA peak measured here ({s['fma_peak_gflops']:.0f} GFLOP/s, bench/peak_flops.c); for the searches, the "
-        "trials' training time (each its share of its pass) over the floor of the epochs they ran.", "",
+        "trials' training time (each its share of its batch: the batch's time over its trials) over the floor of the "
+        "epochs they ran.", "",
         "| side | seconds | epochs in all | best val loss | best val accuracy | head epoch / floor |",
         "|---|---|---|---|---|---|", *(row(k, label) for k, label in SIDES if k in s), "",
         f"Search / processes: **{s['search']['seconds'] / s['processes']['seconds']:.2f}** of the time (target 1/3), "
