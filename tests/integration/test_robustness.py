@@ -149,16 +149,23 @@ def test_no_unsafe_loading_in_the_code():
         assert not re.search(r"pickle\.loads?\(", text), path
 
 
-def test_an_error_a_ctrl_c_caused_still_reads_as_interrupted():
-    """Ctrl-C landing in a clean-up (a file write, a pool's shutdown) that then fails: exit 130, not 1."""
+def _featcache_like_group():
+    """An empty click group with featcache's errors and exit codes (featcache.cli.group._Group), for commands a test
+    defines."""
     import click
-    from click.testing import CliRunner
 
     from featcache.cli.group import _Group
 
     @click.group(cls=_Group)
     def cli():
         pass
+
+    return cli
+
+
+def test_an_error_a_ctrl_c_caused_still_reads_as_interrupted():
+    """Ctrl-C landing in a clean-up (a file write, a pool's shutdown) that then fails: exit 130, not 1."""
+    cli = _featcache_like_group()
 
     @cli.command()
     def extract():
@@ -175,14 +182,7 @@ def test_any_error_after_a_ctrl_c_reads_as_interrupted():
     """Ctrl-C inside a library that swallows it and fails later in its own way (SQLAlchemy's session closed in the
     middle of an Optuna commit, the interrupt nowhere in the error's chain): exit 130 with the rerun hint, not a
     traceback and exit 1 (a killed search's trials were failed, and its command said nothing of how to go on)."""
-    import click
-    from click.testing import CliRunner
-
-    from featcache.cli.group import _Group
-
-    @click.group(cls=_Group)
-    def cli():
-        pass
+    cli = _featcache_like_group()
 
     @cli.command()
     def search():
