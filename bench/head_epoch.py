@@ -1,7 +1,8 @@
 """Where a dense head's epoch goes: the reference head (400,256,256) compiled as featcache compiles it, against the
 same model with Keras' own Adam (featcache's fuses each weight's step on TensorFlow), without its metrics, without
-BatchNorm and Dropout, and with plain SGD too, and (TensorFlow) its matrix products alone inside one graph; each
-against the arithmetic floor at this CPU's FMA peak. Synthetic rows of the CIFAR-10 block3_pool pooled width (256),
+BatchNorm and Dropout, with plain SGD too, and under Keras' mixed bfloat16 policy (AMX multiplies bfloat16 in
+hardware), and its matrix products alone inside one compiled loop (a TensorFlow graph, or one JAX jit); each against
+the arithmetic floor at this CPU's float32 FMA peak. Synthetic rows of the CIFAR-10 block3_pool pooled width (256),
 batch 256, fed as featcache feeds a head (heads.feed.keras_batches), on the Keras backend KERAS_BACKEND names. Then
 the reference head at batch sizes 64 to 512, split by least squares into a fixed cost per step and a cost per row:
 what heads trained together can share (a step's fixed cost) and what they cannot (each head's rows).
@@ -21,32 +22,36 @@ from common import float32_peak, machine, vector_bench, write_sections
 UNITS, WIDTH, CLASSES, BATCH = (400, 256, 256), 256, 10, 256
 #: Around the batch sizes heads train at: larger batches spill the caches and cost more per row (on JAX, 4096).
 BATCHES = (64, 128, 256, 512)
-#: (name, optimizer: featcache's Adam, Keras' own or SGD, BatchNorm and Dropout, accuracy metric)
-VARIANTS = (("the reference head", "adam", True, True), ("the same with Keras' own Adam", "keras-adam", True, True),
-            ("without the accuracy metric", "adam", True, False),
-            ("without BatchNorm and Dropout", "adam", False, True), ("plain SGD, nothing else", "sgd", False, False))
+#: (name, optimizer: featcache's Adam, Keras' own or SGD, BatchNorm and Dropout, accuracy metric, dtype policy)
+VARIANTS = (("the reference head", "adam", True, True, "float32"),
+            ("the same with Keras' own Adam", "keras-adam", True, True, "float32"),
+            ("without the accuracy metric", "adam", True, False, "float32"),
+            ("without BatchNorm and Dropout", "adam", False, True, "float32"),
+            ("plain SGD, nothing else", "sgd", False, False, "float32"),
+            ("the reference head, mixed bfloat16", "adam", True, True, "mixed_bfloat16"))
 
 
-def head(bn_and_dropout: bool):
+def head(bn_and_dropout: bool, policy: str = "float32"):
     import keras
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((WIDTH,))
-    x = keras.layers.BatchNormalization()(inputs) if bn_and_dropout else inputs
+    x = keras.layers.BatchNormalization(dtype=policy)(inputs) if bn_and_dropout else inputs
     for n in UNITS:
-        x = keras.layers.Dense(n, activation="relu")(x)
+        x = keras.layers.Dense(n, activation="relu", dtype=policy)(x)
     if bn_and_dropout:
-        x = keras.layers.Dropout(0.2)(x)
-    return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax")(x))
+        x = keras.layers.Dropout(0.2, dtype=policy)(x)
+    # the output layer and the loss in float32, as Keras' mixed precision guide (and heads.fit's finetune) has it
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax", dtype="float32")(x))
 
 
-def compiled(optimizer: str, bn_and_dropout: bool, metric: bool):
+def compiled(optimizer: str, bn_and_dropout: bool, metric: bool, policy: str = "float32"):
     import keras
 
     from heads import optimizers
     from heads.fit import step_options
 
-    model = head(bn_and_dropout)
+    model = head(bn_and_dropout, policy)
     model.compile(optimizer={"adam": optimizers.adam, "keras-adam": keras.optimizers.Adam,
                              "sgd": keras.optimizers.SGD}[optimizer](1e-3),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"] if metric else None, **step_options())
@@ -81,12 +86,15 @@ def batch_seconds(x, y, epochs: int) -> dict:
     return interleaved({b: (compiled("adam", True, True), b) for b in BATCHES}, x, y, epochs)
 
 
-def products_seconds(rows: int) -> float | None:
-    """Seconds of one epoch's matrix products (3 per Dense layer and batch, each of the forward product's shape
-    and arithmetic) in one TensorFlow graph loop; None on another backend."""
+def products_seconds(rows: int) -> tuple[str, float] | None:
+    """(where, seconds) of one epoch's matrix products (3 per Dense layer and batch, each of the forward product's
+    shape and arithmetic) in one compiled loop: a TensorFlow graph, or one JAX jit; None on another backend."""
     import keras
 
-    if keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return "in one JAX jit (a fori_loop)", _best_of_3(_jax_products(rows))
+    if backend != "tensorflow":
         return None
     import tensorflow as tf
 
@@ -105,30 +113,60 @@ def products_seconds(rows: int) -> float | None:
                     total += tf.reduce_sum(tf.matmul(x + eps * (j + 1), k))
         return total
 
-    epoch()
+    return "in one TensorFlow graph loop", _best_of_3(lambda: epoch().numpy())
+
+
+def _jax_products(rows: int):
+    """The JAX twin of the TensorFlow loop above: the same products, each step's inputs new."""
+    import jax
+    import jax.numpy as jnp
+
+    sizes = [WIDTH, *UNITS, CLASSES]
+    keys = jax.random.split(jax.random.key(0), 2 * len(sizes))
+    a = [jax.random.normal(keys[i], (BATCH, n)) for i, n in enumerate(sizes[:-1])]
+    w = [jax.random.normal(keys[len(sizes) + i], (n, m)) / 30 for i, (n, m) in enumerate(zip(sizes, sizes[1:]))]
+
+    @jax.jit
+    def epoch(a, w):
+        def step(i, total):
+            eps = i.astype(jnp.float32) * 1e-9
+            for x, k in zip(a, w):
+                for j in range(3):
+                    total += jnp.sum((x + eps * (j + 1)) @ k)
+            return total
+
+        return jax.lax.fori_loop(0, -(-rows // BATCH), step, jnp.float32(0.0))
+
+    return lambda: float(epoch(a, w))
+
+
+def _best_of_3(run) -> float:
+    """The quickest of three timed calls of `run`, after one that compiles it."""
+    run()
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        epoch().numpy()
+        run()
         times.append(time.perf_counter() - t0)
     return min(times)
 
 
-def section(rows: int, floor: float, peak: float, epochs: dict, products: float | None, backend: str) -> str:
+def section(rows: int, floor: float, peak: float, epochs: dict, products: tuple | None, backend: str) -> str:
     m = machine()
     lines = [f"## 14. Where a dense head's epoch goes (Keras on {backend})", "",
              f"`KERAS_BACKEND={backend} python bench/head_epoch.py --rows {rows}`: the reference dense head "
              f"({','.join(map(str, UNITS))}) on {rows} synthetic rows of 256 features, batch {BATCH}, compiled and fed as "
              "featcache compiles and feeds it (`heads.fit.step_options`, `heads.feed.keras_batches`), the median of its epochs after the first, against "
-             "the same model stripped of its parts (the variants take their epochs in turn). The floor: the Dense "
+             "the same model stripped of its parts, and under Keras' mixed bfloat16 policy (its output layer and loss in "
+             "float32), the variants taking their epochs in turn. The floor: the Dense "
              "layers' forward and backward (6 x multiply-adds x rows) at the float32 FMA peak measured here "
              f"({peak:.0f} GFLOP/s, bench/peak_flops.c): "
              f"{floor:.2f} s. Host: {m['cpu']}, {m['cores']} logical CPUs.", "",
              "| model | epoch (s) | / floor |", "|---|---|---|"]
     lines += [f"| {name} | {seconds:.2f} | {seconds / floor:.1f}x |" for name, seconds in epochs.items()]
     if products is not None:
-        lines.append(f"| its matrix products alone, in one TensorFlow graph loop | {products:.2f} | "
-                     f"{products / floor:.1f}x |")
+        where, seconds = products
+        lines.append(f"| its matrix products alone, {where} | {seconds:.2f} | {seconds / floor:.1f}x |")
     return "\n".join(lines) + "\n"
 
 
