@@ -74,12 +74,27 @@ def _on_ray(ray, owned: "owned_cluster", worker: type, args_for, tasks, *, worke
     n, threads, gpus = plan_workers(ray, workers, len(tasks))
     log.info("ray: %d worker%s x %d thread%s%s", n, "s" * (n > 1), threads, "s" * (threads > 1),
              f", {gpus:g} GPU each" if gpus else "")
-    remote = ray.remote(worker).options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS,
+    remote = ray.remote(_started_on_ray(worker)).options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS,
                                         max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": worker_env(threads)})
     owned.actors = [remote.remote(*args_for(threads)) for _ in range(n)]
     for result in results(ray, placed(ray, owned.actors), list(tasks), ordered=ordered, after_death=after_death):
         owned.record()
         yield result
+
+
+def _started_on_ray(worker: type) -> type:
+    """`worker` as a Ray actor builds it: Keras on JAX or PyTorch told first that TensorFlow is absent, as a command
+    tells it (`system.keras_without_tensorflow`); Ray names the actor after `worker`."""
+
+    class OnRay(worker):
+        def __init__(self, *args):
+            from featcache import system
+
+            system.keras_without_tensorflow()
+            super().__init__(*args)
+
+    OnRay.__name__ = OnRay.__qualname__ = worker.__name__
+    return OnRay
 
 
 def results(ray, actors: list, tasks: list, *, ordered: bool, after_death: str):

@@ -456,6 +456,26 @@ def _start(parent: int, initializer, initargs) -> None:
     initializer(*initargs)
 
 
+# --------------------------------------------------------------------------- Keras in featcache's processes
+
+def keras_without_tensorflow() -> None:
+    """On a Keras backend other than TensorFlow, tell Keras that TensorFlow is missing. Keras imports TensorFlow
+    wherever it is installed, to seed its generators (`keras.utils.set_random_seed`) and to save a model (its
+    serializer checks for TensorFlow's types): 2 s and 450 MB a process here, for nothing JAX or PyTorch uses. For
+    featcache's own processes (a command, a Ray worker): a notebook keeps Keras' behaviour. What needs TensorFlow
+    (`export --format saved_model|onnx`) imports it itself. A Keras without this lazy module imports it as before."""
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        import keras
+        from keras.src.utils import module_utils
+    except ImportError:
+        return
+    lazy = getattr(module_utils, "tensorflow", None)
+    if keras.backend.backend() != "tensorflow" and lazy is not None and getattr(lazy, "_available", False) is None:
+        lazy._available = False   # not asked yet: Keras' next question gets this answer
+
+
 # --------------------------------------------------------------------------- native log lines
 
 @contextlib.contextmanager

@@ -48,27 +48,10 @@ def start_backend(verbose: bool = False) -> None:
 
                 tf.config.list_physical_devices()
             else:
-                _keras_without_tensorflow()
+                system.keras_without_tensorflow()
     except (ImportError, ValueError) as e:   # a backend package missing, or an unknown name
         raise BadInputError(f"Keras cannot start its backend {wanted} ({first_line(e)}); fix: install it (pip install "
                             "jax, torch or tensorflow) or set KERAS_BACKEND to tensorflow, jax or torch") from e
-
-
-def _keras_without_tensorflow() -> None:
-    """On another backend, Keras imports TensorFlow wherever it is installed, to seed its generators
-    (`keras.utils.set_random_seed`) and to save a model (its serializer checks for TensorFlow's types): 2 s and
-    450 MB a process here, for nothing a command on JAX or PyTorch uses. Keras is told TensorFlow is missing; the
-    commands that need it (`export --format saved_model|onnx`) import it themselves. A Keras without this lazy
-    module just imports TensorFlow as before."""
-    if "tensorflow" in sys.modules:
-        return
-    try:
-        from keras.src.utils import module_utils
-    except ImportError:
-        return
-    lazy = getattr(module_utils, "tensorflow", None)
-    if lazy is not None and getattr(lazy, "_available", False) is None:   # not asked yet
-        lazy._available = False
 
 
 def needs_backend(command):

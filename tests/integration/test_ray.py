@@ -262,3 +262,43 @@ def test_a_leaving_cluster_stops_the_workers_its_shutdown_orphans(tmp_path):
         seen.poll()
     assert len(seen.seen) == 2 and stub.raylet is None   # the raylet and its worker; the raylet shut down
     assert_all_gone(seen.seen, wait=2.0)
+
+
+SEEDED_ON_RAY = """
+import sys
+
+import keras
+
+from featcache import cluster
+
+
+class Seeded:
+    def __init__(self):
+        keras.utils.set_random_seed(0)   # Keras imports TensorFlow for it wherever it is installed, unless told not to
+
+    def ready(self):
+        return None
+
+    def run(self):
+        return "tensorflow" in sys.modules
+
+
+with cluster.distribute(Seeded, lambda threads: (), [()], engine="ray", workers=1) as done:
+    print("tensorflow imported in the worker:", *done)
+"""
+
+
+@pytest.mark.slow
+def test_a_ray_worker_on_jax_leaves_an_installed_tensorflow_unimported(tmp_path):
+    # what a command on JAX does for itself (test_backends.py), its Ray workers do too: 2 s and ~450 MB each
+    pytest.importorskip("jax")
+    pytest.importorskip("tensorflow")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", SEEDED_ON_RAY], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    with Descendants(proc.pid) as watch:
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "tensorflow imported in the worker: False" in out, out + err[-3000:]
+    assert len(watch.seen) >= 2   # the cluster's processes and its worker were seen, and are gone
+    assert_all_gone(watch.seen)
