@@ -21,24 +21,27 @@ class SearchData:
 
     `caches` are paths (or opened caches); `layer` is the fixed layer set (None: every layer) that a
     searched `layers` parameter replaces. Pickled (to a Ray actor), it travels as the caches' absolute paths
-    and reads them again there."""
+    and reads them again there. `memory_share`: the part of the default memory budget (heads.feed) this process
+    may hold maps in, where several searchers share a machine (heads.trials.Searcher)."""
 
     def __init__(self, caches: list, layer=None):
-        self.caches, self.layer, self.data, self.pooled = caches, layer, {}, {}
+        self.caches, self.layer, self.data, self.pooled, self.memory_share = caches, layer, {}, {}, 1.0
 
     def __getstate__(self) -> dict:
         paths = [Path(getattr(c, "path", c)).absolute() for c in self.caches]
-        return {"caches": paths, "layer": self.layer, "data": {}, "pooled": {}}
+        return {"caches": paths, "layer": self.layer, "data": {}, "pooled": {}, "memory_share": 1.0}
 
     def get(self, config: TrainConfig, layers=None):
         """(TrainData, pooled-vectors memo) of `config` on `layers` (default: the search's fixed layer set)."""
+        from heads import feed
         from heads.data import data_from_caches
 
         layers = self.layer if layers is None else layers
         key = data_key(config, layers)
         if key not in self.data:   # auto, as on train-head: one layer's maps where they fit (its conv head)
             self.data[key] = data_from_caches(self.caches, config.pooling, layers, prepooled=key[2],
-                                              maps_if_they_fit=key[3])
+                                              maps_if_they_fit=key[3],
+                                              memory_budget=int(feed.default_budget() * self.memory_share))
             self.pooled[key] = {}
         return self.data[key], self.pooled[key]
 

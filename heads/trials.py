@@ -124,8 +124,8 @@ def _distributed(job: SearchJob, left: int | None, *, progress: bool) -> None:
         tasks = [(deadline, search.together)] * -(-left // search.together)
     with contextlib.redirect_stdout(sys.stderr), \
             system.progress_bar(left, unit="trial", desc=f"search ({search.engine})", enabled=progress) as bar, \
-            cluster.distribute(Searcher, lambda threads: (job,), tasks, engine=search.engine, ordered=False,
-                               address=search.ray_address, workers=search.workers,
+            cluster.distribute(Searcher, lambda threads: (job, None if search.engine == "local" else threads), tasks,
+                               engine=search.engine, ordered=False, address=search.ray_address, workers=search.workers,
                                record=job.folder / cluster.PROCESSES_FILE,
                                after_death="the trials it ran are failed and run again: rerun the same command") \
             as done:
@@ -136,10 +136,15 @@ def _distributed(job: SearchJob, left: int | None, *, progress: bool) -> None:
 class Searcher:
     """One process's part of a search: it opens the study (its sampler seeded seed + k, k counting the processes
     that opened it), then each task asks for a batch of trials, fits it and tells the results, as every process
-    sharing the study does. The distributor's worker: this process with the local engine, a Ray actor with ray."""
+    sharing the study does. The distributor's worker: this process with the local engine, a Ray actor with ray.
 
-    def __init__(self, job: SearchJob):
+    A Ray actor given `threads` of its node's CPUs holds maps in RAM within that share of the memory budget: the
+    searchers of a node each see the same free memory, and would otherwise each take the whole budget."""
+
+    def __init__(self, job: SearchJob, threads: int | None = None):
         self.error, self.job = None, job
+        if threads is not None:
+            job.data.memory_share = min(1.0, threads / (os.cpu_count() or threads))
         try:
             self.study = hs.make_study(job.folder, job.search.name, job.params, sampler=job.sampler,
                                        pruner=job.search.pruner, objective=job.search.objective,

@@ -184,6 +184,30 @@ def test_a_winner_kept_in_one_process_is_not_carried_to_another():
     assert by_accuracy.of(1) == "trial 1"
 
 
+def test_searchers_sharing_a_node_hold_maps_within_their_share_of_the_memory_budget(tiny_cache, tmp_path,
+                                                                                     monkeypatch):
+    # Ray actors on one node each see the same free memory: each taking the whole budget would hold k times it
+    import pickle
+
+    from heads import feed
+    from heads import search as hs
+    from heads.config import TrainConfig
+    from heads.trial import SearchData
+    from heads.trials import Searcher, SearchJob
+
+    conv = TrainConfig(model="conv")
+    maps = SearchData([tiny_cache]).get(conv)[0].feed.maps_bytes
+    monkeypatch.setattr(feed, "default_budget", lambda: feed.RAM_FACTOR * maps)   # the maps just fit all of it
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    job = SearchJob(SearchData([tiny_cache]), [hs.parse_param("dropout=0.1|0.2")], conv, hs.SearchConfig(), "grid",
+                    tmp_path)
+    alone = Searcher(job)   # the local engine: the process's whole budget
+    assert alone.ready() is None and alone.job.data.get(conv)[0].feed.mode == "ram"
+    on_ray = Searcher(pickle.loads(pickle.dumps(job)), 1)   # an actor given 1 of its node's 4 CPUs
+    fed = on_ray.job.data.get(conv)[0].feed
+    assert on_ray.ready() is None and fed.mode == "stream" and fed.memory_budget_bytes == feed.RAM_FACTOR * maps // 4
+
+
 def test_bad_search_options_are_one_line_errors(tiny_cache, tmp_path):
     for args, says in ((("--param", "nonsense=1|2"), "--param must be NAME="),
                        (("--param", "dropout=0.5:0.1"), "low < high"),
