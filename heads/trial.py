@@ -20,16 +20,20 @@ class SearchData:
     """The training data of a search, read once per (layer set, pooling) and pooled once, for every trial.
 
     `caches` are paths (or opened caches); `layer` is the fixed layer set (None: every layer) that a
-    searched `layers` parameter replaces. Pickled (to a Ray actor), it travels as the caches' absolute paths
-    and reads them again there. `memory_share`: the part of the default memory budget (heads.feed) this process
-    may hold maps in, where several searchers share a machine (heads.trials.Searcher)."""
+    searched `layers` parameter replaces. Maps are held in RAM within `memory_budget` (bytes; default half the
+    available memory), streamed beyond it or always with `stream`, as by `heads.train.train_head`;
+    `memory_share` is the part of that budget this process may use, where several searchers share a machine
+    (heads.trials.Searcher). Pickled (to a Ray actor), it travels as the caches' absolute paths and reads them
+    again there."""
 
-    def __init__(self, caches: list, layer=None):
-        self.caches, self.layer, self.data, self.pooled, self.memory_share = caches, layer, {}, {}, 1.0
+    def __init__(self, caches: list, layer=None, *, memory_budget: int | None = None, stream: bool = False):
+        self.caches, self.layer, self.data, self.pooled = caches, layer, {}, {}
+        self.memory_budget, self.stream, self.memory_share = memory_budget, stream, 1.0
 
     def __getstate__(self) -> dict:
         paths = [Path(getattr(c, "path", c)).absolute() for c in self.caches]
-        return {"caches": paths, "layer": self.layer, "data": {}, "pooled": {}, "memory_share": 1.0}
+        return {"caches": paths, "layer": self.layer, "data": {}, "pooled": {}, "memory_budget": self.memory_budget,
+                "stream": self.stream, "memory_share": 1.0}
 
     def get(self, config: TrainConfig, layers=None):
         """(TrainData, pooled-vectors memo) of `config` on `layers` (default: the search's fixed layer set)."""
@@ -38,10 +42,11 @@ class SearchData:
 
         layers = self.layer if layers is None else layers
         key = data_key(config, layers)
+        budget = feed.default_budget() if self.memory_budget is None else feed.parse_bytes(self.memory_budget)
         if key not in self.data:   # auto, as on train-head: one layer's maps where they fit (its conv head)
             self.data[key] = data_from_caches(self.caches, config.pooling, layers, prepooled=key[2],
-                                              maps_if_they_fit=key[3],
-                                              memory_budget=int(feed.default_budget() * self.memory_share))
+                                              maps_if_they_fit=key[3], stream=self.stream,
+                                              memory_budget=int(budget * self.memory_share))
             self.pooled[key] = {}
         return self.data[key], self.pooled[key]
 

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from featcache import cluster, system
 from featcache.errors import BadInputError, DivergedError
+from heads import feed
 from heads import search as hs
 from heads.config import RUNS_DIR, TrainConfig
 from heads.grid import SURPLUS, locked
@@ -35,7 +36,8 @@ TEST_LINE = ("Only the winner was evaluated on the test split, once, after the s
 
 
 def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | None = None,
-               config: TrainConfig | None = None, runs_dir=RUNS_DIR, progress: bool = True, **options) -> Path:
+               config: TrainConfig | None = None, runs_dir=RUNS_DIR, progress: bool = True,
+               memory_budget=None, stream: bool = False, **options) -> Path:
     """Search `params` (heads.search.Param) on a cache path (or list of caches); return the search folder.
 
     `search` (a heads.search.SearchConfig: sampler, trials, pruner, objective, name, engine...) says how the
@@ -46,12 +48,18 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     can share a pass (heads.together) train in one (1: one trial at a time, in Optuna's own loop).
 
     `engine="ray"` hands the same batches to searchers on Ray actors (featcache.cluster.distribute), on the cluster
-    at `ray_address` or one of its own: each is what the local engine is, a process sharing the study."""
+    at `ray_address` or one of its own: each is what the local engine is, a process sharing the study.
+
+    Trials on maps hold them in RAM within `memory_budget` (bytes or "2GB"; default half the available memory; a
+    searcher on Ray its CPUs' share of it) and stream them beyond it, or always with `stream=True`, as
+    `heads.train.train_head` does."""
+    memory_budget = None if memory_budget is None else feed.parse_bytes(memory_budget)   # refused before any work
     search, base = hs.configs(search, config, options)
     sampler = search.chosen_sampler(params)
     hs.check(params, sampler=sampler)
     hs.check_values(params, base)
-    data = SearchData(list(cache) if isinstance(cache, (list, tuple)) else [cache], layer)
+    data = SearchData(list(cache) if isinstance(cache, (list, tuple)) else [cache], layer,
+                      memory_budget=memory_budget, stream=stream)
     data.check_layers(params)
     folder = system.writable_folder(Path(runs_dir) / f"search-{search.name}", what="search folder",
                                     fix="pass a writable --runs-dir").absolute()

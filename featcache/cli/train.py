@@ -60,17 +60,32 @@ def _caches(ctx, cache_paths, selected: dict, *, progress: bool):
     return list(cache_paths), pick
 
 
+def feed_options(f):
+    """--memory-budget and --stream: how heads on maps get them (train-head, and every trial of a search)."""
+    f = click.option("--stream", is_flag=True, help="Stream the maps from the cache even if they fit the memory "
+                                                    "budget.")(f)
+    return click.option(
+        "--memory-budget", default=None, metavar="SIZE",
+        help="Memory for feature maps, e.g. 2GB [default: half the available memory]. Heads on maps (--pooling "
+             "flatten, conv) keep them in RAM within it and stream them from the cache beyond it; heads that pool "
+             "first read pooled vectors, made once per cache and kept beside it. A search's searchers on Ray each "
+             "take their CPUs' share of it.")(f)
+
+
+def _budget(memory_budget: str | None) -> int | None:
+    """--memory-budget in bytes: a bad size is refused before any work."""
+    from heads.feed import parse_bytes
+
+    return None if memory_budget is None else parse_bytes(memory_budget)
+
+
 @main.command("train-head")
 @cache_option
 @selection_options
 @click.option("--head", type=click.Choice((AUTO, *HEADS)), default=AUTO, show_default=True,
               help=_MODEL.metadata["help"])
 @add_options(config_options(HEAD))
-@click.option("--memory-budget", default=None, metavar="SIZE",
-              help="Memory for feature maps, e.g. 2GB [default: half the available memory]. Heads on maps "
-                   "(--pooling flatten, conv) keep them in RAM within it and stream them from the cache beyond it; "
-                   "heads that pool first read pooled vectors, made once per cache and kept beside it.")
-@click.option("--stream", is_flag=True, help="Stream the maps from the cache even if they fit the memory budget.")
+@feed_options
 @run_options
 @click.pass_context
 @needs_backend
@@ -81,11 +96,9 @@ def train_head(ctx, cache_paths, head, memory_budget, stream, runs_dir, no_progr
     and small training splits get smaller batches, so the default head works from a few images per
     class to the whole split without changing an option.
     """
-    from heads.feed import parse_bytes
     from heads.train import train_head as run
 
-    if memory_budget is not None:
-        memory_budget = parse_bytes(memory_budget)   # a bad size is refused before any work
+    memory_budget = _budget(memory_budget)
     config = _config(HEAD, kw, model=head)
     caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)
     result = run(caches, layer=pick, config=config, runs_dir=runs_dir, progress=not no_progress,
@@ -135,25 +148,28 @@ def curve(ctx, cache_paths, runs_dir, no_progress, **kw):
 @click.option("--head", type=click.Choice((AUTO, *HEADS)), default=AUTO, show_default=True,
               help="The head of every trial, unless --param head=... searches it.")
 @add_options(f for f in config_options(HEAD) if f.name != "name")
+@feed_options
 @run_options
 @click.pass_context
 @needs_backend
-def search(ctx, cache_paths, params, space, head, runs_dir, no_progress, **kw):
+def search(ctx, cache_paths, params, space, head, memory_budget, stream, runs_dir, no_progress, **kw):
     """Search head options on one cache in one process (Optuna); test only the winner; print the search folder.
 
     Every trial trains on features read once, is scored on the validation split only and may be
-    pruned; the best trial is trained once more and evaluated once on the test split, as a run folder
-    inside the search folder, beside search.json, search.md and Optuna's plots.
+    pruned; the best trial is evaluated once on the test split (trained once more only where another
+    process fitted it), as a run folder inside the search folder, beside search.json, search.md and
+    Optuna's plots.
     """
     from heads.search import SearchConfig, load_space, parse_param
     from heads.trials import run_search
 
+    memory_budget = _budget(memory_budget)
     space_params = [parse_param(p) for p in params] + (load_space(space) if space else [])
     how = SearchConfig(**{f.name: kw.pop(f.name) for f in search_options()})
     fixed = TrainConfig(model=head, **{f.name: kw.pop(f.name) for f in config_options(HEAD) if f.name != "name"})
     caches, pick = _caches(ctx, cache_paths, selection(kw), progress=not no_progress)   # both refused before this
     folder = run_search(caches, space_params, layer=pick, search=how, config=fixed, runs_dir=runs_dir,
-                        progress=not no_progress)
+                        progress=not no_progress, memory_budget=memory_budget, stream=stream)
     click.echo(str(folder))
 
 

@@ -495,6 +495,37 @@ def test_ray_engine_gives_the_local_figures_of_a_grid_and_leaves_no_process(tiny
     assert r.exit_code == 2 and "--workers need --engine ray" in r.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_a_ray_search_on_streamed_maps_gives_the_local_figures_and_leaves_no_process(tiny_cache, tmp_path):
+    # searchers on Ray stream maps (reader processes inside an actor) as the local engine does
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'featcache[ray]')")
+    from tests.support import Descendants, assert_all_gone
+
+    grid = ("search", "--cache", tiny_cache, "--head", "conv", "--stream", "--param", "dropout=0.1|0.3", "--pruner",
+            "none", "--together", "1", *QUICK)
+    records = {}
+    for engine in ("local", "ray"):
+        with Descendants(os.getpid()) as seen:
+            r = run(*grid, "--runs-dir", tmp_path / engine, "--engine", engine,
+                    *(("--workers", "2") if engine == "ray" else ()))
+        assert r.exit_code == 0, r.output
+        assert_all_gone(seen.seen)
+        records[engine] = json.loads(Path(r.stdout.strip(), "search.json").read_text())
+        winner = json.loads(Path(r.stdout.strip(), records[engine]["winner"]["run"], "config.json").read_text())
+        assert winner["data"]["feed"]["mode"] == "stream"
+    assert {str(t["params"]): t["value"] for t in records["ray"]["trials"]} == pytest.approx(
+        {str(t["params"]): t["value"] for t in records["local"]["trials"]}, rel=1e-4)
+    assert records["ray"]["winner"]["test_accuracy"] == records["local"]["winner"]["test_accuracy"]
+
+
+def test_a_bad_memory_budget_is_refused_before_any_trial(tiny_cache, tmp_path):
+    r = run("search", "--cache", tiny_cache, "--param", "dropout=0.1|0.3", "--memory-budget", "2XB", "--runs-dir",
+            tmp_path / "runs", *QUICK)
+    assert r.exit_code == 2 and "--memory-budget must be a size like 2GB" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def _states(db: Path) -> list:
     """The study's trial states, read-only (Optuna's own loading would create the tables a search is creating)."""
     try:
