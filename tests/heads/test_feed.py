@@ -81,21 +81,21 @@ def test_stream_reads_every_training_row_once_per_epoch_in_seeded_block_orders(s
         ds = stream.dataset(rows, 32, shuffle=True, seed=4)
         orders = []
         for _ in range(2):
-            batches = [(f.numpy(), l.numpy()) for f, l in ds]
+            batches = [(np.asarray(f), np.asarray(l)) for f, l in ds]
             seen = np.concatenate([b[1] for b in batches])
             assert sorted(seen) == list(rows), "every training row once per epoch"
             for features, labels in batches:   # each row's own features
                 np.testing.assert_array_equal(features, reference[labels])
             orders.append(seen)
         pids = stream.reader_pids()
-        val = np.concatenate([l.numpy() for _, l in stream.dataset(rows, 32, shuffle=False)])
+        val = np.concatenate([np.asarray(l) for _, l in stream.dataset(rows, 32, shuffle=False)])
     assert 1 <= len(pids) <= 2 and stream.reader_pids() == []
     for pid in pids:   # the reading processes are stopped with the stream
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not np.array_equal(orders[0], orders[1]), "block order changes between epochs"
     with feed.Stream(x, None, y, workers=1) as again:
-        first = np.concatenate([l.numpy() for _, l in again.dataset(rows, 32, shuffle=True, seed=4)])
+        first = np.concatenate([np.asarray(l) for _, l in again.dataset(rows, 32, shuffle=True, seed=4)])
     assert np.array_equal(first, orders[0]), "seeded"
     assert list(val) == list(rows), "evaluation rows in order"
 
@@ -181,7 +181,7 @@ def test_streamed_batches_mix_classes_of_a_class_ordered_cache(tmp_path):
     x = feed.CachedRows(path, "train/features")
     y = np.repeat(np.arange(10), 200)   # class-ordered labels
     with feed.Stream(x, None, y, workers=1) as stream:
-        classes = [len(np.unique(l.numpy())) for _, l in stream.dataset(np.arange(2000), 64, shuffle=True)]
+        classes = [len(np.unique(np.asarray(l))) for _, l in stream.dataset(np.arange(2000), 64, shuffle=True)]
     assert np.mean(classes[:-1]) >= 9, classes
 
 
@@ -250,7 +250,7 @@ def test_streamed_batches_carry_class_weights(synthetic):
     weights = np.array([0.5, 1.0, 2.0], np.float32)
     with feed.Stream(x, None, y, workers=1) as stream:
         for _, labels, w in stream.dataset(np.arange(90), 32, shuffle=True, seed=1, class_weights=weights):
-            np.testing.assert_array_equal(w.numpy(), weights[labels.numpy()])
+            np.testing.assert_array_equal(np.asarray(w), weights[np.asarray(labels)])
 
 
 def test_knn_bank_beyond_the_memory_budget_is_refused_up_front(synthetic):
@@ -268,5 +268,5 @@ def test_batches_in_ram_start_each_epoch_without_the_autotuners_stall():
     x, y = np.arange(100, dtype=np.float32).reshape(50, 2), np.arange(50) % 5
     with feed.keras_batches(x, None, y, (np.arange(40), np.arange(40, 50)), 8, seed=0) as (train, val):
         assert train.options().autotune.enabled is False and val.options().autotune.enabled is False
-        rows = np.concatenate([xb.numpy()[:, 0] for xb, _ in train])
+        rows = np.concatenate([np.asarray(xb)[:, 0] for xb, _ in train])
     assert sorted(rows // 2) == list(range(40))
