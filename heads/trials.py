@@ -264,7 +264,9 @@ def _failed_if_raised(study, asked: list):
         yield
     except BaseException:
         storage = study._storage
-        retry = storage.get_failed_trial_callback() if hasattr(storage, "get_failed_trial_callback") else None
+        # the storage's stale-trial callback (open_storage's retry), on storages that keep one
+        retry = (storage.get_heartbeat_stale_trial_callback()
+                 if hasattr(storage, "get_heartbeat_stale_trial_callback") else None)
         for t in asked:
             if study.get_trials(deepcopy=False)[t.number].state == TrialState.RUNNING:
                 study.tell(t, state=TrialState.FAIL)
