@@ -42,8 +42,8 @@ class SearchData:
 
         layers = self.layer if layers is None else layers
         key = data_key(config, layers)
-        budget = feed.default_budget() if self.memory_budget is None else feed.parse_bytes(self.memory_budget)
         if key not in self.data:   # auto, as on train-head: one layer's maps where they fit (its conv head)
+            budget = feed.default_budget() if self.memory_budget is None else feed.parse_bytes(self.memory_budget)
             self.data[key] = data_from_caches(self.caches, config.pooling, layers, prepooled=key[2],
                                               maps_if_they_fit=key[3], stream=self.stream,
                                               memory_budget=int(budget * self.memory_share))
