@@ -11,6 +11,7 @@ import errno
 import logging
 import multiprocessing
 import os
+import pickle
 import platform
 import shutil
 import signal
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
+from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -425,7 +428,6 @@ def spawn_pool(n: int, initializer, *initargs, what: str = "worker", fix: str = 
     """A ProcessPoolExecutor of `n` spawned workers (nothing of TensorFlow is copied into them), each running
     `initializer(*initargs)` after `start_worker`, all started and answering before it is returned: a pool that
     cannot start is a WorkerError within START_SECONDS naming the cause and `fix`, never a hang."""
-    from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures import TimeoutError as PoolTimeout
     from concurrent.futures.process import BrokenProcessPool
 
@@ -434,16 +436,18 @@ def spawn_pool(n: int, initializer, *initargs, what: str = "worker", fix: str = 
     if why:
         raise WorkerError(f"featcache's {what} processes cannot start: {why} (a script read from standard input?)"
                           f"{fix}, or save the script to a file")
-    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-                               initargs=(os.getpid(), initializer, initargs))
+    pool = _SpawnedPool(n, initializer, initargs)
     try:   # all n started now (they start on demand), each answering
         list(pool.map(time.sleep, [0.05] * n, timeout=START_SECONDS))
     except (BrokenProcessPool, PoolTimeout) as e:
+        workers = pool_pids(pool)   # read before shutdown forgets them
         pool.shutdown(wait=False, cancel_futures=True)
-        for p in list(getattr(pool, "_processes", {}).values()):   # a worker stuck at its start
-            p.kill()
-        cause = "one died at its start" if isinstance(e, BrokenProcessPool) else \
-            f"they did not answer within {START_SECONDS:.0f} s"
+        for pid in workers:   # a worker stuck at its start
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        cause = ("one died at its start: see its error above; a script that starts them keeps its work under "
+                 "`if __name__ == '__main__':`, which each of them skips as it imports the script again"
+                 if isinstance(e, BrokenProcessPool) else f"they did not answer within {START_SECONDS:.0f} s")
         raise WorkerError(f"featcache's {what} processes could not start ({cause}){fix}") from e
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -451,8 +455,34 @@ def spawn_pool(n: int, initializer, *initargs, what: str = "worker", fix: str = 
     return pool
 
 
-def _start(parent: int, initializer, initargs) -> None:
+class _SpawnedPool(ProcessPoolExecutor):
+    """A pool of spawned workers whose start arguments travel in a file, removed at shutdown. Passed the usual
+    way, they go down a pipe that the parent fills while the worker reads; a worker that dies first (a script
+    without a main guard) left the parent blocked for ever on arguments beyond the pipe's 64 KB (a cache's
+    labels, a folder's file list)."""
+
+    def __init__(self, n: int, initializer, initargs: tuple):
+        fd, path = tempfile.mkstemp(prefix=f"featcache-pool-{os.getpid()}-", suffix=".pickle")
+        self._remove_arguments = weakref.finalize(self, _remove_quietly, path)
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump((initializer, initargs), f, protocol=pickle.HIGHEST_PROTOCOL)
+        super().__init__(n, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
+                         initargs=(os.getpid(), path))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+        self._remove_arguments()
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _start(parent: int, arguments: str) -> None:
     start_worker(parent)
+    with open(arguments, "rb") as f:
+        initializer, initargs = pickle.load(f)
     initializer(*initargs)
 
 

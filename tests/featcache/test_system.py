@@ -4,6 +4,7 @@ import logging
 import os
 import signal
 
+import psutil
 import pytest
 
 from featcache import system
@@ -72,6 +73,37 @@ def test_a_script_on_standard_input_fails_at_once_with_decoding_processes_and_ru
         else:
             assert p.returncode == 1 and "decoding processes cannot start" in p.stderr \
                 and "standard input" in p.stderr and "--decoder threads" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_script_without_a_main_guard_gets_one_line_not_a_hang(tmp_path):
+    """A script's code outside `if __name__ == "__main__":` runs again in each spawned process, which dies at
+    its start. With start arguments larger than a pipe's buffer (a cache's labels, a folder's file list) the
+    parent blocked for ever writing them to the dead process; now the pool fails within seconds, saying why."""
+    import subprocess
+    import sys
+
+    script, temp = tmp_path / "unguarded.py", tmp_path / "temp"
+    temp.mkdir()
+    script.write_text("from featcache import system\n"
+                      "pool = system.spawn_pool(2, len, bytes(1 << 20), what='test')\n"
+                      "pool.shutdown()\nprint('started')\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(system.Path(system.__file__).parents[1]),
+                            "TMPDIR": str(temp)})
+    assert p.returncode == 1 and "started" not in p.stdout, p.stderr[-2000:]
+    assert "test processes could not start (one died at its start" in p.stderr \
+        and "if __name__ == '__main__':" in p.stderr, p.stderr[-2000:]
+    assert not list(temp.iterdir()), "the start arguments' file is removed"
+    # each process the script started inherited TMPDIR; one killed just now may take a moment to go
+    left = [q for q in psutil.process_iter() if _environ(q).get("TMPDIR") == str(temp)]
+    assert not psutil.wait_procs(left, timeout=10)[1], f"processes of the script left: {left}"
+
+
+def _environ(process) -> dict:
+    try:
+        return process.environ()
+    except (psutil.Error, OSError):
+        return {}
 
 
 def test_a_file_is_hashed_once_while_unchanged(tmp_path, monkeypatch):
