@@ -347,9 +347,10 @@ def set_standardisation(fit_model, x: np.ndarray, rows: np.ndarray) -> None:
     total, total_sq, count = 0.0, 0.0, 0
     step = max(1, min(4096, (16 << 20) // (4 * int(np.prod(x.shape[1:])))))   # ~16 MB of float32 at a time
     for i in range(0, len(rows), step):   # never a copy of the whole split
-        v = np.asarray(features(x[rows[i:i + step]].astype(np.float32)), np.float64)
-        v = v.reshape(-1, v.shape[-1])
-        total, total_sq, count = total + v.sum(0), total_sq + (v * v).sum(0), count + len(v)
+        v = np.asarray(features(x[rows[i:i + step]].astype(np.float32)), np.float32)
+        v = v.reshape(-1, v.shape[-1])   # summed in float64 with no float64 copy of the chunk (streamed maps)
+        total, count = total + v.sum(0, np.float64), count + len(v)
+        total_sq = total_sq + np.einsum("ij,ij->j", v, v, dtype=np.float64)
     mean = total / count
     var = np.maximum(total_sq / count - mean * mean, 0.0)
     var[var <= 1e-12 * np.maximum(1.0, mean * mean)] = 1.0

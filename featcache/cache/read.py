@@ -244,7 +244,7 @@ def features_digest(f, meta: CacheMeta, *, block_bytes: int = 64 << 20) -> str:
         data = f[d.path]
         rows = max(1, block_bytes // max(1, int(np.prod(data.shape[1:])) * data.dtype.itemsize))
         for s in range(0, len(data), rows):
-            h.update(np.ascontiguousarray(data[s:s + rows]).tobytes())
+            h.update(np.ascontiguousarray(data[s:s + rows]))
     return h.hexdigest()
 
 

@@ -109,7 +109,7 @@ def copy_rows(source, target, block_bytes: int = COPY_BLOCK_BYTES, *, digest=Non
         block = np.ascontiguousarray(source[s:s + rows])
         write_rows(target.file, target.name.lstrip("/"), s, block)
         if digest is not None:
-            digest.update(block.tobytes())
+            digest.update(block)
 
 
 def combine(sources, path: Path, *, batch_size: int = 128) -> CacheMeta:

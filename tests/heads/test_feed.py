@@ -163,16 +163,21 @@ def peak_rss(args, tmp_path) -> int:
 
 @pytest.mark.slow
 def test_streaming_memory_does_not_grow_with_the_cache(tmp_path):
-    """A cache 8x larger than the budget costs the streaming run no more memory than a tiny one."""
-    big = write_synthetic_cache(tmp_path / "big.h5", n_train=6000, n_test=500, shape=(8, 8, 256))   # 213 MB
-    tiny = write_synthetic_cache(tmp_path / "tiny.h5", n_train=300, n_test=50, shape=(8, 8, 256))
+    """A cache three times larger (both beyond the budget) costs the streaming run no more memory.
+
+    Both caches exceed the run's fixed working set (a batch in each stage of the feed, a digest block checked,
+    a standardisation chunk, the backend's buffers): on JAX it takes ~230 MB more for 3,000 rows of 8x8x256 than
+    for 300, and no more for 6,000 or 18,000, so a tiny cache against a big one measured the working set, not
+    growth."""
+    small = write_synthetic_cache(tmp_path / "small.h5", n_train=3000, n_test=100, shape=(8, 8, 256))   # 107 MB
+    big = write_synthetic_cache(tmp_path / "big.h5", n_train=9000, n_test=100, shape=(8, 8, 256))   # 320 MB
     args = ["train-head", "--pooling", "flatten", "--head", "dense", "--units", "8", "--epochs", "1",
             "--memory-budget", "25MB", "--runs-dir", str(tmp_path / "runs"), "--no-progress", "--cache"]
-    small_peak, big_peak = peak_rss(args + [str(tiny)], tmp_path), peak_rss(args + [str(big)], tmp_path)
-    # budget + slack for TensorFlow's allocator, which keeps more after 22 steps than after 2 (seen: 40-75 MB);
-    # holding the big cache's maps would add at least their 213 MB
+    small_peak, big_peak = peak_rss(args + [str(small)], tmp_path), peak_rss(args + [str(big)], tmp_path)
+    # budget + slack for the allocators, which keep more after more steps (seen: -32 to +64 MB); holding the
+    # big cache's maps would add at least the 213 MB they have over the small one's
     assert big_peak - small_peak < 25e6 + 100e6, (small_peak, big_peak)
-    assert os.path.getsize(big) > 8 * 25e6
+    assert os.path.getsize(small) > 4 * 25e6
 
 
 def test_streamed_batches_mix_classes_of_a_class_ordered_cache(tmp_path):
