@@ -141,12 +141,16 @@ def test_another_weights_file_is_another_identity(tmp_path):
 
 
 def test_no_unsafe_loading_in_the_code():
-    """No pickle of user files beyond the CIFAR allow-list, no allow_pickle=True, models loaded in safe mode."""
+    """No pickle of user files beyond the CIFAR allow-list, no allow_pickle=True, models loaded in safe mode. One
+    unpickling is allowed: a spawned worker's start arguments (featcache.system._start), from a file its parent
+    created for them alone (mkstemp: mode 0600, created exclusively), what multiprocessing would otherwise unpickle
+    from the pipe to that worker."""
+    allowed = {"system.py": 1}
     for path in list((ROOT / "featcache").glob("*.py")) + list((ROOT / "heads").glob("*.py")):
         text = path.read_text()
         assert "allow_pickle=True" not in text, path
         assert "safe_mode=False" not in text, path
-        assert not re.search(r"pickle\.loads?\(", text), path
+        assert len(re.findall(r"pickle\.loads?\(", text)) == allowed.get(path.name, 0), path
 
 
 def _featcache_like_group():
