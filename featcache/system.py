@@ -436,7 +436,13 @@ def spawn_pool(n: int, initializer, *initargs, what: str = "worker", fix: str = 
     if why:
         raise WorkerError(f"featcache's {what} processes cannot start: {why} (a script read from standard input?)"
                           f"{fix}, or save the script to a file")
-    pool = _SpawnedPool(n, initializer, initargs)
+    try:
+        pool = _SpawnedPool(n, initializer, initargs)
+    except OSError as e:   # a full or unwritable temporary folder
+        where = "free space there or point TMPDIR at another folder"
+        fix = f"{fix}, or {where}" if fix else f"; fix: {where}"
+        raise WorkerError(f"featcache's {what} processes cannot start: their start arguments could not be written "
+                          f"to {tempfile.gettempdir()} ({e.strerror or e}){fix}") from e
     try:   # all n started now (they start on demand), each answering
         list(pool.map(time.sleep, [0.05] * n, timeout=START_SECONDS))
     except (BrokenProcessPool, PoolTimeout) as e:

@@ -168,3 +168,12 @@ def test_a_ctrl_c_dropped_where_python_ignores_exceptions_is_raised_at_the_next_
     system.stop_if_interrupted()   # forgotten once the block ends
     assert signal.getsignal(signal.SIGINT) is before
     assert "KeyboardInterrupt" not in capsys.readouterr().err
+
+
+def test_a_pool_whose_start_arguments_cannot_be_written_says_where_and_what_to_do(tmp_path, monkeypatch):
+    from featcache.errors import WorkerError
+
+    monkeypatch.setattr(system.tempfile, "tempdir", str(tmp_path / "missing"))
+    with pytest.raises(WorkerError, match=r"test processes cannot start: their start arguments could not be "
+                                          r"written to .*missing .*; fix: decode in threads, or .*TMPDIR"):
+        system.spawn_pool(1, len, b"", what="test", fix="decode in threads")
