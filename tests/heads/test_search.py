@@ -554,9 +554,11 @@ def test_a_ray_search_whose_driver_was_killed_runs_to_its_end_again_and_leaves_n
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     with Descendants(first.pid) as watch:
         deadline = time.monotonic() + 300
-        while _states(db).count("COMPLETE") < 2 and first.poll() is None and time.monotonic() < deadline:
+        # into the second batch: its two trials asked (a fixed second was too short on a loaded machine)
+        while _states(db).count("COMPLETE") < 2 or _states(db).count("RUNNING") < 2:
+            if first.poll() is not None or time.monotonic() > deadline:
+                break
             time.sleep(0.2)
-        time.sleep(1.0)   # into the second batch
         watch.poll()
         first.send_signal(signal.SIGKILL)
         first.wait()
