@@ -13,6 +13,7 @@ the test split, as a normal run folder inside the search folder.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from dataclasses import dataclass, fields
@@ -274,6 +275,45 @@ def check_same_space(study, space: list[Param], name: str) -> None:
     if earlier != wanted:
         raise BadInputError(f"search {name!r} was started with the space {', '.join(earlier)}, not "
                             f"{', '.join(wanted)}; fix: the same --param (or --space) as before, or another --name")
+
+
+#: The study's fixed setting, as the run that started it recorded it (`setting`).
+SETTING = "setting"
+#: Options a continued search may change: no trial's figures depend on them.
+CHANGEABLE = ("name", "refit")
+
+
+def setting(cache_keys: list[str], layer, objective: str, base, space: list[Param]) -> dict:
+    """What every trial of a search is trained on and with, besides its searched values: the caches (by key), the
+    fixed layer set, the objective and the fixed training options, as --option spells them."""
+    searched = {p.name for p in space}
+    fixed = {f"--{k.replace('_', '-')}": v for k, v in dataclasses.asdict(base).items()
+             if k not in searched and k not in CHANGEABLE}
+    layer = layer if layer is None or isinstance(layer, str) else ",".join(layer)
+    return json.loads(json.dumps({"caches": sorted(cache_keys), "--layer": layer, "--objective": objective, **fixed},
+                                 default=str))   # as the study stores it: lists for tuples
+
+
+def check_same_setting(study, now: dict, name: str) -> None:
+    """Refuse to go on with a study whose trials were trained on other caches or with other fixed options (an
+    earlier run of search `name`): its trials and the new ones would be ranked together, and the records would
+    describe them all by the new setting."""
+    earlier = study.user_attrs.get(SETTING)
+    if earlier is None:   # a new study, or one from before the setting was recorded: recorded from now on
+        study.set_user_attr(SETTING, now)
+        return
+    changed = [f"{k} {_said(earlier.get(k))} then, {_said(now.get(k))} now" for k in sorted({*earlier, *now})
+               if earlier.get(k) != now.get(k)]
+    if changed:
+        raise BadInputError(f"search {name!r} was started with another setting ({'; '.join(changed)}): its trials "
+                            "and new ones would be ranked together; fix: the same caches and options as before, "
+                            "or another --name")
+
+
+def _said(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "unset" if value is None else str(value)
 
 
 #: Optuna's direction of each objective.

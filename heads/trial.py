@@ -50,6 +50,12 @@ class SearchData:
             self.pooled[key] = {}
         return self.data[key], self.pooled[key]
 
+    def cache_keys(self) -> list[str]:
+        """The keys of the caches (what identifies their contents, whatever their paths)."""
+        from heads.data import open_caches
+
+        return [c.meta.key for c in open_caches(self.caches)]
+
     def check_layers(self, params: list) -> None:
         """Every layer set a `layers` parameter names is held by the caches: refused now, not at a trial."""
         from heads.data import layer_sources, open_caches

@@ -66,6 +66,8 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     study = hs.make_study(folder, search.name, params, sampler=sampler, pruner=search.pruner,
                           objective=search.objective, storage=search.storage, seed=base.seed, samples=False)
     hs.check_same_space(study, params, search.name)
+    hs.check_same_setting(study, hs.setting(data.cache_keys(), layer, search.objective, base, params),
+                          search.name)
     if sampler == "grid" and (search.trials is None or search.trials > hs.grid_size(params)):
         search.warn_unprunable(hs.grid_size(params))   # a grid's points are its trials (said once all is checked)
     from heads.logs import write_search

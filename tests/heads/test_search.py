@@ -134,6 +134,27 @@ def test_a_search_continued_with_another_space_is_refused_in_one_line(tiny_cache
         assert "Traceback" not in r.stderr and len(optuna.load_study(study_name="search", storage=db).trials) == before
 
 
+def test_a_search_continued_on_another_cache_or_with_other_fixed_options_is_refused(tiny_cache, tmp_path):
+    """Its trials and the new ones were ranked in one table, and search.json described them all by the new
+    cache and options (a winner trained on block3_pool recorded as trained on block2_pool)."""
+    import optuna
+
+    from tests.support import bench_script
+
+    search = ("search", "--head", "dense", "--param", "dropout=0.1|0.3", "--runs-dir", tmp_path, *QUICK)
+    first = run(*search, "--cache", tiny_cache)
+    assert first.exit_code == 0, first.output
+    db = f"sqlite:///{tmp_path / 'search-search' / 'study.db'}"
+    before = len(optuna.load_study(study_name="search", storage=db).trials)
+    other = bench_script("common").write_synthetic_cache(tmp_path / "other.h5", n_train=40, n_test=10, shape=(2, 2, 8))
+    for change, said in ((("--cache", other), "caches "), (("--cache", tiny_cache, "--epochs", "2"), "--epochs 3 then, 2 now")):
+        r = run(*search, *change)
+        assert r.exit_code == 2 and "was started with another setting" in r.stderr and said in r.stderr, r.output
+        assert "Traceback" not in r.stderr and len(optuna.load_study(study_name="search", storage=db).trials) == before
+    again = run(*search, "--cache", tiny_cache, "--refit", "--pruner", "none")   # neither changes a trial
+    assert again.exit_code == 0, again.output
+
+
 def test_a_batch_refused_for_its_data_leaves_no_trial_running(tiny_cache, tmp_path):
     import optuna
 
