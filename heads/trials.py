@@ -418,8 +418,10 @@ def _finish(folder: Path, study, params: list, base: TrainConfig, data: SearchDa
         validated = kept.of(best.number)
         winner = train(train_data, dataclasses.replace(config, name=f"{settings['name']}-winner"),
                        runs_dir=folder, progress=False, validated=validated)
+        refit = winner.metrics.get("refit")   # --refit: the chosen setting trained on train + validation
         tested = {"run": winner.run_dir.name, "params": best.params, "test_accuracy": winner.metrics["test_accuracy"],
-                  "val_loss": winner.metrics["val_loss"], "trained_again": validated is None}
+                  "val_loss": winner.metrics["val_loss"], "trained_again": validated is None or refit is not None,
+                  **({"refit": refit} if refit is not None else {})}
     else:
         log.info("the winner, trial %d, was tested by an earlier run of this search (%s): not tested again",
                  best.number, tested["run"])
@@ -479,8 +481,14 @@ def _markdown(rows: list[dict], record: dict, seed: int) -> str:
     w = record["winner"]
     return (f"# search {record['name']}: {record['sampler']} sampler, {record['pruner']} pruner\n\n" +
             markdown_table(head, body) + f"\n\nWinner: trial {record['best_trial']} ({w['params']}), run {w['run']} "
-            f"({'trained again' if w.get('trained_again', True) else 'the head its trial trained'}): "
+            f"({_how_trained(w)}): "
             f"test accuracy **{w['test_accuracy']:.4f}**.\n\n" + TEST_LINE.format(seed=seed) + "\n")
+
+
+def _how_trained(winner: dict) -> str:
+    if "refit" in winner:
+        return f"refitted on training + validation ({winner['refit']['rows']} rows) with its trial's setting"
+    return "trained again" if winner.get("trained_again", True) else "the head its trial trained"
 
 
 def _shown(value) -> str:

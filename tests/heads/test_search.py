@@ -155,6 +155,18 @@ def test_a_search_continued_on_another_cache_or_with_other_fixed_options_is_refu
     assert again.exit_code == 0, again.output
 
 
+def test_a_refitted_winner_is_recorded_and_reported_as_refitted(tiny_cache, tmp_path):
+    # search.md said "the head its trial trained" and search.json nothing, of a winner refitted on train + validation
+    r = run("search", "--cache", tiny_cache, "--head", "dense", "--param", "dropout=0.1|0.3", "--refit",
+            "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 0, r.output
+    winner = json.loads((tmp_path / "search-search" / "search.json").read_text())["winner"]
+    report = (tmp_path / "search-search" / "search.md").read_text()
+    assert winner["refit"]["rows"] > 0 and winner["trained_again"], winner
+    assert f"refitted on training + validation ({winner['refit']['rows']} rows)" in report, report
+    assert "the head its trial trained" not in report, report
+
+
 def test_a_batch_refused_for_its_data_leaves_no_trial_running(tiny_cache, tmp_path):
     import optuna
 
