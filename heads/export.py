@@ -4,6 +4,7 @@ SavedModel or ONNX beside export.json (what it takes, returns and came from)."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from featcache import system
 from featcache.errors import BadInputError
 from featcache.options import declared, given_or_built, option, validate
 from heads.endtoend import EXPORT_FILE, RunInfo, end_to_end, load_run
+
+log = logging.getLogger(__name__)
 
 #: What `export` writes for each format, in its folder.
 EXPORT_FORMATS = {"keras": "model.keras", "saved_model": "saved_model", "onnx": "model.onnx"}
@@ -48,12 +51,28 @@ def _onnx(model, target: Path) -> None:
     if importlib.util.find_spec("tf2onnx") is None:
         raise BadInputError("--format onnx needs tf2onnx; fix: pip install 'featcache[onnx]' (or use --format keras)")
     with tempfile.TemporaryDirectory() as tmp:
-        model.export(f"{tmp}/saved_model")
+        _saved_model(model, f"{tmp}/saved_model")
         done = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--saved-model", f"{tmp}/saved_model",
                                "--output", str(target), "--opset", "17"], capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise BadInputError(f"tf2onnx could not convert the model ({last[:200]}); fix: export --format saved_model")
+        import keras
+
+        fix = "export --format saved_model"
+        if keras.backend.backend() != "tensorflow":   # its SavedModel of JAX's functions is what tf2onnx fails on
+            fix = f"run it with KERAS_BACKEND=tensorflow (tf2onnx reads TensorFlow's own SavedModel), or {fix}"
+        raise BadInputError(f"tf2onnx could not convert the model ({last[:200]}); fix: {fix}")
+
+
+def _saved_model(model, path: str) -> None:
+    """Keras' model.export, whose report (a temporary path, every signature's TensorSpec) goes to the debug log:
+    printed, it came before the folder on stdout, where a script reads the result alone."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        model.export(path)
+    log.debug("Keras' export said: %s", said.getvalue().strip())
 
 
 def export(run, path, *, config: ExportConfig | None = None, **options) -> Path:
@@ -71,7 +90,7 @@ def export(run, path, *, config: ExportConfig | None = None, **options) -> Path:
         if config.format == "keras":
             model.save(target)
         elif config.format == "saved_model":
-            model.export(str(target))
+            _saved_model(model, str(target))
         else:
             _onnx(model, target)
         (tmp / EXPORT_FILE).write_text(json.dumps(_export_record(info, model, config.format, target), indent=2)

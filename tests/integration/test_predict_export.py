@@ -237,6 +237,15 @@ def test_a_saved_model_export_serves_the_same_probabilities(trained, tmp_path, m
 
 
 @pytest.mark.slow
+def test_a_saved_model_export_prints_its_folder_alone_on_stdout(trained, tmp_path):
+    # Keras' export printed ~37 lines (a temporary path, every TensorSpec) before it: `out=$(featcache export ...)`
+    _, _, runs, _ = trained
+    r = CliRunner().invoke(main, ["export", str(runs["dense"]), "-o", str(tmp_path / "sm"), "--format", "saved_model"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [str(tmp_path / "sm")], r.stdout[:2000]
+
+
+@pytest.mark.slow
 def test_an_onnx_export_runs_in_onnxruntime_and_gives_the_same_probabilities(trained, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("tf2onnx")
