@@ -259,7 +259,7 @@ class Stream:
     flight: `with Stream(x, views, y, workers=2) as s: model.fit(s.dataset(tr, ...), ...)`.
 
     Processes, because h5py reads in one thread at a time per process. They are started (spawned:
-    nothing of TensorFlow is copied into them) at the first batch and stopped on leaving the block."""
+    nothing of TensorFlow is copied into them) when the first dataset is made, and stopped on leaving the block."""
 
     def __init__(self, x: CachedRows, views: CachedRows | None, y: np.ndarray, *, workers: int | None = None,
                  budget: int | None = None, batch_size: int = 256):
@@ -285,8 +285,15 @@ class Stream:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def start(self) -> None:
+        """Start the reading processes, if not yet started (none with one worker). Called in the caller's thread
+        when a dataset is made: started from TensorFlow's generator thread, a failed start reached the caller as
+        TensorFlow's UnknownError, with the WorkerError inside."""
+        if self._pool is None and self.workers > 1:
+            self._pool = system.spawn_pool(self.workers, _start_reader, self.source, what="cache reading")
+
     def reader_pids(self) -> list[int]:
-        """The process ids of the reader processes running now (none before the first batch, or with one worker)."""
+        """The process ids of the reader processes running now (none before a dataset is made, or with one worker)."""
         return system.pool_pids(self._pool) if self._pool is not None else []
 
     def batches(self, plan):
@@ -295,8 +302,7 @@ class Stream:
             for pairs in plan:
                 yield read_batch(*self.source, pairs, dtype=self.source[0].dtype)
             return
-        if self._pool is None:
-            self._pool = system.spawn_pool(self.workers, _start_reader, self.source, what="cache reading")
+        self.start()
         pending = collections.deque()
         try:
             for pairs in plan:
@@ -317,6 +323,7 @@ class Stream:
         block order when `shuffle`. Batches travel from the readers in the stored dtype (half the bytes, for
         float16) and are cast here. Nothing is buffered beyond the batches read ahead and one in TensorFlow."""
         n_batches = batches_per_epoch(positions, batch_size, shuffle=shuffle, n_views=n_views, all_views=all_views)
+        self.start()
 
         def batches_of(epoch):
             batches = self.batches(plan_batches(positions, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,

@@ -180,6 +180,22 @@ def test_streaming_memory_does_not_grow_with_the_cache(tmp_path):
     assert os.path.getsize(small) > 4 * 25e6
 
 
+def test_reading_processes_that_cannot_start_fail_where_the_dataset_is_made(synthetic, monkeypatch):
+    # started at the first batch, inside TensorFlow's generator thread, their WorkerError reached the caller as
+    # TensorFlow's UnknownError (a script without a main guard: `except WorkerError` missed it)
+    from featcache import system
+    from featcache.errors import WorkerError
+
+    def cannot_start(*args, **kwargs):
+        raise WorkerError("featcache's cache reading processes could not start (one died at its start)")
+
+    monkeypatch.setattr(system, "spawn_pool", cannot_start)
+    x = feed.CachedRows(synthetic, "train/features")
+    with feed.Stream(x, None, np.zeros(len(x), np.int64), workers=2) as stream:
+        with pytest.raises(WorkerError, match="could not start"):
+            stream.dataset(np.arange(len(x)), 32, shuffle=True)
+
+
 def test_streamed_batches_mix_classes_of_a_class_ordered_cache(tmp_path):
     """Image-folder caches are written class by class: a batch must not come from a few one-class blocks."""
     path = write_synthetic_cache(tmp_path / "ordered.h5", n_train=2000, n_test=10, shape=(1, 1, 8))
