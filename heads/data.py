@@ -82,8 +82,9 @@ def data_from_caches(caches, pooling: str = "gap", layers=None, *, prepooled: bo
     `lazy`: maps are left on disk until the rows in use are known, then read into RAM if those fit
     (`in_ram_if_it_fits`, after a --per-class subset), so a subset never reads the whole split.
     How the data is fed is `TrainData.feed`."""
+    memory_budget, stream = feeds.checked_feed(memory_budget, stream)
     sources = layer_sources(open_caches(caches), layers)
-    budget = feeds.default_budget() if memory_budget is None else feeds.parse_bytes(memory_budget)
+    budget = feeds.default_budget() if memory_budget is None else memory_budget
     if len(sources) == 1 and maps_if_they_fit and _maps_fit(*sources[0], budget, stream):
         prepooled = False
     if len(sources) == 1 and not (prepooled and pooling in GLOBAL_POOLINGS):

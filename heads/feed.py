@@ -46,13 +46,21 @@ RAM_FACTOR = 3
 
 def parse_bytes(value) -> int:
     """2000000, "2GB", "1.5 GiB", "512M" -> bytes."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
         return int(value)
-    m = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(value))
+    m = None if isinstance(value, (bool, int, np.integer)) else \
+        re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(value))
     if not m:
         raise BadInputError(f"--memory-budget must be a size like 2GB or 512MB, got {value!r}")
     scale = 1024 if m.group(3) and m.group(3).lower() == "ib" else 1000
     return int(float(m.group(1)) * scale ** " kmgt".index((m.group(2) or " ").lower()))
+
+
+def checked_feed(memory_budget, stream) -> tuple[int | None, bool]:
+    """The one check of how maps are fed (--memory-budget, --stream): (bytes or None for the default, stream)."""
+    if not isinstance(stream, (bool, np.bool_)):   # "no" would be true
+        raise BadInputError(f"--stream (stream=) must be True or False, got {stream!r}")
+    return (None if memory_budget is None else parse_bytes(memory_budget)), bool(stream)
 
 
 def default_budget() -> int:

@@ -53,7 +53,7 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     Trials on maps hold them in RAM within `memory_budget` (bytes or "2GB"; default half the available memory; a
     searcher on Ray its CPUs' share of it) and stream them beyond it, or always with `stream=True`, as
     `heads.train.train_head` does."""
-    memory_budget = None if memory_budget is None else feed.parse_bytes(memory_budget)   # refused before any work
+    memory_budget, stream = feed.checked_feed(memory_budget, stream)   # refused before any work
     search, base = hs.configs(search, config, options)
     sampler = search.chosen_sampler(params)
     hs.check(params, sampler=sampler)

@@ -291,3 +291,12 @@ def test_batches_in_ram_start_each_epoch_without_the_autotuners_stall():
         assert train.options().autotune.enabled is False and val.options().autotune.enabled is False
         rows = np.concatenate([np.asarray(xb)[:, 0] for xb, _ in train])
     assert sorted(rows // 2) == list(range(40))
+
+
+@pytest.mark.parametrize("options, said", [(dict(memory_budget=-5), "--memory-budget must be a size"),
+                                           (dict(memory_budget=True), "--memory-budget must be a size"),
+                                           (dict(stream="no"), "--stream .* must be True or False")])
+def test_feed_options_from_python_are_checked_as_the_cli_checks_them(synthetic, options, said):
+    # a negative budget streamed, and stream="no" was taken as true
+    with pytest.raises(featcache.BadInputError, match=said):
+        train_head(synthetic, model="dense", pooling="flatten", runs_dir=None, progress=False, **options)
