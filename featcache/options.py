@@ -43,6 +43,9 @@ def given_or_built(cls, config, fields: dict, **defaults):
     how a function takes its options as one object or as keywords, never both at once."""
     if config is None:
         return cls(**{**defaults, **fields})
+    if isinstance(cls, type) and not isinstance(config, cls):   # (a test may stand a factory in for cls)
+        raise BadInputError(f"expected a {cls.__name__} (or its fields as keywords), got {type(config).__name__}; "
+                            f"fix: pass {cls.__name__}(...) or the fields themselves")
     if fields:
         raise TypeError(f"pass {', '.join(sorted(fields))} inside the {cls.__name__} given, not beside it")
     return config

@@ -380,6 +380,19 @@ def pruning_callback(trial, objective: str):
     return Report()
 
 
+def params_of(given) -> list[Param]:
+    """Searched parameters given as Param objects or as --param spells them ("dropout=0.1|0.3")."""
+    if isinstance(given, (str, Param)):
+        given = [given]
+    out = []
+    for p in given:
+        if not isinstance(p, (str, Param)):
+            raise BadInputError(f"a searched parameter is a heads.search.Param or text like 'dropout=0.1|0.3', "
+                                f"not {type(p).__name__} {p!r}")
+        out.append(parse_param(p) if isinstance(p, str) else p)
+    return out
+
+
 def check(params: list[Param], *, sampler: str) -> None:
     """One-line errors for the searched parameters, before any data is read (the search's own options are checked
     by SearchConfig)."""

@@ -38,7 +38,8 @@ TEST_LINE = ("Only the winner was evaluated on the test split, once, after the s
 def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | None = None,
                config: TrainConfig | None = None, runs_dir=RUNS_DIR, progress: bool = True,
                memory_budget=None, stream: bool = False, **options) -> Path:
-    """Search `params` (heads.search.Param) on a cache path (or list of caches); return the search folder.
+    """Search `params` (heads.search.Param, or text as --param spells it: "dropout=0.1|0.3") on a cache path (or
+    list of caches); return the search folder.
 
     `search` (a heads.search.SearchConfig: sampler, trials, pruner, objective, name, engine...) says how the
     search runs, `config` (a TrainConfig) what every trial trains with besides its parameters; or pass their
@@ -54,6 +55,7 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     searcher on Ray its CPUs' share of it) and stream them beyond it, or always with `stream=True`, as
     `heads.train.train_head` does."""
     memory_budget, stream = feed.checked_feed(memory_budget, stream)   # refused before any work
+    params = hs.params_of(params)
     search, base = hs.configs(search, config, options)
     sampler = search.chosen_sampler(params)
     hs.check(params, sampler=sampler)

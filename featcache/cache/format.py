@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featcache.errors import BadInputError
+
 
 #: The newest format this module reads; it writes 1 for one layer and 2 for several.
 FORMAT_VERSION = 2
@@ -156,9 +158,17 @@ def cache_filename(meta: CacheMeta) -> str:
     return f"{meta.dataset_name}-{backbone}{'+'.join(meta.layers)}-{meta.key[:12]}.h5"
 
 
+def checked_split(split: str) -> str:
+    """`split`, one of SPLITS, or the one error naming them."""
+    if split not in SPLITS:
+        raise BadInputError(f"a cache holds the splits {' and '.join(SPLITS)}, not {split!r}; fix: pass one of "
+                            "them (validation rows are carved from train when a head is trained)")
+    return split
+
+
 def dataset_path(meta: CacheMeta, split: str, layer: str, *, views: bool = False) -> str:
     """Where a layer's features (or its training views) live in a file of `meta`'s format."""
-    base = "train/views" if views else f"{split}/features"
+    base = "train/views" if views else f"{checked_split(split)}/features"
     return base if meta.format_version == 1 else f"{base}/{layer}"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from featcache.cache import digests
 from featcache.cache.files import being_written
-from featcache.cache.format import FORMAT_VERSION, SPLITS, CacheMeta, dataset_path, feature_datasets
+from featcache.cache.format import FORMAT_VERSION, SPLITS, CacheMeta, checked_split, dataset_path, feature_datasets
 from featcache.cache.pooled import GLOBAL_POOLINGS, global_pool
 from featcache.errors import BadInputError, CacheError, first_line
 
@@ -94,7 +95,7 @@ class FeatureCache:
         import h5py
 
         with h5py.File(self.path, "r") as f:
-            if f"{split}/paths" not in f:
+            if f"{checked_split(split)}/paths" not in f:
                 return None
             return [p.decode() for p in f[f"{split}/paths"][...]]
 
@@ -108,6 +109,8 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> FeatureCac
     """Open and check a cache file; a CacheError says what is wrong and how to fix it."""
     import h5py
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise BadInputError(f"a cache is given by its path, not {type(path).__name__} {path!r}")
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"no cache file at {path}; fix: run `featcache extract` first or check the path")
@@ -394,6 +397,9 @@ def as_tf_dataset(cache, split: str, *, layer: str | None = None, batch_size: in
 
     if pooling is not None and pooling not in GLOBAL_POOLINGS:
         raise BadInputError(f"pooling must be None or one of {', '.join(GLOBAL_POOLINGS)}, got {pooling!r}")
+    for what, value in (("batch_size", batch_size), ("block_rows", block_rows), ("shuffle_blocks", shuffle_blocks)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise BadInputError(f"{what} must be a whole number of at least 1, got {value!r}")
     name = dataset_path(cache.meta, split, cache.select_layer(layer))
     path, n = str(Path(cache.path)), cache.splits[split].n
     shape = cache.splits[split].shapes[cache.select_layer(layer)][1:]

@@ -204,3 +204,23 @@ def test_any_error_after_a_ctrl_c_reads_as_interrupted():
     assert r.exit_code == 130 and "rerun the same command to continue the search" in r.output, r.output
     r = CliRunner().invoke(cli, ["broken"])   # without a Ctrl-C a bug stays a bug
     assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
+
+
+def test_wrong_values_from_python_are_one_line_errors(tmp_path):
+    """Found by a hostile-testing helper: each was a raw KeyError, TypeError, AttributeError or TensorFlow error."""
+    from featcache.cache import open_cache
+    from featcache.errors import BadInputError
+    from heads.trials import run_search
+    from tests.support import bench_script
+
+    path = bench_script("common").write_synthetic_cache(tmp_path / "c.h5", n_train=40, n_test=10, shape=(2, 2, 8))
+    cache = open_cache(path)
+    for call, said in ((lambda: cache.load("val"), "holds the splits train and test, not 'val'"),
+                       (lambda: cache.paths("val"), "not 'val'"),
+                       (lambda: cache.as_tf_dataset("train", batch_size=0), "batch_size must be a whole number"),
+                       (lambda: open_cache(42), "given by its path, not int"),
+                       (lambda: run_search(path, ["dropout=0.1|0.3"], config={"epochs": 1}, runs_dir=tmp_path),
+                        "expected a TrainConfig"),
+                       (lambda: run_search(path, [3], runs_dir=tmp_path), "not int 3")):
+        with pytest.raises(BadInputError, match=said):
+            call()
