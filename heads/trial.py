@@ -50,6 +50,25 @@ class SearchData:
             self.pooled[key] = {}
         return self.data[key], self.pooled[key]
 
+    def streams_maps(self, config: TrainConfig) -> bool:
+        """Whether `config` would train on maps streamed from the cache, decided as `data_from_caches` decides
+        (and `in_ram_if_it_fits` for a --per-class subset), without reading them."""
+        from featcache.cache import expected_bytes
+        from heads import feed
+        from heads.config import pools_first
+        from heads.data import layer_sources, open_caches
+
+        if pools_first(config):
+            return False   # pooled vectors
+        if self.stream:
+            return True
+        sources = layer_sources(open_caches(self.caches), self.layer)
+        if len(sources) != 1 or config.per_class is not None:   # several layers: pooled; a subset: read if it fits
+            return False
+        budget = feed.default_budget() if self.memory_budget is None else feed.parse_bytes(self.memory_budget)
+        return not feed.keeps_in_ram(expected_bytes(sources[0][0].meta, [sources[0][1]]),
+                                     int(budget * self.memory_share))
+
     def cache_keys(self) -> list[str]:
         """The keys of the caches (what identifies their contents, whatever their paths)."""
         from heads.data import open_caches

@@ -63,6 +63,7 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     data = SearchData(list(cache) if isinstance(cache, (list, tuple)) else [cache], layer,
                       memory_budget=memory_budget, stream=stream)
     data.check_layers(params)
+    _check_probes_have_their_rows(data, params, base)
     folder = system.writable_folder(Path(runs_dir) / f"search-{search.name}", what="search folder",
                                     fix="pass a writable --runs-dir").absolute()
     study = hs.make_study(folder, search.name, params, sampler=sampler, pruner=search.pruner,
@@ -81,6 +82,22 @@ def run_search(cache, params: list, *, layer=None, search: hs.SearchConfig | Non
     return _finish(folder, study, params, base, data, job.kept,
                    dict(sampler=sampler, pruner=search.pruner, objective=search.objective, name=search.name,
                         engine=search.engine, storage=search.storage or "sqlite (study.db)"))
+
+
+def _check_probes_have_their_rows(data: SearchData, params: list, base: TrainConfig) -> None:
+    """A searched linear probe on maps that are streamed is refused before any trial (it stopped the search at its
+    first probe trial, others done or running): the probe needs its rows in memory (heads.feed.NEEDS_RAM)."""
+    from heads.builders import MODELS
+    from heads.fitting import C_PATH
+
+    choices = {p.name: p.choices for p in params if p.name in ("model", "pooling") and p.choices is not None}
+    for model in choices.get("model", (base.model,)):
+        if MODELS.get(model) is None or MODELS[model].fitting is not C_PATH:
+            continue
+        for pooling in choices.get("pooling", (base.pooling,)):
+            config = hs.trial_config(base, {"model": model, "pooling": pooling})
+            if data.streams_maps(config):
+                raise BadInputError(f"{feed.NEEDS_RAM}, or leave {model} out of the searched heads")
 
 
 @dataclass(frozen=True)

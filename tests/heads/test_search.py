@@ -167,6 +167,18 @@ def test_a_refitted_winner_is_recorded_and_reported_as_refitted(tiny_cache, tmp_
     assert "the head its trial trained" not in report, report
 
 
+def test_a_searched_probe_on_streamed_maps_is_refused_before_any_trial(tiny_cache, tmp_path):
+    # it stopped the whole search at the first probe trial, with other trials done or running
+    r = run("search", "--cache", tiny_cache, "--param", "head=linear|dense", "--pooling", "flatten", "--stream",
+            "--runs-dir", tmp_path, *QUICK)
+    assert r.exit_code == 2 and "needs its training rows in memory" in r.stderr \
+        and "leave linear out of the searched heads" in r.stderr, r.output
+    assert _states(tmp_path / "search-search" / "study.db") == []
+    ok = run("search", "--cache", tiny_cache, "--param", "head=linear|dense", "--stream", "--runs-dir",
+             tmp_path / "gap", *QUICK)   # pooled vectors are never streamed
+    assert ok.exit_code == 0, ok.output
+
+
 def test_a_batch_refused_for_its_data_leaves_no_trial_running(tiny_cache, tmp_path):
     import optuna
 
