@@ -444,7 +444,8 @@ def spawn_pool(n: int, initializer, *initargs, what: str = "worker", fix: str = 
         raise WorkerError(f"featcache's {what} processes cannot start: their start arguments could not be written "
                           f"to {tempfile.gettempdir()} ({e.strerror or e}){fix}") from e
     try:   # all n started now (they start on demand), each answering
-        list(pool.map(time.sleep, [0.05] * n, timeout=START_SECONDS))
+        with _sigint_blocked():   # inherited: a Ctrl-C as they start is not a traceback from each of them
+            list(pool.map(time.sleep, [0.05] * n, timeout=START_SECONDS))
     except (BrokenProcessPool, PoolTimeout) as e:
         workers = pool_pids(pool)   # read before shutdown forgets them
         pool.shutdown(wait=False, cancel_futures=True)
@@ -478,6 +479,21 @@ class _SpawnedPool(ProcessPoolExecutor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
         self._remove_arguments()
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """SIGINT blocked in this thread: processes it starts begin with it blocked (the mask survives exec), so that
+    a Ctrl-C while they import (before `start_worker` ignores it) does not interrupt them. This process still
+    gets it: the kernel hands it to another thread, or delivers it once unblocked."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _remove_quietly(path: str) -> None:

@@ -177,3 +177,20 @@ def test_a_pool_whose_start_arguments_cannot_be_written_says_where_and_what_to_d
     with pytest.raises(WorkerError, match=r"test processes cannot start: their start arguments could not be "
                                           r"written to .*missing .*; fix: decode in threads, or .*TMPDIR"):
         system.spawn_pool(1, len, b"", what="test", fix="decode in threads")
+
+
+def _sigint_blocked_at_start(_=None) -> bool:
+    with open("/proc/self/status") as f:
+        blocked = int(next(line.split()[1] for line in f if line.startswith("SigBlk:")), 16)
+    return bool(blocked & (1 << (signal.SIGINT - 1)))
+
+
+def test_pool_workers_begin_with_ctrl_c_blocked_and_the_caller_keeps_it():
+    # a Ctrl-C while reading or decoding processes started printed a KeyboardInterrupt traceback from each of them,
+    # raised in their imports before start_worker ignores it
+    pool = system.spawn_pool(2, int)
+    try:
+        assert all(pool.map(_sigint_blocked_at_start, range(4)))
+    finally:
+        pool.shutdown()
+    assert not _sigint_blocked_at_start(), "the caller's own mask is restored"
