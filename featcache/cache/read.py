@@ -421,7 +421,9 @@ def as_tf_dataset(cache, split: str, *, layer: str | None = None, batch_size: in
         tf.TensorSpec((None, *out_shape), tf.float32), tf.TensorSpec((None,), tf.int64))).unbatch()
     if shuffle:
         ds = ds.shuffle(shuffle_blocks * block_rows, seed=seed, reshuffle_each_iteration=True)
-    return steady(ds.batch(batch_size))
+    # its length known: Keras fits it epoch after epoch without warning that it "ran out of data"
+    ds = ds.batch(batch_size).apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
+    return steady(ds)
 
 
 def steady(ds, prefetch: int = 2):
