@@ -443,9 +443,12 @@ def spawn_pool(n: int, initializer, *initargs, what: str = "worker", fix: str = 
         fix = f"{fix}, or {where}" if fix else f"; fix: {where}"
         raise WorkerError(f"featcache's {what} processes cannot start: their start arguments could not be written "
                           f"to {tempfile.gettempdir()} ({e.strerror or e}){fix}") from e
-    try:   # all n started now (they start on demand), each answering
+    try:   # all n started now (they start on demand), each answering, so each has read its start arguments
         with _sigint_blocked():   # inherited: a Ctrl-C as they start is not a traceback from each of them
-            list(pool.map(time.sleep, [0.05] * n, timeout=START_SECONDS))
+            answered, deadline = set(), time.monotonic() + START_SECONDS
+            while len(answered) < n:
+                answered.update(pool.map(_pid_after, [0.05] * n, timeout=max(0.0, deadline - time.monotonic())))
+        pool._remove_arguments()   # read by all: gone now, not only at shutdown (a SIGKILL never gets there)
     except (BrokenProcessPool, PoolTimeout) as e:
         workers = pool_pids(pool)   # read before shutdown forgets them
         pool.shutdown(wait=False, cancel_futures=True)
@@ -494,6 +497,11 @@ def _sigint_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def _remove_quietly(path: str) -> None:

@@ -191,6 +191,9 @@ def test_pool_workers_begin_with_ctrl_c_blocked_and_the_caller_keeps_it():
     pool = system.spawn_pool(2, int)
     try:
         assert all(pool.map(_sigint_blocked_at_start, range(4)))
+        assert len(system.pool_pids(pool)) == 2
+        left = list(system.Path(system.tempfile.gettempdir()).glob(f"featcache-pool-{os.getpid()}-*"))
+        assert not left, "start arguments removed once all read them, not at shutdown (a SIGKILL never gets there)"
     finally:
         pool.shutdown()
     assert not _sigint_blocked_at_start(), "the caller's own mask is restored"
