@@ -467,10 +467,9 @@ def spawn_pool(n: int, initializer, *initargs, what: str = "worker", fix: str = 
 
 class _SpawnedPool(ProcessPoolExecutor):
     """A pool of spawned workers whose start arguments travel in a file (removed by spawn_pool once all have read
-    it, else at shutdown). Passed the usual
-    way, they go down a pipe that the parent fills while the worker reads; a worker that dies first (a script
-    without a main guard) left the parent blocked for ever on arguments beyond the pipe's 64 KB (a cache's
-    labels, a folder's file list)."""
+    it, else at shutdown). Passed the usual way, they go down a pipe that the parent fills while the worker
+    reads; a worker that dies first (a script without a main guard) left the parent blocked for ever on arguments
+    beyond the pipe's 64 KB (a cache's labels, a folder's file list)."""
 
     def __init__(self, n: int, initializer, initargs: tuple):
         fd, path = tempfile.mkstemp(prefix=f"featcache-pool-{os.getpid()}-", suffix=".pickle")
