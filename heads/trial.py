@@ -50,19 +50,27 @@ class SearchData:
             self.pooled[key] = {}
         return self.data[key], self.pooled[key]
 
+    def opened(self) -> list:
+        """The caches opened and checked, once per process (the checks before a search's first trial ask thrice)."""
+        from heads.data import open_caches
+
+        if "_opened" not in self.__dict__:   # not pickled: __getstate__ sends paths
+            self._opened = open_caches(self.caches)
+        return self._opened
+
     def streams_maps(self, config: TrainConfig) -> bool:
         """Whether `config` would train on maps streamed from the cache, decided as `data_from_caches` decides
         (and `in_ram_if_it_fits` for a --per-class subset), without reading them."""
         from featcache.cache import expected_bytes
         from heads import feed
         from heads.config import pools_first
-        from heads.data import layer_sources, open_caches
+        from heads.data import layer_sources
 
         if pools_first(config):
             return False   # pooled vectors
         if self.stream:
             return True
-        sources = layer_sources(open_caches(self.caches), self.layer)
+        sources = layer_sources(self.opened(), self.layer)
         if len(sources) != 1 or config.per_class is not None:   # several layers: pooled; a subset: read if it fits
             return False
         budget = feed.default_budget() if self.memory_budget is None else feed.parse_bytes(self.memory_budget)
@@ -71,15 +79,14 @@ class SearchData:
 
     def cache_keys(self) -> list[str]:
         """The keys of the caches (what identifies their contents, whatever their paths)."""
-        from heads.data import open_caches
 
-        return [c.meta.key for c in open_caches(self.caches)]
+        return [c.meta.key for c in self.opened()]
 
     def check_layers(self, params: list) -> None:
         """Every layer set a `layers` parameter names is held by the caches: refused now, not at a trial."""
-        from heads.data import layer_sources, open_caches
+        from heads.data import layer_sources
 
-        opened = open_caches(self.caches)
+        opened = self.opened()
         for p in params:
             if p.name == hs.LAYERS:
                 for choice in p.choices:
